@@ -1,0 +1,114 @@
+"""SwiGLU activation of Llama's MLP, ``silu(gate) * up``: Triton forward and backward.
+
+Forward, elementwise in fp32, result rounded once to the input dtype::
+
+    sig = sigmoid(gate)
+    out = gate * sig * up                     # silu(gate) * up
+
+Backward recomputes ``sig`` from the saved ``gate`` (no fp32 activation is kept)::
+
+    d_gate = g_out * up * sig * (1 + gate * (1 - sig))     # silu'(x) = sig * (1 + x * (1 - sig))
+    d_up   = g_out * silu(gate)
+
+Both passes are memory bound: one flat 1-D grid over all elements, BLOCK elements per program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_same_device, check_tensor, empty, use_triton
+
+_BLOCK = 1024  # 4 warps x 32 threads x 8 elements: 16-byte vector accesses for 16-bit dtypes
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    GATE, UP, OUT,  # pointers, flat and contiguous
+    n_elements,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: numel may pass 2**31
+    mask = offs < n_elements
+    gate = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    GRAD_OUT, GATE, UP, GRAD_GATE, GRAD_UP,  # pointers, flat and contiguous
+    n_elements,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    grad_out = tl.load(GRAD_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)  # recomputed: cheaper than storing it
+    silu = gate * sig
+    grad_gate = grad_out * up * sig * (1.0 + gate * (1.0 - sig))
+    grad_up = grad_out * silu
+    tl.store(GRAD_GATE + offs, grad_gate.to(GRAD_GATE.dtype.element_ty), mask=mask)
+    tl.store(GRAD_UP + offs, grad_up.to(GRAD_UP.dtype.element_ty), mask=mask)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
+        gate, up = gate.contiguous(), up.contiguous()  # no-ops for the usual contiguous inputs
+        out = empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        n = gate.numel()
+        if n > 0:
+            _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_gate = empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        grad_up = empty(up.shape, dtype=up.dtype, device=up.device)
+        n = gate.numel()
+        if n > 0:
+            _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+                grad_out, gate, up, grad_gate, grad_up, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+            )
+        return grad_gate, grad_up
+
+
+def _swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: ``silu(gate) * up``, computed in fp32 and rounded once to the input dtype.
+
+    Args:
+        gate: ``[...]`` fp32/fp16/bf16, any shape (read contiguously; a non-contiguous input is
+            copied once).
+        up: same shape, dtype and device as ``gate``.
+
+    Returns:
+        ``[...]`` like ``gate``: ``gate * sigmoid(gate) * up``.
+
+    Forward: ``out = gate * sigmoid(gate) * up`` (fp32 math). Only ``gate`` and ``up`` are saved.
+
+    Backward, with ``sig = sigmoid(gate)`` recomputed:
+    ``d_gate = g_out * up * sig * (1 + gate * (1 - sig))`` and ``d_up = g_out * gate * sig``.
+    """
+    check_tensor("gate", gate)
+    check_tensor("up", up)
+    check_same_device(gate=gate, up=up)
+    if up.dtype != gate.dtype:
+        raise TypeError(f"up has dtype {up.dtype} but gate has dtype {gate.dtype}; they must match")
+    if up.shape != gate.shape:
+        raise ValueError(f"up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must match")
+    if not use_triton(gate):
+        return _swiglu_torch(gate, up)
+    return _SwiGLUFunction.apply(gate, up)
