@@ -1,0 +1,260 @@
+"""Fused LM head + cross-entropy: ``cross_entropy(hidden @ weight.T, labels)`` without ever holding the
+full ``[N, V]`` logits (for N = 16k tokens and Qwen2's V = 152k that would be 10 GB in fp32).
+
+The tokens are processed in chunks of ``C`` rows. For each chunk (Liger-Kernel's approach)::
+
+    z   = h_c @ W.T                        # [C, V] fp32 (cuBLAS, fp32 accumulation AND fp32 output)
+    lse, loss_c = CE forward kernel (z)    # online log-sum-exp over the vocabulary (cross_entropy.py)
+    dz  = CE backward kernel (z)           # (softmax(z) - onehot) * scale, in the compute dtype
+    dh_c  = dz @ W                         # [C, H]
+    dW   += dz.T @ h_c                     # [V, H], fp32 accumulator, only if weight.requires_grad
+
+so the gradients are already known when the forward returns; the autograd backward only multiplies
+them by ``grad_output`` (a scalar for "mean"/"sum"). Peak extra memory is one fp32 ``[C, V]`` chunk,
+one compute-dtype ``[C, V]`` gradient chunk, ``dh`` ``[N, H]`` and, for a trainable head, an fp32
+``[V, H]`` accumulator (fp32 so that summing over chunks does not round every partial sum to bf16).
+
+``reduction="none"`` cannot be handled that way: ``dW = sum_i g_i dz_i.T h_i`` needs the per-row
+``g_i`` before the chunk is reduced. There the forward computes only the loss and the per-row ``lse``
+(fp32, ``[N]``), and the backward recomputes each chunk's logits and runs the same backward kernel
+with ``g_i`` per row: one extra ``[C, H] x [H, V]`` GEMM per chunk instead of storing anything
+``[N, V]``-sized.
+
+Chunk size: ``C ~ N / ceil(V / H)`` rows (Liger's rule: one chunk's logits are about as large as
+``hidden``), at least ``2**22 / V`` rows (a few MB, so short inputs are not cut into single-row GEMMs),
+at most N.
+
+The matmul helpers below (fp32 output from bf16/fp16 operands) are shared with ``linear_log_probs``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._common import check_same_device, check_tensor, empty, use_triton
+from .cross_entropy import (
+    ce_backward_rows,
+    ce_forward_rows,
+    check_labels,
+    check_reduction,
+    grad_scale_for,
+    reduce_loss,
+)
+
+# `torch.mm(..., out_dtype=torch.float32)` from bf16/fp16 operands: cuBLAS accumulates in fp32 and
+# writes fp32 without an intermediate bf16 rounding. CUDA only (torch >= 2.8).
+_HAS_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
+_MIN_CHUNK_ELEMENTS = 2**22
+
+
+def _fp32_out_gemm(a: torch.Tensor) -> bool:
+    return _HAS_MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16)
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` with fp32 ``out``; bf16/fp16 operands keep their tensor-core speed on CUDA."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if _fp32_out_gemm(a):
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)  # CPU: no fp32-output kernel for half operands
+
+
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc``, without rounding ``a @ b`` to the operands' dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _fp32_out_gemm(a):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: the autocast dtype under autocast (as ``nn.Linear`` would),
+    otherwise the promotion of both (a bf16 hidden with an fp32 head computes in fp32)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _default_chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
+    liger = triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(vocab, hidden_size)))
+    return max(1, min(n_rows, max(liger, _MIN_CHUNK_ELEMENTS // vocab)))
+
+
+class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, n_valid, chunk_rows, grad_hidden_needed,
+                grad_weight_needed):
+        n_rows, hidden_size = hidden.shape
+        vocab = weight.shape[0]
+        device = hidden.device
+        dtype = compute_dtype_for(hidden, weight)
+        h, w = hidden.to(dtype), weight.to(dtype)  # no copy in the usual case (both already `dtype`)
+
+        lse = empty((n_rows,), dtype=torch.float32, device=device)
+        loss_rows = empty((n_rows,), dtype=torch.float32, device=device)
+        grads_now = reduction != "none" and (grad_hidden_needed or grad_weight_needed)
+        logits_buf = empty((chunk_rows * vocab,), dtype=torch.float32, device=device)
+        if grads_now:
+            # fp32 inputs: the gradient overwrites the logits in place; else a compute-dtype buffer
+            # so the two gradient GEMMs run on bf16/fp16 tensor cores.
+            dlogits_buf = (
+                logits_buf if dtype == torch.float32 else empty((chunk_rows * vocab,), dtype=dtype, device=device)
+            )
+            grad_h = empty((n_rows, hidden_size), dtype=dtype, device=device) if grad_hidden_needed else None
+            grad_w = (
+                torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device) if grad_weight_needed else None
+            )
+            unit = torch.ones((), dtype=torch.float32, device=device)  # grad_output arrives in backward
+            scale = grad_scale_for(reduction, n_valid)
+
+        for start in range(0, n_rows, chunk_rows):
+            end = min(start + chunk_rows, n_rows)
+            h_c, y_c = h[start:end], labels[start:end]
+            logits = mm_fp32(h_c, w.t(), out=logits_buf[: (end - start) * vocab].view(end - start, vocab))
+            ce_forward_rows(logits, y_c, lse[start:end], loss_rows[start:end], ignore_index=ignore_index)
+            if grads_now:
+                dlogits = dlogits_buf[: (end - start) * vocab].view(end - start, vocab)
+                ce_backward_rows(logits, dlogits, y_c, lse[start:end], unit,
+                                 ignore_index=ignore_index, grad_scale=scale)
+                if grad_h is not None:
+                    torch.mm(dlogits, w, out=grad_h[start:end])
+                if grad_w is not None:
+                    addmm_fp32(grad_w, dlogits.t(), h_c)
+
+        ctx.reduction, ctx.ignore_index, ctx.chunk_rows = reduction, ignore_index, chunk_rows
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, labels, lse)
+        elif grads_now:
+            ctx.save_for_backward(
+                grad_h.to(hidden.dtype) if grad_h is not None else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None,
+            )
+        return reduce_loss(loss_rows, reduction, n_valid)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction != "none":
+            grad_h, grad_w = ctx.saved_tensors
+            g = grad_output.float()
+            return (
+                (grad_h * g).to(ctx.hidden_dtype) if grad_h is not None else None,
+                (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None,
+                None, None, None, None, None, None, None,
+            )
+
+        # "none": recompute each chunk's logits, then the same backward kernel with g per row.
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        n_rows, hidden_size = hidden.shape
+        vocab, device, chunk_rows = weight.shape[0], hidden.device, ctx.chunk_rows
+        dtype = compute_dtype_for(hidden, weight)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        g = grad_output.float()
+        logits_buf = empty((chunk_rows * vocab,), dtype=torch.float32, device=device)
+        dlogits_buf = logits_buf if dtype == torch.float32 else empty((chunk_rows * vocab,), dtype=dtype, device=device)
+        grad_h = empty((n_rows, hidden_size), dtype=dtype, device=device) if need_h else None
+        grad_w = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device) if need_w else None
+        for start in range(0, n_rows, chunk_rows):
+            end = min(start + chunk_rows, n_rows)
+            h_c, n = h[start:end], end - start
+            logits = mm_fp32(h_c, w.t(), out=logits_buf[: n * vocab].view(n, vocab))
+            dlogits = dlogits_buf[: n * vocab].view(n, vocab)
+            ce_backward_rows(logits, dlogits, labels[start:end], lse[start:end], g[start:end],
+                             ignore_index=ctx.ignore_index)
+            if grad_h is not None:
+                torch.mm(dlogits, w, out=grad_h[start:end])
+            if grad_w is not None:
+                addmm_fp32(grad_w, dlogits.t(), h_c)
+        return (
+            grad_h.to(ctx.hidden_dtype) if grad_h is not None else None,
+            grad_w.to(ctx.weight_dtype) if grad_w is not None else None,
+            None, None, None, None, None, None, None,
+        )
+
+
+def _chunk_loss_rows_torch(h_c, weight, y_c, ignore_index):
+    z = (h_c.float() @ weight.float().t())
+    valid = y_c != ignore_index
+    target = z.gather(1, torch.where(valid, y_c, 0).long().unsqueeze(1)).squeeze(1)
+    return torch.where(valid, torch.logsumexp(z, dim=-1) - target, 0.0)
+
+
+def _fused_linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction, n_valid, chunk_rows):
+    # Plain autograd, chunked and checkpointed so that [N, V] logits are never kept either.
+    rows = []
+    for start in range(0, max(hidden.shape[0], 1), chunk_rows):  # N = 0: one empty chunk keeps the graph
+        args = (hidden[start:start + chunk_rows], weight, labels[start:start + chunk_rows], ignore_index)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            rows.append(torch.utils.checkpoint.checkpoint(_chunk_loss_rows_torch, *args, use_reentrant=False))
+        else:
+            rows.append(_chunk_loss_rows_torch(*args))
+    loss_rows = torch.cat(rows)
+    return reduce_loss(loss_rows, reduction, n_valid)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T, labels)`` computed chunk by chunk over the tokens, so the
+    ``[N, V]`` logits never exist (see the module docstring for the memory layout).
+
+    Args:
+        hidden: ``[N, H]`` fp32/fp16/bf16 (the final hidden states, flattened over batch and time).
+        weight: ``[V, H]`` fp32/fp16/bf16, the LM head (no bias). May be frozen: then no ``[V, H]``
+            gradient work or memory is spent.
+        labels: ``[N]`` int64/int32 in ``[0, V)`` or ``ignore_index``; out-of-range values raise
+            ValueError (one cheap host check).
+        ignore_index: label value that contributes 0 loss and 0 gradient.
+        reduction: ``"mean"`` (over non-ignored labels; 0 if there are none), ``"sum"`` or ``"none"``.
+        chunk_size: tokens per chunk; default ``~N / ceil(V / H)`` (see the module docstring).
+
+    Returns:
+        fp32 loss: scalar for mean/sum, ``[N]`` for none.
+
+    The GEMMs run in ``promote(hidden.dtype, weight.dtype)`` (or the autocast dtype) with fp32
+    accumulation; the logits are produced in fp32 and all softmax math is fp32.
+
+    Forward: ``z = h @ W.T`` per chunk, ``loss_i = logsumexp(z_i) - z_{i, y_i}``, reduced.
+    Backward: ``dz = (softmax(z) - onehot(y)) * g`` (0 on ignored rows, ``g`` = grad_output, divided
+    by n_valid for mean), ``dhidden = dz @ W``, ``dweight = dz.T @ hidden``. For mean/sum the
+    gradients are computed in the forward (with g = 1) and scaled by ``grad_output`` in backward;
+    for none the backward recomputes each chunk's logits from the saved per-row ``lse``.
+    """
+    check_tensor("hidden", hidden, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    check_reduction(reduction)
+    check_same_device(hidden=hidden, weight=weight, labels=labels if isinstance(labels, torch.Tensor) else None)
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    if weight.shape[1] != hidden_size:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden's last dim {hidden_size}; got weight shape {tuple(weight.shape)}"
+        )
+    if vocab == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    n_valid = check_labels(labels, n_rows, vocab, ignore_index, rows_name="hidden")
+    if chunk_size is None:
+        chunk_rows = _default_chunk_rows(n_rows, hidden_size, vocab)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    else:
+        chunk_rows = min(chunk_size, max(n_rows, 1))
+
+    if not use_triton(hidden):
+        return _fused_linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction, n_valid,
+                                                 max(chunk_rows, 1))
+    grad_enabled = torch.is_grad_enabled()
+    return _FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, labels.contiguous(), ignore_index, reduction, n_valid, max(chunk_rows, 1),
+        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
+    )

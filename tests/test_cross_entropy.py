@@ -1,0 +1,158 @@
+"""cross_entropy: Triton (interpreted) and PyTorch paths against float64 torch.nn.functional.cross_entropy."""
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_testing import assert_close
+
+from fastft.kernels._common import use_engine
+from fastft.kernels.cross_entropy import cross_entropy
+
+ENGINES = ["triton", "torch"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+# Tolerances. The kernel reads the logits as given and does all math in fp32, and the reference
+# runs in float64 on the *same* (already rounded) logits, so input rounding is not an error source:
+# - loss: fp32 log-sum-exp over 32k terms, ~1e-6 relative (sums of ~25 rows of ~10: 1e-5 abs);
+# - grads: fp32 softmax, then ONE rounding to the logits' dtype: bf16 has 8 mantissa bits, and the
+#   interpreter truncates instead of rounding (TRITON-ON-CPU.md), so < 1 ulp <= 2**-7 relative (plus
+#   the fp32 error); fp16 rounds correctly (half ulp 2**-11, we allow 2**-10) and softmax values
+#   ~1e-6 fall in fp16's subnormal range (spacing 2**-24), hence its atol.
+GRAD_TOL = {torch.float32: (1e-5, 0.0), torch.bfloat16: (2**-7 + 1e-5, 0.0), torch.float16: (2**-10, 2**-24)}
+LOSS_TOL = dict(atol=1e-6, rtol=4e-6)
+
+
+def _labels(n, vocab, seed, ignore_share=0.3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignore_share] = -100
+    labels[0] = vocab - 1  # the last column (in the partial last block)
+    return labels
+
+
+def _logits(n, vocab, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, vocab, generator=g) * 3
+    # Later vocabulary blocks hold larger logits, so the online max moves and every earlier
+    # partial sum must be rescaled (a missing rescale is then a large error, not a tiny one).
+    x[:, 20000:] += 5.0
+    return x.to(dtype)
+
+
+def _reference(logits, labels, reduction, grad_output):
+    x = logits.detach().double().requires_grad_()
+    n_valid = int((labels != -100).sum())
+    if reduction == "mean" and n_valid == 0:
+        loss = (x * 0).sum()  # our convention: 0, not PyTorch's NaN
+    else:
+        loss = F.cross_entropy(x, labels.long(), ignore_index=-100, reduction=reduction)
+    loss.backward(grad_output.double())
+    return loss.detach(), x.grad
+
+
+def _run(engine, logits, labels, **kw):
+    x = logits.detach().clone().requires_grad_()
+    with use_engine(engine):
+        loss = cross_entropy(x, labels, **kw)
+    return x, loss
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_matches_float64_reference(engine, dtype, reduction):
+    n, vocab = 23, 32003  # V not a multiple of the 4096-column block; ~30% of labels ignored
+    logits, labels = _logits(n, vocab, dtype, seed=1), _labels(n, vocab, seed=2)
+    x, loss = _run(engine, logits, labels, reduction=reduction)
+    assert loss.dtype == torch.float32
+    grad_output = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3))
+    loss.backward(grad_output)
+    ref_loss, ref_grad = _reference(logits, labels, reduction, grad_output)
+
+    assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
+    rtol, atol = GRAD_TOL[dtype]
+    assert x.grad.dtype == dtype
+    assert_close(x.grad, ref_grad, atol=atol, rtol=rtol, name="dlogits")
+    assert (x.grad[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_labels_ignored(engine, reduction):
+    logits = _logits(7, 5000, torch.float32, seed=4)
+    labels = torch.full((7,), -100)
+    x, loss = _run(engine, logits, labels, reduction=reduction)
+    loss.backward(torch.ones_like(loss))
+    assert torch.isfinite(loss).all() and (loss == 0).all()
+    assert torch.isfinite(x.grad).all() and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_small_vocab_int32_labels_and_row_stride(engine):
+    # V smaller than the smallest block, int32 labels, rows read through a padded row stride.
+    vocab = 5
+    storage = torch.randn(9, vocab + 3, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    labels = torch.tensor([0, 4, -100, 2, 1, -100, 3, 4, 0], dtype=torch.int32)
+    logits = storage[:, :vocab]  # row stride 8, columns contiguous
+    with use_engine(engine):
+        loss = cross_entropy(logits, labels, reduction="sum")
+    loss.backward()
+    ref_loss, ref_grad = _reference(logits, labels, "sum", torch.tensor(1.0))
+    assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
+    assert_close(storage.grad[:, :vocab], ref_grad, atol=1e-7, rtol=1e-5, name="dlogits")
+    assert (storage.grad[:, vocab:] == 0).all()
+
+
+def test_qwen2_sized_vocab_bf16():
+    # V = 152064 (Qwen2): 38 blocks per row in the forward loop, 38 column programs per row backward.
+    n, vocab = 3, 152064
+    logits = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(6)) * 4).bfloat16()
+    labels = torch.tensor([vocab - 1, -100, 12345])
+    x, loss = _run("triton", logits, labels, reduction="mean")
+    loss.backward()
+    ref_loss, ref_grad = _reference(logits, labels, "mean", torch.tensor(1.0))
+    assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
+    assert_close(x.grad, ref_grad, atol=0.0, rtol=GRAD_TOL[torch.bfloat16][0], name="dlogits")
+
+
+def test_ignored_rows_get_zero_grad_even_for_nonfinite_grad_output():
+    logits = _logits(6, 300, torch.float32, seed=7)
+    labels = torch.tensor([1, -100, 2, -100, 299, 0])
+    x, loss = _run("triton", logits, labels, reduction="none")
+    grad_output = torch.tensor([1.0, float("inf"), 2.0, float("nan"), -1.0, 0.5])
+    loss.backward(grad_output)
+    assert (x.grad[labels == -100] == 0).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("bad", [5000, -5, 1 << 40])
+def test_out_of_range_labels_raise(engine, bad):
+    logits = torch.randn(4, 5000)
+    labels = torch.tensor([0, bad, -100, 3])
+    with use_engine(engine), pytest.raises(ValueError, match=r"labels .*\[0, 5000\).*index 1"):
+        cross_entropy(logits, labels)
+
+
+def test_bad_arguments_raise_clear_errors():
+    logits, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits, labels, reduction="avg")
+    with pytest.raises(ValueError, match="labels has 3 elements"):
+        cross_entropy(logits, labels[:3])
+    with pytest.raises(TypeError, match="logits"):
+        cross_entropy(logits.long(), labels)
+    with pytest.raises(ValueError, match="logits"):
+        cross_entropy(logits.reshape(2, 2, 10), labels)
+    with pytest.raises(TypeError, match="labels"):
+        cross_entropy(logits, labels.float())
+    with pytest.raises(ValueError, match="labels"):
+        cross_entropy(logits, labels.reshape(2, 2))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_empty_batch(engine):
+    x = torch.randn(0, 10, requires_grad=True)
+    with use_engine(engine):
+        losses = [cross_entropy(x, torch.zeros(0, dtype=torch.long), reduction=r) for r in REDUCTIONS]
+    assert [loss.shape for loss in losses] == [(), (), (0,)] and losses[0] == 0 and losses[1] == 0
+    sum(loss.sum() for loss in losses).backward()
+    assert x.grad.shape == (0, 10)
