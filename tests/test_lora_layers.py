@@ -1,0 +1,331 @@
+"""Fused NF4/16-bit + LoRA layers (kernels/lora_linear.py, lora_qkv.py, lora_mlp.py) against peft's
+own LoRA layers over bitsandbytes' NF4 ``Linear4bit`` (the oracle), and fastft/quant.py's reading
+of peft layers (active adapter, refusals).
+
+Tolerances:
+* fp32: peft and the fused path do the same products, only grouped differently (the LoRA term is
+  accumulated into the base output, the scaling applied to small [T, r] or [r, in] tensors): the
+  differences are summation-order roundoff, ~1e-6 relative to the largest element. 1e-5 catches
+  any missing term or wrong scaling (those are O(1)).
+* bf16 / fp16: both sides round intermediates (base result, LoRA result, dy @ B, ...) to 16 bits at
+  different points; each rounding is at most 2^-9 (bf16) of the value rounded, and a handful of
+  them add up. We allow 2^-6 of the largest |expected| element, plus 2^-6 relative: a few bf16
+  ulps, far below the O(1) error of any real bug (dropped LoRA term, wrong scale, W mis-read).
+Peft layers run in training mode with gradients on, so bitsandbytes never repacks their weights
+for CPU inference (see test_nf4.py for that path).
+"""
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_testing import assert_close
+from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
+
+from fastft.kernels._common import use_engine
+from fastft.kernels.lora_linear import lora_linear
+from fastft.kernels.lora_mlp import lora_mlp
+from fastft.kernels.lora_qkv import lora_qkv
+from fastft.kernels.nf4 import NF4Weight
+from fastft.quant import UnsupportedLoraLayer, fused_linear_args, lora_args_of
+
+ENGINES = ("triton", "torch")
+
+
+def _tol(dtype, expected):
+    if dtype == torch.float32:
+        return dict(atol=1e-5 * max(1.0, expected.abs().max().item()), rtol=1e-5)
+    return dict(atol=2 ** -6 * expected.abs().max().item(), rtol=2 ** -6)
+
+
+def _nf4_base(in_f, out_f, *, bias=False, compute_dtype=None, seed=0):
+    """A bitsandbytes NF4 Linear4bit (double-quantized scales), quantized on the CPU."""
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute_dtype, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight.data = torch.randn(out_f, in_f) / in_f ** 0.5
+    if bias:
+        layer.bias.data = torch.randn(out_f) * 0.1
+        layer.bias.requires_grad_(False)  # Qwen2's q/k/v bias is frozen under LoRA
+    return layer.to("cpu")  # quantizes
+
+
+def _dense_base(in_f, out_f, *, bias=False, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    layer.requires_grad_(False)
+    return layer
+
+
+def _lora(base, *, r=4, alpha=8, lora_dtype=torch.float32, seed=1, **config):
+    """A peft LoRA layer over ``base`` with random NON-zero A and B (peft initialises B to 0)."""
+    cls = LoraLinear4bit if isinstance(base, bnb.nn.Linear4bit) else LoraLinear
+    layer = cls(base, "default", LoraConfig(r=r, lora_alpha=alpha, **config), r=r, lora_alpha=alpha)
+    _randomize(layer, "default", lora_dtype, seed)
+    return layer
+
+
+def _randomize(layer, name, dtype, seed):
+    torch.manual_seed(seed)
+    layer.lora_A[name].to(dtype)
+    layer.lora_B[name].to(dtype)
+    with torch.no_grad():
+        layer.lora_A[name].weight.normal_(0, 0.3)
+        layer.lora_B[name].weight.normal_(0, 0.3)
+
+
+def _trainable(layers):
+    return [p for layer in layers for p in layer.parameters() if p.requires_grad]
+
+
+def _run(fn, x, params, grads_out):
+    """Outputs, dx and the gradients of ``params`` for ``fn(x)`` with output gradients ``grads_out``."""
+    x = x.detach().requires_grad_(True)
+    for p in params:
+        p.grad = None
+    outs = fn(x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, grads_out)
+    return [o.detach() for o in outs] + [x.grad] + [p.grad.clone() for p in params]
+
+
+def _compare(fused_fn, peft_fn, x, params, dtype, names):
+    with torch.no_grad():
+        outs = peft_fn(x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.manual_seed(123)
+    grads_out = [torch.randn_like(o) for o in outs]
+    expected = _run(peft_fn, x, params, grads_out)
+    for engine in ENGINES:
+        with use_engine(engine):
+            actual = _run(fused_fn, x, params, grads_out)
+        for name, a, e in zip(names, actual, expected):
+            assert a.dtype == e.dtype, f"{engine} {name}: dtype {a.dtype} != peft's {e.dtype}"
+            assert_close(a, e, name=f"{engine} {name} ({dtype})", **_tol(dtype, e))
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_linear_nf4_matches_peft(dtype):
+    # in=72, out=200, r=4, 13 tokens (batch 1): odd sizes; blocks of 64 straddle rows of 72
+    layer = _lora(_nf4_base(72, 200, compute_dtype=dtype), lora_dtype=dtype)
+    x = torch.randn(1, 13, 72).to(dtype)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert isinstance(lora_args_of(layer).weight, NF4Weight)
+    _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, [A, B], dtype, ["y", "dx", "dA", "dB"])
+
+
+def test_lora_linear_fp32_adapter_on_bf16_activations_matches_peft():
+    # fp32 adapters on a bf16 model (e.g. after prepare_model_for_kbit_training): peft runs the LoRA
+    # branch in fp32 and casts its result to bf16 before the add; the fused path does the same.
+    layer = _lora(_nf4_base(72, 200, bias=True, compute_dtype=torch.bfloat16), lora_dtype=torch.float32)
+    x = torch.randn(13, 72).to(torch.bfloat16)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, [A, B], torch.bfloat16, ["y", "dx", "dA", "dB"])
+
+
+def test_lora_linear_bitsandbytes_compute_dtype_matches_peft():
+    # fp32 activations into a layer with bnb_4bit_compute_dtype=bf16: bitsandbytes runs the base
+    # matmul in bf16 and casts back to fp32; the LoRA branch stays fp32.
+    layer = _lora(_nf4_base(72, 200, compute_dtype=torch.bfloat16), lora_dtype=torch.float32)
+    args = lora_args_of(layer)
+    assert args.compute_dtype == torch.bfloat16
+    x = torch.randn(13, 72)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    _compare(lambda x: lora_linear(x, *args), layer, x, [A, B], torch.bfloat16, ["y", "dx", "dA", "dB"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_linear_dense_base_matches_peft(dtype):
+    # load_in_4bit=False: a frozen 16/32-bit nn.Linear with a trainable bias (its gradient is given)
+    base = _dense_base(72, 200, bias=True, dtype=dtype)
+    base.bias.requires_grad_(True)
+    layer = _lora(base, lora_dtype=dtype)
+    x = torch.randn(13, 72).to(dtype)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert not isinstance(lora_args_of(layer).weight, NF4Weight)
+    _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, [base.bias, A, B], dtype,
+             ["y", "dx", "dbias", "dA", "dB"])
+
+
+def test_lora_linear_under_autocast_matches_peft():
+    layer = _lora(_nf4_base(72, 200), lora_dtype=torch.float32)
+    x = torch.randn(13, 72)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def under_autocast(fn):
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(x)
+        return run
+
+    _compare(under_autocast(lambda x: lora_linear(x, *lora_args_of(layer))), under_autocast(layer), x, [A, B],
+             torch.bfloat16, ["y", "dx", "dA", "dB"])
+
+
+def test_disabled_and_merged_adapters_run_the_base_layer():
+    layer = _lora(_dense_base(72, 200, bias=True))
+    x = torch.randn(13, 72)
+    A = layer.lora_A["default"].weight
+    layer.enable_adapters(False)  # TRL's DPO reference pass: model.disable_adapter()
+    args = lora_args_of(layer)
+    assert args.A is None and args.B is None
+    _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, [], torch.float32, ["y", "dx"])
+    A.grad = None
+    lora_linear(x.requires_grad_(True), *lora_args_of(layer)).sum().backward()
+    assert A.grad is None  # no gradient reaches an inactive adapter
+    x = x.detach()
+    layer.enable_adapters(True)
+    layer.merge()
+    args = lora_args_of(layer)
+    assert args.A is None
+    _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, [], torch.float32, ["y", "dx"])
+    layer.enable_adapters(False)  # disabled while merged: peft unmerges in its forward, we refuse
+    with pytest.raises(UnsupportedLoraLayer, match="disabled on a merged layer"):
+        lora_args_of(layer)
+
+
+def test_the_active_adapter_is_read_at_call_time():
+    # DPOTrainer adds a "ref" adapter and switches to it for the reference log-probs
+    layer = _lora(_nf4_base(72, 200))
+    layer.update_layer("ref", 4, lora_alpha=16, config=LoraConfig(r=4, lora_alpha=16))
+    _randomize(layer, "ref", torch.float32, seed=7)
+    x = torch.randn(13, 72)
+    for name in ("ref", "default"):
+        layer.set_adapter(name)
+        args = lora_args_of(layer)
+        assert args.A is layer.lora_A[name].weight and args.scaling == layer.scaling[name]
+        params = [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, params, torch.float32, ["y", "dx", "dA", "dB"])
+
+
+def test_the_dequantized_weight_is_never_saved_for_backward():
+    layer = _lora(_nf4_base(72, 200, bias=True))
+    x = torch.randn(13, 72, requires_grad=True)
+    saved_shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_shapes.append(tuple(t.shape)) or t, lambda t: t):
+        y = lora_linear(x, *lora_args_of(layer))
+    assert (200, 72) not in saved_shapes and (72, 200) not in saved_shapes, saved_shapes
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_qkv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_qkv_matches_three_peft_layers(dtype):
+    # Qwen2-like: biased q/k/v, GQA sizes (q 40 = 5 heads of 8, k/v 16), different ranks; k has
+    # no LoRA at all (peft's default Llama targets are q and v only).
+    q = _lora(_nf4_base(72, 40, bias=True, compute_dtype=dtype, seed=0), r=4, lora_dtype=dtype, seed=1)
+    k = _nf4_base(72, 16, bias=True, compute_dtype=dtype, seed=2)
+    v = _lora(_nf4_base(72, 16, bias=True, compute_dtype=dtype, seed=3), r=6, alpha=3, lora_dtype=dtype, seed=4)
+    x = torch.randn(2, 7, 72).to(dtype)
+    params = _trainable([q, v])
+    assert fused_linear_args(k).A is None
+    _compare(lambda x: lora_qkv(x, fused_linear_args(q), fused_linear_args(k), fused_linear_args(v)),
+             lambda x: (q(x), k(x), v(x)), x, params, dtype, ["q", "k", "v", "dx", "dA_q", "dB_q", "dA_v", "dB_v"])
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_mlp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_mlp_matches_peft(dtype):
+    # hidden 72, intermediate 200 (odd multiple of nothing in particular), 13 tokens
+    gate = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=0), lora_dtype=dtype, seed=1)
+    up = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=2), r=3, lora_dtype=dtype, seed=3)
+    down = _lora(_nf4_base(200, 72, compute_dtype=dtype, seed=4), r=5, alpha=5, lora_dtype=dtype, seed=5)
+    x = torch.randn(13, 72).to(dtype)
+    params = _trainable([gate, up, down])
+    _compare(lambda x: lora_mlp(x, lora_args_of(gate), lora_args_of(up), lora_args_of(down)),
+             lambda x: down(F.silu(gate(x)) * up(x)), x, params, dtype,
+             ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"])
+
+
+def test_lora_mlp_mixed_adapters_and_dense_weights():
+    # down has no adapter, gate/up are frozen bf16 nn.Linear with fp32 LoRA: the unfused dtype paths
+    dtype = torch.bfloat16
+    gate = _lora(_dense_base(72, 200, dtype=dtype, seed=0), lora_dtype=torch.float32, seed=1)
+    up = _lora(_dense_base(72, 200, dtype=dtype, seed=2), lora_dtype=torch.float32, seed=3)
+    down = _nf4_base(200, 72, compute_dtype=dtype, seed=4)
+    x = torch.randn(13, 72).to(dtype)
+    params = _trainable([gate, up])
+    _compare(lambda x: lora_mlp(x, *(fused_linear_args(m) for m in (gate, up, down))),
+             lambda x: down(F.silu(gate(x)) * up(x)), x, params, dtype,
+             ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up"])
+
+
+def test_lora_mlp_backward_runs_once():
+    # the backward writes dgate/dup over the saved gate/up outputs: a second backward must fail loudly
+    mods = [_lora(_nf4_base(72, 200, seed=0)), _lora(_nf4_base(72, 200, seed=2)), _lora(_nf4_base(200, 72, seed=4))]
+    x = torch.randn(13, 72, requires_grad=True)
+    y = lora_mlp(x, *(lora_args_of(m) for m in mods))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        y.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_arguments_name_the_argument():
+    layer = _lora(_nf4_base(72, 200))
+    w, b, A, B, s, cd = lora_args_of(layer)
+    x = torch.randn(13, 72)
+    cases = [
+        ((x.int(), w, b, A, B, s), TypeError, "x has dtype int32"),
+        ((torch.randn(13, 71), w, b, A, B, s), ValueError, "x has 71 features"),
+        ((x, w, b, A[:, :70], B, s), ValueError, r"A has shape \(4, 70\); expected \[r, 72\]"),
+        ((x, w, b, A, B[:, :3], s), ValueError, r"B has shape \(200, 3\); expected \[200, 4\]"),
+        ((x, w, b, A, None, s), ValueError, "A and B must both be tensors or both be None"),
+        ((x, w, b, A, B.double(), s), TypeError, "B has dtype float64"),
+        ((x, w, b, A, B, torch.tensor(2.0)), TypeError, "scaling must be a real number"),
+        ((x, w, torch.zeros(199), A, B, s), ValueError, r"bias has shape \(199,\)"),
+        ((x, torch.nn.Parameter(torch.randn(200, 72)), b, A, B, s), ValueError, "weight requires grad"),
+        ((x, w, b, A, B, s, torch.int8), TypeError, "compute_dtype must be"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            lora_linear(*args)
+    with pytest.raises(TypeError, match="k must be a"):
+        lora_qkv(x, (w, b, A, B, s), (w, b), (w, b, A, B, s))
+    with pytest.raises(ValueError, match="down weight has shape"):
+        lora_mlp(x, (w, b, A, B, s), (w, b, A, B, s), (w, None, None, None, 1.0))
+
+
+def test_unsupported_lora_layers_are_refused_with_the_reason():
+    def refused(layer, message):
+        with pytest.raises(UnsupportedLoraLayer, match=message):
+            lora_args_of(layer)
+
+    refused(_lora(_nf4_base(72, 200), lora_dropout=0.1), "lora_dropout > 0")
+    refused(_lora(_dense_base(72, 200), use_dora=True), "LoRA variant")
+    refused(_lora(_dense_base(72, 200, bias=True), lora_bias=True), "lora_bias=True")
+
+    two = _lora(_nf4_base(72, 200))
+    two.update_layer("other", 4, lora_alpha=8, config=LoraConfig(r=4, lora_alpha=8))
+    two.set_adapter(["default", "other"])
+    refused(two, "2 active adapters")
+
+    fp4 = bnb.nn.Linear4bit(72, 200, bias=False, quant_type="fp4").to("cpu")
+    refused(LoraLinear4bit(fp4, "default", LoraConfig(r=4), r=4, lora_alpha=8), "quant_type 'fp4'")
+    int8 = bnb.nn.Linear8bitLt(72, 200, bias=False, has_fp16_weights=False)
+    refused(LoraLinear8bitLt(int8, "default", LoraConfig(r=4), r=4, lora_alpha=8), "8-bit")
+
+    trainable = _dense_base(72, 200)
+    trainable.weight.requires_grad_(True)
+    refused(_lora(trainable), "weight requires grad")
+    with pytest.raises(UnsupportedLoraLayer, match="not a peft LoRA layer"):
+        lora_args_of(torch.nn.Linear(4, 4))
+    with pytest.raises(UnsupportedLoraLayer, match="neither a linear layer"):
+        fused_linear_args(torch.nn.Conv1d(4, 4, 1))
+    assert issubclass(UnsupportedLoraLayer, ValueError)
