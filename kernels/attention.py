@@ -1,0 +1,753 @@
+"""Flash attention (FlashAttention-2 style) forward and backward in Triton.
+
+Causal or not, grouped-query attention (GQA) without repeating K/V in memory, an optional sliding
+window, dense batches ``[B, H, T, D]`` (any strides, e.g. Hugging Face's transposed views of
+``[B, T, H, D]``) and variable-length packed sequences ``[total_tokens, H, D]`` + ``cu_seqlens``.
+
+Math (one query head ``h`` reading kv head ``h // (Hq // Hkv)``; ``M`` is the mask below)::
+
+    S   = scale * Q K^T  (masked entries -> -inf)        P = softmax_rows(S)        O = P V
+    LSE = log(sum_j exp(S_ij))                            (fp32, the only other saved tensor)
+
+    backward:  dV = P^T dO                 dP = dO V^T
+               delta_i = sum_d dO_id O_id  (= sum_j P_ij dP_ij)
+               dS = P * (dP - delta)       dQ = scale * dS K      dK = scale * dS^T Q
+               for GQA, dK and dV of a kv head sum over the query heads of its group.
+
+Mask, for query row ``i`` of ``T`` and key ``j`` of ``S`` (keys of one sequence only, in varlen):
+
+* causal: bottom-right aligned like flash-attn: ``j <= i + S - T`` (the usual ``j <= i`` when
+  ``T == S``; with ``T < S`` the queries are the last ``T`` positions, as in decoding with a cache).
+  A query row that sees no key at all (causal with ``T > S``) gets output 0 and zero gradients,
+  like flash-attn and PyTorch's SDPA.
+* sliding window ``w``: ``(i + S - T) - j < w`` -- transformers' ``sliding_window_overlay``
+  (``kv_idx > q_idx - sliding_window``), so a query sees itself and the ``w - 1`` keys before it.
+  Without ``causal`` only this left bound applies (flash-attn's ``window_size=(w - 1, -1)``).
+
+Kernels (why this split):
+
+* ``_attn_fwd_kernel``: one program per (query block, query head, batch/sequence); online softmax
+  over key blocks with exp2 and the scale folded in; writes O and LSE.
+* ``_attn_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)``.
+* ``_attn_bwd_dkdv_kernel``: one program per (key block, **kv** head, batch); it loops over the
+  query heads of its GQA group and their query blocks, recomputing ``P`` from ``LSE``, so dK/dV are
+  accumulated in registers with no atomics and no repeated K/V.
+* ``_attn_bwd_dq_kernel``: one program per (query block, query head, batch); loops over key blocks.
+  Recomputing ``Q K^T`` once more here (instead of FA2's atomic dq adds) keeps the backward
+  deterministic and bf16-friendly.
+
+Every kernel visits only key (or query) blocks that the mask can reach, and applies the score mask
+only on the blocks that straddle the causal diagonal, the window edge or the sequence end.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_same_device, check_tensor, empty, use_triton
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+# exp(x) = exp2(x * log2(e)): the kernels work in base 2, exp2 is the fast instruction on GPUs
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mma_operand(x, INTERPRET: tl.constexpr):
+    # bf16 tl.dot is wrong in Triton's CPU interpreter: upcast there. On a GPU keep the 16-bit
+    # tile so tl.dot runs on tensor cores.
+    if INTERPRET:
+        if x.dtype == tl.bfloat16:
+            x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _score_mask(q_idx, k_idx, seqlen_k, causal_offset, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (query, key) pairs may attend; q_idx and k_idx broadcast against each other."""
+    q_pos = q_idx + causal_offset  # a query's position on the key axis (bottom-right alignment)
+    valid = k_idx < seqlen_k
+    if CAUSAL:
+        valid = valid & (k_idx <= q_pos)
+    if HAS_WINDOW:
+        valid = valid & (q_pos - k_idx < window)
+    return valid
+
+
+@triton.jit
+def _key_range(start_m, seqlen_k, causal_offset, window,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key blocks the query rows [start_m, start_m + BLOCK_M) reach: [lo, hi). Inside it,
+    [full_lo, full_hi) are blocks every row sees whole, so they need no score mask."""
+    lo = start_m * 0
+    hi = lo + seqlen_k
+    full_lo = lo
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N  # a partial last block needs the key-bound mask
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N)
+    if HAS_WINDOW:
+        lo = (tl.maximum(start_m + causal_offset - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M + causal_offset - window, 0), BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_range(start_n, seqlen_q, causal_offset, window,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query blocks that reach the keys [start_n, start_n + BLOCK_N): [lo, hi); [full_lo, full_hi)
+    see every key of the block (keys past the sequence end only feed rows of dK/dV that are
+    never stored, so they need no mask here)."""
+    lo = start_n * 0
+    hi = lo + seqlen_q
+    full_lo = lo
+    full_hi = hi
+    if CAUSAL:
+        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, start_n + BLOCK_N - 1 + window - causal_offset)
+        full_hi = (tl.maximum(start_n + window - causal_offset, 0) // BLOCK_M) * BLOCK_M
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_ptrs, v_ptrs, stride_kt, stride_vt,
+    offs_m, offs_n, d_mask, start, end,
+    seqlen_k, causal_offset, window, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(k_ptrs + start_n * stride_kt, mask=(cols[None, :] < seqlen_k) & d_mask[:, None], other=0.0)
+        # scores in log2 units: exp2(s * scale * log2e) == exp(s * scale)
+        qk = tl.dot(q, _mma_operand(k, INTERPRET), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            valid = _score_mask(offs_m[:, None], cols[None, :], seqlen_k, causal_offset, window, CAUSAL, HAS_WINDOW)
+            qk = tl.where(valid, qk, float("-inf"))
+        # online softmax: rescale what was accumulated under the old row maximum
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs + start_n * stride_vt, mask=(cols[:, None] < seqlen_k) & d_mask[None, :], other=0.0)
+        v = _mma_operand(v, INTERPRET)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group_size, qk_scale, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # heaviest (last, under causal) query blocks first: better tail balance across SMs
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    if VARLEN:  # one sequence of the pack; its rows start at cu_seqlens[batch]; stride_*b are 0
+        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
+        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
+        seqlen_k = seqlen_q
+    else:
+        seq_start = batch * 0
+    if start_m >= seqlen_q:
+        return
+    head_kv = head // group_size  # GQA: read the shared kv head in place
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM  # head dims like 80/96 run in a power-of-two tile
+    row_mask = offs_m < seqlen_q
+
+    q_ptrs = (Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
+              + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+    k_ptrs = (K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
+              + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd)  # K^T tile [BLOCK_D, BLOCK_N]
+    v_ptrs = (V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
+              + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd)
+    q = _mma_operand(tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0), INTERPRET)
+
+    # m_i starts finite, not -inf: a row whose first blocks are all masked then keeps
+    # alpha = exp2(0) = 1 and p = 0 instead of exp2(-inf + inf) = NaN
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    causal_offset = seqlen_k - seqlen_q
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_k, causal_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    # masked blocks left of the window edge / unmasked middle / masked diagonal and sequence end
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
+                                    lo, full_lo, seqlen_k, causal_offset, window, qk_scale,
+                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
+                                    full_lo, full_hi, seqlen_k, causal_offset, window, qk_scale,
+                                    BLOCK_N, False, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
+                                    full_hi, hi, seqlen_k, causal_offset, window, qk_scale,
+                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+
+    # a row that saw no key (causal with T > S) gets O = 0 and LSE = +inf, so the backward's
+    # recomputed P = exp(s - LSE) is exactly 0 there
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
+
+    o_ptrs = (O + batch * stride_ob + seq_start * stride_ot + head * stride_oh
+              + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m, lse, mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA, CU_SEQLENS,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_lb, stride_lh,
+    seqlen_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id (fp32), in LSE's layout."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    if VARLEN:
+        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
+        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
+    else:
+        seq_start = batch * 0
+    if start_m >= seqlen_q:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + batch * stride_ob + seq_start * stride_ot + head * stride_oh
+                + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
+    offs_m, offs_n, d_mask, start, end,
+    seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # Works on transposed tiles ([keys, queries]) so dK and dV come out of tl.dot directly.
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        row_mask = rows < seqlen_q
+        qT = tl.load(qT_ptrs + start_m * stride_qt, mask=d_mask[:, None] & row_mask[None, :], other=0.0)
+        qT = _mma_operand(qT, INTERPRET)
+        # rows past the end load LSE = +inf, so their P is exactly 0
+        lse = tl.load(lse_ptrs + start_m, mask=row_mask, other=float("inf")) * LOG2E
+        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+        pT = tl.exp2(qkT - lse[None, :])
+        if MASKED:
+            valid = _score_mask(rows[None, :], offs_n[:, None], seqlen_k, causal_offset, window, CAUSAL, HAS_WINDOW)
+            pT = tl.where(valid, pT, 0.0)
+        do = tl.load(do_ptrs + start_m * stride_dot, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        do = _mma_operand(do, INTERPRET)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV += P^T dO
+        delta = tl.load(delta_ptrs + start_m, mask=row_mask, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)  # dK += dS^T Q
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group_size, sm_scale, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N  # under causal the first key blocks carry the most work
+    head_kv = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    if VARLEN:
+        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
+        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
+        seqlen_k = seqlen_q
+    else:
+        seq_start = batch * 0
+    if start_n >= seqlen_k:
+        return
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = (offs_n[:, None] < seqlen_k) & d_mask[None, :]
+    k = tl.load(K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
+                + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
+                + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = _mma_operand(k, INTERPRET)
+    v = _mma_operand(v, INTERPRET)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    causal_offset = seqlen_k - seqlen_q
+    qk_scale = sm_scale * LOG2E
+    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, causal_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    # GQA: this kv head's dK/dV sum over every query head of its group; looping here keeps
+    # the sum in registers (no atomics, no [B, Hq, S, D] scratch)
+    for g in range(0, group_size):
+        head = head_kv * group_size + g
+        qT_ptrs = (Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
+                   + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd)
+        do_ptrs = (DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
+                   + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod)
+        lse_ptrs = LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m
+        delta_ptrs = DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
+                                      offs_m, offs_n, d_mask, lo, full_lo,
+                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+                                      BLOCK_M, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
+                                      offs_m, offs_n, d_mask, full_lo, full_hi,
+                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+                                      BLOCK_M, False, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
+                                      offs_m, offs_n, d_mask, full_hi, hi,
+                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+                                      BLOCK_M, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+    dk = dk * sm_scale
+
+    tl.store(DK + batch * stride_dkb + seq_start * stride_dkt + head_kv * stride_dkh
+             + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + batch * stride_dvb + seq_start * stride_dvt + head_kv * stride_dvh
+             + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta,
+    kT_ptrs, vT_ptrs, stride_kt, stride_vt,
+    offs_m, offs_n, d_mask, start, end,
+    seqlen_k, causal_offset, window, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[None, :] < seqlen_k) & d_mask[:, None]
+        kT = _mma_operand(tl.load(kT_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0), INTERPRET)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(qk - lse[:, None])
+        if MASKED:
+            valid = _score_mask(offs_m[:, None], cols[None, :], seqlen_k, causal_offset, window, CAUSAL, HAS_WINDOW)
+            p = tl.where(valid, p, 0.0)
+        vT = _mma_operand(tl.load(vT_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0), INTERPRET)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)  # dQ += dS K
+    return dq
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group_size, sm_scale, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    if VARLEN:
+        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
+        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
+        seqlen_k = seqlen_q
+    else:
+        seq_start = batch * 0
+    if start_m >= seqlen_q:
+        return
+    head_kv = head // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    row_mask = offs_m < seqlen_q
+    q_mask = row_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
+                + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+    q = _mma_operand(q, INTERPRET)
+    do = _mma_operand(do, INTERPRET)
+    lse = tl.load(LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m, mask=row_mask, other=float("inf"))
+    lse = lse * LOG2E
+    delta = tl.load(DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m, mask=row_mask, other=0.0)
+    kT_ptrs = (K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
+               + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd)
+    vT_ptrs = (V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
+               + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    causal_offset = seqlen_k - seqlen_q
+    qk_scale = sm_scale * LOG2E
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_k, causal_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
+                            lo, full_lo, seqlen_k, causal_offset, window, qk_scale,
+                            BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
+                            full_lo, full_hi, seqlen_k, causal_offset, window, qk_scale,
+                            BLOCK_N, False, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
+                            full_hi, hi, seqlen_k, causal_offset, window, qk_scale,
+                            BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+    dq = dq * sm_scale
+    tl.store(DQ + batch * stride_dqb + seq_start * stride_dqt + head * stride_dqh
+             + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch code
+# ----------------------------------------------------------------------------------------------
+def _block_sizes(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
+    """Fixed heuristics (no autotune: it fails in the interpreter), checked by compiling for
+    sm_90/sm_80 with Triton 3.9 and reading ptxas' register and spill counts (not timed on a GPU).
+
+    16-bit inputs: forward 128x64 tiles (FA2's usual choice); dK/dV 64 keys x 32 queries (it holds
+    K, V and two fp32 [64, BLOCK_D] accumulators in registers: 64x64 spilled); dQ 64x64; 8 warps
+    once the padded head dim exceeds 64. fp32 inputs use exact fp32 products on CUDA cores
+    (operands in registers, no tensor cores): 32x32 tiles, a slow accuracy path, not a fast one
+    (at D=128 its forward and dQ kernels still spill a little).
+    Under the interpreter: 64x32 tiles (each loop step costs the interpreter a lot of Python, so
+    bigger tiles run faster; BLOCK_M != BLOCK_N there so a mix-up of the two shows in tests)."""
+    block_d = triton.next_power_of_2(head_dim)
+    if INTERPRET:
+        block_m, block_n = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}[kernel]
+        return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    num_warps = 4 if block_d <= 64 else 8
+    if dtype == torch.float32:  # dK/dV with 4 warps spilled ~1.8 KB at D=64; 8 warps do not
+        num_warps = 8 if kernel == "dkdv" else num_warps
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=num_warps, num_stages=2)
+    block_m, block_n, num_stages = {"fwd": (128, 64, 3), "dkdv": (32, 64, 2), "dq": (64, 64, 2)}[kernel]
+    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _strides(x: torch.Tensor, varlen: bool):
+    """(batch, head, token, dim) strides; a packed [total, H, D] tensor has no batch stride."""
+    if varlen:
+        return 0, x.stride(1), x.stride(0), x.stride(2)
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
+    """`empty` with ``t``'s memory order: for q given as a transposed view of [B, T, H, D] the
+    output and gradient come back in that layout, so callers' ``transpose().reshape()`` is free."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    buf = empty([t.shape[i] for i in order], dtype=t.dtype, device=t.device)
+    inverse = [order.index(i) for i in range(t.dim())]
+    return buf.permute(inverse)
+
+
+class _Problem:
+    """Geometry shared by the launches of one attention call."""
+
+    def __init__(self, q, k, cu_seqlens, max_seqlen, causal, scale, window):
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            total, self.n_heads, self.head_dim = q.shape
+            self.n_kv_heads = k.shape[1]
+            self.batch = cu_seqlens.numel() - 1
+            self.seqlen_q = self.seqlen_k = max_seqlen
+            self.lse_shape = (self.n_heads, total)
+            self.lse_strides = (0, total)
+        else:
+            self.batch, self.n_heads, self.seqlen_q, self.head_dim = q.shape
+            self.n_kv_heads, self.seqlen_k = k.shape[1], k.shape[2]
+            self.lse_shape = (self.batch, self.n_heads, self.seqlen_q)
+            self.lse_strides = (self.n_heads * self.seqlen_q, self.seqlen_q)
+        self.group_size = self.n_heads // self.n_kv_heads
+        self.causal, self.scale = causal, scale
+        self.window = window if window is not None else 0
+        # the unused CU_SEQLENS argument of dense launches gets some tensor; the kernel never reads it
+        self.cu_seqlens = cu_seqlens if self.varlen else q
+        # fp32 inputs: exact fp32 products, not tf32 (fp32 is the accuracy path)
+        self.consts = dict(CAUSAL=causal, HAS_WINDOW=window is not None, VARLEN=self.varlen,
+                           DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET)
+
+
+def _flash_forward(q, k, v, p: _Problem):
+    o = _empty_in_layout_of(q)
+    lse = empty(p.lse_shape, dtype=torch.float32, device=q.device)
+    cfg = _block_sizes(p.head_dim, "fwd", q.dtype)
+    grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.batch)
+    if min(grid) > 0:
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse, p.cu_seqlens,
+            *_strides(q, p.varlen), *_strides(k, p.varlen), *_strides(v, p.varlen), *_strides(o, p.varlen),
+            *p.lse_strides,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.scale * math.log2(math.e), p.window,
+            HEAD_DIM=p.head_dim, **cfg, **p.consts,
+        )
+    return o, lse
+
+
+def _flash_backward(do, q, k, v, o, lse, p: _Problem):
+    dq, dk, dv = _empty_in_layout_of(q), _empty_in_layout_of(k), _empty_in_layout_of(v)
+    delta = empty(p.lse_shape, dtype=torch.float32, device=q.device)
+    strides = dict(q=_strides(q, p.varlen), k=_strides(k, p.varlen), v=_strides(v, p.varlen), do=_strides(do, p.varlen))
+    block_d = triton.next_power_of_2(p.head_dim)
+
+    pre_block_m = 32 if INTERPRET else 64
+    grid = (triton.cdiv(p.seqlen_q, pre_block_m), p.n_heads, p.batch)
+    if min(grid) > 0:
+        _attn_bwd_preprocess_kernel[grid](
+            o, do, delta, p.cu_seqlens, *_strides(o, p.varlen), *strides["do"], *p.lse_strides, p.seqlen_q,
+            HEAD_DIM=p.head_dim, BLOCK_D=block_d, BLOCK_M=pre_block_m, VARLEN=p.varlen,
+        )
+
+    cfg = _block_sizes(p.head_dim, "dkdv", q.dtype)
+    grid = (triton.cdiv(p.seqlen_k, cfg["BLOCK_N"]), p.n_kv_heads, p.batch)
+    if min(grid) > 0:
+        _attn_bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, dk, dv, p.cu_seqlens,
+            *strides["q"], *strides["k"], *strides["v"], *strides["do"],
+            *_strides(dk, p.varlen), *_strides(dv, p.varlen), *p.lse_strides,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window,
+            HEAD_DIM=p.head_dim, **cfg, **p.consts,
+        )
+
+    cfg = _block_sizes(p.head_dim, "dq", q.dtype)
+    grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.batch)
+    if min(grid) > 0:
+        _attn_bwd_dq_kernel[grid](
+            q, k, v, do, lse, delta, dq, p.cu_seqlens,
+            *strides["q"], *strides["k"], *strides["v"], *strides["do"], *_strides(dq, p.varlen),
+            *p.lse_strides,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window,
+            HEAD_DIM=p.head_dim, **cfg, **p.consts,
+        )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: the forward saves only O and the fp32 LSE; the backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window):
+        problem = _Problem(q, k, cu_seqlens, max_seqlen, causal, scale, sliding_window)
+        o, lse = _flash_forward(q, k, v, problem)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.problem = problem
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.problem)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch path (CPU without the interpreter) and argument checks
+# ----------------------------------------------------------------------------------------------
+def _attention_torch(q, k, v, causal, scale, window):
+    """SDPA on [B, H, T, D] with our mask convention; plain autograd."""
+    seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
+    mask, is_causal = None, False
+    if causal and window is None and seqlen_q == seqlen_k:
+        is_causal = True  # SDPA's is_causal is top-left aligned: equal to ours only when T == S
+    elif causal or window is not None:
+        i = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)
+        j = torch.arange(seqlen_k, device=q.device)[None, :]
+        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+        if causal:
+            mask &= j <= i
+        if window is not None:
+            mask &= i - j < window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _check_qkv(q, k, v, varlen: bool, causal, scale, sliding_window) -> None:
+    layout = "[total_tokens, H, D]" if varlen else "[B, H, T, D]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        if t.dim() != (3 if varlen else 4):
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')} but q has "
+                            f"{str(q.dtype).replace('torch.', '')}; q, k and v must share one dtype")
+    head_dim = q.shape[-1]
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[-1] != head_dim:
+            raise ValueError(f"{name} has head dim {t.shape[-1]} but q has {head_dim}; they must match")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} of q is not supported; supported head dims: "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
+    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise ValueError(f"q has {n_heads} heads, not a multiple of the {n_kv_heads} heads of k and v "
+                         f"(grouped-query attention needs Hq % Hkv == 0)")
+    if varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has {k.shape[0]} tokens but q has {q.shape[0]}; attention_varlen uses one "
+                         f"cu_seqlens for q and k")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise TypeError(f"scale must be None or a finite float, got {scale!r}")
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
+
+
+def _check_cu_seqlens(cu_seqlens, max_seqlen, q) -> list[int]:
+    """Validate the packing; returns cu_seqlens as a list. Reading the values costs one device sync,
+    so a cu_seqlens tensor that passed once (same version, same q length) is not read again: one
+    pack is typically shared by every layer of a forward."""
+    check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1)
+    check_same_device(q=q, cu_seqlens=cu_seqlens)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold n_seqs + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise TypeError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    key = (cu_seqlens._version, q.shape[0], max_seqlen)
+    cached = getattr(cu_seqlens, "_fastft_attention_checked", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    offsets = cu_seqlens.tolist()
+    total = q.shape[0]
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {offsets[0]}")
+    if offsets[-1] != total:
+        raise ValueError(f"cu_seqlens[-1] = {offsets[-1]} but q has {total} tokens; they must be equal")
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    if min(lengths) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence in cu_seqlens ({max(lengths)})")
+    cu_seqlens._fastft_attention_checked = (key, offsets)
+    return offsets
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              scale: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
+    """Flash attention on dense batches.
+
+    Args:
+        q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, S, D]`` with ``Hq % Hkv == 0`` (query head ``h``
+            reads kv head ``h // (Hq // Hkv)``; K/V are never repeated). Any strides (e.g. the
+            ``transpose(1, 2)`` views Hugging Face passes). fp16/bf16/fp32, one dtype for all three.
+            Head dim D in 16, 32, 64, 80, 96, 128.
+        causal: query ``i`` sees keys ``j <= i + S - T`` (bottom-right aligned, as flash-attn);
+            rows that see no key (``T > S``) return 0.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        sliding_window: None, or ``w``: query ``i`` also needs ``(i + S - T) - j < w``
+            (transformers' convention: itself plus ``w - 1`` earlier keys).
+
+    Returns:
+        ``[B, Hq, T, D]`` in q's dtype (and q's memory layout on the Triton path).
+
+    Math: ``O = softmax(scale * Q K^T + mask) V``; backward: ``dV = P^T dO``, ``dP = dO V^T``,
+    ``dS = P * (dP - rowsum(dO * O))``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, with dK/dV
+    summed over each kv head's query-head group. The forward keeps only O and the fp32
+    log-sum-exp per row; the backward recomputes P block by block (see the module docstring).
+    """
+    _check_qkv(q, k, v, False, causal, scale, sliding_window)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not use_triton(q):
+        return _attention_torch(q, k, v, causal, scale, sliding_window)
+    return FlashAttentionFunction.apply(q, k, v, None, None, causal, scale, sliding_window)
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     causal: bool = True, scale: float | None = None,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """Flash attention on variable-length sequences packed without padding.
+
+    Args:
+        q: ``[total_tokens, Hq, D]``; k, v: ``[total_tokens, Hkv, D]`` (``Hq % Hkv == 0``, any strides).
+        cu_seqlens: int32 ``[n_seqs + 1]``, on q's device: sequence ``s`` is tokens
+            ``cu_seqlens[s]:cu_seqlens[s + 1]``; starts at 0, ends at ``total_tokens``, one
+            tensor for q and k. No token attends across a sequence boundary.
+        max_seqlen: an int >= the longest sequence (sizes the launch grid).
+        causal, scale, sliding_window: as in :func:`attention`, positions counted from each
+            sequence's start.
+
+    Returns:
+        ``[total_tokens, Hq, D]``. Math: :func:`attention` applied to each sequence.
+
+    The first call with a given ``cu_seqlens`` tensor reads it back to validate it (one sync).
+    """
+    _check_qkv(q, k, v, True, causal, scale, sliding_window)
+    offsets = _check_cu_seqlens(cu_seqlens, max_seqlen, q)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not use_triton(q):
+        outs = [
+            _attention_torch(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                             causal, scale, sliding_window)[0].transpose(0, 1)
+            for a, b in zip(offsets[:-1], offsets[1:]) if b > a
+        ]
+        return torch.cat(outs) if outs else q.new_zeros(q.shape)
+    return FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window)

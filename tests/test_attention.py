@@ -1,0 +1,319 @@
+"""Flash attention (kernels/attention.py) against an independent float64 reference.
+
+The reference materialises the full score matrix, applies an explicit mask (causal bottom-right,
+sliding window, block-diagonal for packed sequences) and an explicit softmax, and gets dq/dk/dv
+from float64 autograd. Grouped-query attention is done there by repeating k/v (the kernel never
+does). Rows that see no key are defined as 0, as in flash-attn and PyTorch's SDPA.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_testing import assert_close
+
+import fastft.kernels.attention as attention_module
+from fastft.kernels import use_engine
+from fastft.kernels.attention import attention, attention_varlen
+
+# Tolerances, for O(1) random inputs (outputs and gradients are O(0.1..10)):
+# - fp32: the kernel computes in fp32 with exact (ieee) fp32 dots; observed errors are <= 2e-6
+#   (sums of a few hundred terms); 1e-5 leaves 5x room and still catches any mask, scale or
+#   gradient-term bug (those show as errors > 1e-2).
+# - fp16: inputs are fp16 in both; the kernel rounds P and dS to fp16 for the tensor-core dots
+#   (rel. 2^-11 = 4.9e-4 each) and rounds the result to fp16; observed max errors ~1e-3 on
+#   values of size ~2 and 4e-3 on dv of size ~10, so atol = rtol = 3e-3 (about 6 fp16 ulps at 1).
+# - bf16 (interpreter: tiles upcast to fp32 before tl.dot, see _mma_operand): only the stores
+#   round, and the interpreter truncates instead of rounding, so up to 1 bf16 ulp
+#   (2^-7 = 7.8e-3 relative) per stored value plus fp32 noise: atol = rtol = 1.6e-2 (2 ulps).
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def _softmax_with_empty_rows(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Explicit softmax over the last axis, restricted to `allowed`; rows with nothing allowed -> 0."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max) * allowed
+    denom = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _dense_mask(seqlen_q, seqlen_k, causal, window):
+    """allowed[i, j]: query i (at key position i + S - T) may attend key j."""
+    i = torch.arange(seqlen_q)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k)[None, :]
+    allowed = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= (i - j) < window  # transformers: kv_idx > q_idx - sliding_window
+    return allowed
+
+
+def reference_attention(q, k, v, causal, scale, window):
+    """float64: q [B, Hq, T, D], k/v [B, Hkv, S, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    p = _softmax_with_empty_rows(scores, _dense_mask(q.shape[2], k.shape[2], causal, window))
+    return p @ v
+
+
+def reference_attention_varlen(q, k, v, cu_seqlens, causal, scale, window):
+    """float64 over the whole pack with a block-diagonal mask: q [N, Hq, D], k/v [N, Hkv, D]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    pos = torch.arange(q.shape[0]) - cu_seqlens[:-1].long()[seq_id]  # position inside its sequence
+    allowed = seq_id[:, None] == seq_id[None, :]
+    if causal:
+        allowed &= pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed &= (pos[:, None] - pos[None, :]) < window
+    group = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1)  # [Hq, N, D]
+    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
+    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    p = _softmax_with_empty_rows((qh @ kh.transpose(-1, -2)) * scale, allowed)
+    return (p @ vh).transpose(0, 1)
+
+
+def _run_and_compare(fn, ref_fn, q, k, v, dtype):
+    """Forward + backward of `fn` in `dtype` vs `ref_fn` in float64 on the same (rounded) inputs."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(grad_out)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_out = ref_fn(*ref_leaves)
+    ref_out.backward(grad_out.double())
+
+    tol = TOLERANCES[dtype]
+    assert out.dtype == dtype
+    assert_close(out, ref_out, name="out", **tol)
+    for name, leaf, ref in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+        assert_close(leaf.grad, ref.grad, name=name, **tol)
+
+
+def _randn(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense batches, Triton path (interpreted)
+# ----------------------------------------------------------------------------------------------
+DENSE_CASES = [
+    # B, Hq, Hkv, T, S, D, causal, window, dtype
+    pytest.param(1, 2, 2, 1, 1, 16, True, None, torch.float32, id="T1-gqa1"),
+    pytest.param(2, 4, 1, 17, 17, 64, True, None, torch.float32, id="T17-gqa4-D64"),
+    pytest.param(1, 7, 1, 17, 17, 32, True, None, torch.float16, id="T17-gqa7-fp16"),
+    pytest.param(1, 4, 2, 23, 40, 80, False, None, torch.float32, id="noncausal-T<S-D80"),
+    pytest.param(1, 2, 1, 40, 23, 80, False, None, torch.float16, id="noncausal-T>S-D80-fp16"),
+    pytest.param(1, 2, 1, 23, 70, 32, True, None, torch.float32, id="causal-T<S-bottom-right"),
+    pytest.param(1, 2, 1, 40, 23, 32, True, None, torch.float32, id="causal-T>S-empty-rows"),
+    pytest.param(1, 2, 1, 37, 37, 96, True, None, torch.bfloat16, id="bf16-D96"),
+    pytest.param(1, 2, 1, 17, 17, 128, True, None, torch.float16, id="fp16-D128"),
+    pytest.param(2, 3, 1, 70, 70, 32, True, 9, torch.float32, id="window9"),
+    pytest.param(1, 2, 1, 50, 90, 64, True, 40, torch.bfloat16, id="window40-T<S-bf16"),
+    pytest.param(1, 2, 2, 50, 70, 32, False, 20, torch.float32, id="window20-noncausal"),
+    pytest.param(1, 2, 1, 300, 300, 64, True, None, torch.float16, id="T300-fp16"),
+]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, T, S, D, causal, window, dtype", DENSE_CASES)
+def test_attention_matches_reference(B, Hq, Hkv, T, S, D, causal, window, dtype):
+    torch.manual_seed(0)
+    q, k, v = _randn(B, Hq, T, D), _randn(B, Hkv, S, D), _randn(B, Hkv, S, D)
+    scale = 1.0 / math.sqrt(D)
+    _run_and_compare(
+        lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window),
+        lambda q, k, v: reference_attention(q, k, v, causal, scale, window),
+        q, k, v, dtype,
+    )
+
+
+def test_attention_small_blocks_multi_block_masking(monkeypatch):
+    """Tiny tiles make every kernel walk many blocks: masked window edge, unmasked middle, masked
+    diagonal and a partial last block all in one call, with BLOCK_M != BLOCK_N."""
+    def tiny_blocks(head_dim, kernel, dtype):
+        block_m, block_n = {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}[kernel]
+        return dict(BLOCK_D=triton_next_pow2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+
+    monkeypatch.setattr(attention_module, "_block_sizes", tiny_blocks)
+    torch.manual_seed(0)
+    q, k, v = _randn(1, 4, 75, 16), _randn(1, 2, 99, 16), _randn(1, 2, 99, 16)
+    _run_and_compare(
+        lambda q, k, v: attention(q, k, v, causal=True, sliding_window=37),
+        lambda q, k, v: reference_attention(q, k, v, True, 0.25, 37),
+        q, k, v, torch.float32,
+    )
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+def test_attention_strided_inputs_and_custom_scale():
+    """Hugging Face hands q/k/v as transpose(1, 2) views of [B, T, H, D] slices of one projection."""
+    torch.manual_seed(0)
+    B, T, D = 2, 33, 80
+    fused = _randn(B, T, 4 + 1 + 1, D)
+    q = fused[:, :, :4].transpose(1, 2)
+    k = fused[:, :, 4:5].transpose(1, 2)
+    v = fused[:, :, 5:].transpose(1, 2)
+    assert not q.is_contiguous()
+    _run_and_compare(
+        lambda q, k, v: attention(q, k, v, causal=True, scale=0.3),
+        lambda q, k, v: reference_attention(q, k, v, True, 0.3, None),
+        q, k, v, torch.float32,
+    )
+
+
+def test_attention_output_keeps_query_layout():
+    """Output (and gradients) are allocated in q's memory order, so the caller's
+    transpose(1, 2).reshape(B, T, H * D) needs no copy."""
+    q = torch.randn(1, 5, 2, 16).transpose(1, 2)
+    k = torch.randn(1, 5, 1, 16).transpose(1, 2)
+    out = attention(q, k, k)
+    assert out.transpose(1, 2).is_contiguous()
+    assert_close(out, reference_attention(q.double(), k.double(), k.double(), True, 0.25, None),
+                 name="out", **TOLERANCES[torch.float32])
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed variable-length sequences, Triton path
+# ----------------------------------------------------------------------------------------------
+def _cu_seqlens(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+VARLEN_CASES = [
+    # lengths, Hq, Hkv, D, causal, window, dtype
+    pytest.param([1, 5, 64, 129], 4, 1, 64, True, None, torch.float32, id="causal-gqa4"),
+    pytest.param([1, 5, 64, 129], 2, 2, 80, True, None, torch.float16, id="causal-D80-fp16"),
+    pytest.param([129, 1, 64, 5], 7, 1, 32, False, None, torch.bfloat16, id="noncausal-gqa7-bf16"),
+    pytest.param([5, 100, 1, 37], 2, 1, 64, True, 16, torch.float32, id="window16"),
+]
+
+
+@pytest.mark.parametrize("lengths, Hq, Hkv, D, causal, window, dtype", VARLEN_CASES)
+def test_attention_varlen_matches_reference(lengths, Hq, Hkv, D, causal, window, dtype):
+    torch.manual_seed(0)
+    cu_seqlens = _cu_seqlens(lengths)
+    total = sum(lengths)
+    # q/k/v as slices of one packed projection [N, Hq + 2 Hkv, D]: strided, not contiguous
+    qkv = _randn(total, Hq + 2 * Hkv, D)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+    scale = 1.0 / math.sqrt(D)
+    max_seqlen = max(lengths) + 3  # a loose bound is allowed (extra programs exit at once)
+    _run_and_compare(
+        lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal, sliding_window=window),
+        lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, causal, scale, window),
+        q, k, v, dtype,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch path (CPU without the interpreter)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T, S, causal, window", [(17, 17, True, None), (40, 23, True, None),
+                                                   (23, 40, True, 7), (23, 40, False, 7)])
+def test_attention_torch_path(T, S, causal, window):
+    torch.manual_seed(0)
+    q, k, v = _randn(2, 4, T, 80), _randn(2, 1, S, 80), _randn(2, 1, S, 80)
+    with use_engine("torch"):
+        _run_and_compare(
+            lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window),
+            lambda q, k, v: reference_attention(q, k, v, causal, 1 / math.sqrt(80), window),
+            q, k, v, torch.float32,
+        )
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_varlen_torch_path(window):
+    torch.manual_seed(0)
+    lengths = [1, 5, 64, 129]
+    cu_seqlens = _cu_seqlens(lengths)
+    q, k, v = _randn(sum(lengths), 4, 64), _randn(sum(lengths), 2, 64), _randn(sum(lengths), 2, 64)
+    with use_engine("torch"):
+        _run_and_compare(
+            lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, 129, sliding_window=window),
+            lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 0.125, window),
+            q, k, v, torch.float32,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+def _qkv(Hq=4, Hkv=2, D=64, T=5, dtype=torch.float32):
+    return torch.randn(1, Hq, T, D, dtype=dtype), torch.randn(1, Hkv, T, D, dtype=dtype), torch.randn(1, Hkv, T, D, dtype=dtype)
+
+
+def test_attention_rejects_bad_input():
+    q, k, v = _qkv(Hq=3, Hkv=2)
+    with pytest.raises(ValueError, match=r"q has 3 heads, not a multiple of the 2 heads of k"):
+        attention(q, k, v)
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"k has head dim 32 but q has 64"):
+        attention(q, k[..., :32], v)
+    with pytest.raises(ValueError, match=r"v has head dim 32 but q has 64"):
+        attention(q, k, v[..., :32])
+    q, k, v = _qkv(D=48)
+    with pytest.raises(ValueError, match=r"head dim 48 of q is not supported; supported head dims: 16, 32, 64, 80, 96, 128"):
+        attention(q, k, v)
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"q has dtype float64"):
+        attention(q.double(), k, v)
+    with pytest.raises(TypeError, match=r"k has dtype float16 but q has float32"):
+        attention(q, k.half(), v)
+    with pytest.raises(TypeError, match=r"v has dtype int64"):
+        attention(q, k, v.long())
+    with pytest.raises(ValueError, match=r"q must be \[B, H, T, D\]"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match=r"v has shape .* but k has"):
+        attention(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match=r"k has batch size 2 but q has 1"):
+        attention(q, torch.cat([k, k]), torch.cat([v, v]))
+    with pytest.raises(ValueError, match=r"sliding_window must be None or a positive int"):
+        attention(q, k, v, sliding_window=0)
+    with pytest.raises(TypeError, match=r"causal must be a bool"):
+        attention(q, k, v, causal=None)
+    with pytest.raises(TypeError, match=r"scale must be None or a finite float"):
+        attention(q, k, v, scale=float("nan"))
+
+
+def test_attention_varlen_rejects_bad_input():
+    q, k, v = torch.randn(10, 4, 64), torch.randn(10, 2, 64), torch.randn(10, 2, 64)
+    with pytest.raises(TypeError, match=r"cu_seqlens has dtype int64; expected one of int32"):
+        attention_varlen(q, k, v, torch.tensor([0, 4, 10]), 6)
+    with pytest.raises(ValueError, match=r"cu_seqlens must start at 0, got cu_seqlens\[0\] = 1"):
+        attention_varlen(q, k, v, torch.tensor([1, 4, 10], dtype=torch.int32), 6)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 9 but q has 10 tokens"):
+        attention_varlen(q, k, v, torch.tensor([0, 4, 9], dtype=torch.int32), 6)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be non-decreasing"):
+        attention_varlen(q, k, v, torch.tensor([0, 6, 4, 10], dtype=torch.int32), 6)
+    with pytest.raises(ValueError, match=r"max_seqlen = 5 is smaller than the longest sequence in cu_seqlens \(6\)"):
+        attention_varlen(q, k, v, torch.tensor([0, 4, 10], dtype=torch.int32), 5)
+    with pytest.raises(ValueError, match=r"cu_seqlens must hold n_seqs \+ 1 >= 2 offsets"):
+        attention_varlen(q, k, v, torch.tensor([0], dtype=torch.int32), 5)
+    with pytest.raises(ValueError, match=r"k has 9 tokens but q has 10"):
+        attention_varlen(q, k[:9], v[:9], torch.tensor([0, 4, 10], dtype=torch.int32), 6)
+    with pytest.raises(ValueError, match=r"q must be \[total_tokens, H, D\]"):
+        attention_varlen(q[None], k, v, torch.tensor([0, 4, 10], dtype=torch.int32), 6)
+    with pytest.raises(ValueError, match=r"q has 4 heads, not a multiple of the 3 heads"):
+        attention_varlen(q, torch.randn(10, 3, 64), torch.randn(10, 3, 64), torch.tensor([0, 10], dtype=torch.int32), 10)
+
+    # validation is cached per cu_seqlens tensor, but an in-place change is seen again
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with use_engine("torch"):
+        attention_varlen(q, k, v, cu_seqlens, 6)
+        cu_seqlens[1] = 11
+        with pytest.raises(ValueError, match=r"non-decreasing"):
+            attention_varlen(q, k, v, cu_seqlens, 6)
