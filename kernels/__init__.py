@@ -1,8 +1,24 @@
 """fastft's kernel library: Triton kernels with hand-written backward passes.
 
 Imports only torch and triton. Installed as ``fastft.kernels`` (never as a top-level ``kernels``:
-that name belongs to a Hugging Face package transformers probes for).
+that name belongs to a Hugging Face package transformers probes for). One op per module; each public
+function runs the compiled kernel on CUDA tensors, the interpreted kernel on CPU tensors under
+``TRITON_INTERPRET=1``, and a plain PyTorch path on CPU otherwise.
 """
 from ._common import use_engine
+from .attention import attention, attention_varlen
+from .cross_entropy import cross_entropy
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
+from .linear_log_probs import linear_log_probs
+from .lora_linear import lora_linear
+from .lora_mlp import lora_mlp
+from .lora_qkv import lora_qkv
+from .nf4 import NF4Weight, dequantize_nf4
+from .rms_norm import rms_norm
+from .rope import apply_rope
+from .swiglu import swiglu
 
-__all__ = ["use_engine"]
+__all__ = [
+    "apply_rope", "attention", "attention_varlen", "cross_entropy", "dequantize_nf4", "fused_linear_cross_entropy",
+    "linear_log_probs", "lora_linear", "lora_mlp", "lora_qkv", "NF4Weight", "rms_norm", "swiglu", "use_engine",
+]

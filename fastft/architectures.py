@@ -1,0 +1,61 @@
+"""The architectures fastft patches, each as a small spec over one shared decoder implementation.
+
+Llama, Mistral, Qwen2 and Qwen3 share the decoder shape fastft patches: pre-norm RMSNorm, attention
+with RoPE (optionally GQA, q/k/v bias, per-head q/k RMSNorm, sliding window), a SwiGLU MLP. What differs
+is captured here; everything else is read off the modules themselves (e.g. whether q_proj has a bias).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    model_type: str
+    # Qwen3 normalises q and k per head (q_norm / k_norm) before RoPE.
+    qk_norm: bool
+    # The sliding window an attention module uses, or None for full attention.
+    sliding_window: Callable[[object], int | None]
+
+
+def _no_window(attention) -> None:
+    return None
+
+
+def _module_window(attention) -> int | None:
+    # Qwen2/Qwen3 set `sliding_window` per layer (only when `use_sliding_window` and the layer type say so).
+    return getattr(attention, "sliding_window", None)
+
+
+def _config_window(attention) -> int | None:
+    # Mistral passes config.sliding_window to every layer.
+    return getattr(attention.config, "sliding_window", None)
+
+
+SPECS = {
+    "llama": ArchitectureSpec("llama", qk_norm=False, sliding_window=_no_window),
+    "mistral": ArchitectureSpec("mistral", qk_norm=False, sliding_window=_config_window),
+    "qwen2": ArchitectureSpec("qwen2", qk_norm=False, sliding_window=_module_window),
+    "qwen3": ArchitectureSpec("qwen3", qk_norm=True, sliding_window=_module_window),
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def spec_for(config) -> ArchitectureSpec:
+    """The spec of ``config``'s architecture; a clear error for anything fastft does not patch."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SPECS:
+        raise UnsupportedModelError(
+            f"fastft does not support model_type={model_type!r}; supported: {', '.join(sorted(SPECS))} "
+            "(Llama 2/3/3.1, Mistral, Qwen1.5/Qwen2/Qwen2.5, Qwen3)"
+        )
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"fastft's MLP kernel is SwiGLU (hidden_act='silu'); this config has hidden_act={act!r}")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModelError("fastft's fused MLP has no bias; this config sets mlp_bias=True")
+    return SPECS[model_type]

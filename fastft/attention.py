@@ -1,0 +1,115 @@
+"""fastft's attention, registered through transformers' attention and mask interfaces as "fastft".
+
+transformers builds the attention mask once per forward through ``AttentionMaskInterface`` and calls the
+attention through ``AttentionInterface`` (both keyed by ``config._attn_implementation``). fastft
+registers a function in each:
+
+* the mask function returns what a flash-attention kernel wants: ``None`` for a plain causal batch, the
+  2D boolean padding mask ``[B, S]`` for a padded batch (the attention un-pads it into packed
+  sequences), and a full 4D boolean mask only when decoding with a KV cache (queries offset from keys),
+  where the attention falls back to PyTorch SDPA -- generation speed is not this kernel's job;
+* the attention function routes a batch to ``fastft.kernels.attention`` (dense causal),
+  ``attention_varlen`` (padded batches, and packed batches described by ``cu_seq_lens_q`` from
+  padding-free collators or by restarting ``position_ids``), or SDPA with the 4D mask.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+
+from .kernels.attention import attention, attention_varlen
+
+ATTENTION_NAME = "fastft"
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+
+
+def fastft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """Mask interface entry: None / 2D padding mask for training-shaped calls, 4D bool mask when decoding."""
+    decoding = int(q_offset) != 0 or int(kv_offset) != 0 or q_length != kv_length
+    if decoding:
+        kwargs["allow_is_causal_skip"] = False
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs)
+    return flash_attention_mask(batch_size, q_length, kv_length, attention_mask=attention_mask)
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Sequence boundaries of a packed batch: a new sequence starts at every row start and wherever the
+    position does not follow the previous one by 1. Returns int32 cu_seqlens over the flattened
+    ``[B*T]`` tokens, or None when no row holds more than one sequence."""
+    step = torch.diff(position_ids, dim=-1) != 1
+    if not step.any():
+        return None
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = step
+    start_idx = starts.flatten().nonzero().flatten()
+    total = torch.tensor([position_ids.numel()], device=position_ids.device)
+    return torch.cat([start_idx, total]).to(torch.int32)
+
+
+def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling, sliding_window):
+    # [B, H, T, D] -> [B*T, H, D] token-major, the layout of packed sequences.
+    B, Hq, T, D = query.shape
+    q = query.transpose(1, 2).reshape(B * T, Hq, D)
+    k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
+    v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)
+    out = attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scaling, sliding_window=sliding_window)
+    return out.view(B, T, Hq, D)
+
+
+def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    """Attention interface entry. query ``[B, Hq, T, D]``, key/value ``[B, Hkv, S, D]``; returns
+    ``([B, T, Hq, D], None)`` like every transformers attention function."""
+    if dropout:
+        raise ValueError(f"fastft's attention kernel has no attention dropout; the config sets attention_dropout={dropout}")
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+
+    B, Hq, T, D = query.shape
+    if attention_mask is not None:
+        # Padded batch: gather the real tokens into packed sequences, attend, scatter back (pads get 0).
+        keep = attention_mask.flatten().nonzero().flatten()
+        lengths = attention_mask.sum(-1, dtype=torch.int32)
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        q = query.transpose(1, 2).reshape(B * T, Hq, D)[keep]
+        k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)[keep]
+        v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)[keep]
+        packed = attention_varlen(q, k, v, cu_seqlens, int(lengths.max()), causal=True, scale=scaling,
+                                  sliding_window=sliding_window)
+        out = packed.new_zeros(B * T, Hq, D).index_copy(0, keep, packed)
+        return out.view(B, T, Hq, D), None
+
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    max_seqlen = kwargs.get("max_length_q")
+    if cu_seqlens is None and kwargs.get("position_ids") is not None:
+        cu_seqlens = cu_seqlens_from_position_ids(kwargs["position_ids"].expand(B, -1))
+        max_seqlen = None
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return _varlen(query, key, value, cu_seqlens, int(max_seqlen), scaling, sliding_window), None
+
+    out = attention(query, key, value, causal=True, scale=scaling, sliding_window=sliding_window)
+    return out.transpose(1, 2), None
+
+
+def register() -> None:
+    """Register "fastft" in transformers' attention and mask interfaces (idempotent, global: the name
+    only takes effect for models whose config selects it)."""
+    AttentionInterface.register(ATTENTION_NAME, fastft_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, fastft_mask)
+
+
+def fastft_attention_supported(config, device: torch.device) -> str | None:
+    """None when fastft's attention kernel serves this model on this device, else the reason it cannot."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim={head_dim} (the kernel serves {SUPPORTED_HEAD_DIMS})"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        # Triton's tl.dot has no tensor-core path below sm80: SDPA's memory-efficient kernel is faster there.
+        return f"compute capability {torch.cuda.get_device_capability(device)} < 8.0 (Triton's tl.dot runs without tensor cores)"
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention_dropout={config.attention_dropout}"
+    return None

@@ -1,0 +1,124 @@
+"""FastModel beyond numerical parity: saving, generation, bad input."""
+import peft
+import pytest
+import torch
+import transformers
+
+from fastft import FastModel, UnsupportedModelError, unpatch_model
+from fastft.saving import save_merged
+from kernel_testing import assert_close
+from tiny_models import bnb_config, keep_bnb_standard_path, load_baseline, padded_batch, randomize_lora, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def qwen2_path(tmp_path_factory):
+    return save_tiny_model("qwen2", tmp_path_factory.mktemp("qwen2"))
+
+
+def fast_lora_model(path, **kwargs):
+    model, tokenizer = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32, **kwargs)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora(model)
+    model.eval()
+    return model
+
+
+def test_adapter_round_trip_through_plain_peft(qwen2_path, tmp_path):
+    model = fast_lora_model(qwen2_path)
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "adapter")
+
+    # plain transformers + peft, no fastft patching involved
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        qwen2_path, dtype=torch.float32, quantization_config=bnb_config(), device_map="cpu",
+        attn_implementation="eager")
+    plain = peft.PeftModel.from_pretrained(keep_bnb_standard_path(base), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = plain(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_close(ours[real], theirs[real], atol=2e-5, rtol=1e-5, name="logits")
+
+
+def test_merged_16bit_export_matches(qwen2_path, tmp_path):
+    model = fast_lora_model(qwen2_path)
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+    save_merged(model, tmp_path / "merged", dtype=torch.float32)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        theirs = plain(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    # the merge adds s*B@A to the dequantized weight in fp32: rounding of one extra add (~1e-7 relative)
+    assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4, name="merged logits")
+
+
+def test_generate_matches_hf_greedy(qwen2_path):
+    baseline = load_baseline(qwen2_path)
+    randomize_lora(baseline)
+    model = fast_lora_model(qwen2_path)
+    peft.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(baseline))
+    baseline.eval()
+    ids, mask, _ = padded_batch()
+    ids, mask = ids[[0, 2]], mask[[0, 2]]  # full and left-padded rows, as batched generation pads
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = baseline.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(out, ref)
+
+
+def test_patched_and_unpatched_models_coexist(qwen2_path):
+    ids, mask, _ = padded_batch()
+    patched, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(qwen2_path, dtype=torch.float32,
+                                                              quantization_config=bnb_config(), device_map="cpu")
+    assert all("forward" not in module.__dict__ for module in plain.modules())
+    with torch.no_grad():
+        a = patched(input_ids=ids, attention_mask=mask).logits
+        b = unpatch_model(patched)(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_close(a[real], b[real], atol=2e-5, rtol=1e-5, name="patched vs unpatched")
+
+
+def test_overlong_batch_is_a_clear_error(qwen2_path):
+    model = fast_lora_model(qwen2_path)
+    with pytest.raises(ValueError, match="max_seq_length=64"):
+        model(input_ids=torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="model_type='gpt2'.*supported: llama"):
+        FastModel.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype, error", [(torch.int8, TypeError), ("float64", TypeError)])
+def test_wrong_dtype_is_a_clear_error(qwen2_path, dtype, error):
+    with pytest.raises(error, match="dtype"):
+        FastModel.from_pretrained(qwen2_path, dtype=dtype)
+
+
+def test_lora_dropout_falls_back_to_peft_correctly(qwen2_path):
+    """lora_dropout > 0 cannot be fused exactly: those layers run peft's own forward. In eval mode
+    (dropout off) the result equals the Hugging Face + peft model with the same adapter."""
+    baseline = load_baseline(qwen2_path, lora_dropout=0.1)
+    randomize_lora(baseline)
+    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.1, use_gradient_checkpointing=False)
+    peft.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(baseline))
+    ids, mask, labels = padded_batch()
+    baseline.eval(), model.eval()
+    with torch.no_grad():
+        ref = baseline(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_close(out[real], ref[real], atol=2e-5, rtol=1e-5, name="logits")
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

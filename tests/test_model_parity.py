@@ -1,0 +1,168 @@
+"""A patched tiny Llama / Qwen2 matches the unpatched Hugging Face + peft model: logits, loss, LoRA grads.
+
+Tolerances: everything runs in fp32 on both sides; the 4-bit weights are dequantized to the same values
+(table look-ups), so differences come only from summation order in matmuls/softmax (~1e-6 relative).
+atol 2e-5 on logits of magnitude ~1 and rtol 1e-4 on gradients catch any dropped term, wrong mask, wrong
+RoPE position or wrong LoRA scaling (those move results by >1e-2).
+"""
+import peft
+import pytest
+import torch
+
+from fastft import FastModel
+from kernel_testing import assert_close
+from tiny_models import copy_lora, load_baseline, lora_grads, padded_batch, randomize_lora, save_tiny_model
+
+ARCHS = ["llama", "qwen2", "llama31"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_path(request, tmp_path_factory):
+    return request.param, save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def load_pair(path, load_in_4bit=True, gradient_checkpointing=False):
+    baseline = load_baseline(path, load_in_4bit=load_in_4bit)
+    randomize_lora(baseline)
+    model, tokenizer = FastModel.from_pretrained(path, max_seq_length=64, load_in_4bit=load_in_4bit,
+                                                 dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=gradient_checkpointing)
+    copy_lora(baseline, model)
+    return baseline, model
+
+
+def train_step(model, ids, mask, labels, **kwargs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+    out.loss.backward()
+    return out.loss.detach(), lora_grads(model)
+
+
+def assert_grads_match(got, expected):
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        assert scale > 0, f"{name}: reference gradient is zero, the test would prove nothing"
+        assert_close(got[name], expected[name], atol=1e-4 * scale, rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4bit", "16bit"])
+def test_logits_loss_and_lora_grads_match_hf(arch_path, load_in_4bit):
+    _, path = arch_path
+    baseline, model = load_pair(path, load_in_4bit)
+    ids, mask, labels = padded_batch()
+
+    with torch.no_grad():
+        baseline.eval(), model.eval()
+        ref_logits = baseline(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_close(logits[real], ref_logits[real], atol=2e-5, rtol=1e-5, name="logits")
+
+    ref_loss, ref_grads = train_step(baseline, ids, mask, labels)
+    loss, grads = train_step(model, ids, mask, labels)
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6, name="loss")
+    assert_grads_match(grads, ref_grads)
+
+
+def packed_batch(vocab=211, seed=3):
+    """One row holding sequences of 5, 6 and 2 tokens, positions restarting at each."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, 13), generator=gen)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1]])
+    labels = ids.clone()
+    labels[0, [0, 5, 11]] = -100  # the first token of each sequence has nothing before it
+    cu = torch.tensor([0, 5, 11, 13], dtype=torch.int32)
+    return ids, position_ids, labels, cu
+
+
+@pytest.mark.parametrize("with_cu_seqlens", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_packed_sequences_match_hf(arch_path, with_cu_seqlens):
+    """Padding-free batches: no token may attend across a sequence boundary. The baseline sees only the
+    restarting position_ids (transformers builds a block-diagonal mask from them); fastft is fed either
+    the same, or the cu_seq_lens a padding-free collator sends."""
+    _, path = arch_path
+    baseline, model = load_pair(path)
+    ids, position_ids, labels, cu = packed_batch()
+    extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6) if with_cu_seqlens else {}
+
+    baseline.train(), model.train()
+    # use_cache=False as in training: with a cache transformers does not look for packed sequences
+    ref = baseline(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False)
+    out = model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False, **extra)
+    assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6, name="loss")
+    ref.loss.backward()
+    out.loss.backward()
+    assert_grads_match(lora_grads(model), lora_grads(baseline))
+
+    # Attending across the boundaries (same positions, no packing) moves the loss by more than the
+    # tolerance above, so the comparison can fail.
+    with torch.no_grad():
+        crossing = baseline(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=True).loss
+    assert (crossing - ref.loss).abs() > 1e-5
+
+
+def test_disable_adapter_and_ref_adapter(arch_path):
+    """DPO's reference pass: adapters disabled, or a second adapter made active, read at call time."""
+    _, path = arch_path
+    baseline, model = load_pair(path)
+    ids, mask, _ = padded_batch()
+    real = mask.bool()
+    baseline.eval(), model.eval()
+    with torch.no_grad():
+        with baseline.disable_adapter():
+            ref_disabled = baseline(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids, attention_mask=mask).logits
+        enabled = model(input_ids=ids, attention_mask=mask).logits
+    assert_close(disabled[real], ref_disabled[real], atol=2e-5, rtol=1e-5, name="disabled logits")
+    assert (enabled - disabled)[real].abs().max() > 1e-3, "LoRA has no effect: the test would prove nothing"
+
+    # A "ref" adapter (as TRL's DPOTrainer adds), with other weights, made active.
+    for m in (baseline, model):
+        m.add_adapter("ref", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                                  "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for (n1, p1), (n2, p2) in zip(baseline.named_parameters(), model.named_parameters()):
+            if ".ref." in n1:
+                p1.copy_(torch.randn_like(p1) * 0.1)
+                p2.copy_(p1)
+        baseline.set_adapter("ref"), model.set_adapter("ref")
+        ref_ref = baseline(input_ids=ids, attention_mask=mask).logits
+        with_ref = model(input_ids=ids, attention_mask=mask).logits
+    assert_close(with_ref[real], ref_ref[real], atol=2e-5, rtol=1e-5, name="ref-adapter logits")
+    assert (with_ref - enabled)[real].abs().max() > 1e-3
+
+
+def test_gradient_accumulation_matches_one_big_batch(arch_path):
+    """2 micro-batches of 2 with num_items_in_batch = all labels give the LoRA gradient of 1 batch of 4,
+    with uneven label counts per micro-batch."""
+    _, path = arch_path
+    _, model = load_pair(path)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 211, (4, 11), generator=gen)
+    labels = ids.clone()
+    labels[0, :9] = -100  # micro-batch 1 has few labels, micro-batch 2 many
+    labels[1, :7] = -100
+    n_items = int((labels[:, 1:] != -100).sum())
+
+    _, big = train_step(model, ids, None, labels)
+    model.zero_grad(set_to_none=True)
+    for rows in (slice(0, 2), slice(2, 4)):
+        out = model(input_ids=ids[rows], labels=labels[rows], num_items_in_batch=torch.tensor(n_items))
+        out.loss.backward()
+    assert_grads_match(lora_grads(model), big)
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_gradient_checkpointing_gives_same_grads(tmp_path, mode):
+    path = save_tiny_model("llama", tmp_path / "m")
+    _, plain = load_pair(path, gradient_checkpointing=False)
+    _, ckpt = load_pair(path, gradient_checkpointing=mode)
+    assert all(layer.gradient_checkpointing for layer in ckpt.get_base_model().model.layers)
+    ids, mask, labels = padded_batch()
+    loss_plain, grads_plain = train_step(plain, ids, mask, labels)
+    loss_ckpt, grads_ckpt = train_step(ckpt, ids, mask, labels)
+    assert_close(loss_ckpt, loss_plain, atol=1e-7, rtol=1e-7, name="loss")
+    assert_grads_match(grads_ckpt, grads_plain)

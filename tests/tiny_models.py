@@ -1,0 +1,111 @@
+"""Tiny random Llama / Qwen2 checkpoints for model-level tests, and the Hugging Face + peft baseline.
+
+Shapes are chosen to be awkward (hidden 72, intermediate 136, GQA 4:2, vocab 211) but keep head_dim=64,
+a head size fastft's attention kernel serves, so the fastft path is exercised rather than SDPA.
+"""
+from __future__ import annotations
+
+import peft
+import torch
+import transformers
+
+from tiny_tokenizer import tiny_tokenizer
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_config(arch: str, **overrides):
+    common = dict(vocab_size=211, hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                  rms_norm_eps=1e-5)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**common, tie_word_embeddings=False)
+    elif arch == "llama31":  # Llama 3.1 RoPE scaling
+        config = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    elif arch == "qwen2":  # q/k/v bias, tied embeddings, its own RoPE base
+        config = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "default", "rope_theta": 1000000.0})
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def save_tiny_model(arch: str, path, seed: int = 0, **overrides) -> str:
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norm weights and biases, so a dropped term shows
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def bnb_config(dtype=torch.float32):
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+
+
+def keep_bnb_standard_path(model):
+    """bitsandbytes' CPU backend repacks 4-bit weights on the first eval-mode no-grad forward (on CPUs with
+    AVX512-BF16), then computes in bf16, and crashes doing so when in_features is not a multiple of 64 (72
+    here): keep the standard fp32 path for the reference model."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_baseline(path, load_in_4bit=True, dtype=torch.float32, r=4, lora_alpha=8, lora_dropout=0.0):
+    """Hugging Face + bitsandbytes + peft, eager attention: the reference fastft must match."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=bnb_config(dtype) if load_in_4bit else None,
+        device_map="cpu", attn_implementation="eager")
+    keep_bnb_standard_path(model)
+    config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGETS,
+                             task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def randomize_lora(peft_model, seed=1, std=0.1):
+    """peft initialises B to zero (so A gets no gradient): make every LoRA weight random and non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def copy_lora(src, dst):
+    state = peft.get_peft_model_state_dict(src)
+    peft.set_peft_model_state_dict(dst, state)
+    for name, param in dst.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(param, dict(src.named_parameters())[name]), name
+
+
+def lora_grads(peft_model):
+    return {name: param.grad.detach().clone() for name, param in peft_model.named_parameters()
+            if "lora_" in name and param.grad is not None}
+
+
+def padded_batch(vocab=211, seed=0):
+    """3 rows: full, right-padded, left-padded; labels -100 on pads and on a 'prompt' prefix."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 13), generator=gen)
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, :4] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :2] = -100
+    labels[2, 4] = -100  # would be predicted from a pad position, whose output is arbitrary in HF
+    return ids, mask, labels
