@@ -1,0 +1,200 @@
+"""Plumbing shared by ``bench/run.py`` and ``bench/kernels.py``: import hygiene, environment facts
+(GPU, versions), result-file naming and merging.
+
+The entry scripts load this file by path (``load_shared()`` in each of them), never through ``sys.path``:
+the folder ``bench/`` must not stay on ``sys.path`` because ``bench/kernels.py`` would then be importable
+as a top-level module named ``kernels``, and transformers probes for (and may import) a package of that
+name (``is_kernels_available``). For the same reason the repository root must never be on ``sys.path``:
+its ``kernels/`` folder is installed as ``fastft.kernels`` only.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+DEFAULT_RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+GIB = float(1 << 30)
+
+
+def clean_sys_path() -> list[str]:
+    """Drop ``bench/`` and the repository root (and ``''``/``'.'`` when the cwd is one of them) from
+    ``sys.path``; returns what was dropped so the caller can say so."""
+    banned = {os.path.realpath(BENCH_DIR), os.path.realpath(REPO_ROOT)}
+    kept, dropped = [], []
+    for entry in sys.path:
+        resolved = os.path.realpath(entry or os.getcwd())
+        (dropped if resolved in banned else kept).append(entry)
+    sys.path[:] = kept
+    return dropped
+
+
+def warn_dropped(dropped: list[str], script: str) -> None:
+    # bench/ itself is always sys.path[0] for `python bench/x.py`: only mention the unexpected ones
+    unexpected = [p for p in dropped if os.path.realpath(p or os.getcwd()) != os.path.realpath(BENCH_DIR)]
+    if unexpected:
+        print(f"{script}: removed {unexpected} from sys.path: the repository root must not be importable "
+              "(its kernels/ folder would shadow Hugging Face's `kernels` package); fastft must be installed "
+              "(pip install -e .) or put on PYTHONPATH as a package tree (see bench/device_run.sh)",
+              file=sys.stderr)
+
+
+def utc_date() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def dist_version(name: str) -> str | None:
+    """Installed version of a distribution without importing it (works for wheels installed with
+    ``pip --target`` onto PYTHONPATH too, since their dist-info travels with them)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def source_digest(fastft_dir: str, kernels_dir: str) -> str:
+    """sha256 over the ``*.py`` files of fastft/ and its kernels/ (names and contents): identifies the
+    code that was measured even where the tree travelled without git (the GPU machine's copy).
+    ``python bench/_shared.py`` prints it for this checkout."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for label, folder in (("fastft", fastft_dir), ("kernels", kernels_dir)):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                digest.update(f"{label}/{name}\0".encode())
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(f.read())
+                digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def fastft_source() -> dict:
+    """Which fastft the figures belong to: its version, where it was imported from, a digest of its
+    sources, and the git commit of this checkout (plus whether the tree had uncommitted changes) when
+    git is available."""
+    info: dict = {"version": None, "path": None, "source_digest": None, "git_commit": None, "git_dirty": None}
+    try:
+        import fastft
+        import fastft.kernels
+
+        info["version"] = getattr(fastft, "__version__", None)
+        info["path"] = os.path.dirname(os.path.abspath(fastft.__file__))
+        info["source_digest"] = source_digest(info["path"], os.path.dirname(os.path.abspath(fastft.kernels.__file__)))
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        info["import_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        commit = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            info["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def environment(device_name: str) -> dict:
+    """The header every result file carries: GPU and library versions."""
+    import torch
+
+    env = {
+        "gpu": device_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": dist_version("triton"),
+        "transformers": dist_version("transformers"),
+        "peft": dist_version("peft"),
+        "bitsandbytes": dist_version("bitsandbytes"),
+        "trl": dist_version("trl"),
+        "liger_kernel": dist_version("liger-kernel") or dist_version("liger_kernel"),
+        "unsloth": dist_version("unsloth"),
+        "python": sys.version.split()[0],
+        "fastft": fastft_source(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu_memory_gb"] = round(props.total_memory / GIB, 2)
+        env["gpu_sm_count"] = props.multi_processor_count
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+    return env
+
+
+def command_line() -> str:
+    return " ".join([os.path.relpath(sys.argv[0], REPO_ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0],
+                     *sys.argv[1:]])
+
+
+def write_json_atomic(path: str, data) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=False, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def merge_results(path: str, header: dict, run_info: dict, new_rows: list[dict], key_fields: tuple) -> dict:
+    """Merge this run's rows into the day's result file for this GPU.
+
+    The file's header (gpu, versions, date, command) is the first run's and is kept; every run appends
+    itself to ``runs`` (its own command, versions and time) and its rows carry ``run`` (index into
+    ``runs``). A new row replaces an older row with the same key (a re-measurement supersedes), any other
+    row is kept. Ratios are never recomputed across runs: each row's ratios are against ``hf`` measured
+    in the row's own run.
+    """
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or "rows" not in data or "runs" not in data:
+            raise ValueError(f"{path} exists but is not a bench result file (no 'rows'/'runs'); move it away")
+    else:
+        data = {**header, "runs": [], "rows": []}
+    run_index = len(data["runs"])
+    data["runs"].append(run_info)
+    for key in ("torch", "triton", "transformers", "peft", "bitsandbytes", "trl", "gpu"):
+        if data.get(key) != header.get(key):
+            data.setdefault("mixed_versions", []).append(
+                {"run": run_index, "field": key, "header": data.get(key), "this_run": header.get(key)})
+    new_keys = {tuple(r.get(k) for k in key_fields) for r in new_rows}
+    data["rows"] = [r for r in data["rows"] if tuple(r.get(k) for k in key_fields) not in new_keys]
+    for row in new_rows:
+        row["run"] = run_index
+        data["rows"].append(row)
+    write_json_atomic(path, data)
+    return data
+
+
+def fmt(value, spec: str = ".3g", none: str = "-") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+if __name__ == "__main__":
+    print(source_digest(os.path.join(REPO_ROOT, "fastft"), os.path.join(REPO_ROOT, "kernels")))
