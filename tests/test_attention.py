@@ -7,13 +7,15 @@ does). Rows that see no key are defined as 0, as in flash-attn and PyTorch's SDP
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 from kernel_testing import assert_close
 
-import fastft.kernels.attention as attention_module
+# the module, not the function of the same name that fastft.kernels re-exports
+attention_module = importlib.import_module("fastft.kernels.attention")
 from fastft.kernels import use_engine
 from fastft.kernels.attention import attention, attention_varlen
 
