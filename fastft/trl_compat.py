@@ -5,9 +5,10 @@ the model's forward, and ``model(..., fused_lm_head=True)`` runs the backbone, t
 kernel ``_ChunkedLogProbFunction`` on ``(hidden, lm_head.weight, labels)`` for per-token log-probs. A loss
 patched into ``ForCausalLM.forward`` never runs there. fastft therefore installs, once per process, a
 dispatcher in place of that name in ``trl.trainer.utils``: calls whose ``lm_head.weight`` belongs to a
-fastft model (tagged by :func:`tag_lm_head`) and ask only for log-probs run
-``fastft.kernels.linear_log_probs``; every other call goes to TRL's kernel unchanged, so models that
-fastft did not patch behave exactly as before.
+fastft model (tagged by :func:`tag_lm_head`) run ``fastft.kernels.linear_log_probs``, which computes the
+same five per-token outputs (log-probs, entropy, log-sum of squared probs, mean logit, top-1 flag; SFT and
+DPO ask for log-probs plus metric fields); every other call (other models, logit soft-capping) goes to
+TRL's kernel unchanged, so models that fastft did not patch behave exactly as before.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from .kernels.linear_log_probs import linear_log_probs
 
 SUPPORTED_TRL = ">=1.16,<2"
+# The per-token fields of TRL's FusedCausalLMOutput, in the order its kernel returns them.
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _TAG = "_fastft_lm_head"
 
 
@@ -31,13 +34,14 @@ class FastftLogProbDispatch:
 
     def apply(self, hidden, weight, bias, labels, temperature, chunk_size, final_logit_softcapping, logit_scale,
               outputs):
-        served = getattr(weight, _TAG, False) and final_logit_softcapping is None and tuple(outputs) == ("log_probs",)
+        served = getattr(weight, _TAG, False) and final_logit_softcapping is None and set(outputs) <= set(OUTPUTS)
         if not served:
             return self.trl_function.apply(hidden, weight, bias, labels, temperature, chunk_size,
                                            final_logit_softcapping, logit_scale, outputs)
-        log_probs = linear_log_probs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                     logit_scale=logit_scale)
-        return log_probs, None, None, None, None
+        result = linear_log_probs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                  logit_scale=logit_scale, outputs=tuple(outputs))
+        # a lone tensor when only log-probs were asked for, else TRL's 5-tuple
+        return (result, None, None, None, None) if isinstance(result, torch.Tensor) else result
 
 
 def install() -> None:

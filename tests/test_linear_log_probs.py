@@ -6,7 +6,7 @@ from kernel_testing import assert_close
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
 from fastft.kernels._common import use_engine
-from fastft.kernels.linear_log_probs import linear_log_probs
+from fastft.kernels.linear_log_probs import OUTPUTS, linear_log_probs
 
 ENGINES = ["triton", "torch"]
 N, H, V = 23, 40, 32003
@@ -177,3 +177,237 @@ def test_empty_batch(engine):
     assert logp.shape == (0,)
     logp.sum().backward()
     assert h.grad.shape == (0, H) and (w.grad == 0).all()
+
+
+# ---- TRL's extra outputs: entropy, log_sum_sq_probs, mean_logits, is_top1 -------------------------------------
+# Tolerances of the statistics (fp32 one-pass sums over V = 32k terms against float64 on the same inputs):
+# - entropy = log s - sum(e (z - m)) / s, both terms ~10 and summed over 32k fp32 values: ~1e-6 relative, 1e-5 abs;
+# - log_sum_sq_probs ~ -1..-10, the same kind of sums: 1e-5 abs;
+# - mean_logits: an fp32 sum of 32k values ~3 (error ~ sqrt(V) * 2**-24 * 3 ~ 3e-5), then / V: ~1e-9; 1e-7 abs.
+ENTROPY_TOL = dict(atol=1e-5, rtol=2e-6)
+STATS_TOL = {"log_sum_sq_probs": dict(atol=1e-5, rtol=2e-6), "mean_logits": dict(atol=1e-7, rtol=1e-6)}
+SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL's SFTTrainer asks for
+DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")  # DPOTrainer, use_weighting
+
+
+def _inputs_with_top1(dtype, seed, n=N):
+    # Random labels are almost never the argmax over 32k entries: label rows 2-4 with their argmax, so
+    # is_top1 is True on some rows and False on others.
+    hidden, weight, bias, labels = _inputs(dtype, seed=seed, n=n)
+    z = hidden.double() @ weight.double().T + bias.double()
+    labels[2:5] = z[2:5].argmax(-1)
+    labels[5] = -100
+    return hidden, weight, bias, labels
+
+
+def _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent):
+    """float64 autograd: the five outputs, and the gradients of (lp * grad_lp).sum() + (H * grad_ent).sum()."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = bias.detach().double().requires_grad_()
+    z = (h @ w.T + b) * LOGIT_SCALE / TEMPERATURE
+    valid = labels != -100
+    y = labels.clamp(min=0)
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    lp = torch.where(valid, log_p.gather(1, y.unsqueeze(1)).squeeze(1), 0.0)
+    ent = torch.where(valid, -(p * log_p).sum(-1), 0.0)
+    ((lp * grad_lp.double()).sum() + (ent * grad_ent.double()).sum()).backward()
+    with torch.no_grad():
+        lss = torch.where(valid, (p * p).sum(-1).log(), 0.0)
+        mean = torch.where(valid, z.mean(-1), 0.0)
+        top1 = (z.argmax(-1) == y) & valid  # torch.argmax returns the first maximum
+    return (lp.detach(), ent.detach(), lss, mean, top1), (h.grad, w.grad, b.grad)
+
+
+def _check_outputs(results, expected, labels, name=""):
+    lp, ent, lss, mean, top1 = results
+    assert_close(lp, expected[0], **LOGP_TOL, name=f"log_probs{name}")
+    assert_close(ent, expected[1], **ENTROPY_TOL, name=f"entropy{name}")
+    assert_close(lss, expected[2], **STATS_TOL["log_sum_sq_probs"], name=f"log_sum_sq_probs{name}")
+    assert_close(mean, expected[3], **STATS_TOL["mean_logits"], name=f"mean_logits{name}")
+    assert top1.dtype == torch.bool and torch.equal(top1, expected[4]), f"is_top1{name}: {top1} != {expected[4]}"
+    ignored = labels == -100
+    for value in (lp, ent, lss, mean):
+        assert value.dtype == torch.float32 and (value[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_outputs_match_float64_reference(engine, dtype):
+    hidden, weight, bias, labels = _inputs_with_top1(dtype, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    with use_engine(engine):
+        results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                                   outputs=OUTPUTS, **CHUNKS)
+    assert isinstance(results, tuple) and len(results) == 5
+    lp, ent, lss, mean, top1 = results
+    assert lp.requires_grad and ent.requires_grad
+    assert not (lss.requires_grad or mean.requires_grad or top1.requires_grad)  # TRL: mark_non_differentiable
+    ((lp * grad_lp).sum() + (ent * grad_ent).sum()).backward()
+
+    expected, (ref_dh, ref_dw, ref_db) = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent)
+    assert expected[4][[2, 3, 4]].all() and expected[4].sum() == 3  # the test data has top-1 rows
+    _check_outputs(results, expected, labels)
+    _check_grad(h.grad, ref_dh, dtype, "dhidden")
+    _check_grad(w.grad, ref_dw, dtype, "dweight")
+    _check_grad(b.grad, ref_db, dtype, "dbias")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_all_outputs_match_trl_chunked_logprob_fp32(engine):
+    # TRL's op on the same inputs (its CPU path folds whole tiles in torch), every output and every gradient,
+    # with a loss that uses both log-probs and entropy (TRL's entropy is differentiable). TRL takes no
+    # ignore_index: feed it clamped labels and mask afterwards, as its add_fused_lm_head does.
+    hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=12)
+    gen = torch.Generator().manual_seed(13)
+    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    valid = labels != -100
+
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    with use_engine(engine):
+        ours = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                                outputs=OUTPUTS, token_chunk_size=16, vocab_chunk_size=5000)
+    ((ours[0] * grad_lp).sum() + (ours[1] * grad_ent).sum()).backward()
+
+    th, tw, tb = _leaf(hidden), _leaf(weight), _leaf(bias)
+    trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, None, LOGIT_SCALE, OUTPUTS)
+    trl = [x.masked_fill(~valid, 0) for x in trl]
+    ((trl[0] * grad_lp).sum() + (trl[1] * grad_ent).sum()).backward()
+
+    assert [x.dtype for x in ours] == [x.dtype for x in trl]
+    assert trl[4].sum() == 3
+    # Two fp32 implementations of the same math; they differ only in summation order (and TRL's entropy
+    # cancels two ~10-sized terms, ours does not: 1e-5 absolute covers both).
+    _check_outputs(ours, trl, labels, name=" vs TRL")
+    for mine, theirs, name in ((h.grad, th.grad, "dhidden"), (w.grad, tw.grad, "dweight"), (b.grad, tb.grad, "dbias")):
+        assert_close(mine, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=1e-5, name=f"{name} vs TRL")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("grad_of", ["entropy", "log_probs"])
+def test_gradient_of_one_output_only(engine, grad_of):
+    # Only one differentiable output reaches the loss: the other's incoming gradient is None (TRL's
+    # set_materialize_grads(False)), e.g. entropy computed for logging only.
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=14, n=9)
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    with use_engine(engine):
+        lp, ent, *_ = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                                       outputs=SFT_OUTPUTS, token_chunk_size=4, vocab_chunk_size=10000)
+    g = torch.randn(9, generator=torch.Generator().manual_seed(15))
+    (ent if grad_of == "entropy" else lp).mul(g).sum().backward()
+    zeros = torch.zeros(9)
+    _, ref_grads = _reference_all(hidden, weight, bias, labels, *((zeros, g) if grad_of == "entropy" else (g, zeros)))
+    for actual, expected, name in zip((h.grad, w.grad, b.grad), ref_grads, ("dhidden", "dweight", "dbias")):
+        _check_grad(actual, expected, torch.float32, name)
+
+
+def _tie_inputs():
+    """Logits chosen exactly: hidden row i is the unit vector e_i, so z[i] = weight[:, i] + bias, all small
+    integers (exact in fp32 whatever the summation order), and equal logits stay equal after the scaling."""
+    n, vocab = 12, 9001
+    gen = torch.Generator().manual_seed(16)
+    hidden = torch.eye(n, 16)
+    weight = torch.randint(-4, 5, (vocab, 16), generator=gen).float()
+    bias = torch.randint(-2, 3, (vocab,), generator=gen).float()
+    labels, expected = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.bool)
+    cases = [  # (columns holding the row's max, label, is_top1)
+        ((100, 5000), 5000, False),  # tie with an earlier column in an earlier vocabulary chunk
+        ((100, 5000), 100, True),  # tie with a later column in a later chunk: argmax is the label
+        ((300, 301), 301, False),  # tie inside one block
+        ((300, 301), 300, True),
+        ((4095, 4096), 4096, False),  # tie across the kernel's 4096-column blocks (one-chunk case)
+        ((4095, 4096), 4095, True),
+        ((0, 9000), 0, True),  # the first column, tied with the last
+        ((0, 9000), 9000, False),
+        ((8999,), 8999, True),  # unique max in the short last chunk
+        ((7,), 8, False),  # label is not the max
+        ((7,), -100, False),  # ignored
+        ((2000, 2001, 2002), 2002, False),
+    ]
+    for row, (max_cols, label, top1) in enumerate(cases):
+        weight[list(max_cols), row] = 10.0 - bias[list(max_cols)]  # z = 10 there, < 10 elsewhere (|w| + |b| <= 6)
+        labels[row], expected[row] = label, top1
+    return hidden, weight, bias, labels, expected
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("vocab_chunk_size", [1280, 16384])  # 8 chunks (7 x 1280 + 41), or one chunk of 3 blocks
+def test_is_top1_ties_go_to_the_first_index(engine, vocab_chunk_size):
+    hidden, weight, bias, labels, expected = _tie_inputs()
+    with use_engine(engine):
+        lp, ent, lss, mean, top1 = linear_log_probs(hidden, weight, labels, bias=bias, temperature=TEMPERATURE,
+                                                    logit_scale=LOGIT_SCALE, outputs=("is_top1",),
+                                                    vocab_chunk_size=vocab_chunk_size)
+    assert ent is None and lss is None and mean is None and lp.shape == (12,)
+    assert torch.equal(top1, expected), f"{top1.int().tolist()} != {expected.int().tolist()}"
+    trl = ChunkedLogProbFunction.apply(hidden, weight, bias, labels.clamp(min=0), TEMPERATURE, vocab_chunk_size,
+                                       None, LOGIT_SCALE, ("is_top1",))[4]
+    assert torch.equal(top1, trl & (labels != -100))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_output_subsets_and_return_convention(engine):
+    hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=17)
+    kwargs = dict(bias=bias, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE, **CHUNKS)
+    with use_engine(engine):
+        full = linear_log_probs(hidden, weight, labels, outputs=OUTPUTS, **kwargs)
+        for outputs in (SFT_OUTPUTS, DPO_OUTPUTS[:4], ("entropy",), ("mean_logits", "log_sum_sq_probs")):
+            # each subset is computed by its own kernel variant: same values as the full set, None elsewhere
+            part = linear_log_probs(hidden, weight, labels, outputs=outputs, **kwargs)
+            assert isinstance(part, tuple) and len(part) == 5
+            for name, a, b in zip(OUTPUTS, part, full):
+                if name == "log_probs" or name in outputs:
+                    assert torch.equal(a, b), f"{name} with outputs={outputs}"
+                else:
+                    assert a is None, f"{name} not requested but returned"
+        # nothing beyond log-probs requested: the plain tensor, as before
+        for outputs in (("log_probs",), ()):
+            plain = linear_log_probs(hidden, weight, labels, outputs=outputs, **kwargs)
+            assert isinstance(plain, torch.Tensor) and torch.equal(plain, full[0])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_all_labels_ignored_every_output(engine):
+    hidden, weight, bias, _ = _inputs(torch.float32, seed=8, n=5)
+    labels = torch.full((5,), -100)
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    with use_engine(engine):
+        lp, ent, lss, mean, top1 = linear_log_probs(h, w, labels, bias=b, outputs=OUTPUTS, token_chunk_size=3,
+                                                    vocab_chunk_size=20000)
+    (lp.sum() + ent.sum()).backward()
+    for value in (lp, ent, lss, mean):
+        assert (value == 0).all()
+    assert not top1.any()
+    for grad in (h.grad, w.grad, b.grad):
+        assert torch.isfinite(grad).all() and (grad == 0).all()
+
+
+def test_bad_outputs_raise_clear_errors():
+    hidden, weight, bias, labels = _inputs(torch.float32, n=5)
+    with pytest.raises(TypeError, match="outputs must be a tuple"):
+        linear_log_probs(hidden, weight, labels, outputs="entropy")
+    with pytest.raises(ValueError, match=r"outputs has unknown names \['logits'\]"):
+        linear_log_probs(hidden, weight, labels, outputs=("entropy", "logits"))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_autocast_bf16_outputs_stay_fp32(engine):
+    # TRL trains under CPU/GPU autocast: the GEMMs then take bf16 operands, but every output stays fp32 (a bf16
+    # log-prob would round the loss) and is as accurate as fp32 math on the bf16-rounded operands.
+    hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=18)
+    gen = torch.Generator().manual_seed(19)
+    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    with use_engine(engine), torch.autocast("cpu", dtype=torch.bfloat16):
+        results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                                   outputs=OUTPUTS, **CHUNKS)
+        ((results[0] * grad_lp).sum() + (results[1] * grad_ent).sum()).backward()
+    expected, ref_grads = _reference_all(hidden.bfloat16(), weight.bfloat16(), bias, labels, grad_lp, grad_ent)
+    _check_outputs(results, expected, labels)
+    for actual, ref, name in zip((h.grad, w.grad, b.grad), ref_grads, ("dhidden", "dweight", "dbias")):
+        assert actual.dtype == torch.float32
+        rtol, atol_rel = GRAD_TOL[torch.bfloat16]  # dz or the gradient itself is rounded to bf16 once
+        assert_close(actual, ref, atol=atol_rel * ref.abs().max().item(), rtol=rtol, name=name)
