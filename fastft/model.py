@@ -168,22 +168,10 @@ class FastModel:
         _set_gradient_checkpointing(model, use_gradient_checkpointing)
         return peft_model
 
-    @staticmethod
-    def for_inference(model):
-        """Switch to evaluation mode (no dropout, checkpointing off) for ``generate``."""
-        model.eval()
-        return model
-
-    @staticmethod
-    def for_training(model):
-        model.train()
-        return model
-
 
 def _set_gradient_checkpointing(model, mode) -> None:
     if mode is False:
-        if model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else False:
-            model.activation_checkpointing_disable()
+        model.activation_checkpointing_disable()
         return
     offload = mode == "offload"
     if offload and not torch.cuda.is_available():

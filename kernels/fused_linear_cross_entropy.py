@@ -78,6 +78,27 @@ def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def check_lm_head_args(hidden, weight, labels, bias=None) -> tuple[int, int, int]:
+    """Check hidden ``[N, H]``, weight ``[V, H]`` (and bias ``[V]``) of an LM-head op; returns (N, H, V)."""
+    check_tensor("hidden", hidden, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    check_same_device(hidden=hidden, weight=weight, bias=bias,
+                      labels=labels if isinstance(labels, torch.Tensor) else None)
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    if weight.shape[1] != hidden_size:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden's last dim {hidden_size}; got weight shape {tuple(weight.shape)}"
+        )
+    if vocab == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if bias is not None and bias.shape[0] != vocab:
+        raise ValueError(f"bias must have V = {vocab} elements (weight's rows); got shape {tuple(bias.shape)}")
+    return n_rows, hidden_size, vocab
+
+
 def _default_chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
     liger = triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(vocab, hidden_size)))
     return max(1, min(n_rows, max(liger, _MIN_CHUNK_ELEMENTS // vocab)))
@@ -230,18 +251,8 @@ def fused_linear_cross_entropy(
     gradients are computed in the forward (with g = 1) and scaled by ``grad_output`` in backward;
     for none the backward recomputes each chunk's logits from the saved per-row ``lse``.
     """
-    check_tensor("hidden", hidden, ndim=2)
-    check_tensor("weight", weight, ndim=2)
     check_reduction(reduction)
-    check_same_device(hidden=hidden, weight=weight, labels=labels if isinstance(labels, torch.Tensor) else None)
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    if weight.shape[1] != hidden_size:
-        raise ValueError(
-            f"weight must be [V, H] with H = hidden's last dim {hidden_size}; got weight shape {tuple(weight.shape)}"
-        )
-    if vocab == 0:
-        raise ValueError("weight must have at least one row (V >= 1)")
+    n_rows, hidden_size, vocab = check_lm_head_args(hidden, weight, labels)
     n_valid = check_labels(labels, n_rows, vocab, ignore_index, rows_name="hidden")
     if chunk_size is None:
         chunk_rows = _default_chunk_rows(n_rows, hidden_size, vocab)

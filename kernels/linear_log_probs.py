@@ -55,9 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor, empty, use_triton
+from ._common import empty, use_triton
 from .cross_entropy import check_labels
-from .fused_linear_cross_entropy import addmm_fp32, compute_dtype_for, mm_fp32
+from .fused_linear_cross_entropy import addmm_fp32, check_lm_head_args, compute_dtype_for, mm_fp32
 
 TOKEN_CHUNK_SIZE = 2048
 VOCAB_CHUNK_SIZE = 8192
@@ -437,22 +437,7 @@ def linear_log_probs(
     (0 on ignored rows), ``dhidden = s * dz @ W``, ``dweight = s * dz.T @ hidden``, ``dbias = s * sum_rows(dz)``
     with ``s = logit_scale / temperature``; tiles are recomputed from ``lse``, GEMMs accumulate in fp32.
     """
-    check_tensor("hidden", hidden, ndim=2)
-    check_tensor("weight", weight, ndim=2)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-    check_same_device(hidden=hidden, weight=weight, bias=bias,
-                      labels=labels if isinstance(labels, torch.Tensor) else None)
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    if weight.shape[1] != hidden_size:
-        raise ValueError(
-            f"weight must be [V, H] with H = hidden's last dim {hidden_size}; got weight shape {tuple(weight.shape)}"
-        )
-    if vocab == 0:
-        raise ValueError("weight must have at least one row (V >= 1)")
-    if bias is not None and bias.shape[0] != vocab:
-        raise ValueError(f"bias must have V = {vocab} elements (weight's rows); got shape {tuple(bias.shape)}")
+    n_rows, _, vocab = check_lm_head_args(hidden, weight, labels, bias)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
