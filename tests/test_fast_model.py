@@ -122,3 +122,19 @@ def test_lora_dropout_falls_back_to_peft_correctly(qwen2_path):
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_unsupported_transformers_version_names_the_range(monkeypatch, qwen2_path):
+    monkeypatch.setattr(transformers, "__version__", "4.46.0")
+    with pytest.raises(ImportError, match=r"transformers>=5.17,<6"):
+        FastModel.from_pretrained(qwen2_path)
+
+
+def test_trl_without_the_fused_lm_head_path_names_the_range(monkeypatch):
+    import trl.trainer.utils as trl_utils
+
+    import fastft.trl_compat as trl_compat
+
+    monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
+    with pytest.raises(ImportError, match=r"trl>=1.16,<2"):
+        trl_compat.install()
