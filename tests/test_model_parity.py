@@ -166,3 +166,15 @@ def test_gradient_checkpointing_gives_same_grads(tmp_path, mode):
     loss_ckpt, grads_ckpt = train_step(ckpt, ids, mask, labels)
     assert_close(loss_ckpt, loss_plain, atol=1e-7, rtol=1e-7, name="loss")
     assert_grads_match(grads_ckpt, grads_plain)
+
+
+def test_qwen2_sliding_window_matches_hf(tmp_path):
+    """Qwen2 with use_sliding_window: layer 1 attends to the last 5 positions only (layer 0 in full)."""
+    path = save_tiny_model("qwen2_sliding", tmp_path / "m")
+    baseline, model = load_pair(path)
+    assert [layer.self_attn.sliding_window for layer in model.get_base_model().model.layers] == [None, 5]
+    ids, mask, labels = padded_batch()
+    ref_loss, ref_grads = train_step(baseline, ids, mask, labels)
+    loss, grads = train_step(model, ids, mask, labels)
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6, name="loss")
+    assert_grads_match(grads, ref_grads)

@@ -24,9 +24,10 @@ def tiny_config(arch: str, **overrides):
         config = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
-    elif arch == "qwen2":  # q/k/v bias, tied embeddings, its own RoPE base
+    elif arch in ("qwen2", "qwen2_sliding"):  # q/k/v bias, tied embeddings, its own RoPE base
+        window = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1) if arch == "qwen2_sliding" else {}
         config = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_parameters={
-            "rope_type": "default", "rope_theta": 1000000.0})
+            "rope_type": "default", "rope_theta": 1000000.0}, **window)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
