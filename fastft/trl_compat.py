@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import trl_dataset_checks
 from .kernels.linear_log_probs import linear_log_probs
 
 SUPPORTED_TRL = ">=1.16,<2"
@@ -45,13 +46,15 @@ class FastftLogProbDispatch:
 
 
 def install() -> None:
-    """Put the dispatcher in place (idempotent). Without TRL installed there is nothing to do; a TRL whose
-    fused lm-head path is not where fastft expects it gets a clear error naming the supported range."""
+    """Put the dispatcher and the dataset checks (``trl_dataset_checks``) in place (idempotent). Without TRL
+    installed there is nothing to do; a TRL whose fused lm-head path is not where fastft expects it gets a
+    clear error naming the supported range."""
     try:
         import trl
         import trl.trainer.utils as trl_utils
     except ImportError:
         return
+    trl_dataset_checks.install()
     current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
     if isinstance(current, FastftLogProbDispatch):
         return

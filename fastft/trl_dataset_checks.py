@@ -1,0 +1,168 @@
+"""Clear errors for datasets that TRL's SFTTrainer / DPOTrainer would reject with a bare stack trace.
+
+TRL 1.16 answers an empty dataset with a bare ``StopIteration`` (``next(iter(train_dataset))``), a dataset
+without the columns it expects with ``KeyError: 'text'`` from inside ``datasets.map``, and a chat dataset
+for a tokenizer without a chat template with an error from deep inside the tokenization map. A sequence
+longer than the model's ``max_seq_length`` would only fail at the first training step. fastft therefore
+wraps the two trainers' ``__init__`` (once per process, see :func:`install`) and, for fastft models only,
+checks the datasets before TRL prepares them and the prepared sequence lengths after. Models fastft did not
+patch go through TRL unchanged.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+_GUARD = "_fastft_dataset_guard"
+
+
+def _fastft_model(model):
+    """The patched ``*ForCausalLM`` inside ``model`` (a PeftModel or the model itself), or None."""
+    if isinstance(model, str) or model is None:
+        return None
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm if getattr(causal_lm, "_fastft_patched", False) else None
+
+
+def _named_datasets(train_dataset, eval_dataset) -> dict:
+    named = {"train": train_dataset}
+    if isinstance(eval_dataset, dict):
+        named.update({f"eval[{key!r}]": data for key, data in eval_dataset.items()})
+    elif eval_dataset is not None:
+        named["eval"] = eval_dataset
+    return {name: data for name, data in named.items() if data is not None}
+
+
+def _first_example(dataset, name: str, trainer: str) -> dict:
+    try:
+        return next(iter(dataset))
+    except StopIteration:
+        raise ValueError(f"fastft: the {name} dataset passed to {trainer} is empty; it needs at least one example") \
+            from None
+
+
+def _check_chat_template(tokenizer, name: str, trainer: str) -> None:
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"fastft: the {name} dataset passed to {trainer} is conversational (lists of role/content messages), "
+            "but the tokenizer has no chat template. Set `tokenizer.chat_template` to a Jinja template, or "
+            "give the data as plain text instead."
+        )
+
+
+def check_sft_dataset(dataset, name: str, tokenizer, text_field: str = "text", formatting_func=None,
+                      skip_prepare: bool = False) -> None:
+    """Raise ValueError unless SFTTrainer can prepare ``dataset`` (empty, wrong columns, no chat template)."""
+    from trl.data_utils import is_conversational, is_conversational_from_value
+
+    first = _first_example(dataset, name, "SFTTrainer")
+    if skip_prepare or "input_ids" in first:
+        return  # pre-tokenized: TRL reads input_ids as they are
+    if formatting_func is None:
+        if "prompt" in first and "completion" not in first:
+            raise ValueError(f"fastft: the {name} dataset has a 'prompt' column but no 'completion' column; "
+                             "SFTTrainer's prompt-completion format needs both")
+        if not {"prompt", "messages", "conversations", text_field} & first.keys():
+            raise ValueError(
+                f"fastft: SFTTrainer cannot read the {name} dataset: its columns are {sorted(first)}. It needs one of "
+                f"'{text_field}' (plain text, SFTConfig.dataset_text_field), 'messages' (chat), 'prompt' + "
+                "'completion', 'input_ids' (pre-tokenized), or a `formatting_func` that builds the text."
+            )
+        if is_conversational(first) or is_conversational_from_value(first):
+            _check_chat_template(tokenizer, name, "SFTTrainer")
+
+
+def check_dpo_dataset(dataset, name: str, tokenizer) -> None:
+    """Raise ValueError unless DPOTrainer can prepare ``dataset``."""
+    from trl.data_utils import is_conversational
+
+    first = _first_example(dataset, name, "DPOTrainer")
+    if not {"chosen", "rejected"} <= first.keys():
+        raise ValueError(
+            f"fastft: DPOTrainer cannot read the {name} dataset: its columns are {sorted(first)}. It needs "
+            "'chosen' and 'rejected' (plus 'prompt', or chat conversations whose shared first turns are the prompt)."
+        )
+    if is_conversational(first):
+        _check_chat_template(tokenizer, name, "DPOTrainer")
+
+
+def _sequence_lengths(dataset, max_length: int | None) -> list[int] | None:
+    """Length of every sequence the model will see from a prepared map-style dataset (None: not readable
+    without consuming it, e.g. a streaming dataset; fastft's forward check still applies there)."""
+    import datasets
+    import pyarrow.compute as pc
+
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    columns = set(dataset.column_names) & {"seq_lengths", "input_ids", "prompt_ids", "chosen_ids", "rejected_ids"}
+    table = dataset.select_columns(sorted(columns)).with_format("arrow")[:]  # honours select/filter indices
+    if "seq_lengths" in columns:  # packed rows: each packed sequence restarts its positions
+        return pc.list_flatten(table["seq_lengths"]).to_pylist()
+    if "input_ids" in columns:  # SFT: one sequence per row, already truncated to max_length
+        return pc.list_value_length(table["input_ids"]).to_pylist()
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns:  # DPO: prompt + the longer completion
+        prompt = pc.list_value_length(table["prompt_ids"])
+        completion = pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
+                                         pc.list_value_length(table["rejected_ids"]))
+        lengths = pc.add(prompt, completion).to_pylist()
+        if max_length is not None:  # DPO's collator truncates prompt + completion to max_length
+            lengths = [min(n, max_length) for n in lengths]
+        return lengths
+    return None
+
+
+def check_sequence_lengths(trainer, max_seq_length: int) -> None:
+    """After TRL prepared the data: every sequence must fit the model's ``max_seq_length``."""
+    for name, dataset in _named_datasets(trainer.train_dataset, trainer.eval_dataset).items():
+        lengths = _sequence_lengths(dataset, trainer.args.max_length)
+        too_long = [n for n in lengths or () if n > max_seq_length]
+        if too_long:
+            raise ValueError(
+                f"fastft: {len(too_long)} of {len(lengths)} sequences of the {name} dataset are longer than "
+                f"max_seq_length={max_seq_length} given to FastModel.from_pretrained (longest: {max(too_long)} "
+                f"tokens, after {type(trainer.args).__name__}(max_length={trainer.args.max_length})). Set "
+                f"{type(trainer.args).__name__}(max_length={max_seq_length}) to truncate them, or load the model "
+                f"with max_seq_length >= {max(too_long)}."
+            )
+
+
+def _guard_init(trainer_class, check_before) -> None:
+    original = trainer_class.__init__
+    if getattr(original, _GUARD, False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        call = signature.bind(self, *args, **kwargs).arguments
+        model = _fastft_model(call.get("model"))
+        if model is not None:
+            check_before(call)
+        original(self, *args, **kwargs)
+        if model is not None:
+            check_sequence_lengths(self, model.max_seq_length)
+
+    setattr(__init__, _GUARD, True)
+    trainer_class.__init__ = __init__
+
+
+def _before_sft(call) -> None:
+    args = call.get("args")
+    text_field = getattr(args, "dataset_text_field", "text")  # TRL's default when args is None
+    skip_prepare = bool((getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset"))
+    for name, dataset in _named_datasets(call.get("train_dataset"), call.get("eval_dataset")).items():
+        check_sft_dataset(dataset, name, call.get("processing_class"), text_field, call.get("formatting_func"),
+                          skip_prepare)
+
+
+def _before_dpo(call) -> None:
+    for name, dataset in _named_datasets(call.get("train_dataset"), call.get("eval_dataset")).items():
+        check_dpo_dataset(dataset, name, call.get("processing_class"))
+
+
+def install() -> None:
+    """Wrap ``trl.SFTTrainer.__init__`` and ``trl.DPOTrainer.__init__`` (idempotent)."""
+    import trl
+
+    _guard_init(trl.SFTTrainer, _before_sft)
+    _guard_init(trl.DPOTrainer, _before_dpo)
