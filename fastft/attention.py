@@ -34,6 +34,38 @@ def fastft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attent
     return flash_attention_mask(batch_size, q_length, kv_length, attention_mask=attention_mask)
 
 
+def once_per_forward(source: torch.Tensor, key, compute, *args):
+    """``compute(*args)``, memoised on ``source``: the mask / position_ids tensor that every decoder layer of
+    one forward receives as the same object. The first layer derives the packing metadata (with a
+    device-to-host sync), the others reuse it; an in-place change of ``source`` (its version counter)
+    or a different ``key`` recomputes it."""
+    stamp = (source._version, key)
+    memo = getattr(source, "_fastft_memo", None)
+    if memo is None or memo[0] != stamp:
+        memo = (stamp, compute(*args))
+        source._fastft_memo = memo
+    return memo[1]
+
+
+def longest_sequence(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def unpad_metadata(attention_mask: torch.Tensor):
+    """``(keep, cu_seqlens, max_seqlen)`` of a 2D padding mask: flat indices of the real tokens, int32
+    boundaries of each row's real tokens once packed, the longest row."""
+    keep = attention_mask.flatten().nonzero().flatten()
+    lengths = attention_mask.sum(-1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return keep, cu_seqlens, int(lengths.max())
+
+
+def packed_metadata(position_ids: torch.Tensor):
+    """``(cu_seqlens, max_seqlen)`` of a packed batch described by restarting position_ids, or None."""
+    cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+    return None if cu_seqlens is None else (cu_seqlens, longest_sequence(cu_seqlens))
+
+
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Sequence boundaries of a packed batch: a new sequence starts at every row start and wherever the
     position does not follow the previous one by 1. Returns int32 cu_seqlens over the flattened
@@ -69,27 +101,26 @@ def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     B, Hq, T, D = query.shape
     if attention_mask is not None:
         # Padded batch: gather the real tokens into packed sequences, attend, scatter back (pads get 0).
-        keep = attention_mask.flatten().nonzero().flatten()
-        lengths = attention_mask.sum(-1, dtype=torch.int32)
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        keep, cu_seqlens, max_seqlen = once_per_forward(attention_mask, "unpad", unpad_metadata, attention_mask)
         q = query.transpose(1, 2).reshape(B * T, Hq, D)[keep]
         k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)[keep]
         v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)[keep]
-        packed = attention_varlen(q, k, v, cu_seqlens, int(lengths.max()), causal=True, scale=scaling,
+        packed = attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scaling,
                                   sliding_window=sliding_window)
         out = packed.new_zeros(B * T, Hq, D).index_copy(0, keep, packed)
         return out.view(B, T, Hq, D), None
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    max_seqlen = kwargs.get("max_length_q")
-    if cu_seqlens is None and kwargs.get("position_ids") is not None:
-        cu_seqlens = cu_seqlens_from_position_ids(kwargs["position_ids"].expand(B, -1))
-        max_seqlen = None
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int32)
+    if cu_seqlens is not None:  # packed batch from a padding-free collator
+        max_seqlen = kwargs.get("max_length_q")
         if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        return _varlen(query, key, value, cu_seqlens, int(max_seqlen), scaling, sliding_window), None
+            max_seqlen = once_per_forward(cu_seqlens, "max", longest_sequence, cu_seqlens)
+        return _varlen(query, key, value, cu_seqlens.to(torch.int32), int(max_seqlen), scaling, sliding_window), None
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        packed = once_per_forward(position_ids, ("packed", B), packed_metadata, position_ids.expand(B, -1))
+        if packed is not None:
+            return _varlen(query, key, value, *packed, scaling, sliding_window), None
 
     out = attention(query, key, value, causal=True, scale=scaling, sliding_window=sliding_window)
     return out.transpose(1, 2), None

@@ -103,6 +103,39 @@ def test_packed_sequences_match_hf(arch_path, with_cu_seqlens):
     assert (crossing - ref.loss).abs() > 1e-5
 
 
+def test_packing_metadata_is_derived_once_per_forward(tmp_path, monkeypatch):
+    """Unpadding indices and cu_seqlens cost a device-to-host sync each; every layer receives the same mask /
+    position_ids object, so the first layer derives them and the rest (and checkpointed recomputation in
+    the backward) reuse them. Changing the tensor in place must not leave them stale."""
+    import fastft.attention
+
+    calls = {"unpad_metadata": 0, "packed_metadata": 0}
+    for name in calls:
+        def counted(*args, _real=getattr(fastft.attention, name), _name=name):
+            calls[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(fastft.attention, name, counted)
+
+    path = save_tiny_model("llama", tmp_path)
+    model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    assert model.config.num_hidden_layers >= 2
+    model.train()
+    ids, mask, labels = padded_batch()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ids, position_ids, labels, _ = packed_batch()
+    model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss.backward()
+    assert calls == {"unpad_metadata": 1, "packed_metadata": 1}
+
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        position_ids.copy_(torch.arange(13)[None])  # now one sequence of 13 tokens
+        in_place = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        fresh = model(input_ids=ids, position_ids=torch.arange(13)[None], use_cache=False).logits
+    assert_close(in_place, fresh, atol=0, rtol=0, name="logits after an in-place change of position_ids")
+    assert (in_place - packed).abs().max() > 1e-3
+
+
 def test_disable_adapter_and_ref_adapter(arch_path):
     """DPO's reference pass: adapters disabled, or a second adapter made active, read at call time."""
     _, path = arch_path
