@@ -13,7 +13,7 @@ from fastft import FastModel
 from kernel_testing import assert_close
 from tiny_models import copy_lora, load_baseline, lora_grads, padded_batch, randomize_lora, save_tiny_model
 
-ARCHS = ["llama", "qwen2", "llama31"]
+ARCHS = ["llama", "qwen2", "llama31", "mistral", "qwen3"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -1,4 +1,4 @@
-"""Tiny random Llama / Qwen2 checkpoints for model-level tests, and the Hugging Face + peft baseline.
+"""Tiny random Llama / Qwen2 / Mistral / Qwen3 checkpoints for model-level tests, and the Hugging Face + peft baseline.
 
 Shapes are chosen to be awkward (hidden 72, intermediate 136, GQA 4:2, vocab 211) but keep head_dim=64,
 a head size fastft's attention kernel serves, so the fastft path is exercised rather than SDPA.
@@ -28,6 +28,11 @@ def tiny_config(arch: str, **overrides):
         window = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1) if arch == "qwen2_sliding" else {}
         config = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_parameters={
             "rope_type": "default", "rope_theta": 1000000.0}, **window)
+    elif arch == "mistral":  # Llama's shape plus a window over every layer, given to each attention call
+        config = transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=3)
+    elif arch == "qwen3":  # per-head RMSNorm of q and k before RoPE, no q/k/v bias
+        config = transformers.Qwen3Config(**common, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "default", "rope_theta": 1000000.0})
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
