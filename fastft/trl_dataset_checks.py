@@ -4,9 +4,9 @@ TRL 1.16 answers an empty dataset with a bare ``StopIteration`` (``next(iter(tra
 without the columns it expects with ``KeyError: 'text'`` from inside ``datasets.map``, and a chat dataset
 for a tokenizer without a chat template with an error from deep inside the tokenization map. A sequence
 longer than the model's ``max_seq_length`` would only fail at the first training step. fastft therefore
-wraps the two trainers' ``__init__`` (once per process, see :func:`install`) and, for fastft models only,
-checks the datasets before TRL prepares them and the prepared sequence lengths after. Models fastft did not
-patch go through TRL unchanged.
+wraps the two trainers' ``__init__`` and ``_prepare_dataset`` (once per process, see :func:`install`) and,
+for fastft models only, checks the datasets before TRL prepares them and the sequence lengths of each
+dataset TRL prepares. Models fastft did not patch go through TRL unchanged.
 """
 from __future__ import annotations
 
@@ -111,58 +111,70 @@ def _sequence_lengths(dataset, max_length: int | None) -> list[int] | None:
     return None
 
 
-def check_sequence_lengths(trainer, max_seq_length: int) -> None:
-    """After TRL prepared the data: every sequence must fit the model's ``max_seq_length``."""
-    for name, dataset in _named_datasets(trainer.train_dataset, trainer.eval_dataset).items():
-        lengths = _sequence_lengths(dataset, trainer.args.max_length)
-        too_long = [n for n in lengths or () if n > max_seq_length]
-        if too_long:
-            raise ValueError(
-                f"fastft: {len(too_long)} of {len(lengths)} sequences of the {name} dataset are longer than "
-                f"max_seq_length={max_seq_length} given to FastModel.from_pretrained (longest: {max(too_long)} "
-                f"tokens, after {type(trainer.args).__name__}(max_length={trainer.args.max_length})). Set "
-                f"{type(trainer.args).__name__}(max_length={max_seq_length}) to truncate them, or load the model "
-                f"with max_seq_length >= {max(too_long)}."
-            )
+def check_sequence_lengths(dataset, name: str, args, max_seq_length: int) -> None:
+    """Every sequence of a prepared dataset must fit the model's ``max_seq_length``."""
+    lengths = _sequence_lengths(dataset, args.max_length)
+    too_long = [n for n in lengths or () if n > max_seq_length]
+    if too_long:
+        config = type(args).__name__
+        raise ValueError(
+            f"fastft: {len(too_long)} of {len(lengths)} sequences of the {name} dataset are longer than "
+            f"max_seq_length={max_seq_length} given to FastModel.from_pretrained (longest: {max(too_long)} tokens, "
+            f"after {config}(max_length={args.max_length})). Set {config}(max_length={max_seq_length}) to truncate "
+            f"them, or load the model with max_seq_length >= {max(too_long)}."
+        )
 
 
-def _guard_init(trainer_class, check_before) -> None:
-    original = trainer_class.__init__
-    if getattr(original, _GUARD, False):
+def _guard(trainer_class, check_before) -> None:
+    """Wrap ``__init__`` (checks before TRL touches the data; remembers the model's max_seq_length) and
+    ``_prepare_dataset`` (length check of each dataset TRL prepares, in ``__init__`` or in ``evaluate``,
+    before DPO's precomputed reference pass runs over it)."""
+    init, prepare = trainer_class.__init__, trainer_class._prepare_dataset
+    if getattr(init, _GUARD, False):
         return
-    signature = inspect.signature(original)
+    init_signature, prepare_signature = inspect.signature(init), inspect.signature(prepare)
 
-    @functools.wraps(original)
+    @functools.wraps(init)
     def __init__(self, *args, **kwargs):
-        call = signature.bind(self, *args, **kwargs).arguments
+        call = init_signature.bind(self, *args, **kwargs).arguments
         model = _fastft_model(call.get("model"))
         if model is not None:
-            check_before(call)
-        original(self, *args, **kwargs)
-        if model is not None:
-            check_sequence_lengths(self, model.max_seq_length)
+            check_before(call, model.max_seq_length)
+            self._fastft_max_seq_length = model.max_seq_length
+        init(self, *args, **kwargs)
+
+    @functools.wraps(prepare)
+    def _prepare_dataset(self, *args, **kwargs):
+        prepared = prepare(self, *args, **kwargs)
+        max_seq_length = getattr(self, "_fastft_max_seq_length", None)
+        if max_seq_length is not None:
+            call = prepare_signature.bind(self, *args, **kwargs).arguments
+            check_sequence_lengths(prepared, call["dataset_name"], call["args"], max_seq_length)
+        return prepared
 
     setattr(__init__, _GUARD, True)
-    trainer_class.__init__ = __init__
+    trainer_class.__init__, trainer_class._prepare_dataset = __init__, _prepare_dataset
 
 
-def _before_sft(call) -> None:
+def _before_sft(call, max_seq_length: int) -> None:
     args = call.get("args")
     text_field = getattr(args, "dataset_text_field", "text")  # TRL's default when args is None
     skip_prepare = bool((getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset"))
     for name, dataset in _named_datasets(call.get("train_dataset"), call.get("eval_dataset")).items():
         check_sft_dataset(dataset, name, call.get("processing_class"), text_field, call.get("formatting_func"),
                           skip_prepare)
+        if skip_prepare:  # TRL uses these rows as they are
+            check_sequence_lengths(dataset, name, args, max_seq_length)
 
 
-def _before_dpo(call) -> None:
+def _before_dpo(call, max_seq_length: int) -> None:
     for name, dataset in _named_datasets(call.get("train_dataset"), call.get("eval_dataset")).items():
         check_dpo_dataset(dataset, name, call.get("processing_class"))
 
 
 def install() -> None:
-    """Wrap ``trl.SFTTrainer.__init__`` and ``trl.DPOTrainer.__init__`` (idempotent)."""
+    """Wrap ``__init__`` and ``_prepare_dataset`` of ``trl.SFTTrainer`` and ``trl.DPOTrainer`` (idempotent)."""
     import trl
 
-    _guard_init(trl.SFTTrainer, _before_sft)
-    _guard_init(trl.DPOTrainer, _before_dpo)
+    _guard(trl.SFTTrainer, _before_sft)
+    _guard(trl.DPOTrainer, _before_dpo)

@@ -90,8 +90,11 @@ def test_sft_sequences_longer_than_max_seq_length(model, tmp_path):
     with pytest.raises(ValueError, match=r"1 of 2 sequences of the train dataset are longer than max_seq_length=32"
                                          r" .*longest: 51 tokens.*SFTConfig\(max_length=32\)"):
         sft(model, tmp_path, rows(long, short), max_length=None)
-    with pytest.raises(ValueError, match=r"of the eval\['held-out'\] dataset are longer"):
+    with pytest.raises(ValueError, match=r"of the held-out dataset are longer"):
         sft(model, tmp_path, rows(short), eval_dataset={"held-out": rows(long)}, max_length=None)
+    trainer = sft(model, tmp_path, rows(short), max_length=None)
+    with pytest.raises(ValueError, match=r"of the eval dataset are longer"):  # prepared by evaluate()
+        trainer.evaluate(eval_dataset=rows(long))
     # packed: each packed sequence counts, not the pack; TRL's max_length bounds both
     with pytest.raises(ValueError, match="longest: 51 tokens"):
         sft(model, tmp_path, rows(long, short, short), packing=True, max_length=64)
@@ -122,6 +125,9 @@ def test_dpo_bad_datasets(model_path, tmp_path):
     long = {"prompt": "x" * 30, "chosen": "yes" * 5, "rejected": "no"}  # 30 + 16 (EOS) tokens
     with pytest.raises(ValueError, match=r"longest: 46 tokens.*DPOConfig\(max_length=32\)"):
         dpo(model, tmp_path, rows(long), max_length=None)
+    # before the reference pass over the data that precompute_ref_log_probs runs inside DPOTrainer.__init__
+    with pytest.raises(ValueError, match=r"longest: 46 tokens"):
+        dpo(load(model_path), tmp_path, rows(long), max_length=None, precompute_ref_log_probs=True)
     dpo(load(model_path), tmp_path, rows(long), max_length=MAX_SEQ_LENGTH)  # DPO's collator truncates to max_length
 
 
