@@ -47,20 +47,25 @@ class FastftLogProbDispatch:
 
 def install() -> None:
     """Put the dispatcher and the dataset checks (``trl_dataset_checks``) in place (idempotent). Without TRL
-    installed there is nothing to do; a TRL whose fused lm-head path is not where fastft expects it gets a
-    clear error naming the supported range."""
+    installed there is nothing to do; a TRL without what fastft hooks into gets a clear error naming the
+    supported range."""
     try:
         import trl
         import trl.trainer.utils as trl_utils
     except ImportError:
         return
-    trl_dataset_checks.install()
     current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
-    if isinstance(current, FastftLogProbDispatch):
-        return
-    if current is None or not hasattr(trl_utils, "add_fused_lm_head"):
+    missing = [name for name, present in (
+        ("trl.trainer.utils._ChunkedLogProbFunction", current is not None),
+        ("trl.trainer.utils.add_fused_lm_head", hasattr(trl_utils, "add_fused_lm_head")),
+        ("trl.SFTTrainer._prepare_dataset", hasattr(trl.SFTTrainer, "_prepare_dataset")),
+        ("trl.DPOTrainer._prepare_dataset", hasattr(trl.DPOTrainer, "_prepare_dataset")),
+    ) if not present]
+    if missing:
         raise ImportError(
-            f"fastft serves TRL's fused lm-head path of trl{SUPPORTED_TRL}; the installed trl {trl.__version__} "
-            "has no trl.trainer.utils._ChunkedLogProbFunction / add_fused_lm_head. Install a supported trl."
+            f"fastft hooks into trl{SUPPORTED_TRL}; the installed trl {trl.__version__} has no {', '.join(missing)}. "
+            "Install a supported trl."
         )
-    trl_utils._ChunkedLogProbFunction = FastftLogProbDispatch(current)
+    trl_dataset_checks.install()
+    if not isinstance(current, FastftLogProbDispatch):
+        trl_utils._ChunkedLogProbFunction = FastftLogProbDispatch(current)

@@ -136,5 +136,15 @@ def test_trl_without_the_fused_lm_head_path_names_the_range(monkeypatch):
     import fastft.trl_compat as trl_compat
 
     monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
-    with pytest.raises(ImportError, match=r"trl>=1.16,<2"):
+    with pytest.raises(ImportError, match=r"trl>=1.16,<2.*no trl.trainer.utils._ChunkedLogProbFunction"):
+        trl_compat.install()
+
+
+def test_trl_without_the_dataset_preparation_hook_names_the_range(monkeypatch):
+    import trl
+
+    import fastft.trl_compat as trl_compat
+
+    monkeypatch.delattr(trl.DPOTrainer, "_prepare_dataset")
+    with pytest.raises(ImportError, match=r"trl>=1.16,<2.*no trl.DPOTrainer._prepare_dataset"):
         trl_compat.install()
