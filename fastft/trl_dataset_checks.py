@@ -86,42 +86,47 @@ def check_dpo_dataset(dataset, name: str, tokenizer) -> None:
         _check_chat_template(tokenizer, name, "DPOTrainer")
 
 
-def _sequence_lengths(dataset, max_length: int | None) -> list[int] | None:
-    """Length of every sequence the model will see from a prepared map-style dataset (None: not readable
-    without consuming it, e.g. a streaming dataset; fastft's forward check still applies there)."""
+def _sequence_lengths(dataset, max_length: int | None):
+    """Lengths of the sequences the model will see from a prepared map-style dataset, one pyarrow array per
+    batch of rows (nothing for a streaming dataset, which cannot be read without consuming it; fastft's
+    forward check still applies there). Reads only the token-id columns, a batch at a time."""
     import datasets
     import pyarrow.compute as pc
 
     if not isinstance(dataset, datasets.Dataset):
-        return None
+        return
     columns = set(dataset.column_names) & {"seq_lengths", "input_ids", "prompt_ids", "chosen_ids", "rejected_ids"}
-    table = dataset.select_columns(sorted(columns)).with_format("arrow")[:]  # honours select/filter indices
-    if "seq_lengths" in columns:  # packed rows: each packed sequence restarts its positions
-        return pc.list_flatten(table["seq_lengths"]).to_pylist()
-    if "input_ids" in columns:  # SFT: one sequence per row, already truncated to max_length
-        return pc.list_value_length(table["input_ids"]).to_pylist()
-    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns:  # DPO: prompt + the longer completion
-        prompt = pc.list_value_length(table["prompt_ids"])
-        completion = pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
-                                         pc.list_value_length(table["rejected_ids"]))
-        lengths = pc.add(prompt, completion).to_pylist()
-        if max_length is not None:  # DPO's collator truncates prompt + completion to max_length
-            lengths = [min(n, max_length) for n in lengths]
-        return lengths
-    return None
+    if not columns:
+        return
+    for batch in dataset.select_columns(sorted(columns)).with_format("arrow").iter(batch_size=65536):
+        if "seq_lengths" in columns:  # packed rows: each packed sequence restarts its positions
+            yield pc.list_flatten(batch["seq_lengths"])
+        elif "input_ids" in columns:  # SFT: one sequence per row, already truncated to max_length
+            yield pc.list_value_length(batch["input_ids"])
+        elif {"prompt_ids", "chosen_ids", "rejected_ids"} <= columns:  # DPO: prompt + the longer completion
+            lengths = pc.add(pc.list_value_length(batch["prompt_ids"]),
+                             pc.max_element_wise(pc.list_value_length(batch["chosen_ids"]),
+                                                 pc.list_value_length(batch["rejected_ids"])))
+            # DPO's collator truncates prompt + completion to max_length
+            yield lengths if max_length is None else pc.min_element_wise(lengths, max_length)
 
 
 def check_sequence_lengths(dataset, name: str, args, max_seq_length: int) -> None:
     """Every sequence of a prepared dataset must fit the model's ``max_seq_length``."""
-    lengths = _sequence_lengths(dataset, args.max_length)
-    too_long = [n for n in lengths or () if n > max_seq_length]
+    import pyarrow.compute as pc
+
+    total = too_long = longest = 0
+    for lengths in _sequence_lengths(dataset, args.max_length):
+        total += len(lengths)
+        too_long += pc.sum(pc.greater(lengths, max_seq_length)).as_py() or 0
+        longest = max(longest, pc.max(lengths).as_py() or 0)
     if too_long:
         config = type(args).__name__
         raise ValueError(
-            f"fastft: {len(too_long)} of {len(lengths)} sequences of the {name} dataset are longer than "
-            f"max_seq_length={max_seq_length} given to FastModel.from_pretrained (longest: {max(too_long)} tokens, "
+            f"fastft: {too_long} of {total} sequences of the {name} dataset are longer than "
+            f"max_seq_length={max_seq_length} given to FastModel.from_pretrained (longest: {longest} tokens, "
             f"after {config}(max_length={args.max_length})). Set {config}(max_length={max_seq_length}) to truncate "
-            f"them, or load the model with max_seq_length >= {max(too_long)}."
+            f"them, or load the model with max_seq_length >= {longest}."
         )
 
 
