@@ -70,6 +70,20 @@ def _mma_operand(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(first row, query length, key length) of program ``batch``'s sequence. Dense: rows from 0 of the
+    batch's own slice (``stride_*b`` moves between batches). Packed (VARLEN): the sequence's rows start at
+    ``cu_seqlens[batch]`` (``stride_*b`` are 0), and its queries are its keys."""
+    if VARLEN:
+        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
+        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
+        seqlen_k = seqlen_q
+    else:
+        seq_start = batch * 0
+    return seq_start, seqlen_q, seqlen_k
+
+
+@triton.jit
 def _score_mask(q_idx, k_idx, seqlen_k, causal_offset, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Which (query, key) pairs may attend; q_idx and k_idx broadcast against each other."""
     q_pos = q_idx + causal_offset  # a query's position on the key axis (bottom-right alignment)
@@ -173,12 +187,7 @@ def _attn_fwd_kernel(
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
-    if VARLEN:  # one sequence of the pack; its rows start at cu_seqlens[batch]; stride_*b are 0
-        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
-        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
-        seqlen_k = seqlen_q
-    else:
-        seq_start = batch * 0
+    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
     if start_m >= seqlen_q:
         return
     head_kv = head // group_size  # GQA: read the shared kv head in place
@@ -245,11 +254,7 @@ def _attn_bwd_preprocess_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
-    if VARLEN:
-        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
-        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
-    else:
-        seq_start = batch * 0
+    seq_start, seqlen_q, _ = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_q, VARLEN)
     if start_m >= seqlen_q:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -313,12 +318,7 @@ def _attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N  # under causal the first key blocks carry the most work
     head_kv = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
-    if VARLEN:
-        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
-        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
-        seqlen_k = seqlen_q
-    else:
-        seq_start = batch * 0
+    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
     if start_n >= seqlen_k:
         return
 
@@ -411,12 +411,7 @@ def _attn_bwd_dq_kernel(
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
-    if VARLEN:
-        seq_start = tl.load(CU_SEQLENS + batch).to(tl.int64)
-        seqlen_q = (tl.load(CU_SEQLENS + batch + 1) - tl.load(CU_SEQLENS + batch)).to(tl.int32)
-        seqlen_k = seqlen_q
-    else:
-        seq_start = batch * 0
+    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
     if start_m >= seqlen_q:
         return
     head_kv = head // group_size
