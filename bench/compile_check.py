@@ -89,12 +89,15 @@ class FakeGPUDriver:
         return lambda *args, **kwargs: None  # launching does nothing
 
 
+KERNEL_MODULES = ("attention", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs", "lora_linear",
+                  "lora_mlp", "lora_qkv", "nf4", "rms_norm", "rope", "swiglu")
+
+
 def _force_triton_engine():
     """CPU tensors take the Triton path (fastft would pick its PyTorch path for them)."""
     import fastft.kernels._common as common
 
-    for name in ("attention", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs", "lora_linear",
-                 "lora_mlp", "lora_qkv", "nf4", "rms_norm", "rope", "swiglu"):
+    for name in KERNEL_MODULES:
         module = importlib.import_module(f"fastft.kernels.{name}")
         if hasattr(module, "use_triton"):
             module.use_triton = lambda tensor: True
@@ -203,7 +206,7 @@ def compiled_kernels(arch: int):
     import triton
 
     found = {}
-    for name in ("attention", "cross_entropy", "linear_log_probs", "nf4", "rms_norm", "rope", "swiglu"):
+    for name in KERNEL_MODULES:
         module = importlib.import_module(f"fastft.kernels.{name}")
         for attr, fn in vars(module).items():
             if isinstance(fn, triton.runtime.JITFunction) and arch in fn.device_caches:
