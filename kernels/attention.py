@@ -516,11 +516,16 @@ class _Problem:
         self.group_size = self.n_heads // self.n_kv_heads
         self.causal, self.scale = causal, scale
         self.window = window if window is not None else 0
-        # the unused CU_SEQLENS argument of dense launches gets some tensor; the kernel never reads it
-        self.cu_seqlens = cu_seqlens if self.varlen else q
+        self.cu_seqlens = cu_seqlens
         # fp32 inputs: exact fp32 products, not tf32 (fp32 is the accuracy path)
         self.consts = dict(CAUSAL=causal, HAS_WINDOW=window is not None, VARLEN=self.varlen,
                            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET)
+
+
+    def cu_seqlens_arg(self, q):
+        """The CU_SEQLENS launch argument: dense launches never read it and get ``q``. (Not stored: the
+        problem lives on the autograd context, where a tensor would outlive gradient checkpointing.)"""
+        return self.cu_seqlens if self.varlen else q
 
 
 def _flash_forward(q, k, v, p: _Problem):
@@ -530,7 +535,7 @@ def _flash_forward(q, k, v, p: _Problem):
     grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.batch)
     if min(grid) > 0:
         _attn_fwd_kernel[grid](
-            q, k, v, o, lse, p.cu_seqlens,
+            q, k, v, o, lse, p.cu_seqlens_arg(q),
             *_strides(q, p.varlen), *_strides(k, p.varlen), *_strides(v, p.varlen), *_strides(o, p.varlen),
             *p.lse_strides,
             p.seqlen_q, p.seqlen_k, p.group_size, p.scale * math.log2(math.e), p.window,
@@ -549,7 +554,7 @@ def _flash_backward(do, q, k, v, o, lse, p: _Problem):
     grid = (triton.cdiv(p.seqlen_q, pre_block_m), p.n_heads, p.batch)
     if min(grid) > 0:
         _attn_bwd_preprocess_kernel[grid](
-            o, do, delta, p.cu_seqlens, *_strides(o, p.varlen), *strides["do"], *p.lse_strides, p.seqlen_q,
+            o, do, delta, p.cu_seqlens_arg(q), *_strides(o, p.varlen), *strides["do"], *p.lse_strides, p.seqlen_q,
             HEAD_DIM=p.head_dim, BLOCK_D=block_d, BLOCK_M=pre_block_m, VARLEN=p.varlen,
         )
 
@@ -557,7 +562,7 @@ def _flash_backward(do, q, k, v, o, lse, p: _Problem):
     grid = (triton.cdiv(p.seqlen_k, cfg["BLOCK_N"]), p.n_kv_heads, p.batch)
     if min(grid) > 0:
         _attn_bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, dk, dv, p.cu_seqlens,
+            q, k, v, do, lse, delta, dk, dv, p.cu_seqlens_arg(q),
             *strides["q"], *strides["k"], *strides["v"], *strides["do"],
             *_strides(dk, p.varlen), *_strides(dv, p.varlen), *p.lse_strides,
             p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window,
@@ -568,7 +573,7 @@ def _flash_backward(do, q, k, v, o, lse, p: _Problem):
     grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.batch)
     if min(grid) > 0:
         _attn_bwd_dq_kernel[grid](
-            q, k, v, do, lse, delta, dq, p.cu_seqlens,
+            q, k, v, do, lse, delta, dq, p.cu_seqlens_arg(q),
             *strides["q"], *strides["k"], *strides["v"], *strides["do"], *_strides(dq, p.varlen),
             *p.lse_strides,
             p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window,

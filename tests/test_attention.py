@@ -319,3 +319,28 @@ def test_attention_varlen_rejects_bad_input():
         cu_seqlens[1] = 11
         with pytest.raises(ValueError, match=r"non-decreasing"):
             attention_varlen(q, k, v, cu_seqlens, 6)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_autograd_context_holds_no_input_outside_saved_tensors(varlen):
+    """Under gradient checkpointing autograd drops what a Function saves with save_for_backward; anything the
+    Function keeps elsewhere on its context survives every layer's forward. q (RoPE's fresh output in a
+    model) must be freed once the caller drops it (it was kept alive through ctx.problem: one [T, hidden]
+    tensor per layer, 8 GiB for Llama-3-8B at 32k tokens)."""
+    import gc
+    import weakref
+
+    q = torch.randn(1, 4, 24, 64, requires_grad=True) * 1.0  # not a leaf: only the graph would hold it
+    k = torch.randn(1, 2, 24, 64, requires_grad=True)
+    v = torch.randn(1, 2, 24, 64, requires_grad=True)
+    alive = weakref.ref(q)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda packed: packed):  # as checkpointing
+        if varlen:
+            cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+            out = attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, 14)
+        else:
+            out = attention(q, k, v)
+    del q
+    gc.collect()
+    assert out.grad_fn is not None
+    assert alive() is None, "the attention's autograd context keeps q alive outside its saved tensors"
