@@ -13,6 +13,8 @@ _LAZY = {
     "unpatch_model": "fastft.model",
     "dequantize_4bit": "fastft.quant",
     "UnsupportedModelError": "fastft.architectures",
+    "estimate_memory": "fastft.memory.estimate",
+    "max_context": "fastft.memory.estimate",
 }
 __all__ = list(_LAZY)
 

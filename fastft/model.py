@@ -174,9 +174,9 @@ def _set_gradient_checkpointing(model, mode) -> None:
         model.activation_checkpointing_disable()
         return
     offload = mode == "offload"
-    if offload and not torch.cuda.is_available():
-        # transformers offloads to pinned host memory, which needs a GPU; on CPU the activations are there already.
-        logger.warning("fastft: use_gradient_checkpointing='offload' without a GPU is plain checkpointing")
+    if offload and model.device.type == "cpu":
+        # the activations are in host memory already
+        logger.warning("fastft: use_gradient_checkpointing='offload' on a CPU model is plain checkpointing")
         offload = False
     if offload:
         # Trainers re-enable checkpointing with their own arguments (TRL does after each reference pass);

@@ -12,6 +12,7 @@ This module imports only torch and triton.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -23,6 +24,13 @@ flag to upcast ``tl.dot`` operands to fp32: the interpreter's bf16 ``tl.dot`` is
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _forced_engine: str | None = None
+
+# Device types whose tensors take the GPU code path. ``fastft.memory`` adds "meta" while it accounts a
+# training step on meta tensors (the wrappers then allocate exactly what they would on a GPU; the
+# Triton launches are stubbed there).
+GPU_DEVICE_TYPES = {"cuda"}
+# The SM count a simulated GPU reports (set by ``fastft.memory``); CUDA devices report their own.
+simulated_sm_count = 132
 
 
 @contextlib.contextmanager
@@ -39,11 +47,37 @@ def use_engine(engine: str):
         _forced_engine = previous
 
 
+def on_gpu(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives on a GPU (or on the GPU that ``fastft.memory`` simulates)."""
+    return tensor.device.type in GPU_DEVICE_TYPES
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a GPU device (launch grids that fill the GPU are sized by it)."""
+    if device.type != "cuda":
+        return simulated_sm_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on ``device_type`` now, or None when it is off (or has no
+    autocast there, e.g. the meta device of the memory accounting)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether the op on ``tensor`` runs the Triton kernel (True) or the PyTorch path (False)."""
     if _forced_engine == "torch":
         return False
-    if tensor.is_cuda:
+    if on_gpu(tensor):
         return True
     if tensor.device.type == "cpu" and (INTERPRET or _forced_engine == "triton"):
         if not INTERPRET:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._common import check_same_device, check_tensor, empty, use_triton
+from ._common import autocast_dtype, check_same_device, check_tensor, empty, on_gpu, use_triton
 from .cross_entropy import (
     ce_backward_rows,
     ce_forward_rows,
@@ -48,7 +48,7 @@ _MIN_CHUNK_ELEMENTS = 2**22
 
 
 def _fp32_out_gemm(a: torch.Tensor) -> bool:
-    return _HAS_MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16)
+    return _HAS_MM_OUT_DTYPE and on_gpu(a) and a.dtype in (torch.float16, torch.bfloat16)
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -73,9 +73,7 @@ def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the GEMMs run in: the autocast dtype under autocast (as ``nn.Linear`` would),
     otherwise the promotion of both (a bf16 hidden with an fp32 head computes in fp32)."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        return torch.get_autocast_dtype(hidden.device.type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
+    return autocast_dtype(hidden.device.type) or torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def check_lm_head_args(hidden, weight, labels, bias=None) -> tuple[int, int, int]:

@@ -37,7 +37,7 @@ import numbers
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_tensor, empty
+from ._common import FLOAT_DTYPES, autocast_dtype, check_tensor, empty
 from .nf4 import NF4Weight, dequantize_nf4
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +63,11 @@ def _workspace(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def release_dequant_workspace() -> None:
     """Free the shared dequantization buffers (they are re-allocated on the next fused call)."""
     _workspaces.clear()
+
+
+def dequant_workspaces() -> list[torch.Tensor]:
+    """The shared dequantization buffers alive now (one per device and dtype), e.g. to account their memory."""
+    return list(_workspaces.values())
 
 
 def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
@@ -129,11 +134,10 @@ def _prepare(x: torch.Tensor, projections):
     Returns ``(x, projections, out_dtypes)``: ``x`` in the dtype the Function takes, each
     projection as ``(weight, bias, A, B, s, compute_dtype)`` with a concrete compute dtype, and
     the dtype each output must finally be cast to."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    ac = autocast_dtype(x.device.type)
+    if ac is None:
         prepared = [(w, b, A, B, s, cd or x.dtype) for w, b, A, B, s, cd in projections]
         return x, prepared, [x.dtype] * len(projections)
-    ac = torch.get_autocast_dtype(device_type)
     if all(not isinstance(p[0], NF4Weight) for p in projections):
         x = x.to(ac)  # a plain nn.Linear under autocast: everything, output included, in ac
     prepared, out_dtypes = [], []
@@ -148,7 +152,7 @@ def _prepare(x: torch.Tensor, projections):
 @contextlib.contextmanager
 def _autocast_off(device_type: str):
     """Our matmuls pick their dtypes explicitly: keep autocast from re-casting them."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_dtype(device_type) is not None:
         with torch.autocast(device_type=device_type, enabled=False):
             yield
     else:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INTERPRET, check_tensor, empty, use_triton
+from ._common import FLOAT_DTYPES, INTERPRET, check_tensor, empty, on_gpu, use_triton
 
 _BYTES_PER_PROGRAM = 1024  # -> 2048 outputs per program: 4 warps x 32 threads x 16 values
 _NUM_WARPS = 4
@@ -247,7 +247,7 @@ def dequantize_nf4(w: NF4Weight, out: torch.Tensor | None = None, dtype: torch.d
     n_bytes = w.packed.numel()
     dq = w.double_quant
     launch_kwargs = {}
-    if w.packed.is_cuda:
+    if on_gpu(w.packed):
         # keep `code * scale` and `nested * absmax + offset` as separate roundings: bit-equal to bitsandbytes
         launch_kwargs["enable_fp_fusion"] = False
     _nf4_dequant_kernel[(triton.cdiv(n_bytes, _BYTES_PER_PROGRAM),)](
@@ -258,7 +258,7 @@ def dequantize_nf4(w: NF4Weight, out: torch.Tensor | None = None, dtype: torch.d
         NESTED_BLOCKSIZE=w.nested_blocksize if dq else 1,
         DOUBLE_QUANT=dq,
         BYTES=_BYTES_PER_PROGRAM,
-        ROUND_BF16=INTERPRET and out.dtype == torch.bfloat16 and not out.is_cuda,
+        ROUND_BF16=INTERPRET and out.dtype == torch.bfloat16 and not on_gpu(out),
         num_warps=_NUM_WARPS,
         **launch_kwargs,
     )

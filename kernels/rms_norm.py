@@ -20,13 +20,11 @@ dtype. When ``weight`` does not require grad (frozen norms under LoRA) the parti
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor, empty, use_triton
+from ._common import GPU_DEVICE_TYPES, check_same_device, check_tensor, empty, multiprocessor_count, use_triton
 
 # One row lives in registers; past 64 KB per row the single-block design stops making sense
 # (same limit as Triton's layer-norm tutorial).
@@ -95,16 +93,10 @@ def _launch_params(n_cols: int, element_size: int):
     return block_h, num_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_backward_programs(n_rows: int, device: torch.device) -> int:
     # Enough programs to fill the GPU; few enough that the [programs, H] partials stay small.
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        slots = 4 * _sm_count(index)
+    if device.type in GPU_DEVICE_TYPES:
+        slots = 4 * multiprocessor_count(device)
     else:
         slots = 4  # the interpreter runs programs one after another
     return max(1, min(n_rows, slots))

@@ -1,0 +1,144 @@
+"""Account (meta tensors) or measure (CPU) the memory of one training step."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+
+import torch
+
+from .cuda_paths import cuda_code_paths, cuda_op_overrides, cuda_op_workspace
+from .simulated_gpu import LiveTensorBytes, simulated_gpu
+from .training_step import StepSetup, build_model, fresh_workspaces, make_batch, make_optimizer, resident_tensors, train_step
+
+GIB = float(1 << 30)
+WARMUP_TOKENS = 16  # the warm-up step only creates the optimizer state and the persistent workspaces
+
+
+@dataclasses.dataclass
+class StepMemory:
+    setup: StepSetup
+    resident: dict[str, int]  # bytes by category, with the gradients and optimizer state
+    peak_bytes: int
+    peak_phase: str
+    peak_op: str | None
+    peak_storages: list = dataclasses.field(default_factory=list)  # (bytes, phase, op, shape, dtype) at the peak
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    @property
+    def resident_gb(self) -> float:
+        return self.resident_bytes / GIB
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / GIB
+
+
+def _run(config, setup: StepSetup, tracker, device: torch.device) -> StepMemory:
+    model = build_model(config, setup, device)
+    optimizer = make_optimizer(model)
+    vocab = config.vocab_size
+    train_step(model, optimizer, make_batch(setup, vocab, device, seq_len=min(setup.seq_len, WARMUP_TOKENS)))
+    gc.collect()
+    batch = make_batch(setup, vocab, device)
+    resident = {}
+
+    def on_grads():
+        groups = resident_tensors(model, optimizer)
+        resident.update({name: tracker.storage_bytes(tensors) for name, tensors in groups.items()})
+
+    tracker.reset_peak()
+    train_step(model, optimizer, batch, tracker, on_grads)
+    return StepMemory(setup, resident, tracker.peak, tracker.peak_phase, tracker.peak_op, tracker.peak_storages)
+
+
+@contextlib.contextmanager
+def _bitsandbytes_caches_kept():
+    """bitsandbytes caches its quantization code tables on the device of the first tensor it quantizes;
+    tables made for meta tensors must not outlive the accounting."""
+    import bitsandbytes.functional as bnb_functional
+
+    saved = dict(bnb_functional.name2qmap)
+    try:
+        yield
+    finally:
+        bnb_functional.name2qmap.clear()
+        bnb_functional.name2qmap.update(saved)
+
+
+def account_step(config, setup: StepSetup, sm_count: int = 132, cuda_workspaces: bool = True,
+                 explain_peak: bool = False) -> StepMemory:
+    """The step's memory on a GPU, accounted on meta tensors (no GPU, no real weights).
+
+    ``sm_count``: the GPU's multiprocessors (a few launch grids are sized by it). ``cuda_workspaces``: add
+    what CUDA kernels allocate internally (``cuda_paths.cuda_op_workspace``); the CPU validation turns it
+    off, the CPU kernels' internals being invisible too. ``explain_peak``: list the storages alive at the
+    peak in ``peak_storages`` (slower)."""
+    workspace = cuda_op_workspace if cuda_workspaces else None
+    with _bitsandbytes_caches_kept(), fresh_workspaces(), cuda_code_paths(), simulated_gpu(
+            sm_count, op_workspace=workspace, overrides=cuda_op_overrides(), explain_peak=explain_peak) as gpu:
+        return _run(config, setup, gpu, torch.device("meta"))
+
+
+@contextlib.contextmanager
+def _collect_after_interpreted_launches():
+    """Triton's interpreter leaves reference cycles (recursive closures over the arguments' storages) that
+    hold a launch's arguments until the next garbage collection; a GPU launch holds nothing. Collect them
+    right after each interpreted launch."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+
+    def run_then_collect(self, *args, **kwargs):
+        result = run(self, *args, **kwargs)
+        gc.collect(0)  # the cycles are new: the youngest generation holds them, and is cheap to collect
+        return result
+
+    InterpretedFunction.run = run_then_collect
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
+
+
+def measure_step_on_cpu(config, setup: StepSetup) -> StepMemory:
+    """The same step run for real on the CPU (fastft's and TRL's Triton kernels interpreted: run with
+    ``TRITON_INTERPRET=1``), its live tensor bytes counted: the reference the accounting is validated
+    against at small sizes."""
+    with fresh_workspaces(), cuda_code_paths(), _collect_after_interpreted_launches(), \
+            LiveTensorBytes("cpu", overrides=cuda_op_overrides()) as tracker:
+        return _run(config, setup, tracker, torch.device("cpu"))
+
+
+class _CudaAllocatorStats:
+    """The tracker interface of ``_run`` over the CUDA caching allocator's own statistics."""
+
+    peak_phase = peak_op = None
+    peak_storages: list = []
+
+    def __init__(self):
+        self.phase = ""
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    @property
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    @staticmethod
+    def storage_bytes(tensors) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+
+def measure_step_on_gpu(config, setup: StepSetup) -> StepMemory:
+    """The step run for real on the current CUDA device (random weights), its peak from
+    ``torch.cuda.max_memory_allocated``: what the accounting predicts (``bench/memory.py --gpu-check``)."""
+    with fresh_workspaces():
+        return _run(config, setup, _CudaAllocatorStats(), torch.device("cuda", torch.cuda.current_device()))

@@ -1,0 +1,92 @@
+"""``fastft-memory``: will a QLoRA fine-tune of a model fit a GPU? Reads only the model's config.
+
+    fastft-memory llama-3.1-8b --seq-len 8192 --vram 24
+    fastft-memory ./my-model-dir --seq-len 4096 --batch-size 2 --r 32 --checkpointing offload --vram 16
+
+Exit status: 0 fits (or no --vram given), 1 does not fit, 2 bad input (unknown model, bad numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .configs import KNOWN_MODELS, UnknownModelError
+from .estimate import estimate_memory, max_context
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace(",", "").replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastft-memory",
+        description="Accounted GPU memory of one QLoRA training step with fastft (or the Hugging Face baseline): "
+                    "the peak that torch.cuda.max_memory_allocated would report, computed on the CPU from the "
+                    "model's config. Not counted: the CUDA context (~0.3-0.6 GiB) and allocator fragmentation.")
+    parser.add_argument("model", help=f"a known name ({', '.join(KNOWN_MODELS)}), a local directory with a "
+                                      "config.json, or a hub id already in the offline cache")
+    parser.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--r", type=_positive_int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--lora-alpha", type=_positive_int, default=16)
+    parser.add_argument("--checkpointing", choices=("on", "off", "offload"), default="on",
+                        help="gradient checkpointing (default on; offload keeps checkpoints in host memory)")
+    parser.add_argument("--loss", choices=("trl", "labels"), default="trl",
+                        help="trl: TRL's SFT/DPO fused lm-head path (default); labels: model(labels=...)")
+    parser.add_argument("--contender", choices=("fastft", "hf"), default="fastft",
+                        help="hf: transformers + peft + bitsandbytes, for comparison")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--vram", type=_positive_float, metavar="GIB",
+                        help="GPU memory in GiB: say whether the step fits, and find the longest sequence that fits")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = dict(batch_size=args.batch_size, r=args.r, lora_alpha=args.lora_alpha,
+                    use_gradient_checkpointing={"on": True, "off": False}.get(args.checkpointing, args.checkpointing),
+                    loss=args.loss, contender=args.contender, dtype=args.dtype)
+    try:
+        estimate = estimate_memory(args.model, args.seq_len, **settings)
+    except UnknownModelError as exc:
+        print(f"fastft-memory: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: QLoRA (4-bit NF4) r={args.r}, batch {args.batch_size} x {args.seq_len:,} tokens, "
+          f"checkpointing {args.checkpointing}, loss path {args.loss}, {args.dtype}, {args.contender}")
+    print("accounted on the CPU along the GPU code path (not measured on a GPU)")
+    print(estimate.breakdown())
+    if args.vram is None:
+        return 0
+    if estimate.resident_gb > args.vram:
+        print(f"\ndoes NOT fit {args.vram:g} GiB: the model, adapters and optimizer state alone need "
+              f"{estimate.resident_gb:.2f} GiB (breakdown above), before any activation")
+        return 1
+    fits = estimate.fits(args.vram)
+    verdict = "fits" if fits else "does NOT fit"
+    print(f"\n{verdict} {args.vram:g} GiB: peak {estimate.peak_gb:.2f} GiB "
+          f"({'%.2f GiB to spare' % (args.vram - estimate.peak_gb) if fits else '%.2f GiB over' % (estimate.peak_gb - args.vram)})")
+    longest = max_context(args.model, args.vram, **settings)
+    print(f"longest sequence that fits {args.vram:g} GiB at batch {args.batch_size}: {longest:,} tokens "
+          "(a multiple of 128; the model's trained context may be shorter)")
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""``fastft.estimate_memory``: will a QLoRA fine-tune fit this GPU, and how long a context fits?
+
+The figures are **accounted**, not measured: one training step of the model is run on meta tensors
+along the code path a GPU runs (see ``fastft.memory.simulated_gpu``), and the bytes of live tensors are
+counted as ``torch.cuda.max_memory_allocated`` counts them. Not counted: the CUDA context (about
+0.3-0.6 GB), cuBLAS / cuDNN workspaces, and the caching allocator's rounding and fragmentation; leave
+some headroom on the card for those.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .accounting import GIB, StepMemory, account_step
+from .configs import load_config
+from .training_step import ALL_LINEAR, StepSetup
+
+# The rows of the resident breakdown, in print order, with what they hold.
+RESIDENT_ROWS = {
+    "weights_4bit": "4-bit weights and their quantization state",
+    "weights_16bit": "16-bit embedding, lm_head, norms, biases, buffers",
+    "lora_weights": "LoRA weights",
+    "lora_grads": "LoRA gradients",
+    "optimizer_state": "optimizer state (AdamW)",
+    "workspaces": "persistent workspaces (dequantization buffer)",
+}
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    """Accounted GPU memory of one training step (GiB). ``peak_gb`` is what ``max_memory_allocated`` would
+    report; ``resident_gb`` what stays allocated between steps (with the gradients)."""
+
+    model: str
+    contender: str
+    seq_len: int
+    batch_size: int
+    r: int
+    checkpointing: object
+    loss: str
+    resident: dict[str, float]
+    peak_gb: float
+    peak_phase: str
+
+    @property
+    def resident_gb(self) -> float:
+        return sum(self.resident.values())
+
+    @property
+    def step_gb(self) -> float:
+        """The step's working memory: peak minus resident."""
+        return self.peak_gb - self.resident_gb
+
+    def fits(self, vram_gb: float) -> bool:
+        return self.peak_gb <= vram_gb
+
+    def breakdown(self) -> str:
+        lines = [f"  {RESIDENT_ROWS[name]:52s} {gb:8.2f} GiB" for name, gb in self.resident.items()]
+        lines.append(f"  {'resident (between steps)':52s} {self.resident_gb:8.2f} GiB")
+        lines.append(f"  {'activations and temporaries at the peak (' + self.peak_phase + ')':52s} {self.step_gb:8.2f} GiB")
+        lines.append(f"  {'peak (max_memory_allocated, accounted)':52s} {self.peak_gb:8.2f} GiB")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_step(cls, model_name: str, step: StepMemory) -> MemoryEstimate:
+        s = step.setup
+        return cls(model=model_name, contender=s.contender, seq_len=s.seq_len, batch_size=s.batch_size, r=s.r,
+                   checkpointing=s.checkpointing, loss=s.loss,
+                   resident={name: step.resident.get(name, 0) / GIB for name in RESIDENT_ROWS},
+                   peak_gb=step.peak_bytes / GIB, peak_phase=step.peak_phase)
+
+
+def _checkpointing(value):
+    mapping = {True: "on", False: "off", "offload": "offload", "on": "on", "off": "off"}
+    if isinstance(value, bool) or value in mapping:
+        return mapping[value]
+    raise ValueError(f"use_gradient_checkpointing must be True, False or 'offload', got {value!r}")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _dtype(value) -> torch.dtype:
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    dtype = names.get(value, value) if isinstance(value, str) else value
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be bfloat16 or float16 (the compute dtype of a QLoRA step), got {value!r}")
+    return dtype
+
+
+def step_setup(max_seq_length, batch_size=1, r=16, lora_alpha=16, target_modules=ALL_LINEAR,
+               use_gradient_checkpointing=True, loss="trl", contender="fastft", dtype=torch.bfloat16) -> StepSetup:
+    """The :class:`StepSetup` for :func:`estimate_memory`'s arguments, checked."""
+    return StepSetup(contender=contender, seq_len=_positive_int("max_seq_length", max_seq_length),
+                     batch_size=_positive_int("batch_size", batch_size), r=_positive_int("r", r),
+                     lora_alpha=lora_alpha, target_modules=tuple(target_modules),
+                     checkpointing=_checkpointing(use_gradient_checkpointing), loss=loss, dtype=_dtype(dtype))
+
+
+def _config_for(model, seq_len: int):
+    """The model's config, with a position range covering ``seq_len`` (memory does not depend on it)."""
+    config = load_config(model.config if hasattr(model, "config") and not isinstance(model, str) else model)
+    if getattr(config, "max_position_embeddings", 0) < seq_len:
+        config = type(config).from_dict({**config.to_dict(), "max_position_embeddings": seq_len})
+    return config
+
+
+def _model_name(model) -> str:
+    if isinstance(model, str):
+        return model
+    config = getattr(model, "config", model)
+    return getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model")
+
+
+def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16, lora_alpha: int = 16,
+                    target_modules=ALL_LINEAR, use_gradient_checkpointing=True, loss: str = "trl",
+                    contender: str = "fastft", dtype=torch.bfloat16) -> MemoryEstimate:
+    """Accounted GPU memory of one QLoRA training step (see the module doc for what is counted).
+
+    Args:
+        model: a transformers config or model, a name fastft knows (``"llama-3.1-8b"``, ``"qwen2-7b"``,
+            ``"qwen2.5-1.5b"``), a local directory with a ``config.json``, or a hub id in the offline cache.
+        max_seq_length: tokens per sequence; ``batch_size`` sequences per step.
+        r, lora_alpha, target_modules: the LoRA adapters (default: all seven linear layers).
+        use_gradient_checkpointing: True, False or "offload", as ``FastModel.get_peft_model`` takes it.
+        loss: "trl" (TRL's SFTTrainer / DPOTrainer fused lm-head path) or "labels" (``model(labels=...)``).
+        contender: "fastft", or "hf" (transformers + peft + bitsandbytes, for comparison).
+        dtype: compute dtype, bfloat16 or float16.
+
+    Returns:
+        A :class:`MemoryEstimate`: resident breakdown, peak, ``fits(vram_gb)``.
+    """
+    setup = step_setup(max_seq_length, batch_size, r, lora_alpha, target_modules, use_gradient_checkpointing, loss,
+                       contender, dtype)
+    config = _config_for(model, setup.seq_len)
+    return MemoryEstimate.from_step(_model_name(model), account_step(config, setup))
+
+
+def max_context(model, vram_gb, granularity: int = 128, upper: int = 1 << 21, **setup_kwargs):
+    """The longest ``max_seq_length`` (a multiple of ``granularity``, at most ``upper``) whose accounted peak
+    fits ``vram_gb`` GiB; 0 when not even ``granularity`` tokens fit. ``setup_kwargs``: as
+    :func:`estimate_memory`. Given a list of sizes, returns ``{vram_gb: tokens}``, the searches sharing
+    their evaluations."""
+    setup_kwargs.pop("max_seq_length", None)
+    known: dict[int, float] = {}
+
+    def peak(tokens: int) -> float:
+        return estimate_memory(model, tokens, **setup_kwargs).peak_gb * GIB
+
+    if isinstance(vram_gb, (list, tuple)):
+        return {v: largest_fitting(peak, v * GIB, granularity, upper, known) for v in sorted(vram_gb)}
+    return largest_fitting(peak, vram_gb * GIB, granularity, upper, known)
+
+
+def largest_fitting(peak, budget: float, granularity: int, upper: int, known: dict | None = None) -> int:
+    """The largest multiple ``T`` of ``granularity`` in ``[granularity, upper]`` with ``peak(T) <= budget``
+    (``peak`` non-decreasing), or 0. ``known``: ``{T: peak(T)}`` already evaluated (updated), so that
+    searches for several budgets share their evaluations.
+
+    The peak grows almost linearly with the length: extrapolate from the points known, then pin the limit
+    with secant steps inside the bracket, each followed by its neighbour on the other side of the limit (a
+    linear stretch is settled in two evaluations; elsewhere the bracket still shrinks every round)."""
+    known = {} if known is None else known
+
+    def f(tokens: int) -> float:
+        if tokens not in known:
+            known[tokens] = peak(tokens)
+        return known[tokens]
+
+    top = upper - upper % granularity
+    if f(granularity) > budget:
+        return 0
+    lo = max(t for t, p in known.items() if p <= budget)
+    above = [t for t, p in known.items() if p > budget]
+    hi = min(above) if above else None
+    while hi is None:
+        if lo == top:
+            return lo
+        if len(known) < 2:
+            probe = 8 * granularity
+        else:  # the slope of the two longest lengths known, aimed just past the limit
+            a, b = sorted(known)[-2:]
+            slope = (known[b] - known[a]) / (b - a)
+            probe = lo + (budget - f(lo)) / slope * 1.02 if slope > 0 else 2 * lo
+        probe = min(top, max(int(probe) // granularity * granularity, lo + granularity))
+        if f(probe) <= budget:
+            lo = probe
+        else:
+            hi = probe
+    while hi - lo > granularity:
+        frac = (budget - f(lo)) / (f(hi) - f(lo))
+        guess = lo + int((hi - lo) * frac) // granularity * granularity
+        guess = min(max(guess, lo + granularity), hi - granularity)
+        neighbour = guess + granularity if f(guess) <= budget else guess - granularity
+        lo, hi = (guess, hi) if f(guess) <= budget else (lo, guess)
+        if lo < neighbour < hi:
+            lo, hi = (neighbour, hi) if f(neighbour) <= budget else (lo, neighbour)
+    return lo

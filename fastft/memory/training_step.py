@@ -1,0 +1,265 @@
+"""One QLoRA training step of a contender, built and run the same way on meta tensors (accounted) and on
+the CPU (measured, to validate the accounting).
+
+A contender's model is built from a config the way its users build it:
+
+* ``hf``: transformers with bitsandbytes NF4 4-bit weights (double quantization, ``lm_head`` and
+  embeddings in 16-bit), SDPA attention, peft LoRA, transformers' gradient checkpointing (non-reentrant)
+  and ``enable_input_require_grads``;
+* ``fastft``: the same 4-bit model patched by :func:`fastft.patch_model` and wrapped by
+  :meth:`fastft.FastModel.get_peft_model`.
+
+Both then get what TRL's ``SFTTrainer`` does to a 4-bit model: the trainable LoRA weights cast to bf16
+(``sft_trainer.py``: "the PEFT adapter weights are converted to bf16") when the compute dtype is 16-bit,
+and the Trainer's default optimizer, fused AdamW (``adamw_torch_fused``, no weight decay).
+
+A step is ``loss = model(**batch).loss``, ``loss.backward()``, ``optimizer.step()``,
+``optimizer.zero_grad(set_to_none=True)``. ``loss="labels"`` is the model's own forward with ``labels``
+(transformers' full-logit cross-entropy for ``hf``; fastft's fused lm-head loss); ``loss="trl"`` is TRL's
+fused lm-head path (``model(..., fused_lm_head=True)``) that ``SFTTrainer`` runs, served by TRL's chunked
+log-prob kernel for ``hf`` and by fastft's ``linear_log_probs`` for ``fastft``.
+
+Batches (``batch=``): ``plain`` (``[B, T]``, no padding), ``padded`` (rows of decreasing length,
+right-padded, ``-100`` labels on the pads) and ``packed`` (one row of several sequences with restarting
+``position_ids``, no attention mask: TRL's padding-free batches).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import gc
+
+import torch
+from torch import nn
+
+CONTENDERS = ("hf", "fastft")
+CHECKPOINTING = ("off", "on", "offload")
+BATCHES = ("plain", "padded", "packed")
+LOSSES = ("labels", "trl")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What SFTTrainer asks its fused lm head for (trl 1.16, sft_trainer.py).
+SFT_FUSED_OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """One accounted (or measured) training step."""
+
+    contender: str = "fastft"
+    seq_len: int = 2048
+    batch_size: int = 1
+    r: int = 16
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    checkpointing: str = "on"  # "off", "on", "offload", or an int: that many layers checkpointed ("auto")
+    batch: str = "plain"
+    loss: str = "labels"
+    dtype: torch.dtype = torch.bfloat16
+    load_in_4bit: bool = True
+
+    def __post_init__(self):
+        if self.contender not in CONTENDERS:
+            raise ValueError(f"contender must be one of {CONTENDERS}, got {self.contender!r}")
+        if self.batch not in BATCHES:
+            raise ValueError(f"batch must be one of {BATCHES}, got {self.batch!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not (self.checkpointing in CHECKPOINTING or isinstance(self.checkpointing, int)):
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING} or a layer count, got {self.checkpointing!r}")
+        for name in ("seq_len", "batch_size", "r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a contender
+
+
+def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every ``nn.Linear`` but ``lm_head`` by bitsandbytes' ``Linear4bit`` (NF4, double quantization,
+    blocksize 64, uint8 storage), quantized from the layer's weight: what transformers' bitsandbytes
+    quantizer does while loading a checkpoint with ``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)``."""
+    import bitsandbytes as bnb
+    import transformers
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or name == "lm_head":
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
+                                      quant_storage=torch.uint8, device=device)
+            weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True, quant_storage=torch.uint8, module=layer)
+            layer.weight = weight._quantize(device)
+            if child.bias is not None:
+                layer.bias = child.bias
+            setattr(parent, name, layer)
+            del child, weight
+    model.is_loaded_in_4bit = True
+    model.config.quantization_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+
+
+def build_model(config, setup: StepSetup, device: torch.device):
+    """The contender's model for ``setup`` on ``device`` (meta: accounted; cpu: measured)."""
+    import transformers
+
+    config = copy.deepcopy(config)  # quantization records itself in the config
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=setup.dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    if setup.load_in_4bit:
+        _quantize_linear_layers(model, setup.dtype, device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if setup.loss == "trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=SFT_FUSED_OUTPUTS)
+    if setup.contender == "fastft":
+        model = _fastft(model, setup)
+    else:
+        model = _hf(model, setup)
+    if setup.dtype != torch.float32:  # TRL's cast of the adapters on 4-bit models (see the module doc)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(setup.dtype)
+    return model
+
+
+def _lora_config(setup: StepSetup):
+    import peft
+
+    return peft.LoraConfig(r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=0.0, bias="none",
+                           target_modules=list(setup.target_modules), task_type="CAUSAL_LM")
+
+
+def _hf(model, setup: StepSetup):
+    import peft
+
+    model = peft.get_peft_model(model, _lora_config(setup))
+    mode = setup.checkpointing
+    if mode != "off":
+        layers = model.get_base_model().model.layers
+        model.activation_checkpointing_enable({"use_reentrant": False}, offload=mode == "offload")
+        if isinstance(mode, int):  # the first `mode` layers checkpointed, the rest keep their activations
+            for index, layer in enumerate(layers):
+                layer.gradient_checkpointing = index < mode
+        model.enable_input_require_grads()
+    return model
+
+
+def _fastft(model, setup: StepSetup):
+    from ..model import FastModel, patch_model
+
+    patch_model(model, max_seq_length=setup.seq_len)
+    mode = {"off": False, "on": True}.get(setup.checkpointing, setup.checkpointing)
+    return FastModel.get_peft_model(model, r=setup.r, lora_alpha=setup.lora_alpha,
+                                    target_modules=list(setup.target_modules), use_gradient_checkpointing=mode)
+
+
+def make_optimizer(model):
+    """The Trainer's default optimizer (``adamw_torch_fused``) over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and the step
+
+
+def make_batch(setup: StepSetup, vocab_size: int, device: torch.device, seq_len: int | None = None) -> dict:
+    """Token ids of ``setup.batch`` kind, created on the CPU and moved to ``device`` (small: their values
+    are known to the simulated GPU)."""
+    T, B = seq_len or setup.seq_len, setup.batch_size
+    gen = torch.Generator().manual_seed(T * 1009 + B)
+    if setup.batch == "packed":  # one row: sequences of T/2, T/3 and the rest, as TRL's padding-free collator
+        ids = torch.randint(0, vocab_size, (1, B * T), generator=gen)
+        lengths = [max(1, B * T // 2), max(1, B * T // 3)]
+        lengths.append(B * T - sum(lengths))
+        position_ids = torch.cat([torch.arange(n) for n in lengths if n > 0]).unsqueeze(0)
+        batch = {"input_ids": ids, "position_ids": position_ids, "labels": ids.clone()}
+    else:
+        ids = torch.randint(0, vocab_size, (B, T), generator=gen)
+        mask = torch.ones(B, T, dtype=torch.long)
+        if setup.batch == "padded":  # row i is shorter by i * T / (2 B) tokens, right-padded
+            for row in range(1, B):
+                mask[row, T - row * T // (2 * B):] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if setup.loss == "trl":
+        batch["fused_lm_head"] = True
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_step(model, optimizer, batch: dict, tracker=None, on_grads=None) -> None:
+    """Forward, backward, optimizer step, ``zero_grad(set_to_none=True)``; ``tracker.phase`` is set to
+    "forward" / "backward" / "optimizer" on the way; ``on_grads()`` is called after the optimizer step,
+    while the gradients still exist."""
+
+    def phase(name):
+        if tracker is not None:
+            tracker.phase = name
+
+    phase("forward")
+    loss = model(**batch).loss
+    phase("backward")
+    loss.backward()
+    del loss
+    phase("optimizer")
+    optimizer.step()
+    if on_grads is not None:
+        on_grads()
+    optimizer.zero_grad(set_to_none=True)
+    phase("")
+
+
+# ---------------------------------------------------------------------------------------------
+# What is resident
+
+
+def _is_params4bit(param) -> bool:
+    return type(param).__name__ == "Params4bit"
+
+
+def resident_tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
+    """The model's and optimizer's persistent tensors by category (the breakdown's rows)."""
+    from ..kernels.lora_linear import dequant_workspaces
+
+    groups: dict[str, list[torch.Tensor]] = {name: [] for name in (
+        "weights_4bit", "weights_16bit", "lora_weights", "lora_grads", "optimizer_state", "workspaces")}
+    for param in model.parameters():
+        if _is_params4bit(param):
+            groups["weights_4bit"].append(param.data)
+            qs = param.quant_state
+            groups["weights_4bit"] += [qs.absmax, qs.code]
+            if qs.nested:
+                groups["weights_4bit"] += [qs.offset, qs.state2.absmax, qs.state2.code]
+        elif param.requires_grad:
+            groups["lora_weights"].append(param.data)
+            if param.grad is not None:
+                groups["lora_grads"].append(param.grad)
+        else:
+            groups["weights_16bit"].append(param.data)
+    groups["weights_16bit"] += list(model.buffers())
+    for state in optimizer.state.values():
+        groups["optimizer_state"] += [t for t in state.values() if isinstance(t, torch.Tensor)]
+    groups["workspaces"] += dequant_workspaces()
+    return groups
+
+
+@contextlib.contextmanager
+def fresh_workspaces():
+    """fastft's dequantization workspace is a module-level cache: start and end each step empty."""
+    from ..kernels.lora_linear import release_dequant_workspace
+
+    release_dequant_workspace()
+    try:
+        yield
+    finally:
+        release_dequant_workspace()
+        gc.collect()

@@ -1,0 +1,307 @@
+"""Memory accounting (fastft.memory): a training step on meta tensors counts what a real run allocates.
+
+The references are independent of the accounting machinery: the live tensor bytes of the same step run for
+real on the CPU (fastft's kernels interpreted), closed-form sizes of the resident tensors, and hand-written
+checks of the simulated GPU's bookkeeping.
+"""
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+import transformers
+
+from fastft.memory.accounting import account_step, measure_step_on_cpu
+from fastft.memory.estimate import estimate_memory, largest_fitting, max_context
+from fastft.memory.simulated_gpu import UnknownValueError, simulated_gpu
+from fastft.memory.training_step import ALL_LINEAR, StepSetup, build_model, make_batch, make_optimizer, train_step
+
+GIB = 2**30
+# in/out features multiples of 64: bitsandbytes' CPU 4-bit matmul is only right for those (HF-STACK-NOTES.md)
+TINY_LLAMA = transformers.LlamaConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                      max_position_embeddings=4096)
+TINY_QWEN2 = transformers.Qwen2Config(vocab_size=384, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                                      tie_word_embeddings=True, use_sliding_window=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The accounting against a real run
+
+
+@pytest.mark.parametrize("checkpointing", ["on", "off"])
+@pytest.mark.parametrize("batch", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("contender", ["fastft", "hf"])
+def test_accounted_step_equals_live_bytes_measured_on_cpu(contender, batch, checkpointing):
+    """The issue's validation: at a small size the accounted peak equals the live tensor bytes of the same
+    step run for real on the CPU within 5% (observed: equal to 16 bytes); 1% is asserted, which a missed
+    [tokens, hidden] tensor (about 1% of this step) would already fail. fp32: the GPU code path and the CPU
+    one then allocate the same buffers (16-bit operands get fp32 copies on the CPU)."""
+    setup = StepSetup(contender=contender, seq_len=64, batch_size=2, batch=batch, checkpointing=checkpointing,
+                      dtype=torch.float32)
+    accounted = account_step(TINY_LLAMA, setup, sm_count=1, cuda_workspaces=False)  # CPU: 4 rms_norm programs
+    measured = measure_step_on_cpu(TINY_LLAMA, setup)
+    assert accounted.resident == measured.resident
+    assert accounted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.01)
+    assert accounted.peak_phase == measured.peak_phase
+
+
+@pytest.mark.parametrize("contender", ["fastft", "hf"])
+def test_accounted_trl_loss_path_equals_measured_on_cpu(contender):
+    """TRL's fused lm-head path (SFTTrainer's loss) for both contenders, on the tied-embedding Qwen2."""
+    setup = StepSetup(contender=contender, seq_len=48, batch_size=2, batch="padded", loss="trl", dtype=torch.float32)
+    accounted = account_step(TINY_QWEN2, setup, sm_count=1, cuda_workspaces=False)
+    measured = measure_step_on_cpu(TINY_QWEN2, setup)
+    assert accounted.resident == measured.resident
+    assert accounted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resident memory in closed form
+
+
+def _nf4_bytes(n: int) -> int:
+    """bitsandbytes NF4 with double quantization: packed codes, uint8 block scales, fp32 scales of those
+    (blocks of 256), the fp32 offset, the 16-entry NF4 table and a copy of the 256-entry dynamic table."""
+    blocks = math.ceil(n / 64)
+    return n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 + 16 * 4 + 256 * 4
+
+
+def _linear_shapes(config):
+    H, I = config.hidden_size, config.intermediate_size
+    d = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
+            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+
+
+@pytest.mark.parametrize("config", [TINY_LLAMA, TINY_QWEN2], ids=["llama", "qwen2-bias-tied"])
+@pytest.mark.parametrize("contender", ["fastft", "hf"])
+def test_resident_breakdown_matches_closed_form(config, contender):
+    r = 8
+    setup = StepSetup(contender=contender, seq_len=32, r=r)
+    resident = account_step(config, setup).resident
+    shapes, L, H, V = _linear_shapes(config), config.num_hidden_layers, config.hidden_size, config.vocab_size
+    d = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    embeddings = V * H * 2 * (1 if config.tie_word_embeddings else 2)
+    biases = L * (shapes["q_proj"][0] + 2 * shapes["k_proj"][0]) * 2 if config.model_type == "qwen2" else 0
+    lora = L * sum(r * (out_f + in_f) * 2 for out_f, in_f in shapes.values())  # bf16, as TRL casts them
+    lora_params = L * 2 * len(shapes)
+    assert resident["weights_4bit"] == L * sum(_nf4_bytes(o * i) for o, i in shapes.values())
+    rope_buffers = 2 * d // 2 * 4  # RoPE inv_freq and original_inv_freq, fp32
+    assert resident["weights_16bit"] == embeddings + (2 * L + 1) * H * 2 + biases + rope_buffers
+    assert resident["lora_weights"] == resident["lora_grads"] == lora
+    assert resident["optimizer_state"] == 2 * lora + 4 * lora_params  # fused AdamW: two moments + fp32 step
+    largest = max(o * i for o, i in shapes.values())
+    assert resident["workspaces"] == (2 * largest if contender == "fastft" else 0)  # one bf16 dequant buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# What the accounting found and guards
+
+
+def _live_after_forward(config, setup) -> int:
+    with simulated_gpu() as gpu:
+        model = build_model(config, setup, torch.device("meta"))
+        batch = make_batch(setup, config.vocab_size, torch.device("meta"))
+        gc.collect()
+        before = gpu.live
+        loss = model(**batch).loss
+        gc.collect()
+        kept = gpu.live - before
+        del loss
+    return kept
+
+
+def test_checkpointing_keeps_one_hidden_state_per_layer():
+    """With gradient checkpointing, each extra layer costs exactly its input hidden state until the backward.
+    (The attention's autograd context used to keep q alive as well: twice this.)"""
+    setup = StepSetup(contender="fastft", seq_len=256, checkpointing="on")
+    deeper = transformers.LlamaConfig(**{**TINY_LLAMA.to_dict(), "num_hidden_layers": 5})
+    per_layer = (_live_after_forward(deeper, setup) - _live_after_forward(TINY_LLAMA, setup)) / 3
+    assert per_layer == 256 * TINY_LLAMA.hidden_size * 2
+
+
+@pytest.mark.parametrize("contender", ["fastft", "hf"])
+@pytest.mark.parametrize("batch", ["plain", "packed"])
+def test_accounted_step_leaves_no_tensor_in_a_reference_cycle(contender, batch):
+    """A tensor in a reference cycle is freed whenever the garbage collector runs, so the peak would depend
+    on its timing (an exception kept in a frame did that once)."""
+    setup = StepSetup(contender=contender, seq_len=64, batch=batch, loss="trl", checkpointing="offload")
+    with simulated_gpu():
+        model = build_model(TINY_LLAMA, setup, torch.device("meta"))
+        optimizer = make_optimizer(model)
+        batch = make_batch(setup, TINY_LLAMA.vocab_size, torch.device("meta"))
+        gc.collect()
+        gc.disable()
+        try:
+            train_step(model, optimizer, batch)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            in_cycles = [tuple(o.shape) for o in gc.garbage if isinstance(o, torch.Tensor)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert in_cycles == []
+
+
+@pytest.mark.parametrize("contender", ["fastft", "hf"])
+def test_offloaded_checkpoints_leave_the_gpu(contender):
+    """Offloaded checkpoints are host copies: the forward keeps no layer input on the (simulated) GPU but the
+    first, the embedding output, which autograd holds anyway as the leaf ``enable_input_require_grads`` makes."""
+    config = transformers.LlamaConfig(**{**TINY_LLAMA.to_dict(), "num_hidden_layers": 4})
+    on = _live_after_forward(config, StepSetup(contender=contender, seq_len=256, checkpointing="on"))
+    off = _live_after_forward(config, StepSetup(contender=contender, seq_len=256, checkpointing="offload"))
+    assert on - off == (4 - 1) * 256 * config.hidden_size * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated GPU's bookkeeping
+
+
+def test_simulated_gpu_counts_storages_once_and_uncounts_them_when_freed():
+    with simulated_gpu() as gpu:
+        start = gpu.live
+        a = torch.empty(1000, 100, device="meta", dtype=torch.bfloat16)
+        view = a[10:20].view(-1)
+        assert gpu.live - start == 200_000
+        b = a * 2
+        assert gpu.live - start == 400_000 and gpu.peak - start >= 400_000
+        del a
+        gc.collect()
+        assert gpu.live - start == 400_000  # the view keeps a's storage
+        del view, b
+        gc.collect()
+        assert gpu.live == start
+
+
+def test_simulated_gpu_keeps_the_values_of_small_integer_tensors():
+    with simulated_gpu() as gpu:
+        mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], device="meta")
+        keep = mask.flatten().nonzero().flatten()  # data-dependent shape
+        assert keep.device.type == "meta" and gpu.value(keep).tolist() == [0, 1, 2, 4, 5]
+        assert int(mask.sum(-1).max()) == 3
+        positions = torch.arange(6, device="meta").view(1, -1)
+        positions[:, 3:] -= 3  # in place, through a view
+        assert gpu.value(positions).tolist() == [[0, 1, 2, 0, 1, 2]]
+        x = torch.empty(2, 4, 8, device="meta")
+        assert x[mask.bool()].shape == (5, 8)  # a boolean mask of known values selects known rows
+        assert not gpu.has_value(x * 2)  # floating point data is never computed
+
+
+def test_simulated_gpu_refuses_to_guess_unknown_values():
+    with simulated_gpu():
+        x = torch.empty(4, 8, device="meta")
+        with pytest.raises(UnknownValueError, match="only knows the shape"):
+            (x > 0).nonzero()
+        with pytest.raises(UnknownValueError):
+            float(x.sum())
+        labels = torch.tensor([1, 2, 3], device="meta")
+        labels.copy_(x[0, :3].long())  # overwritten with unknown data: its values are gone
+        with pytest.raises(UnknownValueError):
+            int(labels.max())
+
+
+def test_simulated_gpu_host_copies_are_not_counted_and_come_back_as_new_storage():
+    with simulated_gpu() as gpu:
+        start = gpu.live
+        h = torch.empty(1024, 1024, device="meta")
+        host = torch.empty(h.shape, pin_memory=True)
+        host.copy_(h, non_blocking=True)  # as torch.autograd.graph.save_on_cpu packs
+        assert host.device.type == "cpu" and not gpu.has_value(host)
+        del h
+        gc.collect()
+        assert gpu.live == start
+        back = host.to("meta", non_blocking=True)
+        assert gpu.live - start == 4 * 1024 * 1024 and not gpu.has_value(back)
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures fastft claims (accounted at full size, a few seconds each)
+
+
+def test_llama31_8b_at_2048_tokens_peaks_under_7_gib_and_under_hf():
+    fastft = estimate_memory("llama-3.1-8b", 2048, r=16, loss="labels")
+    hf = estimate_memory("llama-3.1-8b", 2048, r=16, loss="labels", contender="hf")
+    assert 5.5 < fastft.resident_gb < fastft.peak_gb <= 7.0
+    assert fastft.peak_gb < 0.8 * hf.peak_gb
+
+
+def test_llama31_8b_r32_max_context_targets():
+    """At least 100,000 tokens on 24 GiB and 400,000 on 80 GiB (Unsloth publishes 78,475 and 342,733)."""
+    settings = dict(r=32, use_gradient_checkpointing="offload")
+    assert max_context("llama-3.1-8b", 24, **settings) >= 100_000
+    assert max_context("llama-3.1-8b", 80, **settings) >= 400_000
+
+
+# ---------------------------------------------------------------------------------------------
+# The user-facing answers
+
+
+def test_largest_fitting_finds_the_limit_of_linear_and_stepped_peaks():
+    calls = []
+
+    def linear(tokens):
+        calls.append(tokens)
+        return 5e9 + 160_000 * tokens
+
+    assert largest_fitting(linear, 24 * GIB, 128, 1 << 21) == (24 * GIB - 5e9) // 160_000 // 128 * 128
+    assert len(calls) <= 12
+    stepped = lambda tokens: 1e9 + 1e5 * (tokens // 4096 * 4096)  # noqa: E731
+    expected = max(t for t in range(128, 1 << 17, 128) if stepped(t) <= 7e9)
+    assert largest_fitting(stepped, 7e9, 128, 1 << 17) == expected
+    assert largest_fitting(linear, 1e9, 128, 1 << 21) == 0  # not even 128 tokens
+    assert largest_fitting(lambda t: 1.0, 2.0, 128, 1000) == 896  # capped at the upper bound
+
+
+def test_estimate_memory_reads_a_config_directory_and_a_model(tmp_path):
+    TINY_LLAMA.save_pretrained(tmp_path)
+    from_dir = estimate_memory(str(tmp_path), 128)
+    from_config = estimate_memory(TINY_LLAMA, 128)
+    assert from_dir.peak_gb == from_config.peak_gb > from_config.resident_gb > 0
+    assert estimate_memory(TINY_LLAMA, 512).peak_gb > from_config.peak_gb
+    assert "peak (max_memory_allocated, accounted)" in from_config.breakdown()
+
+
+@pytest.mark.parametrize("model, message", [
+    ("./no-such-dir", "no such directory"),
+    ("someone/not-downloaded-model", "not in the offline Hugging Face cache"),
+])
+def test_estimate_memory_names_a_model_it_cannot_read(model, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=message):
+        estimate_memory(model, 128)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_seq_length=0), "max_seq_length must be a positive int"),
+    (dict(max_seq_length=True), "max_seq_length must be a positive int"),
+    (dict(max_seq_length=64, batch_size=-1), "batch_size must be a positive int"),
+    (dict(max_seq_length=64, dtype="float32"), "dtype must be bfloat16 or float16"),
+    (dict(max_seq_length=64, use_gradient_checkpointing="sometimes"), "use_gradient_checkpointing must be"),
+])
+def test_estimate_memory_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_memory(TINY_LLAMA, **kwargs)
+
+
+def test_cli_answers_fits_does_not_fit_and_too_small(tmp_path, capsys):
+    from fastft.memory.cli import main
+
+    TINY_LLAMA.save_pretrained(tmp_path)
+    need = estimate_memory(TINY_LLAMA, 256)
+    assert main([str(tmp_path), "--seq-len", "256", "--vram", f"{need.peak_gb * 1.5:.6f}"]) == 0
+    out = capsys.readouterr().out
+    assert "accounted" in out and "fits" in out and "longest sequence that fits" in out
+    assert main([str(tmp_path), "--seq-len", "256", "--vram", f"{(need.peak_gb + need.resident_gb) / 2:.6f}"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main([str(tmp_path), "--vram", f"{need.resident_gb / 2:.6f}"]) == 1
+    assert "alone need" in capsys.readouterr().out
+    assert main(["./no-such-dir", "--vram", "24"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--seq-len", "-5"])
