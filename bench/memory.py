@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Accounted GPU memory of QLoRA training, fastft against the Hugging Face baseline, at full model size, on a CPU.
+
+    python bench/memory.py                       # the table: 3 models x lengths x batch x checkpointing, + max context
+    python bench/memory.py --quick               # Llama-3.1-8B only, a few settings (a few minutes)
+    python bench/memory.py --models ./my-model-dir --seq-lens 4096 --batch-sizes 1 --no-max-context
+    python bench/memory.py --gpu-check           # on a GPU: accounting vs torch.cuda.max_memory_allocated
+
+Every figure written by the first three is **accounted, not measured on a GPU**: one training step (forward,
+backward, fused AdamW step) is run on meta tensors along the code path a GPU runs (fastft's Triton wrappers
+with their launches stubbed, cuBLAS outputs, what autograd saves, the CUDA backends of SDPA and bitsandbytes'
+4-bit matmul) and the bytes of live tensor storages are counted, as ``torch.cuda.max_memory_allocated``
+counts them (``fastft/memory``). Validated on CPU against the live bytes of the same step run for real
+(``tests/test_memory.py``). Not counted: the CUDA context, cuBLAS/cuDNN workspaces, allocator rounding and
+fragmentation (bench/README.md).
+
+Contenders (``fastft.memory.training_step``): ``hf`` = transformers + peft + bitsandbytes NF4 double-quant,
+SDPA, transformers' gradient checkpointing; ``fastft`` = the same model patched by fastft. Both: LoRA on all
+seven linear layers, adapters in bf16 and fused AdamW (what TRL's SFTTrainer does to a 4-bit model).
+``--loss trl`` (default) is TRL's fused lm-head path, what SFTTrainer runs; ``labels`` is ``model(labels=...)``.
+
+Outputs in ``--out-dir`` (default ``bench/results``): ``memory-<date>.json`` (rows, max_context, versions,
+date, command), ``memory-<date>.md`` and ``memory-<date>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+
+def _load_shared():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shared.py")
+    spec = importlib.util.spec_from_file_location("fastft_bench_shared", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shared = _load_shared()
+
+MODELS = ("llama-3.1-8b", "qwen2-7b", "qwen2.5-1.5b")
+SEQ_LENS = (512, 2048, 8192, 32768)
+BATCH_SIZES = (1, 4)
+CHECKPOINTING = ("off", "on", "offload")
+VRAM_GB = (8, 12, 16, 24, 40, 48, 80)
+MAX_CONTEXT_RS = (16, 32)
+# Unsloth's published max context for Llama 3.1 8B QLoRA (r=32, batch 1), for comparison, with Hugging Face + FA2:
+# https://docs.unsloth.ai/basics/unsloth-benchmarks (not accounted here; their method is theirs)
+PUBLISHED = {("llama-3.1-8b", 24): {"unsloth": 78_475, "hf+fa2": 5_789},
+             ("llama-3.1-8b", 80): {"unsloth": 342_733, "hf+fa2": 28_454}}
+ROW_KEY = ("contender", "model", "seq_len", "batch_size", "r", "checkpointing", "loss")
+COLORS = {"hf": "tab:gray", "fastft": "tab:orange"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    csv = lambda kind: (lambda text: tuple(kind(x) for x in text.split(",") if x))  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=csv(str), default=MODELS,
+                        help=f"known names ({','.join(MODELS)}) or local config directories")
+    parser.add_argument("--seq-lens", type=csv(int), default=SEQ_LENS)
+    parser.add_argument("--batch-sizes", type=csv(int), default=BATCH_SIZES)
+    parser.add_argument("--checkpointing", type=csv(str), default=CHECKPOINTING)
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank of the rows (the max-context table: 16 and 32)")
+    parser.add_argument("--loss", choices=("trl", "labels"), default="trl")
+    parser.add_argument("--contenders", type=csv(str), default=("hf", "fastft"))
+    parser.add_argument("--vram", type=csv(float), default=VRAM_GB, help="card sizes (GiB) of the max-context table")
+    parser.add_argument("--no-max-context", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="Llama-3.1-8B, 2048/8192 tokens, batch 1, on/offload")
+    parser.add_argument("--out-dir", default=shared.DEFAULT_RESULTS_DIR)
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="on a GPU: run small steps for real and compare max_memory_allocated with the accounting")
+    return parser
+
+
+def rows_for(args) -> list[dict]:
+    from fastft.memory.estimate import estimate_memory
+
+    rows = []
+    for model in args.models:
+        for checkpointing in args.checkpointing:
+            for batch_size in args.batch_sizes:
+                for seq_len in args.seq_lens:
+                    pair = {}
+                    for contender in args.contenders:
+                        t0 = time.perf_counter()
+                        est = estimate_memory(model, seq_len, batch_size=batch_size, r=args.r, loss=args.loss,
+                                              contender=contender, use_gradient_checkpointing=checkpointing)
+                        pair[contender] = row = {
+                            "contender": contender, "model": model, "seq_len": seq_len, "batch_size": batch_size,
+                            "r": args.r, "checkpointing": checkpointing, "loss": args.loss,
+                            "resident_gb": round(est.resident_gb, 4), "peak_gb": round(est.peak_gb, 4),
+                            "peak_phase": est.peak_phase,
+                            "resident": {k: round(v, 4) for k, v in est.resident.items()},
+                            "seconds": round(time.perf_counter() - t0, 1)}
+                        rows.append(row)
+                        print(f"{model} {contender:6s} ckpt={checkpointing:7s} B={batch_size} T={seq_len:6d}: "
+                              f"resident {est.resident_gb:6.2f} GiB, peak {est.peak_gb:7.2f} GiB", flush=True)
+                    if "hf" in pair and "fastft" in pair:
+                        pair["fastft"]["peak_vs_hf"] = round(pair["fastft"]["peak_gb"] / pair["hf"]["peak_gb"], 4)
+    return rows
+
+
+def max_context_for(args) -> list[dict]:
+    from fastft.memory.estimate import max_context
+
+    found = []
+    for model in args.models:
+        for contender in args.contenders:
+            for r in MAX_CONTEXT_RS:
+                t0 = time.perf_counter()
+                limits = max_context(model, list(args.vram), r=r, batch_size=1, loss=args.loss, contender=contender,
+                                     use_gradient_checkpointing="offload")
+                for vram, tokens in limits.items():
+                    found.append({"contender": contender, "model": model, "r": r, "batch_size": 1,
+                                  "checkpointing": "offload", "loss": args.loss, "vram_gb": vram,
+                                  "max_seq_len": tokens})
+                print(f"{model} {contender:6s} r={r}: " + ", ".join(f"{v:g} GiB -> {t:,}" for v, t in limits.items())
+                      + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return found
+
+
+def markdown(data: dict) -> str:
+    lines = [f"# Accounted GPU memory of a QLoRA training step ({data['date']})", "",
+             "**Accounted, not measured on a GPU** (`fastft/memory`: the step runs on meta tensors along the GPU "
+             "code path; live tensor bytes counted as `torch.cuda.max_memory_allocated` counts them; CUDA "
+             "context, library workspaces and allocator fragmentation not included). GiB = 2^30 bytes.", "",
+             f"Command: `{data['command']}`; torch {data['torch']}, transformers {data['transformers']}, "
+             f"peft {data['peft']}, bitsandbytes {data['bitsandbytes']}, trl {data['trl']}, fastft "
+             f"{data['fastft'].get('git_commit') or data['fastft'].get('version')}.", ""]
+    if data["max_context"]:
+        lines += [f"## Longest sequence that fits (batch 1, offloaded checkpointing, loss path `{data['max_context'][0]['loss']}`)",
+                  "", "| model | r | contender | " + " | ".join(f"{v:g} GiB" for v in data["vram_gb"]) + " |",
+                  "|---|---|---|" + "---|" * len(data["vram_gb"])]
+        keys = sorted({(m["model"], m["r"], m["contender"]) for m in data["max_context"]},
+                      key=lambda k: (k[0], k[1], k[2] != "fastft"))
+        for model, r, contender in keys:
+            cells = {m["vram_gb"]: m["max_seq_len"] for m in data["max_context"]
+                     if (m["model"], m["r"], m["contender"]) == (model, r, contender)}
+            lines.append(f"| {model} | {r} | {contender} | " + " | ".join(f"{cells.get(v, 0):,}" for v in data["vram_gb"])
+                         + " |")
+        published = [f"{model} on {vram:g} GB: " + ", ".join(f"{who} {tokens:,}" for who, tokens in figures.items())
+                     for (model, vram), figures in PUBLISHED.items() if model in {k[0] for k in keys}]
+        if published:
+            lines += ["", "Published by Unsloth for r=32 (their method, not accounted here): " + "; ".join(published) + "."]
+        lines.append("")
+    lines += ["## Peak per setting", "", "| model | ckpt | batch | tokens | hf peak | fastft peak | fastft / hf | "
+              "fastft resident |", "|---|---|---|---|---|---|---|---|"]
+    by_key = {tuple(r[k] for k in ROW_KEY): r for r in data["rows"]}
+    for row in data["rows"]:
+        if row["contender"] != "fastft":
+            continue
+        hf = by_key.get(("hf", *[row[k] for k in ROW_KEY[1:]]))
+        lines.append(f"| {row['model']} | {row['checkpointing']} | {row['batch_size']} | {row['seq_len']:,} | "
+                     f"{hf['peak_gb']:.2f} | " if hf else f"| {row['model']} | {row['checkpointing']} | "
+                     f"{row['batch_size']} | {row['seq_len']:,} | - | ")
+        lines[-1] += (f"{row['peak_gb']:.2f} | {row.get('peak_vs_hf', float('nan')):.2f} | {row['resident_gb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench/memory.py: matplotlib is not installed (pip install -e '.[bench]'); skipping the plot")
+        return
+    models = list(dict.fromkeys(r["model"] for r in data["rows"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for contender in ("hf", "fastft"):
+            for checkpointing, style in (("on", "--"), ("offload", "-")):
+                points = sorted((r["seq_len"], r["peak_gb"]) for r in data["rows"]
+                                if r["model"] == model and r["contender"] == contender and r["batch_size"] == 1
+                                and r["checkpointing"] == checkpointing)
+                if points:
+                    ax.plot(*zip(*points), style, marker="o", color=COLORS[contender],
+                            label=f"{contender}, checkpointing {checkpointing}")
+        for vram in data["vram_gb"]:
+            ax.axhline(vram, color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax.text(1.0, vram, f"{vram:g} GiB ", fontsize=7, ha="right", va="bottom", color="tab:blue",
+                    transform=ax.get_yaxis_transform())
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model} (batch 1, r={data['rows'][0]['r']})", fontsize=10)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("accounted peak (GiB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Accounted peak GPU memory of a QLoRA step, not measured on a GPU ({data['date']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gpu_check(args) -> int:
+    """On a GPU: a small model's step for real, max_memory_allocated against the accounting of the same step."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/memory.py --gpu-check needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from fastft.memory.accounting import account_step, measure_step_on_gpu
+    from fastft.memory.configs import load_config
+    from fastft.memory.training_step import StepSetup
+
+    rows = []
+    config = load_config("qwen2.5-1.5b")
+    for contender in args.contenders:
+        for seq_len in (1024, 4096):
+            for checkpointing in ("on", "offload"):
+                setup = StepSetup(contender=contender, seq_len=seq_len, checkpointing=checkpointing, loss=args.loss)
+                props = torch.cuda.get_device_properties(0)
+                accounted = account_step(config, setup, sm_count=props.multi_processor_count)
+                measured = measure_step_on_gpu(config, setup)
+                rows.append({"contender": contender, "model": "qwen2.5-1.5b", "seq_len": seq_len,
+                             "checkpointing": checkpointing, "loss": args.loss,
+                             "accounted_peak_gb": accounted.peak_gb, "measured_peak_gb": measured.peak_gb,
+                             "accounted_resident_gb": accounted.resident_gb, "measured_resident_gb": measured.resident_gb,
+                             "ratio": measured.peak_gb / accounted.peak_gb})
+                print(rows[-1], flush=True)
+    date = shared.utc_date()
+    path = os.path.join(args.out_dir, f"memory-gpu-check-{date}-{shared.slug(torch.cuda.get_device_name(0))}.json")
+    os.makedirs(args.out_dir, exist_ok=True)
+    shared.write_json_atomic(path, {**shared.environment(torch.cuda.get_device_name(0)), "date": date,
+                                    "command": shared.command_line(), "rows": rows})
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    shared.clean_sys_path()
+    args = build_parser().parse_args(argv)
+    if args.gpu_check:
+        return gpu_check(args)
+    if args.quick:
+        args.models, args.seq_lens, args.batch_sizes, args.checkpointing = MODELS[:1], (2048, 8192), (1,), ("on", "offload")
+        args.vram = (24, 80)
+    t0 = time.perf_counter()
+    rows = rows_for(args)
+    limits = [] if args.no_max_context else max_context_for(args)
+    date = shared.utc_date()
+    data = {**shared.environment("none (accounted on CPU)"), "date": date, "command": shared.command_line(),
+            "accounted": True, "what": "accounted, not measured on a GPU (fastft/memory)",
+            "vram_gb": list(args.vram), "rows": rows, "max_context": limits,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, f"memory-{date}")
+    shared.write_json_atomic(base + ".json", data)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(data))
+    plot(data, base + ".png")
+    print(f"wrote {base}.json, .md, .png ({data['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
