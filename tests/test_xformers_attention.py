@@ -1,10 +1,9 @@
 """The xformers route ("fastft_xformers"), checked on CPU: routing, masks, layouts, and a tiny model end to end.
 
-xformers' ``memory_efficient_attention`` has no CPU implementation, so the tests replace it with
-:func:`reference_memory_efficient_attention`: it validates its inputs with xformers' own checks (shapes, and
-the layouts its CUTLASS forward and backward kernels accept on a GPU) and applies ``attn_bias`` through xformers'
-own ``materialize``. Everything around the op -- routing, the block-diagonal masks built from padding masks,
-cu_seq_lens and position_ids, GQA layouts, the un-pad/re-pad -- is the code that runs on a GPU.
+xformers' ``memory_efficient_attention`` has no CPU implementation, so the tests replace it with a float64
+reference (``xformers_reference.py``) that checks its inputs as xformers would on a GPU. Everything around the
+op -- routing, the block-diagonal masks built from padding masks, cu_seq_lens and position_ids, GQA layouts, the
+un-pad/re-pad -- is the code that runs on a GPU.
 """
 from __future__ import annotations
 
@@ -14,43 +13,18 @@ import sys
 
 import pytest
 import torch
-from xformers.ops import fmha
 
 import fastft.attention as fastft_attention
 import fastft.xformers_attention as xfa
 from fastft import FastModel
 from kernel_testing import assert_close
 from tiny_models import padded_batch, randomize_lora, save_tiny_model, tiny_config
-
-LAYOUTS_SEEN: list[int] = []  # query.ndim of every reference call
-
-
-def reference_memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None):
-    """xformers' memory_efficient_attention in float64 PyTorch, for CPU tests."""
-    inputs = fmha.Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
-    inputs.validate_inputs()
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    for op in [fmha.cutlass.FwOp] + ([fmha.cutlass.BwOp] if needs_grad else []):
-        # on CPU the op refuses the device; anything else it would refuse on a GPU too
-        reasons = [r for r in op.not_supported_reasons(inputs) if not r.startswith("device=")]
-        assert not reasons, f"{op.NAME} would refuse these inputs: {reasons}"
-    LAYOUTS_SEEN.append(query.ndim)
-    # [B, M, G, H, K] (GQA, K/V broadcast over H) -> [B, M, G*H, K]
-    q, k, v = (t.flatten(2, 3) if t.ndim == 5 else t for t in (query, key, value))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bmhk,bnhk->bhmn", q.double(), k.double()) * scale
-    scores = scores + attn_bias.materialize((q.shape[1], k.shape[1]), dtype=torch.float64)
-    out = torch.einsum("bhmn,bnhk->bmhk", scores.softmax(-1), v.double()).to(query.dtype)
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+from xformers_reference import use_reference_op
 
 
 @pytest.fixture
 def reference_op(monkeypatch):
-    """xformers' op replaced by the reference, and the route declared able to run (on CPU it cannot)."""
-    monkeypatch.setattr(fmha, "memory_efficient_attention", reference_memory_efficient_attention)
-    monkeypatch.setattr(xfa, "unavailable_reason", lambda device, dtype, head_dim: None)
-    LAYOUTS_SEEN.clear()
-    return LAYOUTS_SEEN
+    return use_reference_op(monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------
