@@ -11,6 +11,11 @@ registers a function in each:
 * the attention function routes a batch to ``fastft.kernels.attention`` (dense causal),
   ``attention_varlen`` (padded batches, and packed batches described by ``cu_seq_lens_q`` from
   padding-free collators or by restarting ``position_ids``), or SDPA with the 4D mask.
+
+Which attention a model gets (``patch_model(attn_implementation=None)``, :func:`choose_attention`): this
+kernel where it serves the model on the device; else, on a GPU (below sm_80, or a head size the kernel lacks),
+xformers' kernel ("fastft_xformers", ``xformers_attention.py``, same mask function) when it can run there;
+else PyTorch SDPA.
 """
 from __future__ import annotations
 

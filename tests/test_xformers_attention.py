@@ -320,3 +320,18 @@ def test_tiny_model_matches_the_sdpa_route(reference_op, tmp_path, arch):
             scale = ref_grads[name].abs().max().item()
             assert scale > 0, f"{name}: zero reference gradient, the comparison would prove nothing"
             assert_close(grad, ref_grads[name], atol=1e-4 * scale, rtol=1e-4, name=f"{kind} {name}")
+
+
+def test_generate_matches_the_sdpa_route(reference_op, tmp_path):
+    """Batched greedy generation: the prompt (left-padded) runs through the xformers route, the decoding steps
+    through SDPA with the cache's 4D mask; the tokens equal the SDPA route's."""
+    path = save_tiny_model("llama", tmp_path / "llama")
+    xformers_model, sdpa_model = load(path, "fastft_xformers").eval(), load(path, "sdpa").eval()
+    ids, mask, _ = padded_batch()
+    ids, mask = ids[[0, 2]], mask[[0, 2]]  # full and left-padded rows, as batched generation pads
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = sdpa_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        got = xformers_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert reference_op, "the prompt did not run through the xformers route"
+    assert torch.equal(got, expected)
