@@ -26,6 +26,9 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
         "bench": ["matplotlib"],
+        # attention on GPUs below sm_80 (V100, T4) and for head sizes fastft's kernel does not serve; xformers
+        # builds require a matching torch: pip may pick an older xformers, or change torch (install.sh does not)
+        "xformers": ["xformers"],
         "dev": ["pytest>=8", "matplotlib"],
     },
 )

@@ -127,6 +127,7 @@ def environment(device_name: str) -> dict:
         "trl": dist_version("trl"),
         "liger_kernel": dist_version("liger-kernel") or dist_version("liger_kernel"),
         "unsloth": dist_version("unsloth"),
+        "xformers": dist_version("xformers"),
         "python": sys.version.split()[0],
         "fastft": fastft_source(),
     }

@@ -10,12 +10,18 @@
 #   llama     bench/run.py --models llama3-8b (seq 512/2048/4096, batch 1/4, all contenders)
 #   qwen      bench/run.py --models qwen2-7b
 #   main      kernels (at most KERNELS_BUDGET_S) then llama, in one call
+#   xformers  bench/attention_backends.py: fastft's attention kernel, xformers and SDPA at seq 2048, packed and
+#             padded (agreement, time, memory; ~1 min); needs the xformers wheel in .whl (see below). Extra
+#             arguments go to attention_backends.py (e.g. --dtype bfloat16); a T4/V100 training row per backend:
+#             `bash bench/device_run.sh quick --attention xformers` (then --attention sdpa)
 #
 # Before the call, on the machine without a GPU (repo root):
 #   ../shared/device-wheels.sh [liger]      # bitsandbytes + trl wheels (+ liger-kernel) into ./.whl
 # then call `run` with carry [".whl"] and a timeout_s of at least BUDGET_S + 60, e.g.
 #   command: "bash bench/device_run.sh llama", carry: [".whl"], timeout_s: 600
-# Optional wheels, also dropped into .whl: datasets, dill, multiprocess (for `--loss trl`, which imports
+# Optional wheels, also dropped into .whl: xformers (for the `xformers` mode and `--attention xformers`:
+#   pip download --no-deps xformers==0.0.35 -d .whl ; its CUDA extension must load beside the image's torch, else
+#   its rows say not_available and why), datasets, dill, multiprocess (for `--loss trl`, which imports
 # trl.trainer.utils, which imports datasets). unsloth cannot be carried usefully (it needs network); its rows say
 # not_installed.
 #
@@ -31,7 +37,7 @@
 set -uo pipefail
 MODE=${1:-check}
 shift || true
-case "$MODE" in check|quick|kernels|llama|qwen|main) ;; *) echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main)"; exit 2 ;; esac
+case "$MODE" in check|quick|kernels|llama|qwen|main|xformers) ;; *) echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main, xformers)"; exit 2 ;; esac
 cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD
 OUT=${OUT:-/tmp/fastft-bench-out}
@@ -69,7 +75,7 @@ assert spec is None or "fastft" not in (spec.origin or ""), f"a top-level kernel
 print("python", sys.version.split()[0], sys.executable)
 print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "safetensors",
-             "liger-kernel", "datasets", "matplotlib"):
+             "liger-kernel", "xformers", "datasets", "matplotlib"):
     try:
         print(f"  {name} {md.version(name)}")
     except md.PackageNotFoundError:
@@ -112,8 +118,11 @@ case "$MODE" in
     bench bench/kernels.py --time-budget-s "$KERNELS_BUDGET_S"
     bench bench/run.py --models llama3-8b --time-budget-s "$(left)" "$@"
     ;;
+  xformers)
+    bench bench/attention_backends.py --time-budget-s "$(left)" "$@"
+    ;;
   *)
-    echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main)"; exit 2
+    echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main, xformers)"; exit 2
     ;;
 esac
 rc=$?

@@ -131,7 +131,11 @@ MODELS = {
                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 COLORS = {"hf": "tab:gray", "fastft": "tab:orange", "liger": "tab:green", "unsloth": "tab:purple"}
-ROW_KEY = ("contender", "model", "seq_len", "batch_size", "loss_path", "checkpointing", "device_kind")
+# --attention (fastft's backend, None for the others) is part of a row's identity, not of its hf baseline
+ROW_KEY = ("contender", "model", "seq_len", "batch_size", "loss_path", "checkpointing", "device_kind", "attention")
+BASELINE_KEY = tuple(k for k in ROW_KEY if k not in ("contender", "attention"))
+# --attention -> FastModel.from_pretrained(attn_implementation=...)
+ATTENTION = {"auto": None, "fastft": "fastft", "xformers": "fastft_xformers", "sdpa": "sdpa"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", choices=("on", "offload"), default="on",
                    help="on: gradient checkpointing per decoder layer for every contender; offload: fastft "
                         "'offload', unsloth 'unsloth', hf/liger offload=True where transformers has it")
+    p.add_argument("--attention", choices=tuple(ATTENTION), default="auto",
+                   help="attention of the fastft contender: auto = fastft's own choice (its kernel, else xformers "
+                        "below sm_80 or for head sizes it lacks, else SDPA); fastft, xformers, sdpa force one, e.g. "
+                        "to measure a T4/V100 row on each backend")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--loss-tol", type=float, default=None,
@@ -353,7 +361,8 @@ def build_model(contender: str, spec: dict, device, dtype):
         from fastft import FastModel
 
         model, _ = FastModel.from_pretrained(path, max_seq_length=max(spec["seq_lens"]), load_in_4bit=True,
-                                             dtype=None if device.type == "cuda" else dtype)
+                                             dtype=None if device.type == "cuda" else dtype,
+                                             attn_implementation=ATTENTION[spec["attention"]])
         mode = "offload" if spec["checkpointing"] == "offload" else True
         model = FastModel.get_peft_model(model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                          target_modules=list(LORA_TARGETS), use_gradient_checkpointing=mode,
@@ -533,6 +542,7 @@ def worker_main(spec_path: str) -> int:
     info["checkpointing"] = checkpointing
     info["trainable_params"] = sum(p.numel() for p in trainable)
     info["trainable_dtype"] = str(trainable[0].dtype).replace("torch.", "")
+    info["attention"] = getattr(model.config, "_attn_implementation", None)
     if "fastft" in sys.modules:
         info["fastft_path"] = os.path.dirname(sys.modules["fastft"].__file__)
     if device.type == "cuda":
@@ -540,7 +550,8 @@ def worker_main(spec_path: str) -> int:
         info["model_vram_gb"] = torch.cuda.memory_allocated(device) / shared.GIB
     save()
     print(f"[{contender}] {spec['model']}: loaded in {info['load_seconds']} s, "
-          f"{info['trainable_params'] / 1e6:.1f}M trainable ({info['trainable_dtype']}), checkpointing {checkpointing}",
+          f"{info['trainable_params'] / 1e6:.1f}M trainable ({info['trainable_dtype']}), checkpointing {checkpointing}, "
+          f"attention {info['attention']}",
           flush=True)
 
     fatal = None
@@ -635,7 +646,7 @@ def resolve_plan(args) -> dict:
 
 def add_ratios(rows: list[dict], loss_tol_override: float | None = None) -> None:
     """Ratios against hf and the loss check, within this run's rows."""
-    hf = {tuple(r[k] for k in ROW_KEY if k != "contender"): r for r in rows if r["contender"] == "hf"}
+    hf = {tuple(r[k] for k in BASELINE_KEY): r for r in rows if r["contender"] == "hf"}
     for row in rows:
         row.setdefault("flags", [])
         for field in ("tokens_per_s_vs_hf", "step_time_vs_hf", "peak_vram_vs_hf", "peak_reserved_vs_hf",
@@ -646,7 +657,7 @@ def add_ratios(rows: list[dict], loss_tol_override: float | None = None) -> None
         row["loss_tol"] = tolerance
         if row["contender"] == "hf" or row["status"] != "ok":
             continue
-        base = hf.get(tuple(row[k] for k in ROW_KEY if k != "contender"))
+        base = hf.get(tuple(row[k] for k in BASELINE_KEY))
         if base is None or base["status"] != "ok":
             row["flags"].append("no_hf_baseline")
             continue
@@ -731,7 +742,8 @@ def orchestrate(args) -> int:
                     "loss_path": args.loss_path, "device_kind": plan["device_kind"], "warmup": plan["warmup"],
                     "steps": plan["steps"], "tokens_per_s": None, "step_time_median_s": None,
                     "step_time_spread_s": None, "peak_vram_gb": None, "peak_reserved_gb": None,
-                    "loss_first_steps": [], "status": "error", "message": None}
+                    "loss_first_steps": [], "status": "error", "message": None,
+                    "attention": args.attention if contender == "fastft" else None, "attention_impl": None}
 
         # 1. the random-weight checkpoint, in a subprocess of its own
         info_path = os.path.join(work, f"checkpoint-{model_name}.json")
@@ -756,7 +768,7 @@ def orchestrate(args) -> int:
             spec = {"contender": contender, "model": model_name, "checkpoint": checkpoints[model_name]["path"],
                     "settings": settings, "seq_lens": plan["seq_lens"], "warmup": plan["warmup"],
                     "steps": plan["steps"], "seed": args.seed, "lr": args.lr, "loss_path": args.loss_path,
-                    "checkpointing": args.checkpointing, "loss_steps": LOSS_STEPS,
+                    "checkpointing": args.checkpointing, "loss_steps": LOSS_STEPS, "attention": args.attention,
                     "device_kind": plan["device_kind"], "result_path": result_path, "deadline": deadline}
             spec_path = os.path.join(work, f"spec-{model_name}-{contender}.json")
             shared.write_json_atomic(spec_path, spec)
@@ -781,6 +793,7 @@ def orchestrate(args) -> int:
                 row["dtype"] = result["info"].get("dtype")
                 for key in ("load_seconds", "load_peak_vram_gb", "model_vram_gb", "trainable_params"):
                     row[key] = result["info"].get(key)
+                row["attention_impl"] = result["info"].get("attention")
                 if (seq_len, batch_size) in done:
                     row.update(done[(seq_len, batch_size)])
                 elif budget_hit:
@@ -796,9 +809,10 @@ def orchestrate(args) -> int:
     run_info = {"date": date, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "seconds": round(time.time() - started, 1), "command": header["command"],
                 **{k: header[k] for k in ("gpu", "torch", "triton", "transformers", "peft", "bitsandbytes", "trl",
-                                          "liger_kernel", "unsloth", "fastft")},
+                                          "liger_kernel", "unsloth", "xformers", "fastft")},
                 "plan": {k: plan[k] for k in ("models", "seq_lens", "batch_sizes", "contenders", "steps", "warmup")},
-                "loss_path": args.loss_path, "lr": args.lr, "seed": args.seed, "checkpoints": checkpoints,
+                "loss_path": args.loss_path, "attention": args.attention, "lr": args.lr, "seed": args.seed,
+                "checkpoints": checkpoints,
                 "loads": loads}
     header["definitions"] = definitions(args)
     json_path = os.path.join(out_dir, stem + ".json")
@@ -844,6 +858,9 @@ def definitions(args) -> dict:
         "weights": f"random: normal(0, {INIT_STD}) matrices and biases, norms 1; bf16 checkpoint",
         "statuses": "ok, oom, not_installed, error (message), skipped (time budget)",
         "ratios": "*_vs_hf = contender / hf for the same model, seq_len, batch_size in the same run",
+        "attention": "--attention given for the fastft contender (auto: fastft's choice), None for the others; "
+                     "attention_impl: the config's attn_implementation the contender trained with (fastft = its "
+                     "Triton kernel, fastft_xformers = xformers' memory-efficient kernel, sdpa = PyTorch SDPA)",
     }
 
 
@@ -860,8 +877,8 @@ def _status_cell(row) -> str:
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| model | seq | batch | contender | status | tokens/s | x hf | step s median (min-max) | "
              "peak alloc GB | x hf | peak reserved GB | loss, first steps | max abs loss diff vs hf | loss path, "
-             "checkpointing |",
-             "|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---|---:|---|"]
+             "checkpointing | attention |",
+             "|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---|---:|---|---|"]
     order = {c: i for i, c in enumerate(CONTENDERS)}
     for row in sorted(rows, key=lambda r: (r["model"], r.get("loss_path", ""), r["seq_len"], r["batch_size"],
                                            order.get(r["contender"], 99))):
@@ -875,7 +892,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {step} | {shared.fmt(row.get('peak_vram_gb'), '.2f')} | {shared.fmt(row.get('peak_vram_vs_hf'), '.2f')} "
             f"| {shared.fmt(row.get('peak_reserved_gb'), '.2f')} | {losses} "
             f"| {shared.fmt(row.get('loss_max_abs_diff_vs_hf'), '.2g')} "
-            f"| {row.get('loss_path')}, {row.get('checkpointing')} |")
+            f"| {row.get('loss_path')}, {row.get('checkpointing')} | {shared.fmt(row.get('attention_impl'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -889,7 +906,7 @@ def markdown(data: dict) -> str:
     out.append(f"- GPU: {data['gpu']}" + (f" ({data.get('gpu_memory_gb')} GiB)" if data.get("gpu_memory_gb") else ""))
     out.append(f"- torch {data['torch']} (CUDA {data.get('cuda')}), triton {data['triton']}, transformers "
                f"{data['transformers']}, peft {data['peft']}, bitsandbytes {data['bitsandbytes']}, trl {data['trl']}, "
-               f"liger-kernel {data.get('liger_kernel')}, unsloth {data.get('unsloth')}")
+               f"liger-kernel {data.get('liger_kernel')}, unsloth {data.get('unsloth')}, xformers {data.get('xformers')}")
     out.append(f"- fastft {fastft.get('version')}, source digest {fastft.get('source_digest')} "
                f"(`python bench/_shared.py` prints a checkout's), git commit {fastft.get('git_commit')}"
                + (" (uncommitted changes)" if fastft.get("git_dirty") else ""))
@@ -932,21 +949,23 @@ def plot(data: dict, path: str) -> None:
         return
     rows = data["rows"]
     models = sorted({r["model"] for r in rows})
-    contenders = [c for c in CONTENDERS if any(r["contender"] == c for r in rows)]
+    # one bar series per contender and --attention (fastft measured with a forced backend is its own series)
+    series = [(c, a) for c in CONTENDERS for a in sorted({r.get("attention") or "" for r in rows if r["contender"] == c})]
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 3.8 * len(models)), squeeze=False)
-    width = 0.8 / max(1, len(contenders))
+    width = 0.8 / max(1, len(series))
     for m, model in enumerate(models):
         settings = sorted({(r["seq_len"], r["batch_size"], r.get("loss_path", "labels"))
                            for r in rows if r["model"] == model}, key=lambda s: (s[2], s[1], s[0]))
         labels = [f"T={t}\nB={b}" + ("" if lp == "labels" else f"\n{lp}") for t, b, lp in settings]
-        for c, contender in enumerate(contenders):
+        for c, (contender, attention) in enumerate(series):
             found = {(r["seq_len"], r["batch_size"], r.get("loss_path", "labels")): r for r in rows
-                     if r["model"] == model and r["contender"] == contender}
+                     if r["model"] == model and r["contender"] == contender and (r.get("attention") or "") == attention}
+            label = contender if attention in ("", "auto") else f"{contender} (attention {attention})"
             for ax, field in ((axes[m][0], "tokens_per_s"), (axes[m][1], "peak_vram_gb")):
                 xs, ys = [], []
                 for i, setting in enumerate(settings):
                     row = found.get(setting)
-                    x = i + (c - (len(contenders) - 1) / 2) * width
+                    x = i + (c - (len(series) - 1) / 2) * width
                     if row is None:
                         continue
                     value = row.get(field) if row["status"] == "ok" else None
@@ -957,8 +976,8 @@ def plot(data: dict, path: str) -> None:
                         xs.append(x)
                         ys.append(value)
                 if xs:
-                    ax.bar(xs, ys, width, label=contender if ax is axes[m][0] else None,
-                           color=COLORS.get(contender))
+                    ax.bar(xs, ys, width, label=label if ax is axes[m][0] else None, color=COLORS.get(contender),
+                           hatch=None if attention in ("", "auto") else "//")
         for ax, title in ((axes[m][0], "tokens/s (higher is better)"),
                           (axes[m][1], "peak VRAM allocated, GiB (lower is better)")):
             ax.set_title(f"{model}: {title}", fontsize=10)

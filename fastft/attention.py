@@ -11,8 +11,15 @@ registers a function in each:
 * the attention function routes a batch to ``fastft.kernels.attention`` (dense causal),
   ``attention_varlen`` (padded batches, and packed batches described by ``cu_seq_lens_q`` from
   padding-free collators or by restarting ``position_ids``), or SDPA with the 4D mask.
+
+Which attention a model gets (``patch_model(attn_implementation=None)``, :func:`choose_attention`): this
+kernel where it serves the model on the device; else, on a GPU (below sm_80, or a head size the kernel lacks),
+xformers' kernel ("fastft_xformers", ``xformers_attention.py``, same mask function) when it can run there;
+else PyTorch SDPA.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from transformers import AttentionInterface
@@ -21,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from .kernels.attention import attention, attention_varlen
 
+logger = logging.getLogger("fastft")
 ATTENTION_NAME = "fastft"
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 
@@ -127,20 +135,67 @@ def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 
 def register() -> None:
-    """Register "fastft" in transformers' attention and mask interfaces (idempotent, global: the name
-    only takes effect for models whose config selects it)."""
+    """Register "fastft" and "fastft_xformers" in transformers' attention and mask interfaces (idempotent,
+    global: a name only takes effect for models whose config selects it)."""
+    from . import xformers_attention  # imported here: that module builds on this one
+
     AttentionInterface.register(ATTENTION_NAME, fastft_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, fastft_mask)
+    xformers_attention.register()
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def fastft_attention_supported(config, device: torch.device) -> str | None:
     """None when fastft's attention kernel serves this model on this device, else the reason it cannot."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim={head_dim} (the kernel serves {SUPPORTED_HEAD_DIMS})"
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        # Triton's tl.dot has no tensor-core path below sm80: SDPA's memory-efficient kernel is faster there.
+        # Triton's tl.dot has no tensor-core path below sm80: xformers' or SDPA's kernels are faster there.
         return f"compute capability {torch.cuda.get_device_capability(device)} < 8.0 (Triton's tl.dot runs without tensor cores)"
     if getattr(config, "attention_dropout", 0.0):
         return f"attention_dropout={config.attention_dropout}"
     return None
+
+
+def choose_attention(config, device: torch.device, dtype: torch.dtype) -> tuple[str, str | None]:
+    """The attention ``attn_implementation=None`` picks, and the log line saying which and why (None when it is
+    fastft's kernel): fastft's kernel where it serves the model on this device; else, on a GPU, xformers'
+    memory-efficient kernel when it is installed and can run there (it takes packed and padded batches without a
+    dense mask); else PyTorch SDPA."""
+    from . import xformers_attention
+
+    reason = fastft_attention_supported(config, device)
+    if reason is None:
+        return ATTENTION_NAME, None
+    dropout = getattr(config, "attention_dropout", 0.0)
+    if dropout:  # neither kernel has attention dropout
+        reason = f"attention_dropout={dropout}"
+    elif device.type == "cuda":
+        why_not = xformers_attention.unavailable_reason(device, dtype, _head_dim(config))
+        if why_not is None:
+            return xformers_attention.ATTENTION_NAME, (
+                f"fastft: attention runs on xformers' memory-efficient kernel ({xformers_attention.ATTENTION_NAME!r}), "
+                f"not fastft's: {reason}")
+        reason = f"{reason}; not on xformers either: {why_not}"
+    return "sdpa", f"fastft: attention runs on PyTorch SDPA, not fastft's kernel: {reason}"
+
+
+def resolve_attention(config, device: torch.device, dtype: torch.dtype, attn_implementation: str | None) -> str:
+    """``attn_implementation`` as given to ``patch_model``: None routes (:func:`choose_attention`, logged);
+    "fastft_xformers" is checked to run here, so a wrong choice fails at load time, not in the first forward."""
+    from . import xformers_attention
+
+    if attn_implementation is None:
+        attn_implementation, log_line = choose_attention(config, device, dtype)
+        if log_line is not None:
+            logger.warning(log_line)
+    elif attn_implementation == xformers_attention.ATTENTION_NAME:
+        why_not = xformers_attention.unavailable_reason(device, dtype, _head_dim(config))
+        if why_not is not None:
+            raise ValueError(f"attn_implementation={attn_implementation!r} cannot run on {device} in {dtype}: "
+                             f"{why_not}; use attn_implementation=None to let fastft choose")
+    return attn_implementation

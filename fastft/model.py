@@ -109,7 +109,8 @@ class FastModel:
 
         ``load_in_4bit``: bitsandbytes NF4 with double quantization (QLoRA); False loads 16-bit weights
         (``dtype``) served by the same fused kernels. ``attn_implementation=None`` picks fastft's
-        attention where its kernel serves the model and GPU, else PyTorch SDPA (with a warning saying why).
+        attention where its kernel serves the model and GPU, else xformers' (``"fastft_xformers"``, when installed
+        and able to run on the GPU), else PyTorch SDPA, with a warning saying which and why.
         Extra ``kwargs`` go to ``from_pretrained`` of transformers (e.g. ``gguf_file``, ``revision``).
         """
         _check_transformers_version()
@@ -194,11 +195,8 @@ def patch_model(model, max_seq_length: int = 2048, attn_implementation: str | No
     spec = spec or spec_for(model.config)
     fastft_attention.register()
     trl_compat.install()
-    if attn_implementation is None:
-        reason = fastft_attention.fastft_attention_supported(model.config, model.device)
-        attn_implementation = fastft_attention.ATTENTION_NAME if reason is None else "sdpa"
-        if reason is not None:
-            logger.warning(f"fastft: attention runs on PyTorch SDPA, not fastft's kernel: {reason}")
+    attn_implementation = fastft_attention.resolve_attention(model.config, model.device, model.dtype,
+                                                             attn_implementation)
     model.set_attn_implementation(attn_implementation)
 
     patch_decoder(model.model, spec)

@@ -2,8 +2,10 @@
 
 * ``bench/run.py --cpu-smoke`` trains the tiny config for a few steps with ``hf`` and ``fastft``, each in its
   own subprocess, and must write a complete result file whose two contenders agree on the loss;
+* ``bench/run.py --cpu-smoke --attention sdpa`` forces the fastft contender's attention backend;
 * ``bench/kernels.py --cpu-dry-run`` runs every micro-benchmark's code path at tiny shapes;
-* without a GPU, both scripts must refuse with a clear message and a non-zero exit.
+* ``bench/attention_backends.py --cpu-dry-run`` compares fastft's attention backends at tiny shapes;
+* without a GPU, the scripts must refuse with a clear message and a non-zero exit.
 
 The subprocesses are started together (module fixture) so the slow ones overlap.
 """
@@ -22,6 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "bench" / "run.py"
 KERNELS = REPO / "bench" / "kernels.py"
+ATTENTION = REPO / "bench" / "attention_backends.py"
 TIMEOUT = 600
 
 ROW_FIELDS = ("contender", "model", "seq_len", "batch_size", "tokens_per_s", "step_time_median_s",
@@ -54,7 +57,11 @@ def runs(tmp_path_factory):
     procs = {
         # from the repo root on purpose: the scripts must keep the root (and its kernels/) off sys.path
         "smoke": _start([RUN, "--cpu-smoke", "--out-dir", tmp / "smoke", "--cache-dir", tmp / "cache"], REPO),
+        "smoke_sdpa": _start([RUN, "--cpu-smoke", "--contenders", "fastft", "--attention", "sdpa", "--out-dir",
+                              tmp / "smoke_sdpa", "--cache-dir", tmp / "cache_sdpa"], REPO),
         "dry": _start([KERNELS, "--cpu-dry-run", "--out-dir", tmp / "dry"], REPO),
+        "attention_dry": _start([ATTENTION, "--cpu-dry-run", "--out-dir", tmp / "attention_dry"], REPO),
+        "attention_no_gpu": _start([ATTENTION, "--out-dir", tmp / "attention_no_gpu"], tmp),
         "run_no_gpu": _start([RUN, "--quick", "--out-dir", tmp / "run_no_gpu"], tmp),
         "kernels_no_gpu": _start([KERNELS, "--out-dir", tmp / "kernels_no_gpu"], tmp),
         "help": _start([RUN, "--help"], tmp),
@@ -107,6 +114,9 @@ def test_cpu_smoke_writes_complete_results(runs):
         # random weights, vocab 128: the loss starts near ln(128) = 4.85
         assert abs(row["loss_first_steps"][0] - math.log(128)) < 0.5
         assert row["peak_vram_gb"] is None  # CPU: no VRAM figure, not a made-up one
+    # --attention defaults to fastft's own choice (its kernel serves head dim 64); hf runs SDPA
+    assert (rows["fastft"]["attention"], rows["fastft"]["attention_impl"]) == ("auto", "fastft")
+    assert (rows["hf"]["attention"], rows["hf"]["attention_impl"]) == (None, "sdpa")
 
     hf, fast = rows["hf"], rows["fastft"]
     # fp32 on CPU: the stated tolerance must be tight (correct paths agree to ~1e-6) ...
@@ -156,7 +166,57 @@ def test_kernels_dry_run_covers_every_op(runs):
     assert "CPU DRY RUN" in md and "| op | shape | impl |" in md
 
 
-@pytest.mark.parametrize("name, script", [("run_no_gpu", "bench/run.py"), ("kernels_no_gpu", "bench/kernels.py")])
+def test_cpu_smoke_with_a_forced_attention_backend(runs):
+    tmp, results = runs
+    code, out, err = results["smoke_sdpa"]
+    assert code == 0, f"cpu smoke --attention sdpa failed ({code}):\n{out[-3000:]}\n{err[-3000:]}"
+    data = json.loads(_one(tmp / "smoke_sdpa", "*-cpu-smoke.json").read_text())
+    [row] = data["rows"]
+    assert (row["contender"], row["status"], row["attention"], row["attention_impl"]) == ("fastft", "ok", "sdpa", "sdpa")
+    assert data["runs"][0]["attention"] == "sdpa"
+    assert "| labels, on | sdpa |" in _one(tmp / "smoke_sdpa", "*-cpu-smoke.md").read_text()
+
+
+def test_attention_backends_dry_run(runs):
+    tmp, results = runs
+    code, out, err = results["attention_dry"]
+    assert code == 0, f"attention dry run failed ({code}):\n{out[-3000:]}\n{err[-3000:]}"
+    data = json.loads(_one(tmp / "attention_dry", "*-attention.json").read_text())
+    assert data["cpu_dry_run"] is True and data["xformers"]
+    rows = {(r["batch"], r["backend"]): r for r in data["rows"]}
+    assert set(rows) == {(b, n) for b in ("packed", "padded") for n in ("fastft", "fastft_xformers", "sdpa")}
+    for batch in ("packed", "padded"):
+        for backend in ("fastft", "sdpa"):
+            row = rows[(batch, backend)]
+            assert row["status"] == "ok" and row["flags"] == [], row
+            assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+            for field in ("fwd", "dq", "dk", "dv"):  # fp32 against fp32 math: rounding only
+                assert row[f"{field}_rel_err"] < 1e-5, (batch, backend, field, row[f"{field}_rel_err"])
+        # xformers has no CPU kernel: the row says so, in xformers' words
+        xformers_row = rows[(batch, "fastft_xformers")]
+        assert xformers_row["status"] == "not_available" and "device=cpu" in xformers_row["message"]
+    assert rows[("padded", "sdpa")]["mask_mb"] > 0
+    md = _one(tmp / "attention_dry", "*-attention.md").read_text()
+    assert "CPU DRY RUN" in md and "| batch | shape | dtype | backend |" in md
+
+
+def test_attention_backends_measure_the_xformers_route(monkeypatch):
+    """The xformers row's code path, with xformers' op replaced by the CPU reference: it agrees with fp32 math."""
+    from xformers_reference import use_reference_op
+
+    seen = use_reference_op(monkeypatch)
+    bench = _load(ATTENTION, "fastft_bench_attention_under_test")
+    import torch
+
+    for batch in ("packed", "padded"):
+        row = bench.measure("fastft_xformers", batch, bench.SHAPES["dry"], torch.device("cpu"), torch.float32)
+        assert row["status"] == "ok" and row["flags"] == [], row
+        assert all(row[f"{f}_rel_err"] < 1e-5 for f in ("fwd", "dq", "dk", "dv")), row
+    assert 4 in seen and 5 in seen  # with gradients (K/V repeated) and without (grouped layout)
+
+
+@pytest.mark.parametrize("name, script", [("run_no_gpu", "bench/run.py"), ("kernels_no_gpu", "bench/kernels.py"),
+                                          ("attention_no_gpu", "bench/attention_backends.py")])
 def test_without_gpu_the_scripts_refuse(runs, name, script):
     tmp, results = runs
     code, out, err = results[name]
@@ -171,7 +231,7 @@ def test_help(runs):
     code, out, _ = results["help"]
     assert code == 0
     for flag in ("--quick", "--cpu-smoke", "--models", "--seq-lens", "--batch-sizes", "--contenders", "--steps",
-                 "--warmup", "--out-dir"):
+                 "--warmup", "--out-dir", "--attention"):
         assert flag in out
 
 
