@@ -10,84 +10,105 @@ Forward (each ``proj(z) = z @ W.T (+ bias) + s * (z @ A.T) @ B.T``, see ``lora_l
 
 Backward (``dy`` [T, H]; ``sig = sigmoid(g)``)::
 
-    h      = silu(g) * u                        # recomputed into a [T, I] buffer
-    dA_d   = s_d * (dy @ B_d).T @ h             # needs h ...
-    dB_d   = s_d * dy.T @ (h @ A_d.T)
-    dh     = dy @ W_d + s_d * (dy @ B_d) @ A_d  # ... then dh overwrites h in the same buffer
-    dg     = dh * u * sig * (1 + g * (1 - sig)) # written over g   (SwiGLU backward, in place)
-    du     = dh * g * sig                       # written over u
+    dB_d   = s_d * dy.T @ (h @ A_d.T)           # h @ A_d.T ([T, r]) kept from the forward
+    dh     = dy @ W_d + s_d * (dy @ B_d) @ A_d  # into a [T, I] buffer
+    h, dg, du = silu(g) * u,                    # ONE elementwise pass reads dh, g, u and writes
+                dh * u * sig * (1 + g * (1 - sig)),   # h over dh, dg over g, du over u
+                dh * g * sig
+    dA_d   = s_d * (dy @ B_d).T @ h
     dx     = dg @ W_g + s_g * (dg @ B_g) @ A_g + du @ W_u + s_u * (du @ B_u) @ A_u   # one buffer
     dA_p   = s_p * (dp @ B_p).T @ x,   dB_p = s_p * dp.T @ (x @ A_p.T)      for p in (gate, up)
 
 Kept between forward and backward: ``x``, ``g``, ``u`` and the small LoRA products ``x @ A_g.T``,
-``x @ A_u.T``, ``h @ A_d.T`` ([T, r] each). Recomputed: ``h`` (one elementwise pass, cheaper than
-keeping a third [T, I] tensor) and every dequantized weight (the NF4 weights go through the shared
-workspace buffer of ``lora_linear.py`` right before each matmul; none is kept). Recomputing ``g``
-and ``u`` instead of keeping them would cost two large matmuls: not done. The backward peaks at one
-extra [T, I] buffer (h, then dh); ``dg``/``du`` reuse the storage of ``g``/``u``, so a graph's
-backward can run only once (a second one raises a RuntimeError).
+``x @ A_u.T``, ``h @ A_d.T`` ([T, r] each). Every dequantized weight goes through the shared workspace
+buffer of ``lora_linear.py`` right before its matmul; none is kept. The backward peaks at one extra
+[T, I] buffer (dh, then h); ``dg``/``du`` reuse the storage of ``g``/``u``, so a graph's backward can run
+only once (a second one raises a RuntimeError).
 
-The SwiGLU steps use the Triton kernels of ``swiglu.py`` (forward into a given buffer, backward in
-place); the PyTorch engine runs the same math in fp32. Dtype rules as in ``lora_linear.py``.
+**Token chunks** (``chunk_tokens=C``, for long sequences): the ``[T, I]`` tensors are what grows with the
+context (three of them: 86 KB per token for Llama-3-8B in bf16). With ``C < T`` the forward runs C tokens
+at a time and keeps only ``x`` and the [T, r] LoRA products; the backward recomputes ``g`` and ``u`` chunk by
+chunk (two more GEMMs per chunk: the price of the memory) and accumulates the LoRA weight gradients over
+the chunks in fp32. The MLP then never holds more than three ``[C, I]`` tensors.
+
+The SwiGLU passes are the kernels of ``swiglu.py``; the PyTorch engine runs the same math in fp32.
+Dtype rules as in ``lora_linear.py``.
 """
 from __future__ import annotations
 
 import torch
-import triton
 
-from ._common import check_tensor, empty, use_triton
+from ._common import check_tensor, empty
 from .lora_linear import _autocast_off, _bias_grad, _check_projection, _prepare, _project_backward, _project_forward
-from .swiglu import _BLOCK as _SWIGLU_BLOCK
-from .swiglu import _NUM_WARPS as _SWIGLU_NUM_WARPS
-from .swiglu import _swiglu_bwd_kernel, _swiglu_fwd_kernel
+from .swiglu import swiglu_backward_into, swiglu_forward_into
 
 _N = 6  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype
 
 
-def _swiglu_forward_into(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = silu(g) * u`` (fp32 math, one rounding); all contiguous, same shape and dtype."""
-    n = g.numel()
-    if use_triton(g):
-        if n > 0:
-            _swiglu_fwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](g, u, out, n, BLOCK=_SWIGLU_BLOCK,
-                                                                 num_warps=_SWIGLU_NUM_WARPS)
-    else:
-        gf = g.float()
-        out.copy_(gf * torch.sigmoid(gf) * u.float())
-    return out
+def _mlp_forward(x, gate, up, down):
+    """``(y, g, u, xa_g, xa_u, ha_d)`` of the MLP on the rows ``x``."""
+    g, xa_g = _project_forward(x, *gate)
+    u, xa_u = _project_forward(x, *up)
+    h = swiglu_forward_into(g, u, empty(g.shape, dtype=g.dtype, device=g.device))
+    y, ha_d = _project_forward(h, *down)
+    return y, g, u, xa_g, xa_u, ha_d
 
 
-def _swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> None:
-    """``g <- dh * u * sig * (1 + g * (1 - sig))`` and ``u <- dh * g * sig`` with ``sig = sigmoid(g)``.
-    In place is safe in the kernel: each element is loaded and stored by the same program."""
-    n = g.numel()
-    if use_triton(g):
-        if n > 0:
-            _swiglu_bwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](dh, g, u, g, u, n, BLOCK=_SWIGLU_BLOCK,
-                                                                 num_warps=_SWIGLU_NUM_WARPS)
-    else:
-        gf, uf, dhf = g.float(), u.float(), dh.float()
-        sig = torch.sigmoid(gf)
-        dg = dhf * uf * sig * (1 + gf * (1 - sig))
-        du = dhf * gf * sig
-        g.copy_(dg)
-        u.copy_(du)
+def _down_grad_A(dy, h, A, B, s, compute_dtype):
+    """``dA_d = s * (dy @ B).T @ h`` in the dtypes ``_project_backward`` uses."""
+    if A.dtype == compute_dtype == dy.dtype:
+        return torch.mm(torch.mm(dy, B).t(), h).mul_(s)
+    return torch.mm(torch.mm(dy.to(A.dtype), B).mul_(s).t(), h.to(A.dtype))
+
+
+def _mlp_backward(dy, x, g, u, smalls, projections, need, dx):
+    """Gradients of the rows ``x`` (``dy`` their output gradient; ``g``, ``u`` their gate/up outputs, which
+    are overwritten). ``smalls``: their ``(xa_g, xa_u, ha_d)``; ``need``: Function's needs_input_grad.
+    Writes ``dx`` (a buffer of the rows, or None) and returns the 3 x (dbias, dA, dB) of gate, up, down."""
+    (W_g, _, A_g, B_g, s_g, cd_g), (W_u, _, A_u, B_u, s_u, cd_u), (W_d, b_d, A_d, B_d, s_d, cd_d) = projections
+    xa_g, xa_u, ha_d = smalls
+    d = 1 + 2 * _N  # index in needs_input_grad of down's weight
+    buf = empty(g.shape, dtype=g.dtype, device=g.device)
+    dh, _, dB_d = _project_backward(dy, None, W_d, A_d, B_d, s_d, ha_d, cd_d, need_dx=True, need_dA=False,
+                                    need_dB=need[d + 3], dx_out=buf)
+    swiglu_backward_into(dh, g, u, g, u, out=buf)  # buf: h; g, u: dg, du
+    dA_d = _down_grad_A(dy, buf, A_d, B_d, s_d, cd_d) if A_d is not None and need[d + 2] else None
+    grads = [None, None, None, None, None, None, _bias_grad(dy, b_d.dtype) if need[d + 1] else None, dA_d, dB_d]
+    del buf, dh
+    for i, (dp, W, bias_grad_needed, A, B, s, xa, cd) in enumerate(
+            ((g, W_g, need[2], A_g, B_g, s_g, xa_g, cd_g), (u, W_u, need[_N + 2], A_u, B_u, s_u, xa_u, cd_u))):
+        base = 1 + _N * i
+        into = dict(dx_out=dx) if i == 0 else dict(dx=dx)  # gate writes dx, up adds to it
+        dx, dA, dB = _project_backward(dp, x, W, A, B, s, xa, cd, need_dx=need[0], need_dA=need[base + 2],
+                                       need_dB=need[base + 3], **into)
+        grads[3 * i: 3 * i + 3] = [_bias_grad(dp, projections[i][1].dtype) if bias_grad_needed else None, dA, dB]
+    return dx, grads
 
 
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, *flat):
+    def forward(ctx, x2, chunk_tokens, *flat):
         gate, up, down = (flat[i:i + _N] for i in range(0, 3 * _N, _N))
-        g, xa_g = _project_forward(x2, *gate)
-        u, xa_u = _project_forward(x2, *up)
-        h = _swiglu_forward_into(g, u, empty(g.shape, dtype=g.dtype, device=g.device))
-        y, ha_d = _project_forward(h, *down)
-        del h  # recomputed in the backward
-        ctx.save_for_backward(x2, g, u, gate[2], gate[3], xa_g, up[2], up[3], xa_u, down[2], down[3], ha_d)
-        ctx.weights = (gate[0], up[0], down[0])  # frozen weights: references only
-        ctx.scalings = (gate[4], up[4], down[4])
-        ctx.compute_dtypes = (gate[5], up[5], down[5])
-        ctx.bias_dtypes = tuple(None if p[1] is None else p[1].dtype for p in (gate, up, down))
+        T = x2.shape[0]
+        ctx.chunked = chunk_tokens is not None and chunk_tokens < T
+        if not ctx.chunked:
+            y, g, u, *smalls = _mlp_forward(x2, gate, up, down)
+            ctx.save_for_backward(x2, g, u, *smalls, gate[2], gate[3], up[2], up[3], down[2], down[3])
+        else:  # keep x and the [T, r] LoRA products; g and u are recomputed in the backward
+            y = empty((T, down[0].shape[0]), dtype=x2.dtype, device=x2.device)
+            smalls = [None if p[2] is None else empty((T, p[2].shape[0]), dtype=p[2].dtype, device=x2.device)
+                      for p in (gate, up, down)]
+            for c0 in range(0, T, chunk_tokens):
+                rows = slice(c0, min(c0 + chunk_tokens, T))
+                y_c, _, _, *smalls_c = _mlp_forward(x2[rows], gate, up, down)
+                y[rows] = y_c
+                for kept, part in zip(smalls, smalls_c):
+                    if kept is not None:
+                        kept[rows] = part
+                del y_c, smalls_c
+            ctx.save_for_backward(x2, *smalls, gate[2], gate[3], up[2], up[3], down[2], down[3])
+        ctx.chunk_tokens = chunk_tokens
+        ctx.frozen = [(p[0], p[1], p[4], p[5]) for p in (gate, up, down)]  # weight (a reference), bias, s, dtype
         return y
 
     @staticmethod
@@ -96,38 +117,49 @@ class _LoraMLPFunction(torch.autograd.Function):
             raise RuntimeError("lora_mlp's backward overwrites its saved gate/up activations with their gradients: "
                                "it runs once per forward (backward with retain_graph=True twice is not supported)")
         ctx.consumed = True
-        x2, g, u, A_g, B_g, xa_g, A_u, B_u, xa_u, A_d, B_d, ha_d = ctx.saved_tensors
-        need = ctx.needs_input_grad  # x2, then (weight, bias, A, B, s, compute_dtype) for gate, up, down
-        W_g, W_u, W_d = ctx.weights
-        s_g, s_u, s_d = ctx.scalings
-        cd_g, cd_u, cd_d = ctx.compute_dtypes
-        grads = [None] * (3 * _N)
+        need = ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]  # x2, then 6 per projection (no chunk_tokens)
+        saved = list(ctx.saved_tensors)
+        x2 = saved.pop(0)
+        g = u = None
+        if not ctx.chunked:
+            g, u = saved.pop(0), saved.pop(0)
+        smalls, adapters = saved[:3], saved[3:]
+        projections = [(W, b, adapters[2 * i], adapters[2 * i + 1], s, cd) for i, (W, b, s, cd) in enumerate(ctx.frozen)]
         with _autocast_off(dy.device.type):
-            # down: h is needed only for dA_d; dh then overwrites it in the same buffer
-            buf = empty(g.shape, dtype=g.dtype, device=g.device)
-            d = 1 + 2 * _N  # index in needs_input_grad of down's weight
-            need_dA_d = A_d is not None and need[d + 2]
-            if need_dA_d:
-                _swiglu_forward_into(g, u, buf)
-            dh, dA_d, dB_d = _project_backward(dy, buf, W_d, A_d, B_d, s_d, ha_d, cd_d,
-                                               need_dx=True, need_dA=need_dA_d, need_dB=need[d + 3], dx_out=buf)
-            grads[d: d + 3] = [_bias_grad(dy, ctx.bias_dtypes[2]) if need[d + 1] else None, dA_d, dB_d]
-            # SwiGLU backward, in place: g <- dg, u <- du
-            _swiglu_backward_inplace(dh, g, u)
-            dg, du = g, u
-            del dh, buf
-            # gate and up: one dx buffer
-            dx = None
-            for i, (dp, W, A, B, s, xa, cd) in enumerate(((dg, W_g, A_g, B_g, s_g, xa_g, cd_g),
-                                                           (du, W_u, A_u, B_u, s_u, xa_u, cd_u))):
-                base = 1 + _N * i
-                dx, dA, dB = _project_backward(dp, x2, W, A, B, s, xa, cd, need_dx=need[0],
-                                               need_dA=need[base + 2], need_dB=need[base + 3], dx=dx)
-                grads[base: base + 3] = [_bias_grad(dp, ctx.bias_dtypes[i]) if need[base + 1] else None, dA, dB]
-        return (dx, *grads)
+            if not ctx.chunked:
+                dx, grads = _mlp_backward(dy, x2, g, u, smalls, projections, need, None)
+            else:
+                dx, grads = _chunked_backward(dy, x2, smalls, projections, need, ctx.chunk_tokens)
+        out = [None] * (3 * _N)
+        for i in range(3):
+            out[_N * i + 1: _N * i + 4] = grads[3 * i: 3 * i + 3]
+        return (dx, None, *out)
 
 
-def lora_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens):
+    """:func:`_mlp_backward` chunk by chunk, ``g`` and ``u`` recomputed; weight gradients summed in fp32."""
+    T = x2.shape[0]
+    dx = empty(x2.shape, dtype=x2.dtype, device=x2.device) if need[0] else None
+    sums = [None] * 9
+    for c0 in range(0, T, chunk_tokens):
+        rows = slice(c0, min(c0 + chunk_tokens, T))
+        x_c = x2[rows]
+        g_c, _ = _project_forward(x_c, *projections[0])
+        u_c, _ = _project_forward(x_c, *projections[1])
+        smalls_c = [None if t is None else t[rows] for t in smalls]
+        _, grads = _mlp_backward(dy[rows], x_c, g_c, u_c, smalls_c, projections, need,
+                                 dx[rows] if dx is not None else None)
+        del g_c, u_c
+        for k, grad in enumerate(grads):
+            if grad is not None:
+                sums[k] = grad.float() if sums[k] is None else sums[k].add_(grad)
+    dtypes = []
+    for W, b, A, B, s, cd in projections:
+        dtypes += [None if b is None else b.dtype, None if A is None else A.dtype, None if B is None else B.dtype]
+    return dx, [None if total is None else total.to(dtype) for total, dtype in zip(sums, dtypes)]
+
+
+def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -> torch.Tensor:
     """Llama/Qwen2 MLP with LoRA: ``down(silu(gate(x)) * up(x))`` in one autograd node.
 
     Args:
@@ -136,14 +168,20 @@ def lora_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
             ``lora_linear`` (e.g. ``fastft.quant.fused_linear_args(module)``), weights
             ``(I, H)`` (NF4Weight or frozen tensor), A ``[r, H]``, B ``[I, r]`` (or both None).
         down: the same with weight ``(H, I)``, A ``[r, I]``, B ``[H, r]``.
+        chunk_tokens: process at most this many tokens at a time (see the module doc: bounded
+            ``[C, I]`` buffers, ``g``/``u`` recomputed in the backward); None: all at once.
 
     Returns:
         ``[..., H]`` in ``x.dtype`` (autocast: see ``lora_linear.py``; g, u, h stay in ``x.dtype``).
 
-    Backward: see the module docstring. ``h = silu(g) * u`` is recomputed, ``g``/``u`` are kept and
-    overwritten by their gradients, each NF4 weight is re-dequantized into the shared buffer.
+    Backward: see the module docstring. ``h = silu(g) * u`` is recomputed together with the SwiGLU
+    gradients in one pass, ``g``/``u`` are overwritten by their gradients, each NF4 weight is
+    re-dequantized into the shared buffer.
     """
     check_tensor("x", x, min_ndim=1)
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     gate = _check_projection("gate", x.shape[-1], gate, x.device)
     up = _check_projection("up", x.shape[-1], up, x.device)
     intermediate = gate[0].shape[0]
@@ -156,5 +194,5 @@ def lora_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     with _autocast_off(x.device.type):
-        y = _LoraMLPFunction.apply(x2, *gate, *up, *down)
+        y = _LoraMLPFunction.apply(x2, chunk_tokens, *gate, *up, *down)
     return y.reshape(*lead_shape, y.shape[-1]).to(out_dtypes[2])

@@ -11,6 +11,11 @@ Backward recomputes ``sig`` from the saved ``gate`` (no fp32 activation is kept)
     d_up   = g_out * silu(gate)
 
 Both passes are memory bound: one flat 1-D grid over all elements, BLOCK elements per program.
+
+:func:`swiglu_forward_into` and :func:`swiglu_backward_into` launch the two kernels on caller-owned
+buffers, for the fused MLP (``lora_mlp.py``), whose backward needs the activation ``out`` (for the
+gradient of the down projection's LoRA A) as well as ``d_gate`` and ``d_up``: one pass reads ``g_out``,
+``gate`` and ``up`` and writes all three, over the inputs' own storage.
 """
 from __future__ import annotations
 
@@ -40,10 +45,12 @@ def _swiglu_fwd_kernel(
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    GRAD_OUT, GATE, UP, GRAD_GATE, GRAD_UP,  # pointers, flat and contiguous
+    GRAD_OUT, GATE, UP, GRAD_GATE, GRAD_UP, OUT,  # pointers, flat and contiguous; OUT only with STORE_OUT
     n_elements,
     BLOCK: tl.constexpr,
+    STORE_OUT: tl.constexpr,  # also write the forward's output (recomputed): the fused MLP's backward needs it
 ):
+    # Each element is loaded and stored by the same program, so the outputs may overwrite the inputs.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     grad_out = tl.load(GRAD_OUT + offs, mask=mask, other=0.0).to(tl.float32)
@@ -55,30 +62,61 @@ def _swiglu_bwd_kernel(
     grad_up = grad_out * silu
     tl.store(GRAD_GATE + offs, grad_gate.to(GRAD_GATE.dtype.element_ty), mask=mask)
     tl.store(GRAD_UP + offs, grad_up.to(GRAD_UP.dtype.element_ty), mask=mask)
+    if STORE_OUT:
+        tl.store(OUT + offs, (silu * up).to(OUT.dtype.element_ty), mask=mask)
+
+
+def swiglu_forward_into(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = silu(gate) * up`` (fp32 math, one rounding) into the caller's buffer; all three contiguous,
+    same shape and dtype (not checked: for fastft's own callers). Returns ``out``."""
+    n = gate.numel()
+    if use_triton(gate):
+        if n > 0:
+            _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    else:
+        gf = gate.float()
+        out.copy_(gf * torch.sigmoid(gf) * up.float())
+    return out
+
+
+def swiglu_backward_into(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, grad_gate: torch.Tensor,
+                         grad_up: torch.Tensor, out: torch.Tensor | None = None) -> None:
+    """``grad_gate``, ``grad_up`` (and, given ``out``, the recomputed ``silu(gate) * up``) in one pass.
+
+    Every output may be the storage of an input (``grad_gate=gate``, ``grad_up=up``, ``out=grad_out``):
+    each element is read before it is written. All contiguous, same shape and dtype (not checked)."""
+    n = gate.numel()
+    if use_triton(gate):
+        if n > 0:
+            _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+                grad_out, gate, up, grad_gate, grad_up, out if out is not None else grad_gate, n,
+                BLOCK=_BLOCK, STORE_OUT=out is not None, num_warps=_NUM_WARPS,
+            )
+        return
+    gf, uf, df = gate.float(), up.float(), grad_out.float()
+    sig = torch.sigmoid(gf)
+    silu = gf * sig
+    d_gate, d_up = df * uf * sig * (1 + gf * (1 - sig)), df * silu
+    if out is not None:
+        out.copy_(silu * uf)
+    grad_gate.copy_(d_gate)
+    grad_up.copy_(d_up)
 
 
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
         gate, up = gate.contiguous(), up.contiguous()  # no-ops for the usual contiguous inputs
-        out = empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        n = gate.numel()
-        if n > 0:
-            _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        out = swiglu_forward_into(gate, up, empty(gate.shape, dtype=gate.dtype, device=gate.device))
         ctx.save_for_backward(gate, up)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
         grad_gate = empty(gate.shape, dtype=gate.dtype, device=gate.device)
         grad_up = empty(up.shape, dtype=up.dtype, device=up.device)
-        n = gate.numel()
-        if n > 0:
-            _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-                grad_out, gate, up, grad_gate, grad_up, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-            )
+        swiglu_backward_into(grad_out.contiguous(), gate, up, grad_gate, grad_up)
         return grad_gate, grad_up
 
 

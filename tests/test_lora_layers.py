@@ -329,3 +329,31 @@ def test_unsupported_lora_layers_are_refused_with_the_reason():
     with pytest.raises(UnsupportedLoraLayer, match="neither a linear layer"):
         fused_linear_args(torch.nn.Conv1d(4, 4, 1))
     assert issubclass(UnsupportedLoraLayer, ValueError)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 12, 13, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_mlp_in_token_chunks_matches_peft(dtype, chunk_tokens):
+    """Chunks of 1 token, uneven chunks (13 = 4+4+4+1), one chunk short of T (12+1), one chunk (13) and more
+    than T: the same outputs and gradients as peft's MLP, with g/u recomputed chunk by chunk."""
+    gate = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=0), lora_dtype=dtype, seed=1)
+    up = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=2), r=3, lora_dtype=dtype, seed=3)
+    down = _lora(_nf4_base(200, 72, compute_dtype=dtype, seed=4), r=5, alpha=5, lora_dtype=dtype, seed=5)
+    x = torch.randn(13, 72).to(dtype)
+    params = _trainable([gate, up, down])
+    _compare(lambda x: lora_mlp(x, lora_args_of(gate), lora_args_of(up), lora_args_of(down), chunk_tokens=chunk_tokens),
+             lambda x: down(F.silu(gate(x)) * up(x)), x, params, dtype,
+             ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"])
+
+
+def test_lora_mlp_in_chunks_keeps_no_intermediate_activation():
+    """In chunks, the forward keeps x and the [T, r] LoRA products only: no [T, I] tensor is saved."""
+    mods = [_lora(_nf4_base(72, 200, seed=0)), _lora(_nf4_base(72, 200, seed=2)), _lora(_nf4_base(200, 72, seed=4))]
+    x = torch.randn(13, 72, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        lora_mlp(x, *(lora_args_of(m) for m in mods), chunk_tokens=5)
+    assert (13, 200) not in saved and (13, 72) in saved
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        lora_mlp(x, *(lora_args_of(m) for m in mods))
+    assert saved.count((13, 200)) == 2  # unchunked: g and u
