@@ -142,20 +142,27 @@ class FastModel:
     @staticmethod
     def get_peft_model(model, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0, bias: str = "none",
                        target_modules=DEFAULT_TARGET_MODULES, use_gradient_checkpointing=True,
-                       random_state: int = 3407, use_rslora: bool = False, **lora_kwargs):
+                       random_state: int = 3407, use_rslora: bool = False, memory_budget_gb: float | None = None,
+                       batch_size: int = 1, mlp_chunk_tokens: int | None = None, **lora_kwargs):
         """Wrap a patched model in peft LoRA adapters (a standard ``PeftModel``).
 
         The fused LoRA kernels serve adapters with ``lora_dropout=0``, ``bias="none"``, no DoRA; other
         options are honoured by peft's own forward for the affected layers (slower, still correct).
-        ``use_gradient_checkpointing``: True, False, or "offload" (checkpointed hidden states go to pinned
-        CPU memory; stays on even when TRL re-enables checkpointing).
+
+        ``use_gradient_checkpointing`` (see ``fastft/checkpointing.py``; kept when TRL re-enables
+        checkpointing): True (every layer), False, a number of layers (the first ones), "offload" (every
+        layer, checkpoints in pinned host memory), or "auto": as little as fits ``memory_budget_gb`` GiB
+        (default: what the GPU has for this process) for ``batch_size`` sequences of ``max_seq_length``
+        tokens per step, decided by fastft's memory accounting (logged). ``mlp_chunk_tokens``: run the MLP
+        that many tokens at a time (bounded memory for long sequences; recomputes gate/up in the backward).
         """
         import peft
 
+        from . import checkpointing
+
         if not getattr(model, "_fastft_patched", False):
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
-        if use_gradient_checkpointing not in (True, False, "offload"):
-            raise ValueError(f"use_gradient_checkpointing must be True, False or 'offload', got {use_gradient_checkpointing!r}")
+        mode = checkpointing.check_mode(use_gradient_checkpointing, len(model.model.layers))
         if lora_dropout or bias != "none" or lora_kwargs.get("use_dora"):
             logger.warning("fastft: lora_dropout > 0, bias != 'none' or DoRA are served by peft's LoRA forward, "
                            "not by fastft's fused kernels (slower)")
@@ -166,28 +173,13 @@ class FastModel:
                                  target_modules=list(target_modules), use_rslora=use_rslora, task_type="CAUSAL_LM",
                                  **lora_kwargs)
         peft_model = peft.get_peft_model(model, config)
-        _set_gradient_checkpointing(model, use_gradient_checkpointing)
+        # planned as the GPU step: a CPU model in fp32 stands for its bf16 training on a GPU
+        plan_dtype = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        lora_settings = dict(r=r, lora_alpha=lora_alpha, target_modules=tuple(target_modules), dtype=plan_dtype)
+        checkpointing.apply_mode(model, mode, max_seq_length=model.max_seq_length, batch_size=batch_size,
+                                 memory_budget_gb=memory_budget_gb, mlp_chunk_tokens=mlp_chunk_tokens,
+                                 lora_settings=lora_settings)
         return peft_model
-
-
-def _set_gradient_checkpointing(model, mode) -> None:
-    if mode is False:
-        model.activation_checkpointing_disable()
-        return
-    offload = mode == "offload"
-    if offload and model.device.type == "cpu":
-        # the activations are in host memory already
-        logger.warning("fastft: use_gradient_checkpointing='offload' on a CPU model is plain checkpointing")
-        offload = False
-    if offload:
-        # Trainers re-enable checkpointing with their own arguments (TRL does after each reference pass);
-        # keep offloading on through those calls.
-        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, **_):
-            self._activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload=True)
-
-        model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
-    model.activation_checkpointing_enable(offload=offload)
-    model.enable_input_require_grads()
 
 
 def patch_model(model, max_seq_length: int = 2048, attn_implementation: str | None = None, spec=None):

@@ -66,7 +66,7 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up, down = _fused_args(self.gate_proj), _fused_args(self.up_proj), _fused_args(self.down_proj)
     if gate is not None and up is not None and down is not None:
-        return lora_mlp(x, gate, up, down)
+        return lora_mlp(x, gate, up, down, chunk_tokens=getattr(self, "_fastft_mlp_chunk_tokens", None))
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 

@@ -72,10 +72,13 @@ class MemoryEstimate:
 
 
 def _checkpointing(value):
-    mapping = {True: "on", False: "off", "offload": "offload", "on": "on", "off": "off"}
-    if isinstance(value, bool) or value in mapping:
-        return mapping[value]
-    raise ValueError(f"use_gradient_checkpointing must be True, False or 'offload', got {value!r}")
+    if isinstance(value, bool):  # before int: True == 1
+        return "on" if value else "off"
+    if isinstance(value, int) and value >= 0:
+        return value  # the first `value` layers
+    if value in ("on", "off", "offload"):
+        return value
+    raise ValueError(f"use_gradient_checkpointing must be True, False, 'offload' or a number of layers, got {value!r}")
 
 
 def _positive_int(name: str, value) -> int:
@@ -93,12 +96,14 @@ def _dtype(value) -> torch.dtype:
 
 
 def step_setup(max_seq_length, batch_size=1, r=16, lora_alpha=16, target_modules=ALL_LINEAR,
-               use_gradient_checkpointing=True, loss="trl", contender="fastft", dtype=torch.bfloat16) -> StepSetup:
+               use_gradient_checkpointing=True, loss="trl", contender="fastft", dtype=torch.bfloat16,
+               mlp_chunk_tokens=None) -> StepSetup:
     """The :class:`StepSetup` for :func:`estimate_memory`'s arguments, checked."""
     return StepSetup(contender=contender, seq_len=_positive_int("max_seq_length", max_seq_length),
                      batch_size=_positive_int("batch_size", batch_size), r=_positive_int("r", r),
                      lora_alpha=lora_alpha, target_modules=tuple(target_modules),
-                     checkpointing=_checkpointing(use_gradient_checkpointing), loss=loss, dtype=_dtype(dtype))
+                     checkpointing=_checkpointing(use_gradient_checkpointing), loss=loss, dtype=_dtype(dtype),
+                     mlp_chunk_tokens=mlp_chunk_tokens)
 
 
 def _config_for(model, seq_len: int):
@@ -118,7 +123,8 @@ def _model_name(model) -> str:
 
 def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16, lora_alpha: int = 16,
                     target_modules=ALL_LINEAR, use_gradient_checkpointing=True, loss: str = "trl",
-                    contender: str = "fastft", dtype=torch.bfloat16) -> MemoryEstimate:
+                    contender: str = "fastft", dtype=torch.bfloat16, mlp_chunk_tokens: int | None = None
+                    ) -> MemoryEstimate:
     """Accounted GPU memory of one QLoRA training step (see the module doc for what is counted).
 
     Args:
@@ -126,16 +132,18 @@ def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16
             ``"qwen2.5-1.5b"``), a local directory with a ``config.json``, or a hub id in the offline cache.
         max_seq_length: tokens per sequence; ``batch_size`` sequences per step.
         r, lora_alpha, target_modules: the LoRA adapters (default: all seven linear layers).
-        use_gradient_checkpointing: True, False or "offload", as ``FastModel.get_peft_model`` takes it.
+        use_gradient_checkpointing: True, False, "offload" or a number of layers, as
+            ``FastModel.get_peft_model`` takes it.
         loss: "trl" (TRL's SFTTrainer / DPOTrainer fused lm-head path) or "labels" (``model(labels=...)``).
         contender: "fastft", or "hf" (transformers + peft + bitsandbytes, for comparison).
         dtype: compute dtype, bfloat16 or float16.
+        mlp_chunk_tokens: fastft's MLP in chunks of this many tokens (see ``FastModel.get_peft_model``).
 
     Returns:
         A :class:`MemoryEstimate`: resident breakdown, peak, ``fits(vram_gb)``.
     """
     setup = step_setup(max_seq_length, batch_size, r, lora_alpha, target_modules, use_gradient_checkpointing, loss,
-                       contender, dtype)
+                       contender, dtype, mlp_chunk_tokens)
     config = _config_for(model, setup.seq_len)
     return MemoryEstimate.from_step(_model_name(model), account_step(config, setup))
 

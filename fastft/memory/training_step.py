@@ -52,7 +52,8 @@ class StepSetup:
     r: int = 16
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ALL_LINEAR
-    checkpointing: str = "on"  # "off", "on", "offload", or an int: that many layers checkpointed ("auto")
+    checkpointing: str = "on"  # "off", "on", "offload", or an int: the first that many layers checkpointed
+    mlp_chunk_tokens: int | None = None  # fastft: the MLP in token chunks (lora_mlp's chunk_tokens)
     batch: str = "plain"
     loss: str = "labels"
     dtype: torch.dtype = torch.bfloat16
@@ -67,6 +68,8 @@ class StepSetup:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not (self.checkpointing in CHECKPOINTING or isinstance(self.checkpointing, int)):
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING} or a layer count, got {self.checkpointing!r}")
+        if self.mlp_chunk_tokens is not None and self.contender != "fastft":
+            raise ValueError("mlp_chunk_tokens is a fastft setting; the hf contender has no chunked MLP")
         for name in ("seq_len", "batch_size", "r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -159,7 +162,8 @@ def _fastft(model, setup: StepSetup):
     patch_model(model, max_seq_length=setup.seq_len)
     mode = {"off": False, "on": True}.get(setup.checkpointing, setup.checkpointing)
     return FastModel.get_peft_model(model, r=setup.r, lora_alpha=setup.lora_alpha,
-                                    target_modules=list(setup.target_modules), use_gradient_checkpointing=mode)
+                                    target_modules=list(setup.target_modules), use_gradient_checkpointing=mode,
+                                    mlp_chunk_tokens=setup.mlp_chunk_tokens)
 
 
 def make_optimizer(model):
