@@ -20,16 +20,20 @@ one compute-dtype ``[C, V]`` gradient chunk, ``dh`` ``[N, H]`` and, for a traina
 with ``g_i`` per row: one extra ``[C, H] x [H, V]`` GEMM per chunk instead of storing anything
 ``[N, V]``-sized.
 
-Chunk size: ``C ~ N / ceil(V / H)`` rows (Liger's rule: one chunk's logits are about as large as
-``hidden``), at least ``2**22 / V`` rows (a few MB, so short inputs are not cut into single-row GEMMs),
-at most N.
+Chunk size: as many rows as fit ``CHUNK_BYTES`` (256 MiB) of fp32 logits plus their compute-dtype
+gradient, rounded down to a power of two, at most N: about 256 rows for Llama-3's 128k vocabulary in
+bf16. A fixed budget, not Liger-Kernel's ``N / ceil(V / H)`` rows: that rule cuts 2048 tokens into 32
+chunks of 64 rows, each re-reading the whole 1 GB head in a GEMM too thin to be fast, and lets the
+chunk grow with N (3 GB at 128k tokens), which is exactly when memory is short.
+
+For ``mean``/``sum`` the backward scales the gradients saved by the forward in place (a graph's
+backward runs once; a second one raises a RuntimeError).
 
 The matmul helpers below (fp32 output from bf16/fp16 operands) are shared with ``linear_log_probs``.
 """
 from __future__ import annotations
 
 import torch
-import triton
 
 from ._common import autocast_dtype, check_same_device, check_tensor, empty, on_gpu, use_triton
 from .cross_entropy import (
@@ -44,7 +48,7 @@ from .cross_entropy import (
 # `torch.mm(..., out_dtype=torch.float32)` from bf16/fp16 operands: cuBLAS accumulates in fp32 and
 # writes fp32 without an intermediate bf16 rounding. CUDA only (torch >= 2.8).
 _HAS_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
-_MIN_CHUNK_ELEMENTS = 2**22
+CHUNK_BYTES = 256 << 20  # fp32 logits + their gradient, per chunk
 
 
 def _fp32_out_gemm(a: torch.Tensor) -> bool:
@@ -97,9 +101,11 @@ def check_lm_head_args(hidden, weight, labels, bias=None) -> tuple[int, int, int
     return n_rows, hidden_size, vocab
 
 
-def _default_chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
-    liger = triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(vocab, hidden_size)))
-    return max(1, min(n_rows, max(liger, _MIN_CHUNK_ELEMENTS // vocab)))
+def _default_chunk_rows(n_rows: int, vocab: int, compute_itemsize: int) -> int:
+    """Rows per chunk: the largest power of two whose logits (fp32) and gradient fit CHUNK_BYTES, at most N."""
+    bytes_per_row = vocab * (4 + (0 if compute_itemsize == 4 else compute_itemsize))  # fp32: one shared buffer
+    rows = max(1, CHUNK_BYTES // bytes_per_row)
+    return max(1, min(n_rows, 1 << (rows.bit_length() - 1)))
 
 
 class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -157,11 +163,15 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.reduction != "none":
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("fused_linear_cross_entropy's backward scales its saved gradients in place: it "
+                                   "runs once per forward (backward with retain_graph=True twice is not supported)")
+            ctx.consumed = True
             grad_h, grad_w = ctx.saved_tensors
             g = grad_output.float()
             return (
-                (grad_h * g).to(ctx.hidden_dtype) if grad_h is not None else None,
-                (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None,
+                grad_h.mul_(g) if grad_h is not None else None,  # no second [N, H] tensor
+                grad_w.mul_(g) if grad_w is not None else None,
                 None, None, None, None, None, None, None,
             )
 
@@ -235,7 +245,7 @@ def fused_linear_cross_entropy(
             ValueError (one cheap host check).
         ignore_index: label value that contributes 0 loss and 0 gradient.
         reduction: ``"mean"`` (over non-ignored labels; 0 if there are none), ``"sum"`` or ``"none"``.
-        chunk_size: tokens per chunk; default ``~N / ceil(V / H)`` (see the module docstring).
+        chunk_size: tokens per chunk; default: as many as fit ``CHUNK_BYTES`` (see the module docstring).
 
     Returns:
         fp32 loss: scalar for mean/sum, ``[N]`` for none.
@@ -253,7 +263,7 @@ def fused_linear_cross_entropy(
     n_rows, hidden_size, vocab = check_lm_head_args(hidden, weight, labels)
     n_valid = check_labels(labels, n_rows, vocab, ignore_index, rows_name="hidden")
     if chunk_size is None:
-        chunk_rows = _default_chunk_rows(n_rows, hidden_size, vocab)
+        chunk_rows = _default_chunk_rows(n_rows, vocab, compute_dtype_for(hidden, weight).itemsize)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     else:

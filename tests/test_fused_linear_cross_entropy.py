@@ -79,10 +79,22 @@ def test_fp16_and_default_chunk_size():
     _check_grad(w.grad, ref_dw, torch.float16, "dweight")
 
 
-def test_default_chunk_rows():
-    assert _default_chunk_rows(37, H, V) == 37  # short inputs: one chunk
-    assert _default_chunk_rows(16384, 4096, 128256) == 512  # Llama-3-8B: 512 x 128k fp32 = 256 MB per chunk
-    assert _default_chunk_rows(0, H, V) == 1
+def test_default_chunk_rows_fit_the_byte_budget_whatever_the_length():
+    assert _default_chunk_rows(37, V, 2) == 37  # short inputs: one chunk
+    # Llama-3's 128k vocabulary, bf16: 256 rows of fp32 logits + bf16 gradient (188 MiB) per chunk, at 2k or 1M tokens
+    assert _default_chunk_rows(2048, 128256, 2) == _default_chunk_rows(1 << 20, 128256, 2) == 256
+    assert _default_chunk_rows(2048, 128256, 4) == 512  # fp32: the gradient overwrites the logits
+    assert _default_chunk_rows(0, V, 2) == 1
+
+
+def test_second_backward_is_refused():
+    """The backward scales the gradients the forward saved in place: a second backward would scale them twice."""
+    hidden, weight, labels = _inputs(torch.float32, seed=3, n=13)
+    h = hidden.clone().requires_grad_(True)
+    loss = fused_linear_cross_entropy(h, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
