@@ -173,6 +173,13 @@ class FastModel:
                                  target_modules=list(target_modules), use_rslora=use_rslora, task_type="CAUSAL_LM",
                                  **lora_kwargs)
         peft_model = peft.get_peft_model(model, config)
+        if model.dtype in (torch.bfloat16, torch.float16):
+            # peft makes fp32 adapters; in a 16-bit model they would take the unfused path (fp32 copies of
+            # every activation the adapters see). TRL casts them to bf16 for 4-bit models; do it here, in
+            # the model's dtype, so plain training loops get the fused path too.
+            for param in peft_model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(model.dtype)
         # planned as the GPU step: a CPU model in fp32 stands for its bf16 training on a GPU
         plan_dtype = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         lora_settings = dict(r=r, lora_alpha=lora_alpha, target_modules=tuple(target_modules), dtype=plan_dtype)

@@ -114,3 +114,29 @@ def test_partial_checkpointing_and_mlp_chunks_give_the_gradients_of_full_checkpo
 def test_bad_memory_settings_are_clear_errors(llama_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _model(llama_path, **kwargs)
+
+
+def test_adapters_of_a_16bit_model_take_its_dtype_and_the_step_makes_no_fp32_activation(llama3_path):
+    """peft makes fp32 adapters; on a bf16 model they would take the unfused path, with fp32 copies of the
+    [tokens, intermediate] activations (issue 12.3). get_peft_model casts them, as TRL does for 4-bit models."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, _ = FastModel.from_pretrained(llama3_path, max_seq_length=64, dtype=torch.bfloat16)
+    model = FastModel.get_peft_model(model, **LORA, use_gradient_checkpointing=False)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    intermediate = model.config.intermediate_size
+
+    class Fp32Activations(TorchDispatchMode):
+        found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape[-1:] == (intermediate,):
+                    self.found.append((str(func), tuple(t.shape)))
+            return out
+
+    ids = torch.randint(0, 211, (2, 13))
+    with Fp32Activations() as mode:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert mode.found == []
