@@ -14,6 +14,9 @@
 #             padded (agreement, time, memory; ~1 min); needs the xformers wheel in .whl (see below). Extra
 #             arguments go to attention_backends.py (e.g. --dtype bfloat16); a T4/V100 training row per backend:
 #             `bash bench/device_run.sh quick --attention xformers` (then --attention sdpa)
+#   memory    bench/memory.py --gpu-check: Qwen2.5-1.5B steps (hf and fastft, 1k/4k tokens, checkpointing on and
+#             offload) run for real, torch.cuda.max_memory_allocated beside the CPU accounting of the same step
+#             (a few minutes); needs bitsandbytes + trl (+ datasets, dill, multiprocess for the trl loss path)
 #
 # Before the call, on the machine without a GPU (repo root):
 #   ../shared/device-wheels.sh [liger]      # bitsandbytes + trl wheels (+ liger-kernel) into ./.whl
@@ -37,7 +40,7 @@
 set -uo pipefail
 MODE=${1:-check}
 shift || true
-case "$MODE" in check|quick|kernels|llama|qwen|main|xformers) ;; *) echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main, xformers)"; exit 2 ;; esac
+case "$MODE" in check|quick|kernels|llama|qwen|main|xformers|memory) ;; *) echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main, xformers, memory)"; exit 2 ;; esac
 cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD
 OUT=${OUT:-/tmp/fastft-bench-out}
@@ -121,8 +124,11 @@ case "$MODE" in
   xformers)
     bench bench/attention_backends.py --time-budget-s "$(left)" "$@"
     ;;
+  memory)
+    bench bench/memory.py --gpu-check "$@"
+    ;;
   *)
-    echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main, xformers)"; exit 2
+    echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main, xformers, memory)"; exit 2
     ;;
 esac
 rc=$?

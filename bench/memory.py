@@ -47,6 +47,7 @@ BATCH_SIZES = (1, 4)
 CHECKPOINTING = ("off", "on", "offload")
 VRAM_GB = (8, 12, 16, 24, 40, 48, 80)
 MAX_CONTEXT_RS = (16, 32)
+FASTFT_MLP_CHUNK = 8192  # fastft's max context: offloaded checkpoints and the MLP in chunks of this many tokens
 # Unsloth's published max context for Llama 3.1 8B QLoRA (r=32, batch 1), for comparison, with Hugging Face + FA2:
 # https://docs.unsloth.ai/basics/unsloth-benchmarks (not accounted here; their method is theirs)
 PUBLISHED = {("llama-3.1-8b", 24): {"unsloth": 78_475, "hf+fa2": 5_789},
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contenders", type=csv(str), default=("hf", "fastft"))
     parser.add_argument("--vram", type=csv(float), default=VRAM_GB, help="card sizes (GiB) of the max-context table")
     parser.add_argument("--no-max-context", action="store_true")
+    parser.add_argument("--mlp-chunk-tokens", type=int, default=FASTFT_MLP_CHUNK,
+                        help="fastft's MLP chunk in the max-context search (0: none)")
     parser.add_argument("--quick", action="store_true", help="Llama-3.1-8B, 2048/8192 tokens, batch 1, on/offload")
     parser.add_argument("--out-dir", default=shared.DEFAULT_RESULTS_DIR)
     parser.add_argument("--gpu-check", action="store_true",
@@ -109,14 +112,15 @@ def max_context_for(args) -> list[dict]:
     found = []
     for model in args.models:
         for contender in args.contenders:
+            chunk = (args.mlp_chunk_tokens or None) if contender == "fastft" else None
             for r in MAX_CONTEXT_RS:
                 t0 = time.perf_counter()
                 limits = max_context(model, list(args.vram), r=r, batch_size=1, loss=args.loss, contender=contender,
-                                     use_gradient_checkpointing="offload")
+                                     use_gradient_checkpointing="offload", mlp_chunk_tokens=chunk)
                 for vram, tokens in limits.items():
                     found.append({"contender": contender, "model": model, "r": r, "batch_size": 1,
-                                  "checkpointing": "offload", "loss": args.loss, "vram_gb": vram,
-                                  "max_seq_len": tokens})
+                                  "checkpointing": "offload", "mlp_chunk_tokens": chunk, "loss": args.loss,
+                                  "vram_gb": vram, "max_seq_len": tokens})
                 print(f"{model} {contender:6s} r={r}: " + ", ".join(f"{v:g} GiB -> {t:,}" for v, t in limits.items())
                       + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     return found
@@ -131,8 +135,11 @@ def markdown(data: dict) -> str:
              f"peft {data['peft']}, bitsandbytes {data['bitsandbytes']}, trl {data['trl']}, fastft "
              f"{data['fastft'].get('git_commit') or data['fastft'].get('version')}.", ""]
     if data["max_context"]:
-        lines += [f"## Longest sequence that fits (batch 1, offloaded checkpointing, loss path `{data['max_context'][0]['loss']}`)",
-                  "", "| model | r | contender | " + " | ".join(f"{v:g} GiB" for v in data["vram_gb"]) + " |",
+        chunks = {m["mlp_chunk_tokens"] for m in data["max_context"] if m["contender"] == "fastft"} - {None}
+        lines += [f"## Longest sequence that fits (batch 1, offloaded checkpointing, loss path `{data['max_context'][0]['loss']}`"
+                  + (f"; fastft's MLP in chunks of {', '.join(map(str, chunks))} tokens" if chunks else "") + ")",
+                  "", "A multiple of 128 tokens; beyond a model's trained context (131,072 for Llama-3.1) this is memory "
+                  "capacity only.", "", "| model | r | contender | " + " | ".join(f"{v:g} GiB" for v in data["vram_gb"]) + " |",
                   "|---|---|---|" + "---|" * len(data["vram_gb"])]
         keys = sorted({(m["model"], m["r"], m["contender"]) for m in data["max_context"]},
                       key=lambda k: (k[0], k[1], k[2] != "fastft"))

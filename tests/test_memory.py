@@ -305,3 +305,49 @@ def test_cli_answers_fits_does_not_fit_and_too_small(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--seq-len", "-5"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/memory.py
+
+
+def _bench_memory(*args, cwd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "memory.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_bench_memory_writes_rows_max_context_markdown_and_plot(tmp_path):
+    import json
+
+    TINY_LLAMA.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    result = _bench_memory("--models", str(tmp_path / "tiny"), "--seq-lens", "64,256", "--batch-sizes", "1",
+                           "--checkpointing", "on,offload", "--vram", "0.01,0.02", "--out-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = out.glob("memory-*.json")
+    data = json.loads(path.read_text())
+    assert data["accounted"] is True and "not measured" in data["what"] and data["command"].startswith("bench/memory.py")
+    assert len(data["rows"]) == 2 * 2 * 2  # contenders x lengths x checkpointing
+    for row in data["rows"]:
+        assert row["peak_gb"] > row["resident_gb"] > 0 and set(row["resident"]) >= {"weights_4bit", "lora_weights"}
+    fastft = [r for r in data["rows"] if r["contender"] == "fastft"]
+    assert all(0 < r["peak_vs_hf"] < 2 for r in fastft)
+    limits = {(m["contender"], m["r"], m["vram_gb"]): m["max_seq_len"] for m in data["max_context"]}
+    assert len(limits) == 2 * 2 * 2 and all(t % 128 == 0 for t in limits.values())
+    assert limits[("fastft", 16, 0.02)] > limits[("fastft", 16, 0.01)] > 0
+    markdown = path.with_suffix(".md").read_text()
+    assert "Accounted, not measured on a GPU" in markdown and "| fastft / hf |" in markdown
+    assert path.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_memory_gpu_check_needs_a_gpu(tmp_path):
+    result = _bench_memory("--gpu-check", "--out-dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
