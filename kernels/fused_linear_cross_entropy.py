@@ -45,33 +45,42 @@ from .cross_entropy import (
     reduce_loss,
 )
 
-# `torch.mm(..., out_dtype=torch.float32)` from bf16/fp16 operands: cuBLAS accumulates in fp32 and
-# writes fp32 without an intermediate bf16 rounding. CUDA only (torch >= 2.8).
-_HAS_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
 CHUNK_BYTES = 256 << 20  # fp32 logits + their gradient, per chunk
 
 
-def _fp32_out_gemm(a: torch.Tensor) -> bool:
-    return _HAS_MM_OUT_DTYPE and on_gpu(a) and a.dtype in (torch.float16, torch.bfloat16)
+def _torch_has_fp32_output_gemm(version: str) -> bool:
+    """``torch.mm(a, b, out_dtype=torch.float32)`` from bf16/fp16 operands on CUDA: cuBLAS accumulates in fp32
+    and writes fp32, with no 16-bit rounding between. torch 2.8 and 2.9 have the overload but their CUDA check
+    rejects the mixed dtypes; from 2.10 it runs."""
+    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 10)
+
+
+FP32_OUTPUT_GEMM = _torch_has_fp32_output_gemm(torch.__version__)
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = a @ b`` with fp32 ``out``; bf16/fp16 operands keep their tensor-core speed on CUDA."""
+    """``out = a @ b`` with fp32 ``out``; bf16/fp16 operands keep their tensor-core speed on a GPU."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if _fp32_out_gemm(a):
+    if not on_gpu(a):
+        return torch.mm(a.float(), b.float(), out=out)  # CPU: no fp32-output kernel for half operands
+    if FP32_OUTPUT_GEMM:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a.float(), b.float(), out=out)  # CPU: no fp32-output kernel for half operands
+    return out.copy_(torch.mm(a, b))  # older torch: a 16-bit GEMM, rounded once, never an fp32 copy of b
 
 
 def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for an fp32 ``acc``, without rounding ``a @ b`` to the operands' dtype."""
+    """``acc += a @ b`` for an fp32 ``acc``, without rounding ``a @ b`` to the operands' dtype (older torch
+    on a GPU: the 16-bit product of this call is rounded once, the sum over calls stays fp32)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif _fp32_out_gemm(a):
+    elif not on_gpu(a):
+        acc.addmm_(a.float(), b.float())
+    elif FP32_OUTPUT_GEMM:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        acc.add_(torch.mm(a, b))
 
 
 def compute_dtype_for(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -1,5 +1,7 @@
 """fused_linear_cross_entropy: Triton (interpreted) and PyTorch paths against float64 autograd of
 cross_entropy(hidden @ weight.T, labels)."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +186,53 @@ def test_empty_batch(engine):
     assert [loss.shape for loss in losses] == [(), (), (0,)] and losses[0] == 0 and losses[1] == 0
     sum(loss.sum() for loss in losses).backward()
     assert h.grad.shape == (0, H) and (w.grad == 0).all()
+
+
+def test_fp32_output_gemm_only_from_torch_2_10():
+    from fastft.kernels.fused_linear_cross_entropy import _torch_has_fp32_output_gemm
+
+    assert not _torch_has_fp32_output_gemm("2.4.1")
+    assert not _torch_has_fp32_output_gemm("2.9.1+cu128")  # has the overload, rejects mixed dtypes on CUDA
+    assert _torch_has_fp32_output_gemm("2.10.0a0+git1234")
+    assert _torch_has_fp32_output_gemm("2.13.0+cpu")
+
+
+@pytest.mark.parametrize("fp32_output_gemm", [True, False])
+def test_gpu_gemms_never_copy_the_head_to_fp32(monkeypatch, fp32_output_gemm):
+    """On a GPU (simulated: the memory accounting's meta device) the lm-head GEMMs with bf16 operands allocate
+    nothing (torch >= 2.10) or one bf16 product (older torch), never an fp32 copy of the [V, H] head (2 GB for
+    Llama-3-8B, which torch < 2.8's fallback made in every chunk)."""
+    from fastft.memory.simulated_gpu import simulated_gpu
+
+    flce = importlib.import_module("fastft.kernels.fused_linear_cross_entropy")  # not the function of that name
+    monkeypatch.setattr(flce, "FP32_OUTPUT_GEMM", fp32_output_gemm)
+    with simulated_gpu() as gpu:
+        h = torch.empty(64, 512, dtype=torch.bfloat16, device="meta")
+        w = torch.empty(4096, 512, dtype=torch.bfloat16, device="meta")
+        out = torch.empty(64, 4096, dtype=torch.float32, device="meta")
+        acc = torch.zeros(4096, 512, dtype=torch.float32, device="meta")
+        dlogits = torch.empty(64, 4096, dtype=torch.bfloat16, device="meta")
+        gpu.reset_peak()
+        start = gpu.live
+        flce.mm_fp32(h, w.t(), out=out)
+        flce.addmm_fp32(acc, dlogits.t(), h)
+        extra = gpu.peak - start
+    assert extra == (0 if fp32_output_gemm else 4096 * 512 * 2)  # at most the bf16 [V, H] product of addmm
+
+
+def test_older_torch_gemms_on_a_gpu_are_16bit_products_summed_in_fp32(monkeypatch):
+    import fastft.kernels._common as common
+
+    flce = importlib.import_module("fastft.kernels.fused_linear_cross_entropy")
+    monkeypatch.setattr(flce, "FP32_OUTPUT_GEMM", False)
+    monkeypatch.setattr(common, "GPU_DEVICE_TYPES", {"cuda", "cpu"})  # run the GPU branch on CPU tensors
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(33, 70, generator=gen).bfloat16(), torch.randn(70, 45, generator=gen).bfloat16()
+    exact = a.double() @ b.double()
+    out = flce.mm_fp32(a, b, out=torch.empty(33, 45))
+    acc = torch.ones(33, 45)
+    flce.addmm_fp32(acc, a, b)
+    # the product rounded once to bf16 (2^-9 relative to each element, so at most 2^-9 of the largest), no worse
+    bf16_rounding = dict(atol=2.0**-8 * exact.abs().max().item(), rtol=0)
+    assert_close(out, exact, **bf16_rounding, name="mm_fp32")
+    assert_close(acc, exact + 1, **bf16_rounding, name="addmm_fp32")
