@@ -256,10 +256,11 @@ def ceilings(bench: Bench) -> dict:
 # --------------------------------------------------------------------------------------------------------
 def shapes(dry: bool) -> dict:
     if dry:  # tiny: the CPU dry run only checks that every code path runs
-        return dict(rows=37, hidden=64, inter=96, vocab=300, rope=(2, 4, 2, 24, 16), lm_tokens=33,
+        return dict(rows=37, hidden=64, inter=96, vocab=300, rope=(2, 4, 2, 24, 16), lm_tokens=[33],
                     nf4=[(96, 64), (64, 64)], lora_tokens=[17], attn_T=[32], attn_tokens=64, attn_heads=(4, 2),
                     attn_dim=64, kv_heads=1)
-    return dict(rows=16384, hidden=4096, inter=14336, vocab=128256, rope=(4, 32, 8, 4096, 128), lm_tokens=8192,
+    return dict(rows=16384, hidden=4096, inter=14336, vocab=128256, rope=(4, 32, 8, 4096, 128),
+                lm_tokens=[2048, 8192],  # batch 1 x 2048 (where the lm-head chunking shows) and a long batch
                 nf4=[(4096, 14336), (4096, 4096)], lora_tokens=[4096, 16384], attn_T=[1024, 2048, 4096, 8192],
                 attn_tokens=16384, attn_heads=(32, 8), attn_dim=128, kv_heads=8)
 
@@ -378,7 +379,7 @@ def bench_cross_entropy(bench, rows, S, ceil, dtype):
     import torch
     import torch.nn.functional as F
 
-    dev, N, V = bench.device, S["lm_tokens"], S["vocab"]
+    dev, N, V = bench.device, S["lm_tokens"][-1], S["vocab"]
     logits = torch.randn(N, V, device=dev, dtype=dtype).mul_(2).requires_grad_(True)
     labels = torch.randint(0, V, (N,), device=dev)
     labels[::7] = -100  # a share of ignored labels, as in SFT with prompt masking
@@ -403,10 +404,10 @@ def bench_cross_entropy(bench, rows, S, ceil, dtype):
     run_case(rows, "cross_entropy", shape, "torch-eager", dev.type, eager)
 
 
-def _lm_head_inputs(bench, S, dtype):
+def _lm_head_inputs(bench, S, dtype, N):
     import torch
 
-    dev, N, H, V = bench.device, S["lm_tokens"], S["hidden"], S["vocab"]
+    dev, H, V = bench.device, S["hidden"], S["vocab"]
     hidden = torch.randn(N, H, device=dev, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(V, H, device=dev, dtype=dtype) * (1.0 / math.sqrt(H)))  # frozen lm_head, as in QLoRA
     labels = torch.randint(0, V, (N,), device=dev)
@@ -415,9 +416,14 @@ def _lm_head_inputs(bench, S, dtype):
 
 
 def bench_flce(bench, rows, S, ceil, dtype):
+    for tokens in S["lm_tokens"]:
+        _bench_flce(bench, rows, S, ceil, dtype, tokens)
+
+
+def _bench_flce(bench, rows, S, ceil, dtype, tokens):
     import torch.nn.functional as F
 
-    hidden, weight, labels, shape, (N, H, V) = _lm_head_inputs(bench, S, dtype)
+    hidden, weight, labels, shape, (N, H, V) = _lm_head_inputs(bench, S, dtype, tokens)
     flops_f, flops_b = 2 * N * H * V, 2 * N * H * V  # logits GEMM; backward: d hidden GEMM only (W frozen)
 
     def fastft_impl():
@@ -438,7 +444,12 @@ def bench_flce(bench, rows, S, ceil, dtype):
 
 
 def bench_linear_log_probs(bench, rows, S, ceil, dtype):
-    hidden, weight, labels, shape, (N, H, V) = _lm_head_inputs(bench, S, dtype)
+    for tokens in S["lm_tokens"]:
+        _bench_linear_log_probs(bench, rows, S, ceil, dtype, tokens)
+
+
+def _bench_linear_log_probs(bench, rows, S, ceil, dtype, tokens):
+    hidden, weight, labels, shape, (N, H, V) = _lm_head_inputs(bench, S, dtype, tokens)
     labels = labels.clamp(min=0)  # TRL scores only valid positions (it compacts them before the call)
     flops_f, flops_b = 2 * N * H * V, 2 * N * H * V
 
