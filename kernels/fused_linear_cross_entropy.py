@@ -5,12 +5,14 @@ The tokens are processed in chunks of ``C`` rows. For each chunk (Liger-Kernel's
 
     z   = h_c @ W.T                        # [C, V] fp32 (cuBLAS, fp32 accumulation AND fp32 output)
     lse, loss_c = CE forward kernel (z)    # online log-sum-exp over the vocabulary (cross_entropy.py)
-    dz  = CE backward kernel (z)           # (softmax(z) - onehot) * scale, in the compute dtype
+    dz  = CE backward kernel (z)           # softmax(z) - onehot, in the compute dtype (unscaled)
     dh_c  = dz @ W                         # [C, H]
     dW   += dz.T @ h_c                     # [V, H], fp32 accumulator, only if weight.requires_grad
 
 so the gradients are already known when the forward returns; the autograd backward only multiplies
-them by ``grad_output`` (a scalar for "mean"/"sum"). Peak extra memory is one fp32 ``[C, V]`` chunk,
+them by ``grad_output`` (a scalar for "mean"/"sum") and, for "mean", by ``1 / n_valid``. That factor is
+not folded into ``dz``: in fp16, ``p / n`` (``p ~ 1/V``, thousands of tokens) flushes to zero before
+GradScaler's scale, which arrives with ``grad_output``, can rescue it (5% off at 4096 tokens x 32k vocab). Peak extra memory is one fp32 ``[C, V]`` chunk,
 one compute-dtype ``[C, V]`` gradient chunk, ``dh`` ``[N, H]`` and, for a trainable head, an fp32
 ``[V, H]`` accumulator (fp32 so that summing over chunks does not round every partial sum to bf16).
 
@@ -142,7 +144,6 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device) if grad_weight_needed else None
             )
             unit = torch.ones((), dtype=torch.float32, device=device)  # grad_output arrives in backward
-            scale = grad_scale_for(reduction, n_valid)
 
         for start in range(0, n_rows, chunk_rows):
             end = min(start + chunk_rows, n_rows)
@@ -151,14 +152,16 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ce_forward_rows(logits, y_c, lse[start:end], loss_rows[start:end], ignore_index=ignore_index)
             if grads_now:
                 dlogits = dlogits_buf[: (end - start) * vocab].view(end - start, vocab)
-                ce_backward_rows(logits, dlogits, y_c, lse[start:end], unit,
-                                 ignore_index=ignore_index, grad_scale=scale)
+                # unscaled (softmax - onehot): the 1/n of "mean" joins grad_output in the backward. Folded in
+                # here, fp16 would flush p/n to zero (p ~ 1/V, n ~ 4k tokens) before GradScaler's scale arrives.
+                ce_backward_rows(logits, dlogits, y_c, lse[start:end], unit, ignore_index=ignore_index, grad_scale=1.0)
                 if grad_h is not None:
                     torch.mm(dlogits, w, out=grad_h[start:end])
                 if grad_w is not None:
                     addmm_fp32(grad_w, dlogits.t(), h_c)
 
         ctx.reduction, ctx.ignore_index, ctx.chunk_rows = reduction, ignore_index, chunk_rows
+        ctx.grad_scale = grad_scale_for(reduction, n_valid)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, labels, lse)
@@ -177,7 +180,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                                    "runs once per forward (backward with retain_graph=True twice is not supported)")
             ctx.consumed = True
             grad_h, grad_w = ctx.saved_tensors
-            g = grad_output.float()
+            g = grad_output.float() * ctx.grad_scale
             return (
                 grad_h.mul_(g) if grad_h is not None else None,  # no second [N, H] tensor
                 grad_w.mul_(g) if grad_w is not None else None,
@@ -265,7 +268,8 @@ def fused_linear_cross_entropy(
     Forward: ``z = h @ W.T`` per chunk, ``loss_i = logsumexp(z_i) - z_{i, y_i}``, reduced.
     Backward: ``dz = (softmax(z) - onehot(y)) * g`` (0 on ignored rows, ``g`` = grad_output, divided
     by n_valid for mean), ``dhidden = dz @ W``, ``dweight = dz.T @ hidden``. For mean/sum the
-    gradients are computed in the forward (with g = 1) and scaled by ``grad_output`` in backward;
+    gradients are computed in the forward (with g = 1, n_valid not applied) and scaled by
+    ``grad_output / n_valid`` (mean) or ``grad_output`` (sum) in the backward;
     for none the backward recomputes each chunk's logits from the saved per-row ``lse``.
     """
     check_reduction(reduction)

@@ -236,3 +236,20 @@ def test_older_torch_gemms_on_a_gpu_are_16bit_products_summed_in_fp32(monkeypatc
     bf16_rounding = dict(atol=2.0**-8 * exact.abs().max().item(), rtol=0)
     assert_close(out, exact, **bf16_rounding, name="mm_fp32")
     assert_close(acc, exact + 1, **bf16_rounding, name="addmm_fp32")
+
+
+def test_fp16_gradients_under_a_loss_scale_keep_the_small_probabilities():
+    """GradScaler multiplies the loss by 65536 after the forward; the forward must not have rounded p / n to
+    fp16 by then (p ~ 1/V, n tokens): with 4096 tokens and 8192 logits each, p / n is below fp16's smallest
+    subnormal and flushed to zero: the gradient was 4% off. Now within fp16 rounding of float64."""
+    gen = torch.Generator().manual_seed(0)
+    N, V, H = 4096, 8192, 16
+    hidden = torch.randn(N, H, generator=gen).half()
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).half()
+    labels = torch.randint(0, V, (N,), generator=gen)
+    h = hidden.clone().requires_grad_(True)
+    (fused_linear_cross_entropy(h, weight, labels) * 65536).backward()
+    h64 = hidden.double().requires_grad_(True)
+    (F.cross_entropy(h64 @ weight.double().t(), labels) * 65536).backward()
+    worst = (h.grad.double() - h64.grad).abs().max() / h64.grad.abs().max()
+    assert worst < 2e-3, f"fp16 gradient {worst:.2%} off float64 (of the largest element)"
