@@ -8,18 +8,20 @@ strides and aliasing, no data) and count the bytes of the storages created and f
 * **counts** each new meta storage's bytes when it is created and uncounts them when the storage dies
   (a ``weakref.finalize`` on the storage), keeping the current and the peak total, and where the peak
   happened (a phase label set by the caller, and the op);
-* **keeps the values of small tensors**: a step needs some data, not only shapes (padding masks become
-  sequence boundaries, ``max_seqlen`` is read with ``int()``, labels are range-checked). A meta storage
-  created by an op whose tensor inputs all have known values, and whose output is small
-  (``value_limit`` elements), gets a real CPU copy of its contents, computed by running the same op on
-  the CPU values. Views and in-place writes follow the storage, so aliasing is exact. An op that needs
-  the values of a tensor whose values are unknown (a data-dependent shape, ``.item()``) raises
-  :class:`UnknownValueError` naming the op;
+* **keeps the values of small integer tensors**: a step needs some data, not only shapes (padding masks
+  become sequence boundaries, ``max_seqlen`` is read with ``int()``, labels are range-checked). A meta
+  storage created by an op whose tensor inputs all have known values, and whose integer or boolean
+  output is small (``value_limit`` elements), gets a real CPU copy of its contents, computed by running
+  the same op on the CPU values (floating-point data, the step's activations, is never computed).
+  Views and in-place writes follow the storage, so aliasing is exact; ``x[mask]`` with a known mask
+  selects known rows. An op that needs the values of a tensor whose values are unknown (a
+  data-dependent shape, ``.item()``) raises :class:`UnknownValueError` naming the op;
 * **models the host side**: ``.cpu()`` / ``.to("cpu")`` / ``copy_`` of a meta tensor without values
   (offloaded activations) gives a real CPU tensor whose pages are never written (``torch.empty`` of a
   large size costs address space, not memory), remembered as "values unknown", and pinned-memory
   requests are honoured without a CUDA runtime. Copying such a tensor back gives a new counted meta
-  storage, as the host-to-device copy does on a GPU.
+  storage, as the host-to-device copy does on a GPU. ``torch.tensor(data, device="meta")`` (which no
+  ATen op a dispatch mode sees creates) is built on the CPU and copied, so its values are known.
 
 :func:`simulated_gpu` enters the mode together with the rest of the simulation: fastft's kernels take
 their GPU path for meta tensors (``fastft.kernels._common.GPU_DEVICE_TYPES``) and every Triton launch
@@ -29,7 +31,7 @@ What is NOT counted, here as in ``max_memory_allocated``-based figures generally
 library workspaces allocated outside PyTorch's allocator, and the caching allocator's rounding and
 fragmentation (``max_memory_reserved`` - ``max_memory_allocated``). Workspaces that CUDA kernels
 allocate through PyTorch's allocator internally (invisible to a dispatch mode) are added per op by
-the caller's ``op_workspace`` hook (see ``fastft.memory.workspaces``).
+the caller's ``op_workspace`` hook (``fastft.memory.cuda_paths.cuda_op_workspace``).
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ class LiveTensorBytes(TorchDispatchMode):
             self.peak, self.peak_phase, self.peak_op = nbytes, self.phase, str(op)
             if self.explain_peak:
                 counted, origins = self._counted.copy(), self._origins.copy()  # finalizers may run meanwhile
-                self.peak_storages = [(nbytes, *origins.get(k, ())) for k, nbytes in counted.items()]
+                self.peak_storages = [(size, *origins.get(key, ())) for key, size in counted.items()]
 
     def _count(self, t: torch.Tensor, op) -> None:
         storage = t.untyped_storage()
@@ -159,11 +161,6 @@ class SimulatedGPU(LiveTensorBytes):
         self.value_limit = value_limit
         self._values: dict[int, torch.Tensor] = {}  # storage key -> real CPU bytes (uint8) of the storage
         self._unknown_host: set[int] = set()  # CPU storages that hold "copies" of unknown meta data
-
-    def _forget(self, key: int) -> None:
-        super()._forget(key)
-        self._values.pop(key, None)
-        self._unknown_host.discard(key)
 
     def _watch_host(self, t: torch.Tensor) -> None:
         """Remember that the CPU tensor ``t`` holds unknown values (until its storage dies)."""
