@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import types
 import warnings
 
@@ -153,6 +154,7 @@ class FastModel:
 
         if not getattr(model, "_fastft_patched", False):
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
+        target_modules = _check_lora_args(model, r, lora_alpha, target_modules)
         if use_gradient_checkpointing not in (True, False, "offload"):
             raise ValueError(f"use_gradient_checkpointing must be True, False or 'offload', got {use_gradient_checkpointing!r}")
         if lora_dropout or bias != "none" or lora_kwargs.get("use_dora"):
@@ -162,11 +164,51 @@ class FastModel:
             param.requires_grad_(False)
         torch.manual_seed(random_state)
         config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
-                                 target_modules=list(target_modules), use_rslora=use_rslora, task_type="CAUSAL_LM",
+                                 target_modules=target_modules, use_rslora=use_rslora, task_type="CAUSAL_LM",
                                  **lora_kwargs)
         peft_model = peft.get_peft_model(model, config)
         _set_gradient_checkpointing(model, use_gradient_checkpointing)
         return peft_model
+
+
+def _check_lora_args(model, r, lora_alpha, target_modules):
+    """Refuse LoRA arguments that would fail obscurely inside peft or train silently wrong; returns
+    ``target_modules`` in the form peft takes (a string stays a string: "all-linear" or a regex)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "FastModel.get_peft_model: the model already has LoRA adapters (it is the result of an earlier "
+            "get_peft_model call); wrapping it again would nest one PeftModel in another. Call it once per "
+            "loaded model; for a second adapter use model.add_adapter(name, peft.LoraConfig(...)) and "
+            "model.set_adapter(name)"
+        )
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r (the LoRA rank) must be a positive int such as 16, got {r!r}")
+    if r < 1:
+        raise ValueError(f"r (the LoRA rank) must be a positive int such as 16, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise TypeError(f"lora_alpha must be a finite number such as 16, got {lora_alpha!r}")
+    if lora_alpha == 0:
+        raise ValueError(
+            "lora_alpha=0 scales every LoRA update by lora_alpha / r = 0: the adapter adds nothing and every LoRA "
+            "gradient is exactly zero, so training would change nothing; pass e.g. lora_alpha=r or 2 * r"
+        )
+    if isinstance(target_modules, str):
+        return target_modules  # peft's own forms: "all-linear", or a regex matched against full module names
+    if not isinstance(target_modules, (list, tuple, set, frozenset)) or not all(
+            isinstance(name, str) for name in target_modules):
+        raise TypeError(f"target_modules must be a list of module names, 'all-linear' or a regex string, "
+                        f"got {target_modules!r}")
+    # peft's rule for a list: a module is targeted when its full name equals an entry or ends with "." + entry;
+    # an entry that matches nothing is otherwise silently ignored (a typo leaves that layer untrained).
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"target_modules {unmatched} match no module of the model; its linear layers are named "
+                         f"{linear} (a regex string or 'all-linear' also works)")
+    return list(target_modules)
 
 
 def _set_gradient_checkpointing(model, mode) -> None:

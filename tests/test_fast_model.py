@@ -148,3 +148,42 @@ def test_trl_without_the_dataset_preparation_hook_names_the_range(monkeypatch):
     monkeypatch.delattr(trl.DPOTrainer, "_prepare_dataset")
     with pytest.raises(ImportError, match=r"trl>=1.16,<2.*no trl.DPOTrainer._prepare_dataset"):
         trl_compat.install()
+
+
+def _lora_layer_names(peft_model):
+    return sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")})
+
+
+@pytest.mark.parametrize("target_modules, expected", [
+    ("all-linear", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    (r".*\.(q_proj|v_proj)", ["q_proj", "v_proj"]),  # a regex string: peft matches it against full names
+    (("o_proj",), ["o_proj"]),
+])
+def test_get_peft_model_takes_peft_target_module_forms(qwen2_path, target_modules, expected):
+    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, target_modules=target_modules, use_gradient_checkpointing=False)
+    assert _lora_layer_names(model) == expected
+
+
+def test_second_get_peft_model_is_refused(qwen2_path):
+    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    for again in (model, model.get_base_model()):
+        with pytest.raises(ValueError, match="already has LoRA adapters.*add_adapter"):
+            FastModel.get_peft_model(again, r=4)
+    assert isinstance(model.base_model.model, transformers.PreTrainedModel)  # nothing was nested
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lora_alpha=0), ValueError, "lora_alpha=0 .*gradient is exactly zero"),
+    (dict(lora_alpha="16"), TypeError, "lora_alpha must be a finite number"),
+    (dict(target_modules=["q_proj", "v_prj"]), ValueError, r"target_modules \['v_prj'\] match no module.*'v_proj'"),
+    (dict(target_modules=5), TypeError, "target_modules must be"),
+    (dict(r=4.0), TypeError, "r .*must be a positive int.*4.0"),
+    (dict(r=0), ValueError, "r .*must be a positive int"),
+])
+def test_silent_or_obscure_lora_arguments_raise(qwen2_path, kwargs, error, match):
+    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        FastModel.get_peft_model(model, **{"r": 4, **kwargs})
+    assert not any("lora" in name for name, _ in model.named_modules())
