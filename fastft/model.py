@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import types
 import warnings
 
@@ -100,6 +101,53 @@ def _install_length_check(backbone, max_seq_length: int):
     return backbone.register_forward_pre_hook(check, with_kwargs=True)
 
 
+def _local_path_or_hub_id(model_name) -> str:
+    """``model_name`` as transformers should get it: an existing local path (``~`` expanded) or a hub id. A
+    name that can only be a local path (``./x``, ``../x``, ``~/x``, ``/x``, ``a/b/c``: hub ids are ``name`` or
+    ``owner/name`` and never start with ``.``) but does not exist is an error now, not a hub lookup that
+    retries the network and then complains about repo ids."""
+    if isinstance(model_name, os.PathLike):
+        model_name, only_local = os.fspath(model_name), True
+    elif isinstance(model_name, str) and model_name:
+        only_local = (model_name.startswith((".", "~")) or os.path.isabs(model_name)
+                      or model_name.count("/") > 1 or "\\" in model_name)
+    else:
+        raise TypeError(f"model_name must be a local directory or a Hugging Face hub id, got {model_name!r}")
+    path = os.path.expanduser(model_name)
+    if os.path.exists(path):
+        return path
+    if only_local:
+        raise FileNotFoundError(f"model path {model_name!r} does not exist (looked at {os.path.abspath(path)}); "
+                                "pass an existing model directory or a hub id such as 'Qwen/Qwen2.5-0.5B'")
+    return model_name
+
+
+def _warn_beyond_trained_positions(config, max_seq_length: int) -> None:
+    trained = getattr(config, "max_position_embeddings", None)
+    if trained is not None and max_seq_length > trained:
+        warnings.warn(
+            f"fastft: max_seq_length={max_seq_length} exceeds the model's max_position_embeddings={trained}; "
+            "positions past it are outside the RoPE range the model was trained on and quality degrades. "
+            f"Use max_seq_length <= {trained}, or a model (or rope_parameters scaling) made for longer contexts",
+            stacklevel=3,
+        )
+
+
+def _load_tokenizer(model_name: str, **kwargs):
+    fix = ("FastModel.from_pretrained loads the tokenizer from the model's directory (or hub repo): save it there "
+           "with tokenizer.save_pretrained(path)")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"fastft: could not load a tokenizer from {model_name!r} ({error}).\n{fix}") from error
+    # Without tokenizer files transformers may build an empty tokenizer (e.g. Qwen2's) instead of failing.
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise ValueError(f"fastft: could not load a tokenizer from {model_name!r}: no tokenizer files were found "
+                         f"(transformers made an empty {type(tokenizer).__name__} of {len(tokenizer)} special "
+                         f"tokens).\n{fix}")
+    return tokenizer
+
+
 class FastModel:
     """Entry points; see the module docstring."""
 
@@ -114,10 +162,14 @@ class FastModel:
         Extra ``kwargs`` go to ``from_pretrained`` of transformers (e.g. ``gguf_file``, ``revision``).
         """
         _check_transformers_version()
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+        model_name = _local_path_or_hub_id(model_name)
         config = transformers.AutoConfig.from_pretrained(model_name, **kwargs)
         spec = spec_for(config)
-        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
-            raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+        _warn_beyond_trained_positions(config, max_seq_length)
+        # the tokenizer first: a missing one should fail before minutes of weight loading, not after
+        tokenizer = _load_tokenizer(model_name, **kwargs)
 
         device = _default_device()
         if device_map is None:
@@ -133,7 +185,6 @@ class FastModel:
             model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
             attn_implementation="sdpa", **kwargs,
         )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_name, **kwargs)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         patch_model(model, max_seq_length=max_seq_length, attn_implementation=attn_implementation, spec=spec)

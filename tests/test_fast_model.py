@@ -1,4 +1,7 @@
 """FastModel beyond numerical parity: saving, generation, bad input."""
+import pathlib
+import shutil
+
 import peft
 import pytest
 import torch
@@ -187,3 +190,42 @@ def test_silent_or_obscure_lora_arguments_raise(qwen2_path, kwargs, error, match
     with pytest.raises(error, match=match):
         FastModel.get_peft_model(model, **{"r": 4, **kwargs})
     assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("from_pretrained should have refused before loading anything")
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "../no-such-model", "~/no-such-model", "/no/such/no-such-model",
+                                  "models/no/no-such-model", pathlib.Path("no-such-model")])
+def test_missing_local_path_is_refused_before_any_hub_lookup(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", _no_loading)
+    with pytest.raises(FileNotFoundError, match="model path .*no-such-model.* does not exist"):
+        FastModel.from_pretrained(name)
+
+
+def test_home_relative_path_is_expanded(qwen2_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(pathlib.Path(qwen2_path).parent))
+    model, tokenizer = FastModel.from_pretrained("~/" + pathlib.Path(qwen2_path).name, max_seq_length=64)
+    assert model.config.model_type == "qwen2" and tokenizer is not None
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])  # transformers builds an empty Qwen2 tokenizer; Llama's raises
+def test_missing_tokenizer_fails_before_the_weights_load(arch, tmp_path, monkeypatch):
+    path = pathlib.Path(save_tiny_model(arch, tmp_path / "full"))
+    (tmp_path / "bare").mkdir()
+    for file in path.iterdir():
+        if "token" not in file.name and file.suffix != ".jinja":
+            shutil.copy(file, tmp_path / "bare" / file.name)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_loading)
+    with pytest.raises(ValueError, match="could not load a tokenizer(.|\n)*tokenizer.save_pretrained"):
+        FastModel.from_pretrained(str(tmp_path / "bare"))
+
+
+def test_max_seq_length_checks(qwen2_path):
+    with pytest.raises(ValueError, match="max_seq_length must be a positive int, got True"):
+        FastModel.from_pretrained(qwen2_path, max_seq_length=True)
+    with pytest.warns(UserWarning, match="max_seq_length=512 exceeds the model's max_position_embeddings=256"):
+        FastModel.from_pretrained(qwen2_path, max_seq_length=512)
