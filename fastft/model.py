@@ -140,11 +140,13 @@ def _load_tokenizer(model_name: str, **kwargs):
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_name, **kwargs)
     except (OSError, ValueError) as error:
         raise ValueError(f"fastft: could not load a tokenizer from {model_name!r} ({error}).\n{fix}") from error
-    # Without tokenizer files transformers may build an empty tokenizer (e.g. Qwen2's) instead of failing.
-    if len(tokenizer) <= len(tokenizer.all_special_tokens):
-        raise ValueError(f"fastft: could not load a tokenizer from {model_name!r}: no tokenizer files were found "
-                         f"(transformers made an empty {type(tokenizer).__name__} of {len(tokenizer)} special "
-                         f"tokens).\n{fix}")
+    # Without tokenizer files transformers may build an empty tokenizer (Qwen2's does) instead of failing.
+    folder = os.path.join(model_name, kwargs.get("subfolder") or "")
+    if os.path.isdir(folder) and "gguf_file" not in kwargs:  # (a GGUF file carries its tokenizer)
+        files = {"tokenizer.json", *type(tokenizer).vocab_files_names.values()}
+        if not any(os.path.isfile(os.path.join(folder, file)) for file in files):
+            raise ValueError(f"fastft: could not load a tokenizer from {model_name!r}: it holds none of "
+                             f"{sorted(files)} (transformers made an empty {type(tokenizer).__name__}).\n{fix}")
     return tokenizer
 
 
