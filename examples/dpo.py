@@ -10,7 +10,12 @@ fused LoRA path reads that active adapter at call time.
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+# No network calls: TRL's trainers otherwise report usage to the Hugging Face hub from a background thread.
+# (Set before transformers / TRL are imported: huggingface_hub reads it at import.)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import datasets
 import torch

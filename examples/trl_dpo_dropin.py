@@ -1,10 +1,16 @@
-"""A standard TRL DPO script, as TRL's documentation writes it, with only the model loading lines changed.
+"""A standard TRL DPO script, as TRL's documentation writes it, with only the model loading lines changed
+(and TRL's telemetry turned off: the script makes no network calls).
 
 Preference-tunes the bundled SmolLM2-135M-Instruct on pairs built from the date task.
 
     python examples/trl_dpo_dropin.py [--max-steps N]
 """
 import argparse
+import os
+
+# fastft: no network calls (TRL's trainers otherwise report usage to the Hugging Face hub from a thread).
+# (Set before transformers / TRL are imported: huggingface_hub reads it at import.)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 from datasets import Dataset

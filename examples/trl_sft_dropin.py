@@ -1,4 +1,5 @@
-"""A standard TRL SFT script, as TRL's documentation writes it, with only the model loading lines changed.
+"""A standard TRL SFT script, as TRL's documentation writes it, with only the model loading lines changed
+(and TRL's telemetry turned off: the script makes no network calls).
 
 Fine-tunes the bundled SmolLM2-135M-Instruct on the chat records of examples/data/train.jsonl.
 
@@ -6,6 +7,11 @@ Fine-tunes the bundled SmolLM2-135M-Instruct on the chat records of examples/dat
 """
 import argparse
 import os
+
+# fastft: no network calls (TRL's trainers otherwise report usage to the Hugging Face hub from a thread, and
+# load_dataset counts a download on S3). Set before datasets / TRL are imported: they read these at import.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 
 import torch
 from datasets import load_dataset

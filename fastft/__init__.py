@@ -4,8 +4,24 @@ The Hugging Face integration is imported on first use, so ``import fastft.kernel
 library) pulls in only torch and triton.
 """
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+class _KernelsNotInstalledFilter(logging.Filter):
+    """bitsandbytes' CPU backend warns, when imported, that it could not load an optional kernel from Hugging
+    Face's ``kernels`` package ("pip install kernels"); without it bitsandbytes uses its own C kernel, so on every
+    CPU run the line is noise. Drop exactly that case (``kernels`` not installed); any other failure to load the
+    kernel (a broken ``kernels`` install, say) is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        not_installed = any(isinstance(arg, ModuleNotFoundError) and arg.name == "kernels" for arg in record.args or ())
+        return not (not_installed and str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
+
+
+# The logger exists before bitsandbytes is imported (peft imports it), so the filter is in place when it warns.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelsNotInstalledFilter())
 
 _LAZY = {
     "FastModel": "fastft.model",

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import types
 import warnings
 
@@ -99,6 +101,55 @@ def _install_length_check(backbone, max_seq_length: int):
     return backbone.register_forward_pre_hook(check, with_kwargs=True)
 
 
+def _local_path_or_hub_id(model_name) -> str:
+    """``model_name`` as transformers should get it: an existing local path (``~`` expanded) or a hub id. A
+    name that can only be a local path (``./x``, ``../x``, ``~/x``, ``/x``, ``a/b/c``: hub ids are ``name`` or
+    ``owner/name`` and never start with ``.``) but does not exist is an error now, not a hub lookup that
+    retries the network and then complains about repo ids."""
+    if isinstance(model_name, os.PathLike):
+        model_name, only_local = os.fspath(model_name), True
+    elif isinstance(model_name, str) and model_name:
+        only_local = (model_name.startswith((".", "~")) or os.path.isabs(model_name)
+                      or model_name.count("/") > 1 or "\\" in model_name)
+    else:
+        raise TypeError(f"model_name must be a local directory or a Hugging Face hub id, got {model_name!r}")
+    path = os.path.expanduser(model_name)
+    if os.path.exists(path):
+        return path
+    if only_local:
+        raise FileNotFoundError(f"model path {model_name!r} does not exist (looked at {os.path.abspath(path)}); "
+                                "pass an existing model directory or a hub id such as 'Qwen/Qwen2.5-0.5B'")
+    return model_name
+
+
+def _warn_beyond_trained_positions(config, max_seq_length: int) -> None:
+    trained = getattr(config, "max_position_embeddings", None)
+    if trained is not None and max_seq_length > trained:
+        warnings.warn(
+            f"fastft: max_seq_length={max_seq_length} exceeds the model's max_position_embeddings={trained}; "
+            "positions past it are outside the RoPE range the model was trained on and quality degrades. "
+            f"Use max_seq_length <= {trained}, or a model (or rope_parameters scaling) made for longer contexts",
+            stacklevel=3,
+        )
+
+
+def _load_tokenizer(model_name: str, **kwargs):
+    fix = ("FastModel.from_pretrained loads the tokenizer from the model's directory (or hub repo): save it there "
+           "with tokenizer.save_pretrained(path)")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"fastft: could not load a tokenizer from {model_name!r} ({error}).\n{fix}") from error
+    # Without tokenizer files transformers may build an empty tokenizer (Qwen2's does) instead of failing.
+    folder = os.path.join(model_name, kwargs.get("subfolder") or "")
+    if os.path.isdir(folder) and "gguf_file" not in kwargs:  # (a GGUF file carries its tokenizer)
+        files = {"tokenizer.json", *type(tokenizer).vocab_files_names.values()}
+        if not any(os.path.isfile(os.path.join(folder, file)) for file in files):
+            raise ValueError(f"fastft: could not load a tokenizer from {model_name!r}: it holds none of "
+                             f"{sorted(files)} (transformers made an empty {type(tokenizer).__name__}).\n{fix}")
+    return tokenizer
+
+
 class FastModel:
     """Entry points; see the module docstring."""
 
@@ -114,10 +165,14 @@ class FastModel:
         Extra ``kwargs`` go to ``from_pretrained`` of transformers (e.g. ``gguf_file``, ``revision``).
         """
         _check_transformers_version()
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+        model_name = _local_path_or_hub_id(model_name)
         config = transformers.AutoConfig.from_pretrained(model_name, **kwargs)
         spec = spec_for(config)
-        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
-            raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+        _warn_beyond_trained_positions(config, max_seq_length)
+        # the tokenizer first: a missing one should fail before minutes of weight loading, not after
+        tokenizer = _load_tokenizer(model_name, **kwargs)
 
         device = _default_device()
         if device_map is None:
@@ -133,7 +188,6 @@ class FastModel:
             model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
             attn_implementation="sdpa", **kwargs,
         )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_name, **kwargs)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         patch_model(model, max_seq_length=max_seq_length, attn_implementation=attn_implementation, spec=spec)
@@ -162,6 +216,7 @@ class FastModel:
 
         if not getattr(model, "_fastft_patched", False):
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
+        target_modules = _check_lora_args(model, r, lora_alpha, target_modules)  # first: refuses a PeftModel
         mode = checkpointing.check_mode(use_gradient_checkpointing, len(model.model.layers))
         if lora_dropout or bias != "none" or lora_kwargs.get("use_dora"):
             logger.warning("fastft: lora_dropout > 0, bias != 'none' or DoRA are served by peft's LoRA forward, "
@@ -170,7 +225,7 @@ class FastModel:
             param.requires_grad_(False)
         torch.manual_seed(random_state)
         config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
-                                 target_modules=list(target_modules), use_rslora=use_rslora, task_type="CAUSAL_LM",
+                                 target_modules=target_modules, use_rslora=use_rslora, task_type="CAUSAL_LM",
                                  **lora_kwargs)
         peft_model = peft.get_peft_model(model, config)
         if model.dtype in (torch.bfloat16, torch.float16):
@@ -182,11 +237,53 @@ class FastModel:
                     param.data = param.data.to(model.dtype)
         # planned as the GPU step: a CPU model in fp32 stands for its bf16 training on a GPU
         plan_dtype = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        lora_settings = dict(r=r, lora_alpha=lora_alpha, target_modules=tuple(target_modules), dtype=plan_dtype)
+        targeted = sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules()
+                           if isinstance(module, peft.tuners.lora.LoraLayer)})  # also for "all-linear" / a regex
+        lora_settings = dict(r=r, lora_alpha=lora_alpha, target_modules=tuple(targeted), dtype=plan_dtype)
         checkpointing.apply_mode(model, mode, max_seq_length=model.max_seq_length, batch_size=batch_size,
                                  memory_budget_gb=memory_budget_gb, mlp_chunk_tokens=mlp_chunk_tokens,
                                  lora_settings=lora_settings)
         return peft_model
+
+
+def _check_lora_args(model, r, lora_alpha, target_modules):
+    """Refuse LoRA arguments that would fail obscurely inside peft or train silently wrong; returns
+    ``target_modules`` in the form peft takes (a string stays a string: "all-linear" or a regex)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "FastModel.get_peft_model: the model already has LoRA adapters (it is the result of an earlier "
+            "get_peft_model call); wrapping it again would nest one PeftModel in another. Call it once per "
+            "loaded model; for a second adapter use model.add_adapter(name, peft.LoraConfig(...)) and "
+            "model.set_adapter(name)"
+        )
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r (the LoRA rank) must be a positive int such as 16, got {r!r}")
+    if r < 1:
+        raise ValueError(f"r (the LoRA rank) must be a positive int such as 16, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise TypeError(f"lora_alpha must be a finite number such as 16, got {lora_alpha!r}")
+    if lora_alpha == 0:
+        raise ValueError(
+            "lora_alpha=0 scales every LoRA update by lora_alpha / r = 0: the adapter adds nothing and every LoRA "
+            "gradient is exactly zero, so training would change nothing; pass e.g. lora_alpha=r or 2 * r"
+        )
+    if isinstance(target_modules, str):
+        return target_modules  # peft's own forms: "all-linear", or a regex matched against full module names
+    if not isinstance(target_modules, (list, tuple, set, frozenset)) or not all(
+            isinstance(name, str) for name in target_modules):
+        raise TypeError(f"target_modules must be a list of module names, 'all-linear' or a regex string, "
+                        f"got {target_modules!r}")
+    # peft's rule for a list: a module is targeted when its full name equals an entry or ends with "." + entry;
+    # an entry that matches nothing is otherwise silently ignored (a typo leaves that layer untrained).
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"target_modules {unmatched} match no module of the model; its linear layers are named "
+                         f"{linear} (a regex string or 'all-linear' also works)")
+    return list(target_modules)
 
 
 def patch_model(model, max_seq_length: int = 2048, attn_implementation: str | None = None, spec=None):

@@ -9,6 +9,9 @@ Forward, per row ``x`` of ``V`` logits with label ``y`` (fp32 math whatever the 
     reduction "none": loss per row [N];  "sum": sum(loss);  "mean": sum(loss) / n_valid
     (n_valid = number of labels != ignore_index; when it is 0 the mean is 0, not NaN)
 
+    -inf logits (a masked vocabulary) get probability 0. A row with NO finite logit has no distribution:
+    its lse is -inf, its loss +inf and its gradient 0 (both engines).
+
 Backward, with ``g`` the incoming gradient (a scalar for mean/sum, per row for none)::
 
     dx_j = (softmax(x)_j - [j == y]) * g * scale      # scale = 1/n_valid for mean, else 1
@@ -70,13 +73,17 @@ def _ce_fwd_kernel(
             z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * z_scale
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            # While every logit so far is -inf (a masked prefix), exponentiate against 0, not m_new:
+            # the sums stay 0 instead of exp(-inf - -inf) = NaN.
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
             m = m_new
-        lse = m + tl.log(s)
+        lse = m + tl.log(s)  # -inf when the row has no finite logit (m = -inf, s = 0)
         if not FIRST:
-            # fold this chunk into the lse of the chunks before it: logaddexp(previous, lse)
+            # fold this chunk into the lse of the chunks before it: logaddexp(previous, lse), either may be -inf
             prev = tl.load(LSE + row)
             hi = tl.maximum(prev, lse)
+            hi = tl.where(hi == -float("inf"), 0.0, hi)
             lse = hi + tl.log(tl.exp(prev - hi) + tl.exp(lse - hi))
         tl.store(LSE + row, lse)
 
@@ -89,7 +96,8 @@ def _ce_fwd_kernel(
                 target = tl.where(in_chunk, target, tl.load(TARGET + row))
             tl.store(TARGET + row, target)
         if LAST:
-            tl.store(LOSS + row, lse - target)
+            # no finite logit: loss +inf (lse - target would be -inf - -inf = NaN)
+            tl.store(LOSS + row, tl.where(lse == -float("inf"), float("inf"), lse - target))
     else:
         # Ignored row: skip reading its logits at all (prompt tokens are often most of a batch).
         tl.store(LSE + row, 0.0)
@@ -111,9 +119,9 @@ def _ce_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < n_cols
     label = tl.load(LABELS + row).to(tl.int64)
-    valid = label != ignore_index
-    g = tl.load(GRAD + row * stride_grad) * grad_scale
     lse = tl.load(LSE + row)
+    valid = (label != ignore_index) & (lse != -float("inf"))  # a row with no finite logit gets a zero gradient
+    g = tl.load(GRAD + row * stride_grad) * grad_scale
 
     # Ignored rows read nothing (an empty load mask) and write zeros.
     load_mask = cols < tl.where(valid, n_cols, 0)
@@ -234,12 +242,27 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return dlogits, None, None, None, None
 
 
-def _cross_entropy_torch(logits, labels, ignore_index: int, reduction: str, n_valid: int) -> torch.Tensor:
-    x = logits.float()
+def without_dead_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the PyTorch engines: ``(z with every row of only -inf logits zeroed, mask of those rows)``.
+    Autograd through ``logsumexp`` / ``log_softmax`` of such a row is NaN even where the result is
+    replaced afterwards (NaN * 0); zeroed, the row's gradient is exactly 0, as in the kernels."""
+    with torch.no_grad():
+        dead = z.amax(dim=-1) == float("-inf")
+    return torch.where(dead.unsqueeze(-1), 0.0, z), dead
+
+
+def ce_loss_rows_torch(z: torch.Tensor, labels, ignore_index: int) -> torch.Tensor:
+    """Per-row loss of fp32 logits ``z`` with the kernels' conventions (0 on ignored rows, +inf on rows with
+    no finite logit), by plain autograd."""
+    z, dead = without_dead_rows(z)
     valid = labels != ignore_index
-    target = x.gather(1, torch.where(valid, labels, 0).long().unsqueeze(1)).squeeze(1)
-    loss_rows = torch.where(valid, torch.logsumexp(x, dim=-1) - target, 0.0)
-    return reduce_loss(loss_rows, reduction, n_valid)
+    target = z.gather(1, torch.where(valid, labels, 0).long().unsqueeze(1)).squeeze(1)
+    loss = torch.where(dead, float("inf"), torch.logsumexp(z, dim=-1) - target)
+    return torch.where(valid, loss, 0.0)
+
+
+def _cross_entropy_torch(logits, labels, ignore_index: int, reduction: str, n_valid: int) -> torch.Tensor:
+    return reduce_loss(ce_loss_rows_torch(logits.float(), labels, ignore_index), reduction, n_valid)
 
 
 def cross_entropy(
@@ -258,6 +281,9 @@ def cross_entropy(
 
     Returns:
         fp32: a scalar for mean/sum, ``[N]`` for none (0 at ignored rows).
+
+    -inf logits (masked vocabulary entries) have probability 0 and get a zero gradient (a label on one has
+    loss +inf). A non-ignored row whose logits are ALL -inf has loss +inf and a zero gradient.
 
     Forward: ``lse_i = logsumexp_j x_ij`` (online over vocabulary chunks, saved in fp32),
     ``loss_i = lse_i - x_{i,y_i}``, then the reduction.

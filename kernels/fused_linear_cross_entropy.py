@@ -41,6 +41,7 @@ from ._common import autocast_dtype, check_same_device, check_tensor, empty, on_
 from .cross_entropy import (
     ce_backward_rows,
     ce_forward_rows,
+    ce_loss_rows_torch,
     check_labels,
     check_reduction,
     grad_scale_for,
@@ -218,10 +219,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _chunk_loss_rows_torch(h_c, weight, y_c, ignore_index):
-    z = (h_c.float() @ weight.float().t())
-    valid = y_c != ignore_index
-    target = z.gather(1, torch.where(valid, y_c, 0).long().unsqueeze(1)).squeeze(1)
-    return torch.where(valid, torch.logsumexp(z, dim=-1) - target, 0.0)
+    return ce_loss_rows_torch(h_c.float() @ weight.float().t(), y_c, ignore_index)
 
 
 def _fused_linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction, n_valid, chunk_rows):
@@ -265,7 +263,8 @@ def fused_linear_cross_entropy(
     The GEMMs run in ``promote(hidden.dtype, weight.dtype)`` (or the autocast dtype) with fp32
     accumulation; the logits are produced in fp32 and all softmax math is fp32.
 
-    Forward: ``z = h @ W.T`` per chunk, ``loss_i = logsumexp(z_i) - z_{i, y_i}``, reduced.
+    Forward: ``z = h @ W.T`` per chunk, ``loss_i = logsumexp(z_i) - z_{i, y_i}``, reduced. A row whose logits
+    are all -inf has loss +inf and a zero gradient (see ``cross_entropy``).
     Backward: ``dz = (softmax(z) - onehot(y)) * g`` (0 on ignored rows, ``g`` = grad_output, divided
     by n_valid for mean), ``dhidden = dz @ W``, ``dweight = dz.T @ hidden``. For mean/sum the
     gradients are computed in the forward (with g = 1, n_valid not applied) and scaled by

@@ -15,6 +15,10 @@ each 0 (False) where ``y_i == ignore_index``. These are the five outputs of TRL 
 definitions, dtypes and differentiability, for ``final_logit_softcapping=None``; here the logits tiles are
 fp32 (TRL keeps them in the compute dtype) and ignored labels are handled.
 
+Masked vocabularies: -inf logits (e.g. a -inf bias) have ``p = 0`` and ``p log p = 0``. A row with NO finite
+logit is read as ``p = 0`` everywhere: log_probs -inf, entropy 0, log_sum_sq_probs -inf, is_top1 False,
+mean_logits -inf (its definition), and a zero gradient, in both engines.
+
 Tiling. Tokens go in chunks of ``token_chunk_size`` rows (default 2048), the vocabulary in chunks of
 ``vocab_chunk_size`` columns (default 8192): one tile is ``[2048, 8192]`` fp32 = 64 MB whatever V is
 (a whole ``[2048, 152k]`` fp32 row block would be 1.2 GB), and still a GEMM big enough for cuBLAS
@@ -51,12 +55,14 @@ in the compute dtype; then ``dh_c += dtile @ W_v`` (fp32 accumulator per token c
 """
 from __future__ import annotations
 
+from math import inf
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import empty, use_triton
-from .cross_entropy import check_labels
+from .cross_entropy import check_labels, without_dead_rows
 from .fused_linear_cross_entropy import addmm_fp32, check_lm_head_args, compute_dtype_for, mm_fp32
 
 TOKEN_CHUNK_SIZE = 2048
@@ -126,13 +132,17 @@ def _fwd_kernel(
                 # the largest logit strictly before the label: a tie there means argmax is not the label
                 max_before = tl.maximum(max_before, tl.max(tl.where(cols < local, z, float("-inf")), axis=0))
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            rescale = tl.exp(m - m_new)  # 0 on the very first block (m = -inf)
-            d = tl.where(mask, z - m_new, 0.0)  # logits relative to the new max; 0, not -inf - m, when masked
+            # While every logit so far is -inf (a masked prefix), exponentiate against 0, not m_new: the sums
+            # stay 0 instead of exp(-inf - -inf) = NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.exp(m - m_safe)  # 0 while m = -inf (before the first finite logit)
+            d = tl.where(mask, z - m_safe, 0.0)  # logits relative to the new max; 0, not -inf - m, when masked
             e = tl.where(mask, tl.exp(d), 0.0)
             if HAS_ENTROPY:
-                # every earlier (z_j - m) becomes (z_j - m_new); before the first block s = 0 and m = -inf
+                # every earlier (z_j - m) becomes (z_j - m_new); before the first finite logit s = 0 and m = -inf
                 shift = tl.where(s > 0.0, m - m_new, 0.0) * s
-                xs = (xs + shift) * rescale + tl.sum(e * d, axis=0)
+                # a -inf logit has e = 0 and d = -inf: its term is 0 (p log p -> 0), not 0 * -inf = NaN
+                xs = (xs + shift) * rescale + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
             if HAS_LOG_SUM_SQ:
                 sq = sq * rescale * rescale + tl.sum(e * e, axis=0)
             s = s * rescale + tl.sum(e, axis=0)
@@ -140,13 +150,14 @@ def _fwd_kernel(
 
         if LAST:
             log_s = tl.log(s)
-            lse = m + log_s
+            lse = m + log_s  # -inf when the row has no finite logit (m = -inf, s = 0)
+            dead = m == float("-inf")  # no finite logit: p = 0 everywhere (the formulas below would give NaN)
             tl.store(LSE + row, lse)
-            tl.store(LOG_PROBS + row, target - lse)
+            tl.store(LOG_PROBS + row, tl.where(dead, float("-inf"), target - lse))
             if HAS_ENTROPY:
-                tl.store(ENTROPY + row, log_s - xs / s)
+                tl.store(ENTROPY + row, tl.where(dead, 0.0, log_s - xs / s))
             if HAS_LOG_SUM_SQ:
-                tl.store(LOG_SUM_SQ + row, tl.log(sq) - 2.0 * log_s)
+                tl.store(LOG_SUM_SQ + row, tl.where(dead, float("-inf"), tl.log(sq) - 2.0 * log_s))
             if HAS_MEAN:
                 tl.store(MEAN_LOGITS + row, zs / vocab)
             if HAS_TOP1:
@@ -192,12 +203,13 @@ def _bwd_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < n_cols
     label = tl.load(LABELS + row).to(tl.int64)
-    valid = label != ignore_index
+    lse = tl.load(LSE + row)
+    valid = (label != ignore_index) & (lse != float("-inf"))  # a row with no finite logit gets a zero gradient
 
     # Ignored rows read nothing (an empty load mask) and write zeros.
     load_mask = cols < tl.where(valid, n_cols, 0)
     z = tl.load(LOGITS + row * stride_logits_row + cols, mask=load_mask, other=0.0).to(tl.float32) * z_scale
-    log_p = z - tl.load(LSE + row)
+    log_p = z - lse
     p = tl.exp(log_p)
     dz = tl.zeros([BLOCK_V], tl.float32)
     if HAS_LOG_PROBS_GRAD:
@@ -207,7 +219,8 @@ def _bwd_kernel(
     if HAS_ENTROPY_GRAD:
         # d entropy / dz_j = -p_j (log p_j + entropy)
         g_entropy = tl.load(GRAD_ENTROPY + row)
-        dz -= g_entropy * p * (log_p + tl.load(ENTROPY + row))
+        # a -inf logit has p = 0 and log p = -inf: its gradient is 0, not 0 * -inf = NaN
+        dz -= g_entropy * tl.where(p > 0.0, p * (log_p + tl.load(ENTROPY + row)), 0.0)
     dz = tl.where(valid, dz, 0.0)  # not dz * 0: a NaN/inf incoming gradient on an ignored row stays out
     tl.store(DLOGITS + row * stride_dlogits_row + cols, (dz * z_scale).to(DLOGITS.dtype.element_ty), mask=mask)
 
@@ -350,15 +363,22 @@ def _chunk_outputs_torch(h_c, w, b, y_c, dtype, z_scale, ignore_index, outputs):
         z = z * z_scale
         valid = y_c != ignore_index
         y = torch.where(valid, y_c, 0).long()
-        log_p = torch.log_softmax(z, dim=-1)
-        log_probs = torch.where(valid, log_p.gather(1, y.unsqueeze(1)).squeeze(1), 0.0)
-        entropy = torch.where(valid, -(log_p.exp() * log_p).sum(-1), 0.0) if "entropy" in outputs else None
+        z_live, dead = without_dead_rows(z)  # rows with no finite logit: p = 0 everywhere, as the kernels
+        log_p = torch.log_softmax(z_live, dim=-1)
+        log_probs = torch.where(valid, log_p.gather(1, y.unsqueeze(1)).squeeze(1), 0.0).masked_fill(valid & dead, -inf)
+        if "entropy" in outputs:
+            p_log_p = log_p.exp() * torch.where(log_p > -inf, log_p, 0.0)  # 0 log 0 = 0 at -inf logits
+            entropy = torch.where(valid & ~dead, -p_log_p.sum(-1), 0.0)
+        else:
+            entropy = None
         with torch.no_grad():  # the statistics TRL marks non-differentiable
             log_sum_sq = (
-                torch.where(valid, torch.logsumexp(2 * log_p, dim=-1), 0.0) if "log_sum_sq_probs" in outputs else None
+                torch.where(valid, torch.logsumexp(2 * log_p, dim=-1).masked_fill(dead, -inf), 0.0)
+                if "log_sum_sq_probs" in outputs else None
             )
             mean_logits = torch.where(valid, z.mean(-1), 0.0) if "mean_logits" in outputs else None
-            is_top1 = (z.argmax(-1) == y) & valid if "is_top1" in outputs else None  # argmax: the first maximum
+            # argmax: the first maximum
+            is_top1 = (z.argmax(-1) == y) & valid & ~dead if "is_top1" in outputs else None
     return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
 
@@ -436,6 +456,7 @@ def linear_log_probs(
     Backward (``g``, ``gH`` = grads of log_probs and entropy): ``dz = g * (onehot(y) - p) - gH * p * (log p + H)``
     (0 on ignored rows), ``dhidden = s * dz @ W``, ``dweight = s * dz.T @ hidden``, ``dbias = s * sum_rows(dz)``
     with ``s = logit_scale / temperature``; tiles are recomputed from ``lse``, GEMMs accumulate in fp32.
+    A row whose logits are all -inf gives log-prob -inf and a zero gradient (see the module docstring).
     """
     n_rows, _, vocab = check_lm_head_args(hidden, weight, labels, bias)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:

@@ -156,3 +156,69 @@ def test_empty_batch(engine):
     assert [loss.shape for loss in losses] == [(), (), (0,)] and losses[0] == 0 and losses[1] == 0
     sum(loss.sum() for loss in losses).backward()
     assert x.grad.shape == (0, 10)
+
+
+# ---- Masked vocabularies: -inf logits (constrained decoding, -inf biases) ---------------------------------------
+MASKED_VOCAB = 8200  # two full 4096-column blocks and a partial third
+
+
+def _masked_logits(dtype):
+    """Rows with -inf logits where the online log-sum-exp starts from -inf; row 5 has no finite logit at all."""
+    x = torch.randn(8, MASKED_VOCAB, generator=torch.Generator().manual_seed(8)) * 3
+    ninf = float("-inf")
+    x[0, :4096] = ninf  # masked prefix: the whole first block
+    x[1, 3000:7000] = ninf  # masked middle, across a block border
+    x[2, :-1] = ninf  # one finite logit, in the partial last block
+    x[3, :5000], x[3, 5001:] = ninf, ninf  # one finite logit, in a middle block
+    x[4, :8192] = ninf  # two masked blocks, and the label sits on a -inf logit: loss +inf
+    x[5] = ninf  # no finite logit: loss +inf and zero gradient (the documented convention)
+    x[7] = ninf  # an ignored row
+    labels = torch.tensor([5000, 2000, MASKED_VOCAB - 1, 5000, 17, 3, 42, -100])
+    return x.to(dtype), labels
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_logits_match_float64_reference(engine, dtype):
+    logits, labels = _masked_logits(dtype)
+    x, loss = _run(engine, logits, labels, reduction="none")
+    grad_output = torch.rand(8, generator=torch.Generator().manual_seed(9)) + 0.5
+    loss.backward(grad_output)
+    ref_loss, ref_grad = _reference(logits, labels, "none", grad_output)  # row 5 of the reference is NaN
+
+    assert not loss.isnan().any(), loss
+    assert loss[4] == float("inf") and loss[5] == float("inf") and loss[7] == 0
+    finite = [0, 1, 2, 3, 6, 7]
+    assert_close(loss[finite], ref_loss[finite], **LOSS_TOL, name="loss")
+    assert torch.isfinite(x.grad).all()
+    rtol, atol = GRAD_TOL[dtype]
+    rows = [0, 1, 2, 3, 4, 6, 7]
+    assert_close(x.grad[rows], ref_grad[rows], atol=atol, rtol=rtol, name="dlogits")
+    # masked logits get exactly zero gradient, except a label's own (d loss / d z_y = p_y - 1 = -1)
+    masked = logits.isinf()
+    masked[torch.arange(8), labels.clamp(min=0)] = False
+    assert (x.grad[masked] == 0).all()
+    assert (x.grad[5] == 0).all() and (x.grad[7] == 0).all()
+
+
+def test_masked_vocabulary_chunks_fold_like_one_pass():
+    """ce_forward_rows over vocabulary chunks (first/last): a chunk with no finite logit folds in as -inf."""
+    from fastft.kernels.cross_entropy import ce_forward_rows
+
+    logits, labels = _masked_logits(torch.float32)
+    n = logits.shape[0]
+    whole_lse, whole_loss = torch.empty(n), torch.empty(n)
+    ce_forward_rows(logits, labels, whole_lse, whole_loss, ignore_index=-100)
+    lse, loss, target = torch.empty(n), torch.empty(n), torch.empty(n)
+    bounds = [0, 4096, 8192, MASKED_VOCAB]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        ce_forward_rows(logits[:, start:end], labels, lse, loss, target, ignore_index=-100, vocab_start=start,
+                        first=start == 0, last=end == MASKED_VOCAB)
+    ref = torch.logsumexp(logits.double(), dim=-1)
+    valid = labels != -100
+    for name, got in (("one pass", whole_lse), ("chunked", lse)):
+        assert torch.equal(got[valid].isinf(), ref[valid].isinf()) and not got.isnan().any(), (name, got)
+        finite = valid & ref.isfinite()
+        assert_close(got[finite], ref[finite], **LOSS_TOL, name=f"lse ({name})")
+    assert not loss.isnan().any() and torch.equal(loss.isinf(), whole_loss.isinf())
+    assert_close(loss[loss.isfinite()], whole_loss[loss.isfinite()], **LOSS_TOL, name="chunked loss")

@@ -10,8 +10,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = ["sft.py", "dpo.py", "trl_sft_dropin.py", "trl_dpo_dropin.py", "task_data.py"]
 
 
-def run(script, *args, cwd):
+# Loaded into each example's interpreter (sitecustomize): every host lookup or connection is written to a log
+# and refused, so the test sees any network call, from any thread.
+NETWORK_GUARD = """
+import os
+import socket
+
+
+def _refuse(name):
+    def refused(*args, **kwargs):
+        with open(os.environ["FASTFT_NETWORK_LOG"], "a") as log:
+            log.write(f"{name}{args[:1]}\\n")
+        raise OSError(f"network call refused by the test: {name}{args[:1]}")
+    return refused
+
+
+socket.getaddrinfo = _refuse("socket.getaddrinfo")
+socket.create_connection = _refuse("socket.create_connection")
+"""
+
+
+def run(script, *args, cwd, network_log=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if network_log is not None:
+        guard = os.path.join(cwd, "network_guard")
+        os.makedirs(guard, exist_ok=True)
+        with open(os.path.join(guard, "sitecustomize.py"), "w") as f:
+            f.write(NETWORK_GUARD)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [guard, env.get("PYTHONPATH")]))
+        env["FASTFT_NETWORK_LOG"] = str(network_log)
     return subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -31,8 +58,11 @@ def test_help(script, tmp_path):
     ("trl_dpo_dropin.py", ["--max-steps", "2"]),
 ])
 def test_example_runs(script, args, tmp_path):
-    out = run(script, *args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    """... and makes no network call (the README promises that of the main job): TRL's telemetry is off."""
+    log = tmp_path / "network.log"
+    out = run(script, *args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path, network_log=log)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not log.exists(), f"network calls: {log.read_text()}"
     if script in ("sft.py", "dpo.py"):
         assert "held-out exact match before" in out.stdout and "held-out exact match after" in out.stdout
     assert os.path.exists(tmp_path / "out" / "adapter_config.json")

@@ -1,4 +1,7 @@
 """FastModel beyond numerical parity: saving, generation, bad input."""
+import pathlib
+import shutil
+
 import peft
 import pytest
 import torch
@@ -148,3 +151,81 @@ def test_trl_without_the_dataset_preparation_hook_names_the_range(monkeypatch):
     monkeypatch.delattr(trl.DPOTrainer, "_prepare_dataset")
     with pytest.raises(ImportError, match=r"trl>=1.16,<2.*no trl.DPOTrainer._prepare_dataset"):
         trl_compat.install()
+
+
+def _lora_layer_names(peft_model):
+    return sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")})
+
+
+@pytest.mark.parametrize("target_modules, expected", [
+    ("all-linear", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    (r".*\.(q_proj|v_proj)", ["q_proj", "v_proj"]),  # a regex string: peft matches it against full names
+    (("o_proj",), ["o_proj"]),
+])
+def test_get_peft_model_takes_peft_target_module_forms(qwen2_path, target_modules, expected):
+    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, target_modules=target_modules, use_gradient_checkpointing=False)
+    assert _lora_layer_names(model) == expected
+
+
+def test_second_get_peft_model_is_refused(qwen2_path):
+    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    for again in (model, model.get_base_model()):
+        with pytest.raises(ValueError, match="already has LoRA adapters.*add_adapter"):
+            FastModel.get_peft_model(again, r=4)
+    assert isinstance(model.base_model.model, transformers.PreTrainedModel)  # nothing was nested
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lora_alpha=0), ValueError, "lora_alpha=0 .*gradient is exactly zero"),
+    (dict(lora_alpha="16"), TypeError, "lora_alpha must be a finite number"),
+    (dict(target_modules=["q_proj", "v_prj"]), ValueError, r"target_modules \['v_prj'\] match no module.*'v_proj'"),
+    (dict(target_modules=5), TypeError, "target_modules must be"),
+    (dict(r=4.0), TypeError, "r .*must be a positive int.*4.0"),
+    (dict(r=0), ValueError, "r .*must be a positive int"),
+])
+def test_silent_or_obscure_lora_arguments_raise(qwen2_path, kwargs, error, match):
+    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        FastModel.get_peft_model(model, **{"r": 4, **kwargs})
+    assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("from_pretrained should have refused before loading anything")
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "../no-such-model", "~/no-such-model", "/no/such/no-such-model",
+                                  "models/no/no-such-model", pathlib.Path("no-such-model")])
+def test_missing_local_path_is_refused_before_any_hub_lookup(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", _no_loading)
+    with pytest.raises(FileNotFoundError, match="model path .*no-such-model.* does not exist"):
+        FastModel.from_pretrained(name)
+
+
+def test_home_relative_path_is_expanded(qwen2_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(pathlib.Path(qwen2_path).parent))
+    model, tokenizer = FastModel.from_pretrained("~/" + pathlib.Path(qwen2_path).name, max_seq_length=64)
+    assert model.config.model_type == "qwen2" and tokenizer is not None
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])  # transformers builds an empty Qwen2 tokenizer; Llama's raises
+def test_missing_tokenizer_fails_before_the_weights_load(arch, tmp_path, monkeypatch):
+    path = pathlib.Path(save_tiny_model(arch, tmp_path / "full"))
+    (tmp_path / "bare").mkdir()
+    for file in path.iterdir():
+        if "token" not in file.name and file.suffix != ".jinja":
+            shutil.copy(file, tmp_path / "bare" / file.name)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_loading)
+    with pytest.raises(ValueError, match="could not load a tokenizer(.|\n)*tokenizer.save_pretrained"):
+        FastModel.from_pretrained(str(tmp_path / "bare"))
+
+
+def test_max_seq_length_checks(qwen2_path):
+    with pytest.raises(ValueError, match="max_seq_length must be a positive int, got True"):
+        FastModel.from_pretrained(qwen2_path, max_seq_length=True)
+    with pytest.warns(UserWarning, match="max_seq_length=512 exceeds the model's max_position_embeddings=256"):
+        FastModel.from_pretrained(qwen2_path, max_seq_length=512)

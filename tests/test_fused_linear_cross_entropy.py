@@ -253,3 +253,51 @@ def test_fp16_gradients_under_a_loss_scale_keep_the_small_probabilities():
     (F.cross_entropy(h64 @ weight.double().t(), labels) * 65536).backward()
     worst = (h.grad.double() - h64.grad).abs().max() / h64.grad.abs().max()
     assert worst < 2e-3, f"fp16 gradient {worst:.2%} off float64 (of the largest element)"
+
+
+def _masked_head(dtype, masked_columns):
+    """Inputs whose logits are -inf on `masked_columns` of the vocabulary: the last hidden feature is 1 on every
+    row and the last weight column -inf there (0 elsewhere), so those logits are finite + (-inf)."""
+    hidden, weight, labels = _inputs(dtype, seed=3)
+    hidden[:, -1] = 1.0
+    weight[:, -1] = 0.0
+    weight[masked_columns, -1] = float("-inf")
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_vocabulary(engine, dtype, reduction):
+    """A masked prefix (the whole first 4096-column block) and a masked middle; labels avoid them. hidden is
+    frozen here: its gradient dz @ W would multiply the masked logits' zero gradient by the -inf weights."""
+    masked = torch.zeros(V, dtype=torch.bool)
+    masked[:4100], masked[10000:20000] = True, True
+    hidden, weight, labels = _masked_head(dtype, masked)
+    labels[(labels >= 0) & masked[labels.clamp(min=0)]] = 5000
+    w = weight.clone().requires_grad_()
+    with use_engine(engine):
+        loss = fused_linear_cross_entropy(hidden, w, labels, reduction=reduction, chunk_size=16)
+    grad_output = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    loss.backward(grad_output)
+
+    hd, wd = hidden.double(), weight.double().requires_grad_()
+    ref = F.cross_entropy(hd @ wd.T, labels, ignore_index=-100, reduction=reduction)
+    ref.backward(grad_output.double())
+    assert_close(loss, ref.detach(), **LOSS_TOL, name="loss")
+    assert torch.isfinite(w.grad).all() and (w.grad[masked] == 0).all()
+    _check_grad(w.grad, wd.grad, dtype, "dweight")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_logit_masked(engine):
+    """No finite logit in a row: loss +inf (mean: +inf), zero gradient; ignored rows stay 0."""
+    hidden, weight, labels = _masked_head(torch.float32, slice(None))
+    w = weight.clone().requires_grad_()
+    with use_engine(engine):
+        rows = fused_linear_cross_entropy(hidden, w, labels, reduction="none", chunk_size=16)
+        mean = fused_linear_cross_entropy(hidden, w, labels, reduction="mean", chunk_size=16)
+    valid = labels != -100
+    assert (rows[valid] == float("inf")).all() and (rows[~valid] == 0).all() and mean == float("inf")
+    (rows.sum() + mean).backward()
+    assert (w.grad == 0).all()

@@ -211,7 +211,7 @@ def _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent):
     log_p = torch.log_softmax(z, dim=-1)
     p = log_p.exp()
     lp = torch.where(valid, log_p.gather(1, y.unsqueeze(1)).squeeze(1), 0.0)
-    ent = torch.where(valid, -(p * log_p).sum(-1), 0.0)
+    ent = torch.where(valid, -(p * torch.where(p > 0, log_p, 0.0)).sum(-1), 0.0)  # 0 log 0 = 0 (-inf logits)
     ((lp * grad_lp.double()).sum() + (ent * grad_ent.double()).sum()).backward()
     with torch.no_grad():
         lss = torch.where(valid, (p * p).sum(-1).log(), 0.0)
@@ -411,3 +411,55 @@ def test_autocast_bf16_outputs_stay_fp32(engine):
         assert actual.dtype == torch.float32
         rtol, atol_rel = GRAD_TOL[torch.bfloat16]  # dz or the gradient itself is rounded to bf16 once
         assert_close(actual, ref, atol=atol_rel * ref.abs().max().item(), rtol=rtol, name=name)
+
+
+# ---- Masked vocabularies: -inf biases ----------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_vocabulary_every_output(engine, dtype):
+    """-inf bias on the whole first vocabulary chunk (so the running max is still -inf when the second starts)
+    and on a middle range. Row 6's label is masked: log-prob -inf, gradients still finite."""
+    hidden, weight, bias, labels = _inputs(dtype, seed=19)
+    masked = torch.zeros(V, dtype=torch.bool)
+    masked[:8192 + 50], masked[20000:26000] = True, True
+    bias[masked] = float("-inf")
+    z = hidden.double() @ weight.double().T + bias.double()
+    labels[masked[labels.clamp(min=0)] & (labels >= 0)] = 9000
+    labels[2:5] = z[2:5].argmax(-1)
+    labels[5], labels[6] = -100, 17
+    gen = torch.Generator().manual_seed(20)
+    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    with use_engine(engine):
+        results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                                   outputs=OUTPUTS, **CHUNKS)
+    ((results[0] * grad_lp).sum() + (results[1] * grad_ent).sum()).backward()
+
+    expected, ref_grads = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent)
+    for name, got, ref in zip(OUTPUTS[:4], results, expected):  # assert_close passes inf == inf and NaN vs inf
+        assert not got.isnan().any() and torch.equal(got.isinf(), ref.isinf()), f"{name}: {got} vs {ref}"
+    assert results[0][6] == float("-inf") and (results[3][labels != -100] == float("-inf")).all()
+    _check_outputs(results, expected, labels)
+    for actual, ref, name in zip((h.grad, w.grad, b.grad), ref_grads, ("dhidden", "dweight", "dbias")):
+        _check_grad(actual, ref, dtype, name)
+    masked[17] = False  # row 6's label: d log p_y / d z_y = 1 - p_y = 1 there
+    assert (b.grad[masked] == 0).all()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_logit_masked_every_output(engine):
+    """No finite logit: the row is read as p = 0 everywhere (log-prob -inf, entropy 0, log sum p^2 -inf,
+    is_top1 False; mean_logits is the logits' mean, -inf) and gets a zero gradient."""
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=21)
+    bias[:] = float("-inf")
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    with use_engine(engine):
+        lp, ent, lss, mean, top1 = linear_log_probs(h, w, labels, bias=b, outputs=OUTPUTS, **CHUNKS)
+    (lp.sum() + ent.sum()).backward()
+    valid = labels != -100
+    ninf = float("-inf")
+    assert (lp[valid] == ninf).all() and (ent == 0).all() and (lss[valid] == ninf).all()
+    assert (mean[valid] == ninf).all() and not top1.any()
+    assert (lp[~valid] == 0).all() and (lss[~valid] == 0).all() and (mean[~valid] == 0).all()
+    for grad in (h.grad, w.grad, b.grad):
+        assert (grad == 0).all()

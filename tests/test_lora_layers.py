@@ -23,6 +23,7 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
+from tiny_models import bnb_cpu_reference_ok
 
 from fastft.kernels._common import use_engine
 from fastft.kernels.lora_linear import lora_linear
@@ -42,6 +43,7 @@ def _tol(dtype, expected):
 
 def _nf4_base(in_f, out_f, *, bias=False, compute_dtype=None, seed=0):
     """A bitsandbytes NF4 Linear4bit (double-quantized scales), quantized on the CPU."""
+    assert bnb_cpu_reference_ok(in_f), f"bitsandbytes' CPU path, the reference here, is wrong for in_features={in_f}"
     torch.manual_seed(seed)
     layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute_dtype, quant_type="nf4",
                               compress_statistics=True)
