@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import types
-import warnings
 
 import torch
 import transformers
@@ -18,6 +17,7 @@ from . import attention as fastft_attention
 from . import trl_compat
 from .architectures import spec_for
 from .loss import make_causal_lm_forward
+from .placement import default_device, device_of_map
 from .patch import patch_decoder, unpatch_modules
 
 logger = logging.getLogger("fastft")
@@ -54,17 +54,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"dtype must be torch.bfloat16, torch.float16, torch.float32 or None, got {dtype!r}")
     return dtype
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    from .kernels._common import INTERPRET
-
-    if not INTERPRET:
-        warnings.warn("fastft: no CUDA GPU found; the model runs fastft's plain PyTorch paths on the CPU (slow)",
-                      stacklevel=3)
-    return torch.device("cpu")
 
 
 def _backbone(model):
@@ -119,9 +108,11 @@ class FastModel:
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
 
-        device = _default_device()
+        device = default_device() if device_map is None else device_of_map(device_map)
         if device_map is None:
             device_map = {"": device}
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # fastft's Triton kernels launch on the current CUDA device
         dtype = resolve_dtype(dtype, device)
         quantization_config = None
         if load_in_4bit:
