@@ -116,9 +116,11 @@ class FastModel:
         dtype = resolve_dtype(dtype, device)
         quantization_config = None
         if load_in_4bit:
+            # 4-bit codes stored in the compute dtype (same bytes): FSDP then shards them like any parameter
+            # (it leaves integer parameters whole) and its mixed precision, casting to that dtype, keeps them intact.
             quantization_config = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
@@ -197,7 +199,7 @@ def patch_model(model, max_seq_length: int = 2048, attn_implementation: str | No
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     model.forward = types.MethodType(make_causal_lm_forward(model), model)
-    trl_compat.tag_lm_head(model.lm_head.weight)
+    model._fastft_lm_head_hook = trl_compat.tag_lm_head(model)
     model._fastft_length_hook = _install_length_check(model.model, max_seq_length)
     model._fastft_patched = True
     model.max_seq_length = max_seq_length
@@ -210,6 +212,7 @@ def unpatch_model(model):
     unpatch_modules(model.model)
     model.__dict__.pop("forward", None)
     model._fastft_length_hook.remove()
+    model._fastft_lm_head_hook.remove()
     model._fastft_patched = False
     model.set_attn_implementation("sdpa")
     return model

@@ -3,15 +3,21 @@
 * Device choice of ``FastModel.from_pretrained`` on a multi-GPU machine (CUDA queries mocked): each rank of a
   torchrun / accelerate launch job loads onto ``cuda:LOCAL_RANK``; an explicit ``device_map`` wins; GPUs that do
   not exist are errors.
+* FSDP's view of a 4-bit layer (the all-gathered packed bytes as a plain parameter, the quant state on the module):
+  the fused path reads it exactly, and refuses what it cannot read.
 """
 import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import transformers
+from torch import nn
 
 from fastft import FastModel
 from fastft import placement
+from fastft.kernels.nf4 import dequantize_nf4
+from fastft.quant import UnsupportedWeight, dequantize_4bit, fused_linear_args
 from tiny_models import save_tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,6 +70,8 @@ def test_each_rank_loads_onto_its_own_gpu(four_gpus, captured_load, monkeypatch)
     kwargs = captured_load()
     assert kwargs["device_map"] == {"": torch.device("cuda", 3)}
     assert four_gpus == [torch.device("cuda", 3)]  # fastft's Triton kernels launch on the current device
+    # 4-bit codes stored in the compute dtype, so FSDP can shard them
+    assert kwargs["quantization_config"].bnb_4bit_quant_storage == kwargs["dtype"] == torch.bfloat16
 
 
 def test_without_local_rank_the_current_gpu(four_gpus, captured_load):
@@ -118,3 +126,57 @@ def test_local_rank_on_a_machine_without_gpus_is_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert placement.default_device() == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A 4-bit layer as FSDP leaves it during its unit's forward
+
+
+@pytest.fixture
+def linear4bit():
+    """A quantized bitsandbytes Linear4bit whose 4-bit codes are stored as float32 (as FastModel stores them in
+    the compute dtype), and its dequantized weight."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(192, 96, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              quant_storage=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 192), requires_grad=False, quant_type="nf4",
+                                     quant_storage=torch.float32, module=layer)
+    layer = layer.to("cpu")  # quantizes
+    assert layer.weight.dtype == torch.float32 and layer.weight.bnb_quantized
+    return layer, dequantize_4bit(layer.weight)
+
+
+def test_fsdp_gathered_4bit_weight_is_read_with_its_quant_state(linear4bit):
+    """Inside an FSDP unit the layer's weight is a plain parameter holding the all-gathered bytes (FSDP2 swaps
+    the Params4bit out); bitsandbytes keeps the quant state on the module."""
+    layer, expected = linear4bit
+    layer.weight = nn.Parameter(layer.weight.data.clone(), requires_grad=False)
+    weight = fused_linear_args(layer).weight
+    assert torch.equal(dequantize_nf4(weight), expected)
+
+
+def test_fsdp_cast_of_the_4bit_codes_is_an_error(linear4bit):
+    """FSDP's mixed precision casts parameters to its param_dtype: packed codes cast as numbers are lost."""
+    layer, _ = linear4bit
+    layer.weight = nn.Parameter(layer.weight.data.to(torch.bfloat16), requires_grad=False)
+    with pytest.raises(ValueError, match=r"stored as torch.float32 but arrives as torch.bfloat16: FSDP's mixed "
+                                         r"precision cast the packed 4-bit codes.*bnb_4bit_quant_storage"):
+        fused_linear_args(layer)
+
+
+def test_fsdp_shard_outside_its_unit_falls_back(linear4bit):
+    """Outside its unit's forward the weight is a DTensor shard: not a weight the fused path can read."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    layer, _ = linear4bit
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        shard = DTensor.from_local(layer.weight.data.clone(), init_device_mesh("cpu", (1,)), [Shard(0)])
+        layer.weight = nn.Parameter(shard, requires_grad=False)
+        with pytest.raises(UnsupportedWeight, match="an FSDP shard"):
+            fused_linear_args(layer)
+    finally:
+        dist.destroy_process_group()
