@@ -5,8 +5,19 @@
   not exist are errors.
 * FSDP's view of a 4-bit layer (the all-gathered packed bytes as a plain parameter, the quant state on the module):
   the fused path reads it exactly, and refuses what it cannot read.
+* Training: 2 ranks (gloo) under torchrun through TRL's SFTTrainer / DPOTrainer and accelerate, DDP and FSDP2,
+  against one process with the same global batch (``tests/distributed_worker.py``, whose doc lists the test-only
+  settings: fp32 LoRA weights, SGD, and the one shim that lets accelerate choose FSDP on CPU). These runs use
+  fastft's PyTorch engine (no TRITON_INTERPRET), as test_examples.py does: under test is the distribution, not the
+  kernels.
+
+Tolerances of the training comparisons, measured: losses agree to ~1e-7 relative and the final LoRA weights differ
+by ~3e-7 of their change over training (a different summation order of the same fp32 gradients). A rank training
+on the wrong data, a gradient not averaged, a wrong loss scale or a LoRA weight read wrong moves either by >1e-2.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +32,8 @@ from fastft.quant import UnsupportedWeight, dequantize_4bit, fused_linear_args
 from tiny_models import save_tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LOSS_RTOL = 1e-5
+LORA_RTOL = 1e-4  # of the weights' change over training
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,3 +193,180 @@ def test_fsdp_shard_outside_its_unit_falls_back(linear4bit):
             fused_linear_args(layer)
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training on 2 ranks against one process
+
+
+SFT = ["--trainer", "sft", "--grad-accum", "2", "--gradient-checkpointing"]
+DPO = ["--trainer", "dpo", "--gradient-checkpointing"]
+# name: (model, ranks, worker arguments); one process takes the global batch of 2 ranks x batch 1
+RUNS = {
+    "sft-one": ("llama", 1, SFT + ["--batch-size", "2"]),
+    "sft-ddp": ("llama", 2, SFT + ["--save-steps", "3"]),
+    "sft-fsdp": ("llama", 2, SFT + ["--fsdp"]),
+    "dpo-one": ("qwen2", 1, DPO + ["--batch-size", "2"]),  # Qwen2: tied embeddings, q/k/v bias
+    "dpo-ddp": ("qwen2", 2, DPO),
+    "dpo-fsdp": ("qwen2", 2, DPO + ["--fsdp"]),
+    "dropout-ddp": ("llama", 2, SFT + ["--lora-dropout", "0.1"]),
+    "dropout-fsdp": ("llama", 2, SFT + ["--lora-dropout", "0.1", "--fsdp"]),
+    "adamw-fsdp": ("llama", 2, SFT + ["--fsdp", "--adamw", "--save-steps", "3"]),
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """``run(name, *extra_args)``: (per-rank results, output directory, stderr) of RUNS[name], launched once per
+    module; ``name+suffix`` runs RUNS[name] with extra arguments."""
+    root = tmp_path_factory.mktemp("distributed")
+    models = {}
+    results = {}
+
+    def launch(name, *extra):
+        if name in results:
+            return results[name]
+        arch, ranks, args = RUNS.get(name) or RUNS[name.split("+")[0]]
+        if arch not in models:
+            models[arch] = save_tiny_model(arch, root / arch)
+        out, res = root / name / "out", root / name / "results"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        cmd = (launcher if ranks > 1 else [sys.executable]) + [
+            os.path.join(HERE, "distributed_worker.py"), "--model", models[arch], "--output-dir", str(out),
+            "--result-dir", str(res), *args, *extra]
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        results[name] = [torch.load(res / f"rank{r}.pt") for r in range(ranks)], out, done.stderr
+        return results[name]
+
+    return launch
+
+
+def assert_same_training(got, ref):
+    """``got`` (one rank's result) trained as ``ref`` did: same logged losses, same final LoRA weights."""
+    assert len(got["losses"]) == len(ref["losses"]) > 0
+    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
+        assert abs(a - b) <= LOSS_RTOL * abs(b), f"step {step}: {got['losses']} vs {ref['losses']}"
+    assert got["lora"].keys() == ref["lora"].keys()
+    change = sum(((ref["lora"][n] - ref["lora_init"][n]) ** 2).sum() for n in ref["lora"]) ** 0.5
+    diff = sum(((got["lora"][n] - ref["lora"][n]) ** 2).sum() for n in ref["lora"]) ** 0.5
+    assert change > 0.1, "training hardly moved the LoRA weights: the comparison proves little"
+    assert diff <= LORA_RTOL * change, f"LoRA weights differ by {diff / change:.2e} of their change"
+
+
+def assert_fused_path_ran(result):
+    assert result["fallbacks"] == [], result["fallbacks"]
+    assert all(result["calls"].get(op, 0) > 0 for op in ("lora_qkv", "lora_mlp", "lora_linear", "linear_log_probs"))
+
+
+def assert_ranks_agree(ranks):
+    """DDP and FSDP keep one model: every rank ends with the same LoRA weights and logs the same losses."""
+    for other in ranks[1:]:
+        assert other["losses"] == ranks[0]["losses"]
+        assert all(torch.equal(other["lora"][n], w) for n, w in ranks[0]["lora"].items())
+
+
+@pytest.mark.slow
+def test_ddp_sft_matches_one_process(run):
+    """Batch 1 on each of 2 ranks, gradient accumulation 2, non-reentrant gradient checkpointing."""
+    (one,), *_ = run("sft-one")
+    ranks, *_ = run("sft-ddp")
+    assert [r["world_size"] for r in ranks] == [2, 2] and not ranks[0]["fsdp"]
+    assert_ranks_agree(ranks)
+    assert_same_training(ranks[0], one)
+    assert_fused_path_ran(ranks[0])
+
+
+@pytest.mark.slow
+def test_ddp_only_rank0_writes_checkpoints_and_adapter(run):
+    from safetensors.torch import load_file
+
+    ranks, out, _ = run("sft-ddp")
+    # the Trainer's one file per rank: its RNG state, for an exact resume
+    assert sorted(ranks[1]["writes"]) == ["checkpoint-3/rng_state_1.pth", "checkpoint-6/rng_state_1.pth"]
+    written = set(ranks[0]["writes"])
+    for checkpoint in ("checkpoint-3", "checkpoint-6"):
+        expected = ("adapter_model.safetensors", "optimizer.pt", "rng_state_0.pth")
+        assert {f"{checkpoint}/{name}" for name in expected} <= written
+    assert "adapter_model.safetensors" in written
+    # the saved adapter is the trained one
+    saved = load_file(out / "adapter_model.safetensors")
+    trained = {n.replace(".default.", "."): w for n, w in ranks[0]["lora"].items()}
+    assert saved.keys() == trained.keys()
+    assert all(torch.equal(saved[n].float(), w) for n, w in trained.items())
+
+
+@pytest.mark.slow
+def test_ddp_resume_from_checkpoint_continues_the_same_run(run):
+    full, out, _ = run("sft-ddp")
+    resumed, *_ = run("sft-ddp+resume", "--resume-from", str(out / "checkpoint-3"))
+    assert_ranks_agree(resumed)
+    # the restored state (LoRA weights, optimizer, data order, RNG) continues the uninterrupted run exactly
+    assert resumed[0]["losses"][-3:] == pytest.approx(full[0]["losses"][-3:], rel=LOSS_RTOL)
+    assert all(torch.allclose(resumed[0]["lora"][n], w, rtol=0, atol=1e-6) for n, w in full[0]["lora"].items())
+
+
+@pytest.mark.slow
+def test_ddp_dpo_matches_one_process(run):
+    """The reference log-probs come from TRL's `ref` adapter on each rank."""
+    (one,), *_ = run("dpo-one")
+    ranks, *_ = run("dpo-ddp")
+    assert_ranks_agree(ranks)
+    assert_same_training(ranks[0], one)
+    assert ranks[0]["rewards"] == pytest.approx(one["rewards"], rel=1e-4, abs=1e-6)
+    assert max(abs(r) for r in one["rewards"]) > 1e-2  # the reference differs from the policy
+    assert_fused_path_ran(ranks[0])
+
+
+@pytest.mark.slow
+def test_fsdp_sft_matches_one_process(run):
+    """FSDP2 (accelerate's plugin, fully_shard per decoder layer) shards the 4-bit weights; fastft's fused path reads
+    each gathered weight with its quant state, and TRL's loss still goes through fastft's log-prob kernel."""
+    (one,), *_ = run("sft-one")
+    ranks, *_ = run("sft-fsdp")
+    assert [r["fsdp"] for r in ranks] == [True, True]
+    sharding = ranks[0]["sharding"]
+    four_bit = [n for n in sharding if n.endswith("base_layer.weight")]
+    assert len(four_bit) == 14 and all(2 * sharding[n][1] == sharding[n][0] for n in four_bit)
+    assert all(local < full for full, local in sharding.values())  # LoRA, norms, embeddings: all sharded
+    assert_ranks_agree(ranks)
+    assert_same_training(ranks[0], one)
+    assert_fused_path_ran(ranks[0])
+    assert sorted(ranks[1]["writes"]) == []  # save_model gathers the adapter; rank 0 writes it
+
+
+@pytest.mark.slow
+def test_fsdp_dpo_matches_one_process(run):
+    (one,), *_ = run("dpo-one")
+    ranks, *_ = run("dpo-fsdp")
+    assert [r["fsdp"] for r in ranks] == [True, True]
+    assert_ranks_agree(ranks)
+    assert_same_training(ranks[0], one)
+    assert ranks[0]["rewards"] == pytest.approx(one["rewards"], rel=1e-4, abs=1e-6)
+    assert_fused_path_ran(ranks[0])
+
+
+@pytest.mark.slow
+def test_fsdp_resume_from_checkpoint_continues_the_same_run(run):
+    """AdamW: torch cannot restore the (empty) FSDP optimizer state of plain SGD."""
+    full, out, _ = run("adamw-fsdp")
+    resumed, *_ = run("adamw-fsdp+resume", "--resume-from", str(out / "checkpoint-3"))
+    assert resumed[0]["fsdp"]
+    assert_ranks_agree(resumed)
+    assert resumed[0]["losses"][-3:] == pytest.approx(full[0]["losses"][-3:], rel=LOSS_RTOL)
+    assert all(torch.allclose(resumed[0]["lora"][n], w, rtol=0, atol=1e-6) for n, w in full[0]["lora"].items())
+
+
+@pytest.mark.slow
+def test_fsdp_layers_the_fused_path_cannot_serve_run_peft_with_a_warning(run):
+    """lora_dropout > 0: every projection runs peft's (bitsandbytes') forward on the gathered weight, says why,
+    and trains as DDP does (same per-rank dropout masks)."""
+    ddp, *_ = run("dropout-ddp")
+    fsdp, _, log = run("dropout-fsdp")
+    assert fsdp[0]["fsdp"]
+    assert "fastft: adapter 'default' has lora_dropout > 0" in log and "this projection runs peft's own forward" in log
+    assert fsdp[0]["calls"].get("lora_mlp", 0) == 0
+    assert_ranks_agree(fsdp)
+    assert_same_training(fsdp[0], ddp[0])
