@@ -1,5 +1,5 @@
 """Each example runs with small settings, as a user would start it (a subprocess, CPU, fastft's PyTorch
-engine: no TRITON_INTERPRET), and has a --help."""
+engine: no TRITON_INTERPRET), and has a --help; and unchanged on 2 ranks under torchrun and accelerate launch."""
 import os
 import subprocess
 import sys
@@ -10,9 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = ["sft.py", "dpo.py", "trl_sft_dropin.py", "trl_dpo_dropin.py", "task_data.py"]
 
 
-def run(script, *args, cwd):
+def run(script, *args, cwd, launcher=(sys.executable,)):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args], cwd=cwd, env=env,
+    env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([*launcher, os.path.join(ROOT, "examples", script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -36,3 +37,23 @@ def test_example_runs(script, args, tmp_path):
     if script in ("sft.py", "dpo.py"):
         assert "held-out exact match before" in out.stdout and "held-out exact match after" in out.stdout
     assert os.path.exists(tmp_path / "out" / "adapter_config.json")
+
+
+BIN = os.path.dirname(sys.executable)  # the launchers installed beside this Python
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, script, args", [
+    ([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2"], "sft.py",
+     ["--steps", "2", "--batch-size", "1", "--eval-records", "2"]),
+    ([os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"],
+     "trl_sft_dropin.py", ["--max-steps", "1"]),
+], ids=["torchrun", "accelerate"])
+def test_example_runs_on_two_ranks(launcher, script, args, tmp_path):
+    """The README's DDP commands (gloo on CPU): both ranks train, rank 0 prints and saves the adapter."""
+    out = run(script, *args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path, launcher=launcher)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stderr.count("fastft: no CUDA GPU found") == 2  # one per rank
+    if script == "sft.py":
+        assert out.stdout.count("held-out exact match after") == 1
+    assert os.path.exists(tmp_path / "out" / "adapter_model.safetensors")
