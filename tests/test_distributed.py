@@ -25,7 +25,6 @@ import torch.distributed as dist
 import transformers
 from torch import nn
 
-from fastft import FastModel
 from fastft import placement
 from fastft.kernels.nf4 import dequantize_nf4
 from fastft.quant import UnsupportedWeight, dequantize_4bit, fused_linear_args
@@ -71,6 +70,10 @@ def captured_load(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
 
     def call(**kwargs):
+        # Imported here, not when pytest collects this file: transformers replaces its module in sys.modules on
+        # first use, and fastft.model imported before that would not see test_fast_model's patch of the new one.
+        from fastft import FastModel
+
         with pytest.raises(Loaded) as loaded:
             FastModel.from_pretrained(path, **kwargs)
         return loaded.value.args[0]
