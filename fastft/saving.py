@@ -17,6 +17,7 @@ peft, without fastft). This module adds the merged export, built so that it fits
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import torch
 import safetensors.torch
 from transformers.utils.hub import convert_file_size_to_int
 
-from .quant import _is_params4bit, dequantize_4bit
+from .quant import _is_params4bit, dequantize_4bit, nf4_weight_of
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -123,10 +124,20 @@ def iter_merged_tensors(model, dtype=torch.bfloat16, device="cpu") -> Iterator[t
     """
     dtype, device = _export_dtype(dtype), _export_device(device)
     causal_lm = _causal_lm(model)
-    return _merged_tensors(causal_lm, _lora_layers(causal_lm), dtype, device)
+    plan = _merge_plan(causal_lm, _lora_layers(causal_lm), device)
+    # one expression per tensor: the fp32 merge result is freed as soon as the cast exists
+    return ((name, merge().to(dtype)) for name, _, merge in plan)
 
 
-def _merged_tensors(causal_lm, lora_layers: dict, dtype: torch.dtype, device: torch.device):
+def _logical_shape(param) -> tuple[int, ...]:
+    """The shape of a parameter's values (a 4-bit weight's ``[out, in]``, not its packed bytes')."""
+    return tuple(nf4_weight_of(param).shape) if _is_params4bit(param) else tuple(param.shape)
+
+
+def _merge_plan(causal_lm, lora_layers: dict, device: torch.device):
+    """``(name, shape, merge)`` for each tensor of the merged checkpoint, in parameter order: ``merge()`` computes
+    its fp32 value. Nothing is dequantized or merged until ``merge`` is called, so an exporter can lay out a file
+    from the names and shapes first (GGUF puts its tensor table before the data)."""
     for name, param in causal_lm.named_parameters():  # deduplicated: a tied lm_head.weight is skipped
         parts = name.split(".")
         if any(part.startswith("lora_") for part in parts):
@@ -134,11 +145,10 @@ def _merged_tensors(causal_lm, lora_layers: dict, dtype: torch.dtype, device: to
         if "base_layer" in parts:
             at = parts.index("base_layer")
             layer = lora_layers[".".join(parts[:at])]
-            name = ".".join(parts[:at] + parts[at + 1:])
-            # one expression: the fp32 merge result is freed as soon as the cast exists
-            yield name, _merged_param(layer, parts[-1], device).to(dtype)
+            yield (".".join(parts[:at] + parts[at + 1:]), _logical_shape(param),
+                   functools.partial(_merged_param, layer, parts[-1], device))
         else:
-            yield name, _float_weight(param, device).to(dtype)
+            yield name, _logical_shape(param), functools.partial(_float_weight, param, device)
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
