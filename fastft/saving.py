@@ -1,4 +1,4 @@
-"""Save a fine-tuned model as a plain 16-bit Hugging Face checkpoint with the LoRA weights merged in.
+"""Save a fine-tuned model with the LoRA weights merged in: a plain 16-bit Hugging Face checkpoint, or a GGUF file.
 
 ``model.save_pretrained(dir)`` already writes a standard peft adapter (it loads in plain transformers +
 peft, without fastft). This module adds the merged export, built so that it fits wherever training fit:
@@ -6,13 +6,15 @@ peft, without fastft). This module adds the merged export, built so that it fits
 * :func:`iter_merged_tensors` yields the merged checkpoint one tensor at a time. Each 4-bit base weight is
   dequantized (exactly, see ``fastft.dequantize_4bit``), the active adapters' ``scaling * B @ A`` is added in
   fp32, and the result is cast to ``dtype``, on ``device`` (the CPU unless asked): about one layer's fp32
-  weight exists at a time, never the whole model. (Other exporters, e.g. GGUF, can consume it too.)
+  weight exists at a time, never the whole model.
 * :func:`save_merged` writes those tensors into safetensors shards of at most ``max_shard_size`` as each
   fills, then ``model.safetensors.index.json`` (when there are several shards), the config (quantization
   removed) and the tokenizer, all into a temporary directory beside ``path`` that is renamed to ``path`` only
   once complete: a failure (a full disk, say) leaves no half checkpoint. Peak extra memory: about one layer
   in fp32 plus one shard, in CPU memory. The result loads with ``AutoModelForCausalLM.from_pretrained`` and
   needs neither bitsandbytes nor peft.
+* :func:`save_gguf` writes them, with the tokenizer, into one GGUF file for llama.cpp, Ollama and LM Studio, as
+  llama.cpp's own converter would (``fastft.gguf_export`` holds llama.cpp's conventions), streamed the same way.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import torch
 import safetensors.torch
 from transformers.utils.hub import convert_file_size_to_int
 
+from . import gguf_export
 from .quant import _is_params4bit, dequantize_4bit, nf4_weight_of
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -266,3 +270,60 @@ def save_merged(model, path, tokenizer=None, dtype=torch.bfloat16, *, device="cp
         _move_into_place(partial, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already after a successful rename
+
+
+def _check_gguf_destination(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise FileExistsError(f"save_gguf writes one file, but {str(path)!r} is a directory; pass a file path such as "
+                              f"{str(path / 'model.gguf')!r}")
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists; pass another path, or overwrite=True to replace it")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise FileExistsError(f"overwrite=True replaces a GGUF file, but {str(path)!r} holds something else; "
+                                      "pass another path")
+
+
+def save_gguf(model, path, tokenizer, quantization: str = "f16", *, device="cpu", overwrite: bool = False) -> None:
+    """Write ``model`` with its LoRA merged, and its tokenizer, as one GGUF file for llama.cpp, Ollama or LM Studio.
+
+    Args:
+        model: a fastft model (a ``PeftModel`` from ``FastModel.get_peft_model``, or a model without LoRA) of an
+            architecture fastft patches: Llama (Llama 3.1 RoPE scaling included), Mistral, Qwen2, Qwen3.
+        path: the ``.gguf`` file to create. An existing GGUF file there is replaced only with ``overwrite=True``.
+        tokenizer: the model's (fast) tokenizer: its vocabulary, merges, special tokens and chat template go into
+            the file, so that llama.cpp tokenizes as it does (see :func:`fastft.gguf_export.add_tokenizer`).
+        quantization: ``"f32"``, ``"f16"`` (default), ``"bf16"``, ``"q8_0"``, or whatever else the installed
+            ``gguf`` package can quantize (``q5_1``, ``q5_0``, ``q4_1``, ``q4_0`` with gguf 0.19), any case. Norms,
+            biases and other 1-D tensors stay F32; see :func:`fastft.gguf_export.tensor_type` for llama.cpp's rules.
+        device: where the merge runs (default the CPU; see :func:`iter_merged_tensors`).
+        overwrite: replace a previous GGUF file at ``path``.
+
+    The file is what llama.cpp's ``convert_hf_to_gguf.py`` (and, for q4/q5 types, ``llama-quantize``) writes for the
+    merged model; no llama.cpp build is needed. The arguments, the destination, the architecture and the tokenizer
+    are checked before anything is merged. The tensor table is laid out from the tensors' shapes, then each tensor
+    is merged, converted and written before the next: peak extra memory is about the largest tensor in fp32 plus its
+    converted copy, not the model. It is written to a temporary file beside ``path`` that is renamed to ``path``
+    when complete, so a failure leaves no partial file and a previous one untouched.
+    """
+    if tokenizer is None:
+        raise ValueError("save_gguf needs the model's tokenizer: llama.cpp reads the vocabulary, special tokens and "
+                         "chat template from the GGUF file")
+    path = Path(os.path.expanduser(os.fspath(path)))
+    _check_gguf_destination(path, overwrite)
+    gguf_export.quantization(quantization)
+    device = _export_device(device)
+    causal_lm = _causal_lm(model)
+    plan = list(_merge_plan(causal_lm, _lora_layers(causal_lm), device))  # names and shapes; nothing merged yet
+    name = Path(causal_lm.config.name_or_path or causal_lm.config.model_type).name
+    export = gguf_export.GGUFExport(causal_lm.config, tokenizer, quantization, name,
+                                    [(tensor, shape) for tensor, shape, _ in plan])
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex}")
+    try:
+        export.write(partial, [merge for _, _, merge in plan])
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # gone already after a successful rename
