@@ -7,6 +7,7 @@ it again, so you can see that the model learned.
 
     python examples/sft.py              # defaults finish in a few minutes on a 2-core CPU
     python examples/sft.py --steps 300  # longer, better
+    python examples/sft.py --gguf sft.gguf  # also export it for llama.cpp / Ollama (LoRA merged, f16)
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import trl
 
 from fastft import FastModel
 from fastft.bundled import bundled_model_path
+from fastft.gguf_export import quantizations
+from fastft.saving import save_gguf
 from task_data import evaluate, load_split, to_prompt_completion
 
 
@@ -36,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-records", type=int, default=100, help="held-out records scored before/after (default: %(default)s)")
     p.add_argument("--output-dir", default="outputs/sft", help="checkpoints and the final adapter (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gguf", metavar="PATH", help="also write the fine-tuned model, LoRA merged, as one GGUF file for "
+                   "llama.cpp, Ollama or LM Studio")
+    p.add_argument("--gguf-quantization", default="f16", choices=quantizations(),
+                   help="tensor type of the GGUF file (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -71,6 +78,9 @@ def main(argv=None):
     print(f"held-out exact match after fine-tuning:  {after:.1%} (before: {before:.1%})")
     model.save_pretrained(args.output_dir)
     print(f"adapter saved to {args.output_dir} (loads in plain transformers + peft)")
+    if args.gguf:
+        save_gguf(model, args.gguf, tokenizer, args.gguf_quantization, overwrite=True)
+        print(f"GGUF ({args.gguf_quantization}) saved to {args.gguf} (e.g. llama-cli -m {args.gguf} -cnv)")
     return before, after
 
 
