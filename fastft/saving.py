@@ -67,15 +67,15 @@ def _lora_layers(causal_lm) -> dict:
     for name, layer in layers.items():
         for adapter in _merging_adapters(layer):
             if adapter in getattr(layer, "lora_variant", {}):
-                raise ValueError(f"save_merged cannot merge adapter {adapter!r} of {name}: it is a LoRA variant "
+                raise ValueError(f"fastft cannot merge adapter {adapter!r} of {name}: it is a LoRA variant "
                                  "(e.g. DoRA); merge it with peft on a 16-bit model instead")
             if adapter not in layer.lora_A:
-                raise ValueError(f"save_merged merges LoRA on linear layers only; {name} holds adapter "
+                raise ValueError(f"fastft merges LoRA into linear layers only; {name} holds adapter "
                                  f"{adapter!r} of another kind (e.g. an embedding LoRA)")
     head = causal_lm.get_output_embeddings()
     if getattr(causal_lm.config, "tie_word_embeddings", False) and any(
             layer is head and _merging_adapters(layer) for layer in layers.values()):
-        raise ValueError("save_merged cannot merge a LoRA on an lm_head tied to the input embeddings: the merged "
+        raise ValueError("fastft cannot merge a LoRA on an lm_head tied to the input embeddings: the merged "
                          "head would no longer equal them")
     return layers
 
