@@ -7,6 +7,7 @@ it again, so you can see that the model learned.
 
     python examples/sft.py              # defaults finish in a few minutes on a 2-core CPU
     python examples/sft.py --steps 300  # longer, better
+    python examples/sft.py --gguf sft.gguf  # also export it for llama.cpp / Ollama (LoRA merged, f16)
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import trl
 
 from fastft import FastModel
 from fastft.bundled import bundled_model_path
+from fastft.gguf_export import quantizations
+from fastft.saving import save_gguf
 from task_data import evaluate, load_split, to_prompt_completion
 
 
@@ -36,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-records", type=int, default=100, help="held-out records scored before/after (default: %(default)s)")
     p.add_argument("--output-dir", default="outputs/sft", help="checkpoints and the final adapter (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gguf", metavar="PATH", help="also write the fine-tuned model, LoRA merged, as one GGUF file for "
+                   "llama.cpp, Ollama or LM Studio")
+    p.add_argument("--gguf-quantization", default="f16", choices=quantizations(),
+                   help="tensor type of the GGUF file (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -47,6 +54,9 @@ def say(message: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.gguf and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise SystemExit("--gguf needs the whole model in one process; FSDP shards it. Run examples/sft.py without "
+                         "FSDP, or export later from the saved adapter with fastft.saving.save_gguf")
     torch.manual_seed(args.seed)
     on_gpu = torch.cuda.is_available()
     # Under torchrun / accelerate launch every GPU runs this script: all ranks train and evaluate (an FSDP-sharded
@@ -79,6 +89,9 @@ def main(argv=None):
     say(f"held-out exact match after fine-tuning:  {after:.1%} (before: {before:.1%})")
     trainer.save_model(args.output_dir)
     say(f"adapter saved to {args.output_dir} (loads in plain transformers + peft)")
+    if args.gguf and int(os.environ.get("RANK", "0")) == 0:  # one process, or DDP's rank 0
+        save_gguf(model, args.gguf, tokenizer, args.gguf_quantization, overwrite=True)
+        say(f"GGUF ({args.gguf_quantization}) saved to {args.gguf} (e.g. llama-cli -m {args.gguf} -cnv)")
     return before, after
 
 

@@ -1,4 +1,4 @@
-"""Save a fine-tuned model as a plain 16-bit Hugging Face checkpoint with the LoRA weights merged in.
+"""Save a fine-tuned model with the LoRA weights merged in: a plain 16-bit Hugging Face checkpoint, or a GGUF file.
 
 ``model.save_pretrained(dir)`` already writes a standard peft adapter (it loads in plain transformers +
 peft, without fastft). This module adds the merged export, built so that it fits wherever training fit:
@@ -6,21 +6,25 @@ peft, without fastft). This module adds the merged export, built so that it fits
 * :func:`iter_merged_tensors` yields the merged checkpoint one tensor at a time. Each 4-bit base weight is
   dequantized (exactly, see ``fastft.dequantize_4bit``), the active adapters' ``scaling * B @ A`` is added in
   fp32, and the result is cast to ``dtype``, on ``device`` (the CPU unless asked): about one layer's fp32
-  weight exists at a time, never the whole model. (Other exporters, e.g. GGUF, can consume it too.)
+  weight exists at a time, never the whole model.
 * :func:`save_merged` writes those tensors into safetensors shards of at most ``max_shard_size`` as each
   fills, then ``model.safetensors.index.json`` (when there are several shards), the config (quantization
   removed) and the tokenizer, all into a temporary directory beside ``path`` that is renamed to ``path`` only
   once complete: a failure (a full disk, say) leaves no half checkpoint. Peak extra memory: about one layer
   in fp32 plus one shard, in CPU memory. The result loads with ``AutoModelForCausalLM.from_pretrained`` and
   needs neither bitsandbytes nor peft.
+* :func:`save_gguf` writes them, with the tokenizer, into one GGUF file for llama.cpp, Ollama and LM Studio, as
+  llama.cpp's own converter would (``fastft.gguf_export`` holds llama.cpp's conventions), streamed the same way.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +32,8 @@ import torch
 import safetensors.torch
 from transformers.utils.hub import convert_file_size_to_int
 
-from .quant import _is_params4bit, dequantize_4bit
+from . import gguf_export
+from .quant import _is_params4bit, dequantize_4bit, nf4_weight_of
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -62,15 +67,15 @@ def _lora_layers(causal_lm) -> dict:
     for name, layer in layers.items():
         for adapter in _merging_adapters(layer):
             if adapter in getattr(layer, "lora_variant", {}):
-                raise ValueError(f"save_merged cannot merge adapter {adapter!r} of {name}: it is a LoRA variant "
+                raise ValueError(f"fastft cannot merge adapter {adapter!r} of {name}: it is a LoRA variant "
                                  "(e.g. DoRA); merge it with peft on a 16-bit model instead")
             if adapter not in layer.lora_A:
-                raise ValueError(f"save_merged merges LoRA on linear layers only; {name} holds adapter "
+                raise ValueError(f"fastft merges LoRA into linear layers only; {name} holds adapter "
                                  f"{adapter!r} of another kind (e.g. an embedding LoRA)")
     head = causal_lm.get_output_embeddings()
     if getattr(causal_lm.config, "tie_word_embeddings", False) and any(
             layer is head and _merging_adapters(layer) for layer in layers.values()):
-        raise ValueError("save_merged cannot merge a LoRA on an lm_head tied to the input embeddings: the merged "
+        raise ValueError("fastft cannot merge a LoRA on an lm_head tied to the input embeddings: the merged "
                          "head would no longer equal them")
     return layers
 
@@ -123,10 +128,20 @@ def iter_merged_tensors(model, dtype=torch.bfloat16, device="cpu") -> Iterator[t
     """
     dtype, device = _export_dtype(dtype), _export_device(device)
     causal_lm = _causal_lm(model)
-    return _merged_tensors(causal_lm, _lora_layers(causal_lm), dtype, device)
+    plan = _merge_plan(causal_lm, _lora_layers(causal_lm), device)
+    # one expression per tensor: the fp32 merge result is freed as soon as the cast exists
+    return ((name, merge().to(dtype)) for name, _, merge in plan)
 
 
-def _merged_tensors(causal_lm, lora_layers: dict, dtype: torch.dtype, device: torch.device):
+def _logical_shape(param) -> tuple[int, ...]:
+    """The shape of a parameter's values (a 4-bit weight's ``[out, in]``, not its packed bytes')."""
+    return tuple(nf4_weight_of(param).shape) if _is_params4bit(param) else tuple(param.shape)
+
+
+def _merge_plan(causal_lm, lora_layers: dict, device: torch.device):
+    """``(name, shape, merge)`` for each tensor of the merged checkpoint, in parameter order: ``merge()`` computes
+    its fp32 value. Nothing is dequantized or merged until ``merge`` is called, so an exporter can lay out a file
+    from the names and shapes first (GGUF puts its tensor table before the data)."""
     for name, param in causal_lm.named_parameters():  # deduplicated: a tied lm_head.weight is skipped
         parts = name.split(".")
         if any(part.startswith("lora_") for part in parts):
@@ -134,11 +149,10 @@ def _merged_tensors(causal_lm, lora_layers: dict, dtype: torch.dtype, device: to
         if "base_layer" in parts:
             at = parts.index("base_layer")
             layer = lora_layers[".".join(parts[:at])]
-            name = ".".join(parts[:at] + parts[at + 1:])
-            # one expression: the fp32 merge result is freed as soon as the cast exists
-            yield name, _merged_param(layer, parts[-1], device).to(dtype)
+            yield (".".join(parts[:at] + parts[at + 1:]), _logical_shape(param),
+                   functools.partial(_merged_param, layer, parts[-1], device))
         else:
-            yield name, _float_weight(param, device).to(dtype)
+            yield name, _logical_shape(param), functools.partial(_float_weight, param, device)
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
@@ -256,3 +270,60 @@ def save_merged(model, path, tokenizer=None, dtype=torch.bfloat16, *, device="cp
         _move_into_place(partial, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already after a successful rename
+
+
+def _check_gguf_destination(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise FileExistsError(f"save_gguf writes one file, but {str(path)!r} is a directory; pass a file path such as "
+                              f"{str(path / 'model.gguf')!r}")
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists; pass another path, or overwrite=True to replace it")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise FileExistsError(f"overwrite=True replaces a GGUF file, but {str(path)!r} holds something else; "
+                                      "pass another path")
+
+
+def save_gguf(model, path, tokenizer, quantization: str = "f16", *, device="cpu", overwrite: bool = False) -> None:
+    """Write ``model`` with its LoRA merged, and its tokenizer, as one GGUF file for llama.cpp, Ollama or LM Studio.
+
+    Args:
+        model: a fastft model (a ``PeftModel`` from ``FastModel.get_peft_model``, or a model without LoRA) of an
+            architecture fastft patches: Llama (Llama 3.1 RoPE scaling included), Mistral, Qwen2, Qwen3.
+        path: the ``.gguf`` file to create. An existing GGUF file there is replaced only with ``overwrite=True``.
+        tokenizer: the model's (fast) tokenizer: its vocabulary, merges, special tokens and chat template go into
+            the file, so that llama.cpp tokenizes as it does (see :func:`fastft.gguf_export.add_tokenizer`).
+        quantization: ``"f32"``, ``"f16"`` (default), ``"bf16"``, ``"q8_0"``, or whatever else the installed
+            ``gguf`` package can quantize (``q5_1``, ``q5_0``, ``q4_1``, ``q4_0`` with gguf 0.19), any case. Norms,
+            biases and other 1-D tensors stay F32; see :func:`fastft.gguf_export.tensor_type` for llama.cpp's rules.
+        device: where the merge runs (default the CPU; see :func:`iter_merged_tensors`).
+        overwrite: replace a previous GGUF file at ``path``.
+
+    The file is what llama.cpp's ``convert_hf_to_gguf.py`` (and, for q4/q5 types, ``llama-quantize``) writes for the
+    merged model; no llama.cpp build is needed. The arguments, the destination, the architecture and the tokenizer
+    are checked before anything is merged. The tensor table is laid out from the tensors' shapes, then each tensor
+    is merged, converted and written before the next: peak extra memory is about the largest tensor in fp32 plus its
+    converted copy, not the model. It is written to a temporary file beside ``path`` that is renamed to ``path``
+    when complete, so a failure leaves no partial file and a previous one untouched.
+    """
+    if tokenizer is None:
+        raise ValueError("save_gguf needs the model's tokenizer: llama.cpp reads the vocabulary, special tokens and "
+                         "chat template from the GGUF file")
+    path = Path(os.path.expanduser(os.fspath(path)))
+    _check_gguf_destination(path, overwrite)
+    gguf_export.quantization(quantization)
+    device = _export_device(device)
+    causal_lm = _causal_lm(model)
+    plan = list(_merge_plan(causal_lm, _lora_layers(causal_lm), device))  # names and shapes; nothing merged yet
+    name = Path(causal_lm.config.name_or_path or causal_lm.config.model_type).name
+    export = gguf_export.GGUFExport(causal_lm.config, tokenizer, quantization, name,
+                                    [(tensor, shape) for tensor, shape, _ in plan])
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex}")
+    try:
+        export.write(partial, [merge for _, _, merge in plan])
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # gone already after a successful rename

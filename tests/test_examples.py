@@ -52,7 +52,7 @@ def test_help(script, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, args", [
-    ("sft.py", ["--steps", "2", "--batch-size", "2", "--eval-records", "4"]),
+    ("sft.py", ["--steps", "2", "--batch-size", "2", "--eval-records", "4", "--gguf", "sft.gguf"]),
     ("dpo.py", ["--steps", "2", "--batch-size", "2", "--eval-records", "4"]),
     ("trl_sft_dropin.py", ["--max-steps", "2"]),
     ("trl_dpo_dropin.py", ["--max-steps", "2"]),
@@ -66,6 +66,9 @@ def test_example_runs(script, args, tmp_path):
     if script in ("sft.py", "dpo.py"):
         assert "held-out exact match before" in out.stdout and "held-out exact match after" in out.stdout
     assert os.path.exists(tmp_path / "out" / "adapter_config.json")
+    if script == "sft.py":  # the export itself is tested in test_gguf.py
+        with open(tmp_path / "sft.gguf", "rb") as f:
+            assert f.read(4) == b"GGUF"
 
 
 BIN = os.path.dirname(sys.executable)  # the launchers installed beside this Python

@@ -2,7 +2,6 @@
 import errno
 import gc
 import json
-import weakref
 
 import pytest
 import safetensors
@@ -10,9 +9,8 @@ import safetensors.torch
 import torch
 import transformers
 from kernel_testing import assert_close
+from memory_tracking import LiveTensorBytes
 from tiny_models import padded_batch, randomize_lora, save_tiny_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import fastft.saving
 from fastft import FastModel
@@ -30,40 +28,6 @@ def lora_model(path):
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     randomize_lora(model)
     return model.eval(), tokenizer
-
-
-def _storage_ptrs(tree):
-    return {(x.untyped_storage() if isinstance(x, torch.Tensor) else x).data_ptr()
-            for x in tree_leaves(tree) if isinstance(x, (torch.Tensor, torch.UntypedStorage))}
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the tensor storages allocated inside the block that are still alive, and their peak: an op's
-    output storage that none of its inputs had (not a view, not in place) counts once, until a
-    ``weakref.finalize`` on it sees it freed. (What ``torch.cuda.max_memory_allocated`` counts on a GPU.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = _storage_ptrs((args, kwargs))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage.data_ptr()
-                if storage.nbytes() and key not in self._alive and key not in inputs:
-                    self._alive.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._freed, key, storage.nbytes())
-        return out
-
-    def _freed(self, key, nbytes):
-        self._alive.discard(key)
-        self.live -= nbytes
 
 
 def test_sharded_export_loads_in_plain_transformers_and_matches(llama_path, tmp_path):

@@ -1,0 +1,41 @@
+"""Live tensor bytes, measured the way ``torch.cuda.max_memory_allocated`` counts them on a GPU, for the exports'
+peak-memory tests."""
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def _storage_ptrs(tree):
+    return {(x.untyped_storage() if isinstance(x, torch.Tensor) else x).data_ptr()
+            for x in tree_leaves(tree) if isinstance(x, (torch.Tensor, torch.UntypedStorage))}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages allocated inside the block that are still alive, and their peak: an op's
+    output storage that none of its inputs had (not a view, not in place) counts once, until a
+    ``weakref.finalize`` on it sees it freed. (What ``torch.cuda.max_memory_allocated`` counts on a GPU.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = _storage_ptrs((args, kwargs))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if storage.nbytes() and key not in self._alive and key not in inputs:
+                    self._alive.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+    def _freed(self, key, nbytes):
+        self._alive.discard(key)
+        self.live -= nbytes
