@@ -126,6 +126,12 @@ def max_context_for(args) -> list[dict]:
     return found
 
 
+def _context_cell(tokens: int) -> str:
+    from fastft.memory.estimate import MAX_CONTEXT_UPPER
+
+    return f"≥ {tokens:,}" if tokens >= MAX_CONTEXT_UPPER else f"{tokens:,}"
+
+
 def markdown(data: dict) -> str:
     lines = [f"# Accounted GPU memory of a QLoRA training step ({data['date']})", "",
              "**Accounted, not measured on a GPU** (`fastft/memory`: the step runs on meta tensors along the GPU "
@@ -146,8 +152,10 @@ def markdown(data: dict) -> str:
         for model, r, contender in keys:
             cells = {m["vram_gb"]: m["max_seq_len"] for m in data["max_context"]
                      if (m["model"], m["r"], m["contender"]) == (model, r, contender)}
-            lines.append(f"| {model} | {r} | {contender} | " + " | ".join(f"{cells.get(v, 0):,}" for v in data["vram_gb"])
-                         + " |")
+            lines.append(f"| {model} | {r} | {contender} | " + " | ".join(_context_cell(cells.get(v, 0))
+                                                                        for v in data["vram_gb"]) + " |")
+        if any(_context_cell(m["max_seq_len"]).startswith("≥") for m in data["max_context"]):
+            lines += ["", "≥: the search stops at that length; more fits."]
         published = [f"{model} on {vram:g} GB: " + ", ".join(f"{who} {tokens:,}" for who, tokens in figures.items())
                      for (model, vram), figures in PUBLISHED.items() if model in {k[0] for k in keys}]
         if published:

@@ -148,7 +148,10 @@ def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16
     return MemoryEstimate.from_step(_model_name(model), account_step(config, setup))
 
 
-def max_context(model, vram_gb, granularity: int = 128, upper: int = 1 << 21, **setup_kwargs):
+MAX_CONTEXT_UPPER = 1 << 21  # the search stops here: 2M tokens is beyond any model fastft patches
+
+
+def max_context(model, vram_gb, granularity: int = 128, upper: int = MAX_CONTEXT_UPPER, **setup_kwargs):
     """The longest ``max_seq_length`` (a multiple of ``granularity``, at most ``upper``) whose accounted peak
     fits ``vram_gb`` GiB; 0 when not even ``granularity`` tokens fit. ``setup_kwargs``: as
     :func:`estimate_memory`. Given a list of sizes, returns ``{vram_gb: tokens}``, the searches sharing
