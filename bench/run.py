@@ -62,6 +62,8 @@ import time
 import traceback
 from collections import deque
 
+import torch
+
 
 def _load_shared():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shared.py")
@@ -223,7 +225,6 @@ def make_checkpoint(name: str, cache_dir: str) -> dict:
     every matrix and bias, ones for the norms. The model is built on the meta device only to list the
     parameter names and shapes, and each tensor is drawn on the GPU and written shard by shard, so the
     fp32 model is never materialised. Returns {path, reused, seconds, bytes}."""
-    import torch
     import transformers
     from safetensors.torch import save_file
 
@@ -329,8 +330,6 @@ def _hf_checkpointing(model, mode: str) -> str:
 def build_model(contender: str, spec: dict, device, dtype):
     """Load the checkpoint in 4-bit and wrap it in LoRA the way each contender's users do.
     Returns (model, checkpointing mode actually used)."""
-    import torch
-
     path, arch = spec["checkpoint"], MODELS[spec["model"]][0]
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
     if contender in ("hf", "liger"):
@@ -375,8 +374,6 @@ def build_model(contender: str, spec: dict, device, dtype):
 
 
 def _is_oom(exc: BaseException) -> bool:
-    import torch
-
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
@@ -388,23 +385,17 @@ def _error_text(exc: BaseException) -> str:
 
 def make_batches(seed: int, seq_len: int, batch_size: int, vocab: int, n: int):
     """The same random token ids for every contender (CPU generator, fixed seed per setting)."""
-    import torch
-
     gen = torch.Generator().manual_seed(seed * 1_000_003 + seq_len * 1_009 + batch_size)
     return [torch.randint(0, vocab, (batch_size, seq_len), generator=gen) for _ in range(n)]
 
 
 def _sync(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _train_setting(model, spec: dict, seq_len: int, batch_size: int, trainable, snapshot, device, dtype) -> dict:
     """Warm-up + timed steps of one (seq_len, batch_size) setting; returns the row's measurements."""
-    import torch
-
     row = {"status": "ok", "message": None}
     with torch.no_grad():  # same starting LoRA weights for every setting and contender
         for param, saved in zip(trainable, snapshot):
@@ -444,7 +435,7 @@ def _train_setting(model, spec: dict, seq_len: int, batch_size: int, trainable, 
             if step >= spec["warmup"]:
                 times.append(elapsed)
     except Exception as exc:  # noqa: BLE001 - recorded in the row
-        loss = None  # drop the graph (and its activations) before the next setting
+        loss = None  # noqa: F841 - drops the graph (and its activations) before the next setting
         row["status"] = "oom" if _is_oom(exc) else "error"
         row["message"] = _error_text(exc) if row["status"] == "error" else str(exc).splitlines()[0][:500]
         if "CUDA error" in str(exc) or "illegal memory access" in str(exc):
@@ -491,8 +482,6 @@ def worker_main(spec_path: str) -> int:
         for seq_len, batch_size in settings:
             add_row(seq_len, batch_size, status="not_installed", message=str(exc))
         return 0
-
-    import torch
 
     device = torch.device("cuda", 0) if spec["device_kind"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -672,8 +661,6 @@ def add_ratios(rows: list[dict], loss_tol_override: float | None = None) -> None
 
 def _gpu_name_without_context() -> str:
     """GPU 0's name through NVML (no CUDA context in this process); torch's as a fallback."""
-    import torch
-
     try:
         import pynvml  # nvidia-ml-py
 
@@ -687,8 +674,6 @@ def _gpu_name_without_context() -> str:
 
 
 def orchestrate(args) -> int:
-    import torch
-
     plan = resolve_plan(args)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("bench/run.py: no CUDA GPU found. The benchmark's figures exist only when measured on a GPU "
