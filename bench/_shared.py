@@ -1,11 +1,10 @@
-"""Plumbing shared by ``bench/run.py`` and ``bench/kernels.py``: import hygiene, environment facts
-(GPU, versions), result-file naming and merging.
+"""Plumbing shared by the scripts in ``bench/``: import hygiene, environment facts (GPU, versions),
+result-file naming and merging.
 
-The entry scripts load this file by path (``load_shared()`` in each of them), never through ``sys.path``:
-the folder ``bench/`` must not stay on ``sys.path`` because ``bench/kernels.py`` would then be importable
-as a top-level module named ``kernels``, and transformers probes for (and may import) a package of that
-name (``is_kernels_available``). For the same reason the repository root must never be on ``sys.path``:
-its ``kernels/`` folder is installed as ``fastft.kernels`` only.
+The entry scripts load this file by path (``_load_shared()`` in each of them). The repository root must
+never be on ``sys.path``: its ``kernels/`` folder is installed as ``fastft.kernels`` only, and would
+otherwise be importable as a top-level package named ``kernels``, which transformers probes for (and may
+import: ``is_kernels_available``). ``clean_sys_path()`` removes it.
 """
 from __future__ import annotations
 
@@ -23,22 +22,19 @@ GIB = float(1 << 30)
 
 
 def clean_sys_path() -> list[str]:
-    """Drop ``bench/`` and the repository root (and ``''``/``'.'`` when the cwd is one of them) from
-    ``sys.path``; returns what was dropped so the caller can say so."""
-    banned = {os.path.realpath(BENCH_DIR), os.path.realpath(REPO_ROOT)}
+    """Drop the repository root (and ``''``/``'.'`` when it is the cwd) from ``sys.path``; returns what was
+    dropped so the caller can say so."""
+    root = os.path.realpath(REPO_ROOT)
     kept, dropped = [], []
     for entry in sys.path:
-        resolved = os.path.realpath(entry or os.getcwd())
-        (dropped if resolved in banned else kept).append(entry)
+        (dropped if os.path.realpath(entry or os.getcwd()) == root else kept).append(entry)
     sys.path[:] = kept
     return dropped
 
 
 def warn_dropped(dropped: list[str], script: str) -> None:
-    # bench/ itself is always sys.path[0] for `python bench/x.py`: only mention the unexpected ones
-    unexpected = [p for p in dropped if os.path.realpath(p or os.getcwd()) != os.path.realpath(BENCH_DIR)]
-    if unexpected:
-        print(f"{script}: removed {unexpected} from sys.path: the repository root must not be importable "
+    if dropped:
+        print(f"{script}: removed {dropped} from sys.path: the repository root must not be importable "
               "(its kernels/ folder would shadow Hugging Face's `kernels` package); fastft must be installed "
               "(pip install -e .) or put on PYTHONPATH as a package tree (see bench/device_run.sh)",
               file=sys.stderr)

@@ -34,6 +34,9 @@ import sys
 import time
 import traceback
 
+import torch
+import torch.nn.functional as F
+
 
 def _load_shared():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shared.py")
@@ -71,9 +74,6 @@ class AttentionModule:
 
 def make_batch(kind: str, S: dict, device):
     """(mask for fastft's and xformers' functions, their kwargs, SDPA's 4D bool mask, real tokens [B, T])."""
-    import torch
-    import torch.nn.functional as F
-
     T = S["seq_len"]
     if kind == "packed":
         lengths = torch.tensor(S["packed"])
@@ -101,8 +101,6 @@ def make_batch(kind: str, S: dict, device):
 def reference(q, k, v, sdpa_mask, scale, grad_out):
     """float32 attention and its q/k/v gradients, one (row, kv head) at a time so the scores stay [group, T, T].
     q/k/v ``[B, T, H, D]``; returns out, dq, dk, dv in that layout."""
-    import torch
-
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     group = Hq // Hkv
@@ -139,8 +137,6 @@ def backend_function(name: str, device, dtype, head_dim: int):
 
 def timed_ms(device, fn) -> float:
     """Median milliseconds of ``fn`` (CUDA events after warm-up; on the CPU dry run one wall-clock call)."""
-    import torch
-
     if device.type != "cuda":
         start = time.perf_counter()
         fn()
@@ -159,8 +155,6 @@ def timed_ms(device, fn) -> float:
 
 
 def measure(name: str, kind: str, S: dict, device, dtype) -> dict:
-    import torch
-
     dtype_name = str(dtype).replace("torch.", "")
     B = 1 if kind == "packed" else len(S["padded"])
     row = {"backend": name, "batch": kind, "device_kind": device.type, "dtype": dtype_name,
@@ -261,8 +255,6 @@ def build_parser():
 def main(argv=None) -> int:
     _DROPPED_FROM_PATH[:] = shared.clean_sys_path()  # before anything imports transformers
     args = build_parser().parse_args(argv)
-    import torch
-
     if not args.cpu_dry_run and not torch.cuda.is_available():
         print("bench/attention_backends.py: no CUDA GPU found. Its figures exist only when measured on a GPU (see "
               "bench/README.md); --cpu-dry-run checks the code paths on CPU.", file=sys.stderr)

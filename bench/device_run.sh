@@ -6,7 +6,7 @@
 # MODE (each sized for one call of at most 10 minutes; set BUDGET_S to change the time budget):
 #   check     environment only: versions, imports, GPU; then a 1-step --quick run of hf and fastft (~2 min)
 #   quick     bench/run.py --quick (the ~0.5B 'small' model, seq 512/2048, batch 1, all contenders)
-#   kernels   bench/kernels.py (all micro-benchmarks)
+#   kernels   bench/microbench.py (all micro-benchmarks)
 #   llama     bench/run.py --models llama3-8b (seq 512/2048/4096, batch 1/4, all contenders)
 #   qwen      bench/run.py --models qwen2-7b
 #   main      kernels (at most KERNELS_BUDGET_S) then llama, in one call
@@ -109,7 +109,7 @@ case "$MODE" in
     bench bench/run.py --quick --time-budget-s "$(left)" "$@"
     ;;
   kernels)
-    bench bench/kernels.py --time-budget-s "$(left)" "$@"
+    bench bench/microbench.py --time-budget-s "$(left)" "$@"
     ;;
   llama)
     bench bench/run.py --models llama3-8b --time-budget-s "$(left)" "$@"
@@ -118,7 +118,7 @@ case "$MODE" in
     bench bench/run.py --models qwen2-7b --time-budget-s "$(left)" "$@"
     ;;
   main)
-    bench bench/kernels.py --time-budget-s "$KERNELS_BUDGET_S"
+    bench bench/microbench.py --time-budget-s "$KERNELS_BUDGET_S"
     bench bench/run.py --models llama3-8b --time-budget-s "$(left)" "$@"
     ;;
   xformers)

@@ -3,7 +3,7 @@
 * ``bench/run.py --cpu-smoke`` trains the tiny config for a few steps with ``hf`` and ``fastft``, each in its
   own subprocess, and must write a complete result file whose two contenders agree on the loss;
 * ``bench/run.py --cpu-smoke --attention sdpa`` forces the fastft contender's attention backend;
-* ``bench/kernels.py --cpu-dry-run`` runs every micro-benchmark's code path at tiny shapes;
+* ``bench/microbench.py --cpu-dry-run`` runs every micro-benchmark's code path at tiny shapes;
 * ``bench/attention_backends.py --cpu-dry-run`` compares fastft's attention backends at tiny shapes;
 * without a GPU, the scripts must refuse with a clear message and a non-zero exit.
 
@@ -23,7 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "bench" / "run.py"
-KERNELS = REPO / "bench" / "kernels.py"
+MICROBENCH = REPO / "bench" / "microbench.py"
 ATTENTION = REPO / "bench" / "attention_backends.py"
 TIMEOUT = 600
 
@@ -59,11 +59,11 @@ def runs(tmp_path_factory):
         "smoke": _start([RUN, "--cpu-smoke", "--out-dir", tmp / "smoke", "--cache-dir", tmp / "cache"], REPO),
         "smoke_sdpa": _start([RUN, "--cpu-smoke", "--contenders", "fastft", "--attention", "sdpa", "--out-dir",
                               tmp / "smoke_sdpa", "--cache-dir", tmp / "cache_sdpa"], REPO),
-        "dry": _start([KERNELS, "--cpu-dry-run", "--out-dir", tmp / "dry"], REPO),
+        "dry": _start([MICROBENCH, "--cpu-dry-run", "--out-dir", tmp / "dry"], REPO),
         "attention_dry": _start([ATTENTION, "--cpu-dry-run", "--out-dir", tmp / "attention_dry"], REPO),
         "attention_no_gpu": _start([ATTENTION, "--out-dir", tmp / "attention_no_gpu"], tmp),
         "run_no_gpu": _start([RUN, "--quick", "--out-dir", tmp / "run_no_gpu"], tmp),
-        "kernels_no_gpu": _start([KERNELS, "--out-dir", tmp / "kernels_no_gpu"], tmp),
+        "microbench_no_gpu": _start([MICROBENCH, "--out-dir", tmp / "microbench_no_gpu"], tmp),
         "help": _start([RUN, "--help"], tmp),
     }
     results = {}
@@ -215,7 +215,7 @@ def test_attention_backends_measure_the_xformers_route(monkeypatch):
     assert 4 in seen and 5 in seen  # with gradients (K/V repeated) and without (grouped layout)
 
 
-@pytest.mark.parametrize("name, script", [("run_no_gpu", "bench/run.py"), ("kernels_no_gpu", "bench/kernels.py"),
+@pytest.mark.parametrize("name, script", [("run_no_gpu", "bench/run.py"), ("microbench_no_gpu", "bench/microbench.py"),
                                           ("attention_no_gpu", "bench/attention_backends.py")])
 def test_without_gpu_the_scripts_refuse(runs, name, script):
     tmp, results = runs

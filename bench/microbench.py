@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Kernel micro-benchmarks: each fastft kernel against its PyTorch/library counterpart, on a GPU.
 
-    python bench/kernels.py                       # everything, writes bench/results/<date>-<gpu>-kernels.{json,md}
-    python bench/kernels.py --ops rms_norm,nf4    # a subset
-    python bench/kernels.py --cpu-dry-run --out-dir /tmp/k   # tiny shapes on CPU: checks the harness, no figures
+    python bench/microbench.py                       # everything, writes bench/results/<date>-<gpu>-kernels.{json,md}
+    python bench/microbench.py --ops rms_norm,nf4    # a subset
+    python bench/microbench.py --cpu-dry-run --out-dir /tmp/k   # tiny shapes on CPU: checks the harness, no figures
 
 First two ceilings are measured on the device itself:
 
@@ -34,8 +34,12 @@ import importlib.util
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
+
+import torch
+import torch.nn.functional as F
 
 
 def _load_shared():
@@ -97,8 +101,6 @@ class Bench:
         if not self.cuda:
             fn()
             return None
-        import torch
-
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -112,14 +114,10 @@ class Bench:
 
     def sync(self):
         if self.cuda:
-            import torch
-
             torch.cuda.synchronize()
 
 
 def _free():
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -131,8 +129,6 @@ def measure(bench: Bench, forward, inputs_with_grad, *, backward_arg=None, memor
     ``forward`` returns a tensor (or tuple of tensors); backward runs ``sum(out_i * g_i)`` with fixed random
     ``g_i`` (``backward_arg``) or ``out.backward()`` for a scalar.
     """
-    import torch
-
     def fwd():
         return forward()
 
@@ -230,25 +226,28 @@ def run_case(rows: list[dict], op: str, shape: str, impl: str, device_kind: str,
 # Ceilings
 # --------------------------------------------------------------------------------------------------------
 def ceilings(bench: Bench) -> dict:
-    import torch
+    copy_gbps, copy_mib = _copy_gbps(bench)
+    matmul_tflops, matmul_note = _matmul_tflops(bench)
+    _free()
+    return {"copy_gbps": copy_gbps, "copy_note": f"torch.empty_like(x).copy_(x), x {copy_mib} MiB bf16, "
+                                                 "read + written bytes",
+            "matmul_tflops": matmul_tflops, "matmul_note": matmul_note}
 
-    dev = bench.device
+
+def _copy_gbps(bench: Bench) -> tuple[float, int]:
     n_bytes = (1 << 30) if bench.cuda else (1 << 20)
-    x = torch.randn(n_bytes // 2, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(n_bytes // 2, device=bench.device, dtype=torch.bfloat16)
     t = bench.time_ms(lambda: torch.empty_like(x).copy_(x))["median"]
-    copy_gbps = 2 * n_bytes / (t * 1e-3) / 1e9
-    del x
+    return 2 * n_bytes / (t * 1e-3) / 1e9, n_bytes >> 20
+
+
+def _matmul_tflops(bench: Bench) -> tuple[float, str]:
     n = 8192 if bench.cuda else 256
     dtype = torch.bfloat16 if bench.cuda else torch.float32
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
+    a = torch.randn(n, n, device=bench.device, dtype=dtype)
+    b = torch.randn(n, n, device=bench.device, dtype=dtype)
     t = bench.time_ms(lambda: a @ b)["median"]
-    matmul_tflops = 2 * n ** 3 / (t * 1e-3) / 1e12
-    del a, b
-    _free()
-    return {"copy_gbps": copy_gbps, "copy_note": f"torch.empty_like(x).copy_(x), x {n_bytes >> 20} MiB bf16, "
-                                                 "read + written bytes",
-            "matmul_tflops": matmul_tflops, "matmul_note": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} a @ b"}
+    return 2 * n ** 3 / (t * 1e-3) / 1e12, f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} a @ b"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -266,8 +265,6 @@ def shapes(dry: bool) -> dict:
 
 
 def bench_rms_norm(bench, rows, S, ceil, dtype):
-    import torch
-
     dev, N, H = bench.device, S["rows"], S["hidden"]
     x = torch.randn(N, H, device=dev, dtype=dtype, requires_grad=True)
     w = (1 + 0.1 * torch.randn(H, device=dev, dtype=dtype))  # frozen, as in QLoRA training
@@ -298,8 +295,6 @@ def bench_rms_norm(bench, rows, S, ceil, dtype):
 
 
 def bench_rope(bench, rows, S, ceil, dtype):
-    import torch
-
     dev = bench.device
     B, Hq, Hkv, T, D = S["rope"]
     q = torch.randn(B, Hq, T, D, device=dev, dtype=dtype, requires_grad=True)
@@ -348,9 +343,6 @@ def bench_rope(bench, rows, S, ceil, dtype):
 
 
 def bench_swiglu(bench, rows, S, ceil, dtype):
-    import torch
-    import torch.nn.functional as F
-
     dev, N, inter = bench.device, S["rows"], S["inter"]
     g = torch.randn(N, inter, device=dev, dtype=dtype, requires_grad=True)
     u = torch.randn(N, inter, device=dev, dtype=dtype, requires_grad=True)
@@ -376,9 +368,6 @@ def bench_swiglu(bench, rows, S, ceil, dtype):
 
 
 def bench_cross_entropy(bench, rows, S, ceil, dtype):
-    import torch
-    import torch.nn.functional as F
-
     dev, N, V = bench.device, S["lm_tokens"][-1], S["vocab"]
     logits = torch.randn(N, V, device=dev, dtype=dtype).mul_(2).requires_grad_(True)
     labels = torch.randint(0, V, (N,), device=dev)
@@ -405,8 +394,6 @@ def bench_cross_entropy(bench, rows, S, ceil, dtype):
 
 
 def _lm_head_inputs(bench, S, dtype, N):
-    import torch
-
     dev, H, V = bench.device, S["hidden"], S["vocab"]
     hidden = torch.randn(N, H, device=dev, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(V, H, device=dev, dtype=dtype) * (1.0 / math.sqrt(H)))  # frozen lm_head, as in QLoRA
@@ -421,8 +408,6 @@ def bench_flce(bench, rows, S, ceil, dtype):
 
 
 def _bench_flce(bench, rows, S, ceil, dtype, tokens):
-    import torch.nn.functional as F
-
     hidden, weight, labels, shape, (N, H, V) = _lm_head_inputs(bench, S, dtype, tokens)
     flops_f, flops_b = 2 * N * H * V, 2 * N * H * V  # logits GEMM; backward: d hidden GEMM only (W frozen)
 
@@ -479,7 +464,6 @@ def _bench_linear_log_probs(bench, rows, S, ceil, dtype, tokens):
 def _linear4bit(in_f, out_f, dtype, device):
     """A bitsandbytes NF4 (double-quantized, blocksize 64) layer, quantized by moving it to the device."""
     import bitsandbytes as bnb
-    import torch
 
     layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, compress_statistics=True,
                               quant_type="nf4")
@@ -507,60 +491,60 @@ def _nf4_weight(param):
 
 
 def bench_nf4(bench, rows, S, ceil, dtype):
-    import torch
-
     for out_f, in_f in S["nf4"]:
-        try:
-            layer = _linear4bit(in_f, out_f, dtype, bench.device)
-        except Exception as exc:  # noqa: BLE001 - bitsandbytes missing or broken on this machine
-            rows.append(_row("nf4_dequant", f"{out_f}x{in_f}", "bitsandbytes", bench.device.type,
-                             status="not_available", message=f"{type(exc).__name__}: {exc}"))
-            continue
-        param = layer.weight
-        n = out_f * in_f
-        blocksize = param.quant_state.blocksize
-        out_bytes = n * torch.tensor([], dtype=dtype).element_size()
-        moved = n / 2 + n / blocksize + out_bytes  # packed codes, uint8 absmax codes, output
-        shape = f"{out_f}x{in_f} -> {str(dtype)[6:]}, blocksize {blocksize}, double quant"
-        note = "read packed nibbles (n/2) + uint8 absmax (n/blocksize), write n 16-bit values"
+        _bench_nf4(bench, rows, ceil, dtype, out_f, in_f)
+        _free()
 
-        def result(ms):
-            gbps = moved / (ms * 1e-3) / 1e9
-            return {"fwd_ms": ms, "fwd_gbps": gbps, "fwd_frac_of_copy_bw": gbps / ceil["copy_gbps"],
-                    "bytes_note": note}
 
-        def fastft_alloc():
-            from fastft.kernels.nf4 import dequantize_nf4
+def _bench_nf4(bench, rows, ceil, dtype, out_f, in_f):
+    try:
+        layer = _linear4bit(in_f, out_f, dtype, bench.device)
+    except Exception as exc:  # noqa: BLE001 - bitsandbytes missing or broken on this machine
+        rows.append(_row("nf4_dequant", f"{out_f}x{in_f}", "bitsandbytes", bench.device.type,
+                         status="not_available", message=f"{type(exc).__name__}: {exc}"))
+        return
+    param = layer.weight
+    n = out_f * in_f
+    blocksize = param.quant_state.blocksize
+    out_bytes = n * torch.tensor([], dtype=dtype).element_size()
+    moved = n / 2 + n / blocksize + out_bytes  # packed codes, uint8 absmax codes, output
+    shape = f"{out_f}x{in_f} -> {str(dtype)[6:]}, blocksize {blocksize}, double quant"
+    note = "read packed nibbles (n/2) + uint8 absmax (n/blocksize), write n 16-bit values"
 
-            w = _nf4_weight(param)
-            return result(bench.time_ms(lambda: dequantize_nf4(w))["median"])
+    def result(ms):
+        gbps = moved / (ms * 1e-3) / 1e9
+        return {"fwd_ms": ms, "fwd_gbps": gbps, "fwd_frac_of_copy_bw": gbps / ceil["copy_gbps"],
+                "bytes_note": note}
 
-        def fastft_into():
-            from fastft.kernels.nf4 import dequantize_nf4
+    def fastft_alloc():
+        from fastft.kernels.nf4 import dequantize_nf4
 
-            w = _nf4_weight(param)
-            buf = torch.empty(out_f, in_f, device=bench.device, dtype=dtype)
-            return result(bench.time_ms(lambda: dequantize_nf4(w, out=buf))["median"])
+        w = _nf4_weight(param)
+        return result(bench.time_ms(lambda: dequantize_nf4(w))["median"])
 
-        def bnb_impl():
-            import bitsandbytes.functional as bnbf
+    def fastft_into():
+        from fastft.kernels.nf4 import dequantize_nf4
 
-            return result(bench.time_ms(lambda: bnbf.dequantize_4bit(param.data, param.quant_state))["median"])
+        w = _nf4_weight(param)
+        buf = torch.empty(out_f, in_f, device=bench.device, dtype=dtype)
+        return result(bench.time_ms(lambda: dequantize_nf4(w, out=buf))["median"])
 
-        run_case(rows, "nf4_dequant", shape, "fastft", bench.device.type, fastft_alloc)
-        run_case(rows, "nf4_dequant", shape, "fastft-out=buf", bench.device.type, fastft_into)
-        run_case(rows, "nf4_dequant", shape, "bitsandbytes", bench.device.type, bnb_impl)
-        del layer, param
+    def bnb_impl():
+        import bitsandbytes.functional as bnbf
+
+        return result(bench.time_ms(lambda: bnbf.dequantize_4bit(param.data, param.quant_state))["median"])
+
+    run_case(rows, "nf4_dequant", shape, "fastft", bench.device.type, fastft_alloc)
+    run_case(rows, "nf4_dequant", shape, "fastft-out=buf", bench.device.type, fastft_into)
+    run_case(rows, "nf4_dequant", shape, "bitsandbytes", bench.device.type, bnb_impl)
 
 
 def _peft_block(hidden, inter, kv_out, r, dtype, device):
     """Llama-shaped q/k/v/o and gate/up/down as bitsandbytes NF4 layers wrapped by peft's LoRA
     (lora.Linear4bit), LoRA weights random (B non-zero) and cast to the compute dtype as TRL does."""
     import peft
-    import torch
-    from torch import nn
 
-    block = nn.Module()
+    block = torch.nn.Module()
     block.q_proj = _linear4bit(hidden, hidden, dtype, device)
     block.k_proj = _linear4bit(hidden, kv_out, dtype, device)
     block.v_proj = _linear4bit(hidden, kv_out, dtype, device)
@@ -582,9 +566,6 @@ def _peft_block(hidden, inter, kv_out, r, dtype, device):
 
 
 def bench_lora(bench, rows, S, ceil, dtype):
-    import torch
-    import torch.nn.functional as F
-
     H, inter, r = S["hidden"], S["inter"], 16
     kv_out = S["kv_heads"] * (S["attn_dim"])
     try:
@@ -595,115 +576,115 @@ def bench_lora(bench, rows, S, ceil, dtype):
                              message=f"building the peft Linear4bit block failed: {type(exc).__name__}: {exc}"))
         return
     lora_params = [p for n, p in block.named_parameters() if "lora_" in n]
-
     for tokens in S["lora_tokens"]:
-        x = torch.randn(tokens, H, device=bench.device, dtype=dtype, requires_grad=True)
-        dy_h = torch.randn(tokens, H, device=bench.device, dtype=dtype)
-        dy_kv = torch.randn(tokens, kv_out, device=bench.device, dtype=dtype)
-        grads = [x, *lora_params]
-        # FLOPs: the frozen base GEMMs only, fwd 2*T*in*out per projection, bwd the same (dx; W gets no
-        # gradient); the r=16 LoRA GEMMs add < 1% and are not counted
-        gemm_mlp = 2 * tokens * 3 * H * inter
-        gemm_qkv = 2 * tokens * H * (H + 2 * kv_out)
-        gemm_o = 2 * tokens * H * H
-        cases = {
-            "lora_mlp": (f"T={tokens} H={H} I={inter} r={r} nf4 {str(dtype)[6:]}",
-                         lambda: block.down_proj(F.silu(block.gate_proj(x)) * block.up_proj(x)), [dy_h], gemm_mlp),
-            "lora_qkv": (f"T={tokens} H={H} kv={kv_out} r={r} nf4 {str(dtype)[6:]}",
-                         lambda: (block.q_proj(x), block.k_proj(x), block.v_proj(x)), [dy_h, dy_kv, dy_kv],
-                         gemm_qkv),
-            "lora_linear": (f"T={tokens} {H}->{H} r={r} nf4 {str(dtype)[6:]} (o_proj)",
-                            lambda: block.o_proj(x), [dy_h], gemm_o),
-        }
-
-        def fused_mlp():
-            from fastft.kernels.lora_mlp import lora_mlp
-            from fastft.quant import fused_linear_args
-
-            g, u, d = (fused_linear_args(m) for m in (block.gate_proj, block.up_proj, block.down_proj))
-            return lambda: lora_mlp(x, g, u, d)
-
-        def fused_qkv():
-            from fastft.kernels.lora_qkv import lora_qkv
-            from fastft.quant import fused_linear_args
-
-            q, k, v = (fused_linear_args(m) for m in (block.q_proj, block.k_proj, block.v_proj))
-            return lambda: lora_qkv(x, q, k, v)
-
-        def fused_linear():
-            from fastft.kernels.lora_linear import lora_linear
-            from fastft.quant import fused_linear_args
-
-            o = fused_linear_args(block.o_proj)
-            return lambda: lora_linear(x, *o)
-
-        fused = {"lora_mlp": fused_mlp, "lora_qkv": fused_qkv, "lora_linear": fused_linear}
-        for op, (shape, reference, dys, flops) in cases.items():
-            note = "FLOPs: frozen base GEMMs only: fwd 2*T*in*out per projection, bwd the same (dx)"
-
-            def fastft_impl(op=op, dys=dys, flops=flops):
-                fn = fused[op]()
-                res = measure(bench, fn, grads, backward_arg=dys, memory=True)
-                _flops(res, flops, flops, ceil["matmul_tflops"])
-                return {**res, "flops_note": note}
-
-            def peft_impl(reference=reference, dys=dys, flops=flops):
-                res = measure(bench, reference, grads, backward_arg=dys, memory=True)
-                _flops(res, flops, flops, ceil["matmul_tflops"])
-                return {**res, "flops_note": note}
-
-            run_case(rows, op, shape, "fastft", bench.device.type, fastft_impl)
-            run_case(rows, op, shape, "peft", bench.device.type, peft_impl)
-        del x, dy_h, dy_kv, grads
+        _bench_lora(bench, rows, ceil, dtype, block, lora_params, tokens, (H, inter, kv_out, r))
         _free()
-    del block, lora_params
+
+
+def _bench_lora(bench, rows, ceil, dtype, block, lora_params, tokens, dims):
+    H, inter, kv_out, r = dims
+    x = torch.randn(tokens, H, device=bench.device, dtype=dtype, requires_grad=True)
+    dy_h = torch.randn(tokens, H, device=bench.device, dtype=dtype)
+    dy_kv = torch.randn(tokens, kv_out, device=bench.device, dtype=dtype)
+    grads = [x, *lora_params]
+    # FLOPs: the frozen base GEMMs only, fwd 2*T*in*out per projection, bwd the same (dx; W gets no
+    # gradient); the r=16 LoRA GEMMs add < 1% and are not counted
+    gemm_mlp = 2 * tokens * 3 * H * inter
+    gemm_qkv = 2 * tokens * H * (H + 2 * kv_out)
+    gemm_o = 2 * tokens * H * H
+    cases = {
+        "lora_mlp": (f"T={tokens} H={H} I={inter} r={r} nf4 {str(dtype)[6:]}",
+                     lambda: block.down_proj(F.silu(block.gate_proj(x)) * block.up_proj(x)), [dy_h], gemm_mlp),
+        "lora_qkv": (f"T={tokens} H={H} kv={kv_out} r={r} nf4 {str(dtype)[6:]}",
+                     lambda: (block.q_proj(x), block.k_proj(x), block.v_proj(x)), [dy_h, dy_kv, dy_kv],
+                     gemm_qkv),
+        "lora_linear": (f"T={tokens} {H}->{H} r={r} nf4 {str(dtype)[6:]} (o_proj)",
+                        lambda: block.o_proj(x), [dy_h], gemm_o),
+    }
+
+    def fused_mlp():
+        from fastft.kernels.lora_mlp import lora_mlp
+        from fastft.quant import fused_linear_args
+
+        g, u, d = (fused_linear_args(m) for m in (block.gate_proj, block.up_proj, block.down_proj))
+        return lambda: lora_mlp(x, g, u, d)
+
+    def fused_qkv():
+        from fastft.kernels.lora_qkv import lora_qkv
+        from fastft.quant import fused_linear_args
+
+        q, k, v = (fused_linear_args(m) for m in (block.q_proj, block.k_proj, block.v_proj))
+        return lambda: lora_qkv(x, q, k, v)
+
+    def fused_linear():
+        from fastft.kernels.lora_linear import lora_linear
+        from fastft.quant import fused_linear_args
+
+        o = fused_linear_args(block.o_proj)
+        return lambda: lora_linear(x, *o)
+
+    fused = {"lora_mlp": fused_mlp, "lora_qkv": fused_qkv, "lora_linear": fused_linear}
+    for op, (shape, reference, dys, flops) in cases.items():
+        note = "FLOPs: frozen base GEMMs only: fwd 2*T*in*out per projection, bwd the same (dx)"
+
+        def fastft_impl(op=op, dys=dys, flops=flops):
+            fn = fused[op]()
+            res = measure(bench, fn, grads, backward_arg=dys, memory=True)
+            _flops(res, flops, flops, ceil["matmul_tflops"])
+            return {**res, "flops_note": note}
+
+        def peft_impl(reference=reference, dys=dys, flops=flops):
+            res = measure(bench, reference, grads, backward_arg=dys, memory=True)
+            _flops(res, flops, flops, ceil["matmul_tflops"])
+            return {**res, "flops_note": note}
+
+        run_case(rows, op, shape, "fastft", bench.device.type, fastft_impl)
+        run_case(rows, op, shape, "peft", bench.device.type, peft_impl)
 
 
 def bench_attention(bench, rows, S, ceil, dtype):
-    import torch
-    import torch.nn.functional as F
-
-    Hq, Hkv = S["attn_heads"]
-    D = S["attn_dim"]
     for T in S["attn_T"]:
-        B = max(1, S["attn_tokens"] // T)
-        dev = bench.device
-        q = torch.randn(B, Hq, T, D, device=dev, dtype=dtype, requires_grad=True)
-        k = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype, requires_grad=True)
-        v = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype, requires_grad=True)
-        do = torch.randn(B, Hq, T, D, device=dev, dtype=dtype)
-        flops_f = 4 * B * Hq * T * T * D / 2  # two GEMMs (QK^T, PV), causal halves them
-        flops_b = 2.5 * flops_f  # five GEMMs in the backward (recompute QK^T, dV, dP, dQ, dK)
-        shape = f"B={B} T={T} Hq={Hq} Hkv={Hkv} D={D} causal {str(dtype)[6:]}"
-
-        def fastft_impl():
-            from fastft.kernels.attention import attention
-
-            r = measure(bench, lambda: attention(q, k, v, causal=True), [q, k, v], backward_arg=[do], memory=True)
-            _flops(r, flops_f, flops_b, ceil["matmul_tflops"])
-            return r
-
-        def sdpa_flash():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            # k/v repeated for GQA outside the timing, as leaves (the flash backend takes Hq == Hkv)
-            kr = k.detach().repeat_interleave(Hq // Hkv, dim=1).requires_grad_(True)
-            vr = v.detach().repeat_interleave(Hq // Hkv, dim=1).requires_grad_(True)
-            backend = SDPBackend.FLASH_ATTENTION if bench.cuda else SDPBackend.MATH
-
-            def f():
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
-
-            r = measure(bench, f, [q, kr, vr], backward_arg=[do], memory=True)
-            _flops(r, flops_f, flops_b, ceil["matmul_tflops"])
-            return {**r, "note": "k/v repeated to Hq heads before the call (not timed)"
-                                 + ("" if bench.cuda else "; CPU dry run uses the math backend")}
-
-        run_case(rows, "attention", shape, "fastft", dev.type, fastft_impl)
-        run_case(rows, "attention", shape, "sdpa-flash", dev.type, sdpa_flash)
-        del q, k, v, do
+        _bench_attention(bench, rows, ceil, dtype, T, max(1, S["attn_tokens"] // T), S["attn_heads"], S["attn_dim"])
         _free()
+
+
+def _bench_attention(bench, rows, ceil, dtype, T, B, heads, D):
+    Hq, Hkv = heads
+    dev = bench.device
+    q = torch.randn(B, Hq, T, D, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype, requires_grad=True)
+    do = torch.randn(B, Hq, T, D, device=dev, dtype=dtype)
+    flops_f = 4 * B * Hq * T * T * D / 2  # two GEMMs (QK^T, PV), causal halves them
+    flops_b = 2.5 * flops_f  # five GEMMs in the backward (recompute QK^T, dV, dP, dQ, dK)
+    shape = f"B={B} T={T} Hq={Hq} Hkv={Hkv} D={D} causal {str(dtype)[6:]}"
+
+    def fastft_impl():
+        from fastft.kernels.attention import attention
+
+        r = measure(bench, lambda: attention(q, k, v, causal=True), [q, k, v], backward_arg=[do], memory=True)
+        _flops(r, flops_f, flops_b, ceil["matmul_tflops"])
+        return r
+
+    def sdpa_flash():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # k/v repeated for GQA outside the timing, as leaves (the flash backend takes Hq == Hkv)
+        kr = k.detach().repeat_interleave(Hq // Hkv, dim=1).requires_grad_(True)
+        vr = v.detach().repeat_interleave(Hq // Hkv, dim=1).requires_grad_(True)
+        backend = SDPBackend.FLASH_ATTENTION if bench.cuda else SDPBackend.MATH
+
+        def f():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+        r = measure(bench, f, [q, kr, vr], backward_arg=[do], memory=True)
+        _flops(r, flops_f, flops_b, ceil["matmul_tflops"])
+        return {**r, "note": "k/v repeated to Hq heads before the call (not timed)"
+                             + ("" if bench.cuda else "; CPU dry run uses the math backend")}
+
+    run_case(rows, "attention", shape, "fastft", dev.type, fastft_impl)
+    run_case(rows, "attention", shape, "sdpa-flash", dev.type, sdpa_flash)
 
 
 BENCHES = {
@@ -771,7 +752,7 @@ def markdown(data: dict) -> str:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="bench/kernels.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="bench/microbench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
     p.add_argument("--out-dir", default=None, help="default bench/results (dry run: a temp folder)")
@@ -783,21 +764,18 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    # This file is named kernels.py: bench/ must leave sys.path before transformers probes for a `kernels` package.
-    _DROPPED_FROM_PATH[:] = shared.clean_sys_path()
+    _DROPPED_FROM_PATH[:] = shared.clean_sys_path()  # before anything imports transformers
     args = build_parser().parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in BENCHES]
     if unknown:
-        print(f"bench/kernels.py: unknown op(s) {unknown}; choose from {', '.join(OPS)}", file=sys.stderr)
+        print(f"bench/microbench.py: unknown op(s) {unknown}; choose from {', '.join(OPS)}", file=sys.stderr)
         return 2
-    import torch
-
     if not args.cpu_dry_run and not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA GPU found. Kernel micro-benchmarks need one: figures exist only when "
+        print("bench/microbench.py: no CUDA GPU found. Kernel micro-benchmarks need one: figures exist only when "
               "measured on a GPU (see bench/README.md); --cpu-dry-run checks the code paths on CPU.", file=sys.stderr)
         return 2
-    shared.warn_dropped(_DROPPED_FROM_PATH, "bench/kernels.py")
+    shared.warn_dropped(_DROPPED_FROM_PATH, "bench/microbench.py")
     device = torch.device("cpu") if args.cpu_dry_run else torch.device("cuda", 0)
     bench = Bench(device, args.cpu_dry_run)
     dtype = torch.float32 if args.cpu_dry_run else (torch.bfloat16 if torch.cuda.is_bf16_supported() else
@@ -805,8 +783,6 @@ def main(argv=None) -> int:
     date = shared.utc_date()
     if args.cpu_dry_run:
         gpu, stem = "cpu (dry run)", f"{date}-cpu-dry-run-kernels"
-        import tempfile
-
         out_dir = args.out_dir or os.path.join(tempfile.gettempdir(), "fastft-bench-kernels-dry-run")
     else:
         gpu = torch.cuda.get_device_name(0)
@@ -815,7 +791,7 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     header = {**shared.environment(gpu), "date": date, "command": shared.command_line(),
               "cpu_dry_run": bool(args.cpu_dry_run)}
-    print(f"bench/kernels.py: {gpu}; torch {header['torch']}, triton {header['triton']}", flush=True)
+    print(f"bench/microbench.py: {gpu}; torch {header['torch']}, triton {header['triton']}", flush=True)
     started = time.time()
     ceil = ceilings(bench)
     print(f"  ceilings: copy {ceil['copy_gbps']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s", flush=True)
