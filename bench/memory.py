@@ -250,10 +250,11 @@ def main(argv=None) -> int:
         args.models, args.seq_lens, args.batch_sizes, args.checkpointing = MODELS[:1], (2048, 8192), (1,), ("on", "offload")
         args.vram = (24, 80)
     t0 = time.perf_counter()
+    env = shared.environment("none (accounted on CPU)")  # the code as it was when the run started
     rows = rows_for(args)
     limits = [] if args.no_max_context else max_context_for(args)
     date = shared.utc_date()
-    data = {**shared.environment("none (accounted on CPU)"), "date": date, "command": shared.command_line(),
+    data = {**env, "date": date, "command": shared.command_line(),
             "accounted": True, "what": "accounted, not measured on a GPU (fastft/memory)",
             "vram_gb": list(args.vram), "rows": rows, "max_context": limits,
             "seconds": round(time.perf_counter() - t0, 1)}
