@@ -31,6 +31,9 @@ _forced_engine: str | None = None
 GPU_DEVICE_TYPES = {"cuda"}
 # The SM count a simulated GPU reports (set by ``fastft.memory``); CUDA devices report their own.
 simulated_sm_count = 132
+# The compute capability (major * 10 + minor) a simulated GPU reports: ``bench/compile_check.py`` sets the
+# architecture it compiles for; CUDA devices report their own.
+simulated_compute_capability = 90
 
 
 @contextlib.contextmanager
@@ -63,6 +66,21 @@ def multiprocessor_count(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def compute_capability(device: torch.device) -> int:
+    """Compute capability of a GPU device as ``major * 10 + minor`` (70: V100, 90: H100), e.g. to pick tile
+    sizes for ``tl.dot``, which has no tensor-core path below 80 since Triton 3.3."""
+    if device.type != "cuda":
+        return simulated_compute_capability
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
