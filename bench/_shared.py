@@ -189,6 +189,19 @@ def merge_results(path: str, header: dict, run_info: dict, new_rows: list[dict],
     return data
 
 
+def pyplot(script: str):
+    """``matplotlib.pyplot`` drawing to files, or None (saying so) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{script}: matplotlib is not installed (pip install -e '.[bench]'); skipping the plot")
+        return None
+    return plt
+
+
 def fmt(value, spec: str = ".3g", none: str = "-") -> str:
     if value is None:
         return none

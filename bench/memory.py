@@ -168,13 +168,8 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench/memory.py: matplotlib is not installed (pip install -e '.[bench]'); skipping the plot")
+    plt = shared.pyplot("bench/memory.py")
+    if plt is None:
         return
     models = list(dict.fromkeys(r["model"] for r in data["rows"]))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)

@@ -72,6 +72,8 @@ def _load_shared():
 
 
 shared = _load_shared()
+
+from fastft.memory.configs import KNOWN_MODELS  # noqa: E402 - plain data (no transformers import); after the loader
 _DROPPED_FROM_PATH: list[str] = []
 
 CONTENDERS = ("hf", "fastft", "liger", "unsloth")
@@ -100,20 +102,11 @@ def loss_tolerance(dtype: str | None, tokens: int) -> float:
     return max(0.005, 0.65 / math.sqrt(max(1, tokens)))
 
 
-_LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 MODELS = {
-    # Llama-3(.1)-8B: the config of meta-llama/Llama-3.1-8B (llama3 RoPE scaling)
-    "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                                max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                bos_token_id=128000, eos_token_id=128001, rope_parameters=_LLAMA31_ROPE)),
-    # Qwen2-7B: q/k/v bias (part of the Qwen2 architecture), untied head, RoPE base 1e6
-    "qwen2-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                               rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
-                               bos_token_id=151643, eos_token_id=151643,
-                               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # the published configs of meta-llama/Llama-3.1-8B (llama3 RoPE scaling) and Qwen/Qwen2-7B (q/k/v bias, untied
+    # head, RoPE base 1e6), as fastft's memory accounting knows them
+    "llama3-8b": KNOWN_MODELS["llama-3.1-8b"],
+    "qwen2-7b": KNOWN_MODELS["qwen2-7b"],
     # ~0.5B Llama-shaped model for quick GPU runs
     "small": ("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                             num_attention_heads=16, num_key_value_heads=4, head_dim=128,
@@ -939,13 +932,8 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench/run.py: matplotlib is not installed (pip install -e '.[bench]'); skipping the PNG plot")
+    plt = shared.pyplot("bench/run.py")
+    if plt is None:
         return
     rows = data["rows"]
     models = sorted({r["model"] for r in rows})

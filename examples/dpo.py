@@ -39,15 +39,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def say(message: str) -> None:
+    """print, once per job (rank 0 of a torchrun / accelerate launch job)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     on_gpu = torch.cuda.is_available()
+    # Under torchrun / accelerate launch every GPU runs this script: all ranks train and evaluate (an FSDP-sharded
+    # model needs every rank in each forward), rank 0 prints, and trainer.save_model writes from rank 0.
 
     model, tokenizer = FastModel.from_pretrained(bundled_model_path(), max_seq_length=256, load_in_4bit=True)
     eval_records = load_split("eval")[: args.eval_records]
     before = evaluate(model, tokenizer, eval_records)
-    print(f"held-out exact match before DPO: {before:.1%} ({len(eval_records)} records)")
+    say(f"held-out exact match before DPO: {before:.1%} ({len(eval_records)} records)")
 
     model = FastModel.get_peft_model(model, r=args.rank, lora_alpha=args.rank, use_gradient_checkpointing=on_gpu,
                                      random_state=args.seed)
@@ -61,11 +69,11 @@ def main(argv=None):
     trainer = trl.DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer)
     start = time.time()
     trainer.train()
-    print(f"trained {args.steps} DPO steps in {time.time() - start:.0f} s")
+    say(f"trained {args.steps} DPO steps in {time.time() - start:.0f} s")
 
     after = evaluate(model, tokenizer, eval_records)
-    print(f"held-out exact match after DPO:  {after:.1%} (before: {before:.1%})")
-    model.save_pretrained(args.output_dir)
+    say(f"held-out exact match after DPO:  {after:.1%} (before: {before:.1%})")
+    trainer.save_model(args.output_dir)
     return before, after
 
 

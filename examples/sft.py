@@ -39,10 +39,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def say(message: str) -> None:
+    """print, once per job (rank 0 of a torchrun / accelerate launch job)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     on_gpu = torch.cuda.is_available()
+    # Under torchrun / accelerate launch every GPU runs this script: all ranks train and evaluate (an FSDP-sharded
+    # model needs every rank in each forward), rank 0 prints, and trainer.save_model writes from rank 0.
 
     model, tokenizer = FastModel.from_pretrained(
         bundled_model_path(), max_seq_length=256, load_in_4bit=True,
@@ -50,7 +58,7 @@ def main(argv=None):
     )
     eval_records = load_split("eval")[: args.eval_records]
     before = evaluate(model, tokenizer, eval_records)
-    print(f"held-out exact match before fine-tuning: {before:.1%} ({len(eval_records)} records)")
+    say(f"held-out exact match before fine-tuning: {before:.1%} ({len(eval_records)} records)")
 
     model = FastModel.get_peft_model(model, r=args.rank, lora_alpha=args.rank, lora_dropout=0.0,
                                      use_gradient_checkpointing=on_gpu, random_state=args.seed)
@@ -65,12 +73,12 @@ def main(argv=None):
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
     start = time.time()
     trainer.train()
-    print(f"trained {args.steps} steps in {time.time() - start:.0f} s")
+    say(f"trained {args.steps} steps in {time.time() - start:.0f} s")
 
     after = evaluate(model, tokenizer, eval_records)
-    print(f"held-out exact match after fine-tuning:  {after:.1%} (before: {before:.1%})")
-    model.save_pretrained(args.output_dir)
-    print(f"adapter saved to {args.output_dir} (loads in plain transformers + peft)")
+    say(f"held-out exact match after fine-tuning:  {after:.1%} (before: {before:.1%})")
+    trainer.save_model(args.output_dir)
+    say(f"adapter saved to {args.output_dir} (loads in plain transformers + peft)")
     return before, after
 
 

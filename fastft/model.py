@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import types
-import warnings
 
 import torch
 import transformers
@@ -20,6 +19,7 @@ from . import attention as fastft_attention
 from . import trl_compat
 from .architectures import spec_for
 from .loss import make_causal_lm_forward
+from .placement import default_device, device_of_map
 from .patch import patch_decoder, unpatch_modules
 
 logger = logging.getLogger("fastft")
@@ -56,17 +56,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"dtype must be torch.bfloat16, torch.float16, torch.float32 or None, got {dtype!r}")
     return dtype
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    from .kernels._common import INTERPRET
-
-    if not INTERPRET:
-        warnings.warn("fastft: no CUDA GPU found; the model runs fastft's plain PyTorch paths on the CPU (slow)",
-                      stacklevel=3)
-    return torch.device("cpu")
 
 
 def _backbone(model):
@@ -174,15 +163,19 @@ class FastModel:
         # the tokenizer first: a missing one should fail before minutes of weight loading, not after
         tokenizer = _load_tokenizer(model_name, **kwargs)
 
-        device = _default_device()
+        device = default_device() if device_map is None else device_of_map(device_map)
         if device_map is None:
             device_map = {"": device}
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # fastft's Triton kernels launch on the current CUDA device
         dtype = resolve_dtype(dtype, device)
         quantization_config = None
         if load_in_4bit:
+            # 4-bit codes stored in the compute dtype (same bytes): FSDP then shards them like any parameter
+            # (it leaves integer parameters whole) and its mixed precision, casting to that dtype, keeps them intact.
             quantization_config = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
@@ -303,7 +296,7 @@ def patch_model(model, max_seq_length: int = 2048, attn_implementation: str | No
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     model.forward = types.MethodType(make_causal_lm_forward(model), model)
-    trl_compat.tag_lm_head(model.lm_head.weight)
+    model._fastft_lm_head_hook = trl_compat.tag_lm_head(model)
     model._fastft_length_hook = _install_length_check(model.model, max_seq_length)
     model._fastft_patched = True
     model.max_seq_length = max_seq_length
@@ -316,6 +309,7 @@ def unpatch_model(model):
     unpatch_modules(model.model)
     model.__dict__.pop("forward", None)
     model._fastft_length_hook.remove()
+    model._fastft_lm_head_hook.remove()
     model._fastft_patched = False
     model.set_attn_implementation("sdpa")
     return model

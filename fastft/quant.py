@@ -51,6 +51,15 @@ class LoraArgs(NamedTuple):
     dropout: float = 0.0  # the adapter's lora_dropout p while its dropout module trains; 0 in eval mode
 
 
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed`` DTensor (FSDP2's sharded parameters are)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def _bnb():
     return sys.modules.get("bitsandbytes")
 
@@ -113,6 +122,11 @@ def nf4_weight_of(param) -> NF4Weight:
         qs = getattr(param.module, "quant_state", None)  # bitsandbytes keeps a copy on the module
     if qs is None or not getattr(param, "bnb_quantized", True):
         raise UnsupportedWeight("the 4-bit weight is not quantized yet (move its layer to a device first)")
+    return _nf4_weight(param.data, qs)
+
+
+def _nf4_weight(data: torch.Tensor, qs) -> NF4Weight:
+    """The :class:`NF4Weight` of packed bytes ``data`` (any storage dtype) described by quant state ``qs``."""
     if qs.quant_type != "nf4":
         raise UnsupportedWeight(f"4-bit quant_type {qs.quant_type!r} is not supported; only 'nf4'")
     if len(qs.shape) != 2:
@@ -120,7 +134,6 @@ def nf4_weight_of(param) -> NF4Weight:
 
     # Built once per quantized weight and cached on its quant state (called at every forward). The
     # cache holds the source tensors, so a re-quantized or moved weight (new tensors) misses it.
-    data = param.data
     key = (data, qs.absmax, qs.state2.absmax if qs.nested else None)
     cached = getattr(qs, "_fastft_nf4_weight", None)
     if cached is not None and cached[0][0].data_ptr() == data.data_ptr() and all(
@@ -168,11 +181,39 @@ def dequantize_4bit(weight) -> torch.Tensor:
 # peft LoRA layers
 
 
+def _nf4_weight_of_fsdp_gathered(base: nn.Module, weight) -> NF4Weight:
+    """The NF4 weight of a ``Linear4bit`` whose ``Params4bit`` FSDP has replaced.
+
+    FSDP shards a 4-bit weight stored in a float ``bnb_4bit_quant_storage`` like any parameter: inside the
+    FSDP unit's forward and backward the layer holds the all-gathered packed bytes as a plain parameter, and
+    bitsandbytes keeps the quant state on the module (its own forward re-attaches it the same way). A shard
+    outside the unit's forward is refused (the caller falls back); bytes FSDP cast to another dtype are an error.
+    """
+    qs = getattr(base, "quant_state", None)
+    if qs is None:
+        raise UnsupportedWeight("the 4-bit layer lost its weight's quant state (no quant_state on the layer)")
+    if is_dtensor(weight):
+        raise UnsupportedWeight("the 4-bit weight is an FSDP shard (DTensor) here, not the all-gathered weight: "
+                                "the layer runs outside its FSDP unit's forward")
+    storage = getattr(base, "quant_storage", torch.uint8)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != storage:
+        # Every bit pattern is lost once packed codes are cast as numbers: no forward can serve this layer.
+        raise ValueError(
+            f"the 4-bit weight of {type(base).__name__} is stored as {storage} but arrives as "
+            f"{getattr(weight, 'dtype', type(weight).__name__)}: FSDP's mixed precision cast the packed 4-bit codes. "
+            "Load the model with bnb_4bit_quant_storage equal to FSDP's parameter dtype (FastModel does, for its "
+            "dtype: train with the same dtype, e.g. bf16=True for a bfloat16 model)"
+        )
+    return _nf4_weight(weight.detach(), qs)
+
+
 def _frozen_weight_of(base: nn.Module):
     """The base layer's weight for the fused kernels: an NF4Weight or a frozen float tensor."""
     weight = getattr(base, "weight", None)
     if _is_params4bit(weight):
         return nf4_weight_of(weight)
+    if _bnb() is not None and isinstance(base, _bnb().nn.Linear4bit):
+        return _nf4_weight_of_fsdp_gathered(base, weight)
     if _is_int8(weight):
         raise UnsupportedWeight(f"{type(base).__name__} holds 8-bit weights (Int8Params); only NF4 4-bit or 16/32-bit")
     if not isinstance(base, nn.Linear):

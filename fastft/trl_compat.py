@@ -16,6 +16,7 @@ import torch
 
 from . import trl_dataset_checks
 from .kernels.linear_log_probs import linear_log_probs
+from .quant import is_dtensor
 
 SUPPORTED_TRL = ">=1.16,<2"
 # The per-token fields of TRL's FusedCausalLMOutput, in the order its kernel returns them.
@@ -23,8 +24,27 @@ OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _TAG = "_fastft_lm_head"
 
 
-def tag_lm_head(weight: torch.Tensor) -> None:
-    setattr(weight, _TAG, True)
+def tag_lm_head(model):
+    """Mark ``model.lm_head.weight`` as a fastft model's, at every forward of the backbone; returns the hook.
+
+    Tagging once is not enough under FSDP2: ``fully_shard`` replaces the weight by a sharded DTensor
+    parameter, which TRL gathers with ``weight.full_tensor()`` into a new tensor at every call. So the tag is
+    set on whatever ``lm_head.weight`` is after the backbone has run, and a DTensor's gathered copy is tagged too.
+    """
+
+    def tag(*_):
+        weight = model.lm_head.weight
+        setattr(weight, _TAG, True)
+        if is_dtensor(weight) and "full_tensor" not in weight.__dict__:
+            def full_tensor(*args, **kwargs):
+                gathered = type(weight).full_tensor(weight, *args, **kwargs)
+                setattr(gathered, _TAG, True)
+                return gathered
+
+            weight.full_tensor = full_tensor
+
+    tag()
+    return model.model.register_forward_hook(tag)
 
 
 class FastftLogProbDispatch:

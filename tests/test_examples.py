@@ -1,5 +1,5 @@
 """Each example runs with small settings, as a user would start it (a subprocess, CPU, fastft's PyTorch
-engine: no TRITON_INTERPRET), and has a --help."""
+engine: no TRITON_INTERPRET), and has a --help; and unchanged on 2 ranks under torchrun and accelerate launch."""
 import os
 import subprocess
 import sys
@@ -30,7 +30,7 @@ socket.create_connection = _refuse("socket.create_connection")
 """
 
 
-def run(script, *args, cwd, network_log=None):
+def run(script, *args, cwd, network_log=None, launcher=(sys.executable,)):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if network_log is not None:
         guard = os.path.join(cwd, "network_guard")
@@ -39,7 +39,7 @@ def run(script, *args, cwd, network_log=None):
             f.write(NETWORK_GUARD)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [guard, env.get("PYTHONPATH")]))
         env["FASTFT_NETWORK_LOG"] = str(network_log)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args], cwd=cwd, env=env,
+    return subprocess.run([*launcher, os.path.join(ROOT, "examples", script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -66,3 +66,23 @@ def test_example_runs(script, args, tmp_path):
     if script in ("sft.py", "dpo.py"):
         assert "held-out exact match before" in out.stdout and "held-out exact match after" in out.stdout
     assert os.path.exists(tmp_path / "out" / "adapter_config.json")
+
+
+BIN = os.path.dirname(sys.executable)  # the launchers installed beside this Python
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, script, args", [
+    ([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2"], "sft.py",
+     ["--steps", "2", "--batch-size", "1", "--eval-records", "2"]),
+    ([os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"],
+     "trl_sft_dropin.py", ["--max-steps", "1"]),
+], ids=["torchrun", "accelerate"])
+def test_example_runs_on_two_ranks(launcher, script, args, tmp_path):
+    """The README's DDP commands (gloo on CPU): both ranks train, rank 0 prints and saves the adapter."""
+    out = run(script, *args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path, launcher=launcher)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stderr.count("fastft: no CUDA GPU found") == 2  # one per rank
+    if script == "sft.py":
+        assert out.stdout.count("held-out exact match after") == 1
+    assert os.path.exists(tmp_path / "out" / "adapter_model.safetensors")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
+import warnings
 
 import torch
 
@@ -37,7 +39,27 @@ class StepMemory:
         return self.peak_bytes / GIB
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The accounted model is a stand-in: what building and stepping it warns about (library deprecations, fastft's
+    own notes on the simulated device) is not news to the user of the figures."""
+    fastft_logger = logging.getLogger("fastft")
+    level = fastft_logger.level
+    fastft_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        fastft_logger.setLevel(level)
+
+
 def _run(config, setup: StepSetup, tracker, device: torch.device) -> StepMemory:
+    with _quiet():
+        return _step(config, setup, tracker, device)
+
+
+def _step(config, setup: StepSetup, tracker, device: torch.device) -> StepMemory:
     model = build_model(config, setup, device)
     optimizer = make_optimizer(model)
     vocab = config.vocab_size

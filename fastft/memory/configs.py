@@ -1,5 +1,6 @@
-"""Model configurations the memory accounting knows by name (the published ``config.json`` values), so a
-"will it fit" question needs no download. Any other model: a local directory or the offline hub cache."""
+"""Model configurations fastft knows by name (the published ``config.json`` values), so a "will it fit" question
+needs no download (and ``bench/run.py`` builds its random-weight models from them). Any other model: a local
+directory or the offline hub cache."""
 from __future__ import annotations
 
 import os
@@ -12,11 +13,12 @@ KNOWN_MODELS = {
     "llama-3.1-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                    max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                   rope_parameters=_LLAMA31_ROPE)),
+                                   bos_token_id=128000, eos_token_id=128001, rope_parameters=_LLAMA31_ROPE)),
     # Qwen/Qwen2-7B
     "qwen2-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
                                rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+                               bos_token_id=151643, eos_token_id=151643,
                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     # Qwen/Qwen2.5-1.5B
     "qwen2.5-1.5b": ("qwen2", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
