@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_capability, empty, multiprocessor_count, use_triton
+from ._common import INTERPRET, compute_capability, empty, mma_operand as _mma_operand, multiprocessor_count, use_triton
 
 _TORCH_BLOCK_ROWS = 64  # rows per torch.Generator of the PyTorch engine's mask
 _GOLDEN = 0x9E3779B97F4A7C15  # mixes a row block's index into the seed (Weyl sequence step)
@@ -89,16 +89,6 @@ def _keep_scale(seed, p, scale, rows, k0, n_cols, BLOCK_K: tl.constexpr):
     u0, u1, u2, u3 = tl.rand4x(seed, counters)
     u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))  # columns 4c, 4c+1, 4c+2, 4c+3: u0..u3
     return tl.where(u >= p, scale, 0.0)
-
-
-@triton.jit
-def _mma_operand(x, INTERPRET: tl.constexpr):
-    # bf16 tl.dot is wrong in Triton's CPU interpreter: upcast there. On a GPU keep the 16-bit
-    # tile so tl.dot runs on tensor cores.
-    if INTERPRET:
-        if x.dtype == tl.bfloat16:
-            x = x.to(tl.float32)
-    return x
 
 
 @triton.jit(do_not_specialize=["seed", "row0"])
@@ -242,6 +232,11 @@ def _torch_keep(mask: DropoutMask, n_rows: int, n_cols: int, device) -> torch.Te
     return (torch.cat(draws)[start:start + n_rows] >= mask.p).to(device)
 
 
+def _torch_dropped(x: torch.Tensor, mask: DropoutMask, dtype: torch.dtype) -> torch.Tensor:
+    """``M * x`` in ``dtype`` on the PyTorch engine (``x`` cast first, as peft casts before its dropout)."""
+    return x.to(dtype).mul(mask.scale).masked_fill_(~_torch_keep(mask, *x.shape, x.device), 0)
+
+
 def dropout_mask(mask: DropoutMask, shape, device, engine: str | None = None) -> torch.Tensor:
     """The multipliers ``M`` (fp32 ``shape`` = ``[T, in]``: ``mask.scale`` or 0) that the kernels of this file
     draw for ``mask``, materialised: for tests and references (fastft never builds it). ``engine``:
@@ -273,8 +268,7 @@ def dropout_lora_a(x: torch.Tensor, A: torch.Tensor, mask: DropoutMask) -> torch
     T, K = x.shape
     R = A.shape[0]
     if not use_triton(x):
-        xd = x.to(A.dtype).mul(mask.scale).masked_fill_(~_torch_keep(mask, T, K, x.device), 0)
-        return torch.mm(xd, A.t())
+        return torch.mm(_torch_dropped(x, mask, A.dtype), A.t())
     x, A = _unit_columns(x), _unit_columns(A)
     xa = empty((T, R), dtype=A.dtype, device=x.device)
     if T:
@@ -300,8 +294,7 @@ def dropout_lora_grad_a(dyB: torch.Tensor, x: torch.Tensor, mask: DropoutMask, a
     T, K = x.shape
     R = dyB.shape[1]
     if not use_triton(x):
-        xd = x.to(dyB.dtype).mul(mask.scale).masked_fill_(~_torch_keep(mask, T, K, x.device), 0)
-        return torch.mm(dyB.t(), xd).mul_(alpha)
+        return torch.mm(dyB.t(), _torch_dropped(x, mask, dyB.dtype)).mul_(alpha)
     x, dyB = _unit_columns(x), _unit_columns(dyB)
     blocks = _blocks(R, dyB.dtype, x.device)
     tiles = triton.cdiv(K, blocks["BLOCK_K"]) * triton.cdiv(R, blocks["BLOCK_R"])
