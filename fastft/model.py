@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import types
+import warnings
 
 import torch
 import transformers
