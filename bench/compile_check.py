@@ -89,8 +89,8 @@ class FakeGPUDriver:
         return lambda *args, **kwargs: None  # launching does nothing
 
 
-KERNEL_MODULES = ("attention", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs", "lora_linear",
-                  "lora_mlp", "lora_qkv", "nf4", "rms_norm", "rope", "swiglu")
+KERNEL_MODULES = ("attention", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs", "lora_dropout",
+                  "lora_linear", "lora_mlp", "lora_qkv", "nf4", "rms_norm", "rope", "swiglu")
 
 
 def _force_triton_engine():
@@ -126,6 +126,25 @@ def _lora_args(out_features, in_features, dtype, r=16):
     return (_nf4(out_features, in_features, dtype), None, A, B, 2.0)
 
 
+def _lora_dropout_launches(in_features, dtype):
+    """The kernels of lora_dropout.py launched directly (no CPU matmul around them): few tokens (dA in one
+    pass, written in the adapter dtype) and 300 tokens (dA in token splits, fp32 partial sums); r = 8 and 64."""
+    import torch
+
+    from fastft.kernels.lora_dropout import (DropoutMask, dropout_lora_a, dropout_lora_grad_a, dropout_lora_grad_x_,
+                                             dropout_mask)
+
+    mask = DropoutMask(0.05, 2**40 + 7, row0=3)
+    for tokens, r in ((5, 8), (300, 64)):
+        x = torch.randn(tokens, in_features, dtype=dtype)
+        A = torch.randn(r, in_features, dtype=dtype)
+        dyB = torch.randn(tokens, r, dtype=dtype)
+        dropout_lora_a(x, A, mask)
+        dropout_lora_grad_a(dyB, x, mask, 2.0)
+        dropout_lora_grad_x_(x, dyB, A, mask, 2.0)
+    dropout_mask(mask, (5, in_features), "cpu", engine="triton")
+
+
 def ops(model: str, dtype, with_attention: bool):
     """(name, thunk) pairs; each thunk runs one op forward and backward."""
     import torch
@@ -159,6 +178,9 @@ def ops(model: str, dtype, with_attention: bool):
                                                   _lora_args(kv_heads * head_dim, hidden, dtype)))),
         ("lora_mlp", lambda: backward(K.lora_mlp(t(b, n, hidden), _lora_args(inter, hidden, dtype),
                                                  _lora_args(inter, hidden, dtype), _lora_args(hidden, inter, dtype)))),
+        ("lora_linear lora_dropout", lambda: backward(K.lora_linear(t(b, n, hidden), *_lora_args(hidden, hidden, dtype),
+                                                                     None, 0.05))),
+        ("lora_dropout", lambda: _lora_dropout_launches(hidden, dtype)),
     ]
     if model == "qwen2-0.5b":  # the lm-head ops at one vocabulary size: their tiles depend on hidden and vocab
         cases += [
@@ -218,11 +240,14 @@ def check(arch: int, models, dtypes, verbose: bool = False, max_shared_kib: int 
     import torch
     from triton.runtime.driver import driver
 
+    import fastft.kernels._common as common
+
     failures = []
     smem, gpu = GPUS[arch]
     if max_shared_kib is not None:
         smem, gpu = max_shared_kib * 1024, f"{gpu} with the shared memory limit overridden"
     driver.set_active(FakeGPUDriver(arch, smem))
+    common.simulated_compute_capability = arch  # launchers that pick tiles per architecture read it
     print(f"== sm_{arch} ({gpu}, {smem // 1024} KiB shared memory per block)", flush=True)
     for model in models:
         for dtype in dtypes:

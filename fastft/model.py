@@ -194,7 +194,8 @@ class FastModel:
                        batch_size: int = 1, mlp_chunk_tokens: int | None = None, **lora_kwargs):
         """Wrap a patched model in peft LoRA adapters (a standard ``PeftModel``).
 
-        The fused LoRA kernels serve adapters with ``lora_dropout=0``, ``bias="none"``, no DoRA; other
+        The fused LoRA kernels serve adapters with ``bias="none"``, no DoRA, with or without
+        ``lora_dropout`` (its mask drawn inside the kernels, see ``kernels/lora_dropout.py``); other
         options are honoured by peft's own forward for the affected layers (slower, still correct).
 
         ``use_gradient_checkpointing`` (see ``fastft/checkpointing.py``; kept when TRL re-enables
@@ -212,8 +213,8 @@ class FastModel:
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
         target_modules = _check_lora_args(model, r, lora_alpha, target_modules)  # first: refuses a PeftModel
         mode = checkpointing.check_mode(use_gradient_checkpointing, len(model.model.layers))
-        if lora_dropout or bias != "none" or lora_kwargs.get("use_dora"):
-            logger.warning("fastft: lora_dropout > 0, bias != 'none' or DoRA are served by peft's LoRA forward, "
+        if bias != "none" or lora_kwargs.get("use_dora"):
+            logger.warning("fastft: bias != 'none' or DoRA are served by peft's LoRA forward, "
                            "not by fastft's fused kernels (slower)")
         for param in model.parameters():
             param.requires_grad_(False)

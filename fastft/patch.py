@@ -15,9 +15,9 @@ Per decoder layer:
 * ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA).
 
 The fused LoRA path reads the *active* adapter at every call (TRL's DPO switches to a ``ref`` adapter
-and disables adapters for reference log-probs). A projection the fused path cannot serve exactly
-(dropout, DoRA, several adapters, FP4/8-bit weights, ...) runs peft's own forward; a one-time warning says
-which and why.
+and disables adapters for reference log-probs), and whether its ``lora_dropout`` applies (training mode).
+A projection the fused path cannot serve exactly (DoRA, several active adapters, FP4/8-bit weights, ...)
+runs peft's own forward; a one-time warning says which and why.
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _fused_args(module: nn.Module):
-    """(weight, bias, A, B, scaling) of a projection for the fused kernels, or None when the fused path
-    cannot serve it exactly and the module's own forward must run."""
+    """(weight, bias, A, B, scaling, compute_dtype, dropout) of a projection for the fused kernels, or None
+    when the fused path cannot serve it exactly and the module's own forward must run."""
     try:
         return fused_linear_args(module)
     except UnsupportedLoraLayer as reason:

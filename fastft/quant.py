@@ -4,9 +4,9 @@
   ``.quant_state``) into the plain-tensor :class:`~fastft.kernels.nf4.NF4Weight` the kernels take.
 * :func:`dequantize_4bit` (exported as ``fastft.dequantize_4bit``) is a drop-in for
   ``bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)`` on NF4 weights.
-* :func:`lora_args_of` / :func:`fused_linear_args` give ``(weight, bias, A, B, scaling)`` of a
-  projection for ``lora_linear`` / ``lora_qkv`` / ``lora_mlp``, reading peft's *active* adapter
-  at call time, or raise :class:`UnsupportedLoraLayer` (a ``ValueError``) saying why the fused
+* :func:`lora_args_of` / :func:`fused_linear_args` give ``(weight, bias, A, B, scaling,
+  compute_dtype, dropout)`` of a projection for ``lora_linear`` / ``lora_qkv`` / ``lora_mlp``, reading
+  peft's *active* adapter (and whether its dropout applies now) at call time, or raise :class:`UnsupportedLoraLayer` (a ``ValueError``) saying why the fused
   path cannot serve the layer exactly; the caller then runs peft's own forward.
 
 bitsandbytes is imported by the user's model, never by this module: a parameter can only be a
@@ -48,6 +48,7 @@ class LoraArgs(NamedTuple):
     B: torch.Tensor | None  # [out, r]
     scaling: float
     compute_dtype: torch.dtype | None = None  # bitsandbytes' compute dtype of the base matmul (None: x's)
+    dropout: float = 0.0  # the adapter's lora_dropout p while its dropout module trains; 0 in eval mode
 
 
 def is_dtensor(tensor) -> bool:
@@ -235,19 +236,22 @@ def _is_lora_layer(module) -> bool:
 
 
 def lora_args_of(layer: nn.Module) -> LoraArgs:
-    """``(weight, bias, A, B, scaling, compute_dtype)`` of a peft LoRA linear layer for its active adapter, now.
+    """``(weight, bias, A, B, scaling, compute_dtype, dropout)`` of a peft LoRA linear layer for its active
+    adapter, now.
 
     Returns ``A = B = None`` (base layer only) when adapters are disabled, the layer is merged, or
-    no active adapter lives on this layer. Raises :class:`UnsupportedLoraLayer` naming the reason
-    when the fused path would not reproduce peft's forward exactly: a weight that is not NF4 or
-    16/32-bit float (FP4, 8-bit), a trainable base weight, DoRA or any other ``lora_variant``,
-    ``lora_dropout > 0``, ``lora_bias``, several active adapters, adapters disabled while merged
-    (peft unmerges first), a non-linear base layer.
+    no active adapter lives on this layer. ``dropout`` is the adapter's ``lora_dropout`` p when its
+    ``nn.Dropout`` is in training mode (peft's forward would drop then), else 0. Raises
+    :class:`UnsupportedLoraLayer` naming the reason when the fused path would not reproduce peft's
+    forward exactly: a weight that is not NF4 or 16/32-bit float (FP4, 8-bit), a trainable base weight,
+    DoRA or any other ``lora_variant``, a dropout module other than ``nn.Dropout`` / ``nn.Identity`` (or
+    ``p = 1``), ``lora_bias``, several active adapters, adapters disabled while merged (peft unmerges
+    first), a non-linear base layer.
     """
     if not _is_lora_layer(layer):
         raise UnsupportedLoraLayer(f"{type(layer).__name__} is not a peft LoRA layer")
     base = layer.get_base_layer()
-    weight, bias, _, _, _, compute_dtype = _base_args(base)
+    weight, bias, _, _, _, compute_dtype, _ = _base_args(base)
     base_only = LoraArgs(weight, bias, None, None, 1.0, compute_dtype)
 
     if layer.disable_adapters:
@@ -266,14 +270,24 @@ def lora_args_of(layer: nn.Module) -> LoraArgs:
     if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
         variant = type(layer.lora_variant[name]).__name__ if name in getattr(layer, "lora_variant", {}) else "DoRA"
         raise UnsupportedLoraLayer(f"adapter {name!r} uses a LoRA variant ({variant}, e.g. DoRA)")
-    if not isinstance(layer.lora_dropout[name], nn.Identity):
-        raise UnsupportedLoraLayer(f"adapter {name!r} has lora_dropout > 0 ({layer.lora_dropout[name]!r})")
+    dropout = _dropout_p(layer.lora_dropout[name], name)
     if getattr(layer, "lora_bias", {}).get(name, False):
         raise UnsupportedLoraLayer(f"adapter {name!r} has lora_bias=True")
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
         raise UnsupportedLoraLayer(f"adapter {name!r} is not a plain linear LoRA ({type(lora_A).__name__})")
-    return LoraArgs(weight, bias, lora_A.weight, lora_B.weight, float(layer.scaling[name]), compute_dtype)
+    return LoraArgs(weight, bias, lora_A.weight, lora_B.weight, float(layer.scaling[name]), compute_dtype, dropout)
+
+
+def _dropout_p(module: nn.Module, name: str) -> float:
+    """The dropout probability peft's ``lora_dropout[name]`` applies now: ``p`` of a training
+    ``nn.Dropout``, 0 for ``nn.Identity`` (peft's module for p = 0) or a dropout in eval mode."""
+    if type(module) is nn.Identity:
+        return 0.0
+    if type(module) is not nn.Dropout or module.inplace or not 0 <= module.p < 1:
+        raise UnsupportedLoraLayer(f"adapter {name!r} has a lora_dropout module the fused path does not serve "
+                                   f"({module!r}); only nn.Dropout with p < 1")
+    return float(module.p) if module.training else 0.0
 
 
 def fused_linear_args(module: nn.Module) -> LoraArgs:

@@ -16,6 +16,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """True when Triton kernels run in the CPU interpreter. Kernels use it as a ``tl.constexpr``
@@ -31,6 +33,9 @@ _forced_engine: str | None = None
 GPU_DEVICE_TYPES = {"cuda"}
 # The SM count a simulated GPU reports (set by ``fastft.memory``); CUDA devices report their own.
 simulated_sm_count = 132
+# The compute capability (major * 10 + minor) a simulated GPU reports: ``bench/compile_check.py`` sets the
+# architecture it compiles for; CUDA devices report their own.
+simulated_compute_capability = 90
 
 
 @contextlib.contextmanager
@@ -52,17 +57,40 @@ def on_gpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type in GPU_DEVICE_TYPES
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors of a GPU device (launch grids that fill the GPU are sized by it)."""
-    if device.type != "cuda":
-        return simulated_sm_count
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_sm_count(index)
+    return _cuda_sm_count(_cuda_index(device)) if device.type == "cuda" else simulated_sm_count
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def compute_capability(device: torch.device) -> int:
+    """Compute capability of a GPU device as ``major * 10 + minor`` (70: V100, 90: H100), e.g. to pick tile
+    sizes for ``tl.dot``, which has no tensor-core path below 80 since Triton 3.3."""
+    return _cuda_capability(_cuda_index(device)) if device.type == "cuda" else simulated_compute_capability
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+@triton.jit
+def mma_operand(x, INTERPRET: tl.constexpr):
+    """A ``tl.dot`` operand tile: bf16 ``tl.dot`` is wrong in Triton's CPU interpreter, so upcast there to
+    fp32; on a GPU keep the 16-bit tile so ``tl.dot`` runs on tensor cores."""
+    if INTERPRET:
+        if x.dtype == tl.bfloat16:
+            x = x.to(tl.float32)
+    return x
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

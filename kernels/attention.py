@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, check_same_device, check_tensor, empty, use_triton
+from ._common import mma_operand as _mma_operand
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 # exp(x) = exp2(x * log2(e)): the kernels work in base 2, exp2 is the fast instruction on GPUs
@@ -59,14 +60,6 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # ----------------------------------------------------------------------------------------------
 # Triton helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _mma_operand(x, INTERPRET: tl.constexpr):
-    # bf16 tl.dot is wrong in Triton's CPU interpreter: upcast there. On a GPU keep the 16-bit
-    # tile so tl.dot runs on tensor cores.
-    if INTERPRET:
-        if x.dtype == tl.bfloat16:
-            x = x.to(tl.float32)
-    return x
 
 
 @triton.jit

@@ -15,6 +15,13 @@ Dequantize-then-cuBLAS (see DESIGN.md): an NF4 ``W`` is dequantized by the Trito
 ``mm`` and overwritten by the next layer; the backward dequantizes again instead of keeping a copy.
 The LoRA product ``x @ A.T`` is computed once in the forward, reused for ``B`` and kept for ``dB``.
 
+**LoRA dropout** (peft's ``lora_dropout``, while training): the LoRA branch sees ``dropout(x) = M * x``,
+the base matmul ``x``. Then ``x @ A.T`` above becomes ``(M * x) @ A.T``, ``dA = s * dyB.T @ (M * x)`` and
+the LoRA term of ``dx`` is ``s * M * (dyB @ A)``: three Triton kernels of ``lora_dropout.py`` that draw
+``M`` from a seed tile by tile (the seed is drawn in the forward, kept on the autograd context, and
+drawn again identically when gradient checkpointing recomputes the forward). Neither ``M`` nor ``M * x``
+is ever stored. Without dropout none of this runs (no extra launch).
+
 Dtypes follow peft 0.21's ``lora.Linear4bit`` (over bitsandbytes' ``Linear4bit``) and ``lora.Linear``:
 
 * the base matmul runs in ``compute_dtype`` (bitsandbytes' ``bnb_4bit_compute_dtype``; default
@@ -38,6 +45,7 @@ import numbers
 import torch
 
 from ._common import FLOAT_DTYPES, autocast_dtype, check_tensor, empty
+from .lora_dropout import DropoutMask, dropout_lora_a, dropout_lora_grad_a, dropout_lora_grad_x_
 from .nf4 import NF4Weight, dequantize_nf4
 
 # ---------------------------------------------------------------------------------------------
@@ -82,13 +90,14 @@ def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_projection(name: str, in_features: int, params, device) -> tuple:
-    """Validate one ``(weight, bias, A, B, scaling[, compute_dtype])`` tuple; return it as a
-    6-tuple with scaling a float and compute_dtype a dtype or None."""
-    if not isinstance(params, (tuple, list)) or len(params) not in (5, 6):
-        raise TypeError(f"{name} must be a (weight, bias, A, B, scaling[, compute_dtype]) tuple, got "
+    """Validate one ``(weight, bias, A, B, scaling[, compute_dtype[, dropout]])`` tuple; return it as a
+    7-tuple with scaling a float, compute_dtype a dtype or None and dropout a float."""
+    if not isinstance(params, (tuple, list)) or len(params) not in (5, 6, 7):
+        raise TypeError(f"{name} must be a (weight, bias, A, B, scaling[, compute_dtype[, dropout]]) tuple, got "
                         f"{type(params).__name__}" + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else ""))
     weight, bias, A, B, scaling = params[:5]
-    compute_dtype = params[5] if len(params) == 6 else None
+    compute_dtype = params[5] if len(params) >= 6 else None
+    dropout = params[6] if len(params) == 7 else 0.0
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
     if isinstance(weight, NF4Weight):
@@ -125,26 +134,28 @@ def _check_projection(name: str, in_features: int, params, device) -> tuple:
     for label, t in ((f"{name} bias", bias), (f"{name} A", A), (f"{name} B", B)):
         if t is not None and t.device != device:
             raise ValueError(f"{label} is on {t.device} but x is on {device}")
-    return weight, bias, A, B, float(scaling) if A is not None else 1.0, compute_dtype
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise ValueError(f"{name} dropout must be a probability in [0, 1), got {dropout!r}")
+    return weight, bias, A, B, float(scaling) if A is not None else 1.0, compute_dtype, float(dropout)
 
 
 def _prepare(x: torch.Tensor, projections):
     """Resolve dtypes (see the module doc) for checked projections on input ``x``.
 
     Returns ``(x, projections, out_dtypes)``: ``x`` in the dtype the Function takes, each
-    projection as ``(weight, bias, A, B, s, compute_dtype)`` with a concrete compute dtype, and
-    the dtype each output must finally be cast to."""
+    projection as ``(weight, bias, A, B, s, compute_dtype, dropout)`` with a concrete compute dtype,
+    and the dtype each output must finally be cast to."""
     ac = autocast_dtype(x.device.type)
     if ac is None:
-        prepared = [(w, b, A, B, s, cd or x.dtype) for w, b, A, B, s, cd in projections]
+        prepared = [(w, b, A, B, s, cd or x.dtype, p) for w, b, A, B, s, cd, p in projections]
         return x, prepared, [x.dtype] * len(projections)
     if all(not isinstance(p[0], NF4Weight) for p in projections):
         x = x.to(ac)  # a plain nn.Linear under autocast: everything, output included, in ac
     prepared, out_dtypes = [], []
-    for w, b, A, B, s, _ in projections:
+    for w, b, A, B, s, _, p in projections:
         if A is not None:
             A, B = A.to(ac), B.to(ac)
-        prepared.append((w, b, A, B, s, ac))
+        prepared.append((w, b, A, B, s, ac, p))
         out_dtypes.append(x.dtype if isinstance(w, NF4Weight) else ac)
     return x, prepared, out_dtypes
 
@@ -163,9 +174,17 @@ def _autocast_off(device_type: str):
 # One projection, forward and backward (shared with lora_qkv.py and lora_mlp.py)
 
 
-def _project_forward(x2: torch.Tensor, weight, bias, A, B, s: float, compute_dtype: torch.dtype):
+def _draw_masks(device: torch.device, projections) -> list:
+    """One :class:`DropoutMask` with a fresh seed per projection that has an adapter and dropout > 0 (in
+    projection order), None for the others. Called inside the forward, so a checkpointed recompute, with
+    the generators restored, draws the same seeds."""
+    return [DropoutMask.draw(p[6], device) if p[2] is not None and p[6] > 0 else None for p in projections]
+
+
+def _project_forward(x2: torch.Tensor, weight, bias, A, B, s: float, compute_dtype: torch.dtype, mask=None):
     """``y = x2 @ W.T + bias + s * (x2 @ A.T) @ B.T`` returned in ``x2.dtype``, with the dtype rules
-    of the module doc; returns ``(y, xa)``, ``xa = x2 @ A.T`` ([T, r], A's dtype) kept for dB."""
+    of the module doc; returns ``(y, xa)``, ``xa = x2 @ A.T`` ([T, r], A's dtype) kept for dB.
+    With a dropout ``mask`` (``lora_dropout.py``) the LoRA branch sees ``M * x2``: ``xa = (M * x2) @ A.T``."""
     dtype, cd = x2.dtype, compute_dtype
     xc = x2 if cd == dtype else x2.to(cd)
     W = _dense(weight, cd)
@@ -177,43 +196,52 @@ def _project_forward(x2: torch.Tensor, weight, bias, A, B, s: float, compute_dty
         y = y.to(dtype)  # bitsandbytes casts the base result back to the input dtype
     if A is None:
         return y, None
-    if A.dtype == cd == dtype:
+    fused = A.dtype == cd == dtype
+    if mask is not None:
+        xa = dropout_lora_a(x2, A, mask)  # the mask is drawn inside the kernel, never stored
+    elif fused:
         xa = torch.mm(x2, A.t())
+    else:
+        xa = torch.mm(x2.to(A.dtype), A.t())
+    if fused:
         y.addmm_(xa, B.t(), alpha=s)  # LoRA accumulated into the base output
     else:  # peft: LoRA computed in the adapter's dtype, cast to the result dtype, added
-        xa = torch.mm(x2.to(A.dtype), A.t())
         y.add_(torch.mm(xa, B.t()).mul_(s).to(dtype))
     return y, xa
 
 
 def _project_backward(dy: torch.Tensor, x2: torch.Tensor, weight, A, B, s: float, xa, compute_dtype, *,
-                      need_dx: bool, need_dA: bool, need_dB: bool, dx=None, dx_out=None):
+                      need_dx: bool, need_dA: bool, need_dB: bool, dx=None, dx_out=None, mask=None):
     """Gradients of :func:`_project_forward` for ``dy`` [T, out] (``x2.dtype``).
 
     ``dx`` is accumulated into ``dx`` when given (``addmm_``), else written into ``dx_out`` when
     given, else allocated. ``dx_out`` may alias ``x2``: ``x2`` is read (for dA) before dx is written.
-    Returns ``(dx, dA, dB)`` (None where not needed).
+    ``mask``: the forward's dropout mask, regenerated by the kernels of ``lora_dropout.py`` for dA and
+    for the LoRA term of dx. Returns ``(dx, dA, dB)`` (None where not needed).
     """
     dtype, cd = dy.dtype, compute_dtype
     dA = dB = lora_dx = None
     fused = A is not None and A.dtype == cd == dtype
     if A is not None:
+        # The LoRA terms of dA and dx are  alpha * dyB.T @ x  and  alpha * dyB @ A.
         if fused:
-            dyB = torch.mm(dy, B)  # [T, r]
-            if need_dA:
-                dA = torch.mm(dyB.t(), x2).mul_(s)
+            dyB, alpha = torch.mm(dy, B), s  # [T, r]
             if need_dB:
                 dB = torch.mm(dy.t(), xa).mul_(s)
-            lora_dx = dyB
         else:  # in the adapter's dtype, as autograd through peft's casts computes it
             g = dy.to(A.dtype)
             if need_dB:
                 dB = torch.mm(g.t(), xa).mul_(s)
-            dxa = torch.mm(g, B).mul_(s)
-            if need_dA:
-                dA = torch.mm(dxa.t(), x2.to(A.dtype))
-            if need_dx:
-                lora_dx = torch.mm(dxa, A).to(dtype)  # computed before dx_out may overwrite x2
+            dyB, alpha = torch.mm(g, B).mul_(s), 1.0
+        if need_dA:
+            if mask is not None:
+                dA = dropout_lora_grad_a(dyB, x2, mask, alpha)
+            elif fused:
+                dA = torch.mm(dyB.t(), x2).mul_(s)
+            else:
+                dA = torch.mm(dyB.t(), x2.to(A.dtype))
+        if need_dx and not fused and mask is None:
+            lora_dx = torch.mm(dyB, A).to(dtype)  # computed before dx_out may overwrite x2
     if not need_dx:
         return dx, dA, dB
     W = _dense(weight, cd)
@@ -232,9 +260,11 @@ def _project_backward(dy: torch.Tensor, x2: torch.Tensor, weight, A, B, s: float
             dx = dx_out.copy_(base_dx)
         else:
             dx = base_dx
-    if lora_dx is not None:
-        if fused:
-            dx.addmm_(lora_dx, A, alpha=s)
+    if A is not None:
+        if mask is not None:
+            dropout_lora_grad_x_(dx, dyB, A, mask, alpha)
+        elif fused:
+            dx.addmm_(dyB, A, alpha=s)
         else:
             dx.add_(lora_dx)
     return dx, dA, dB
@@ -251,26 +281,28 @@ def _bias_grad(dy: torch.Tensor, bias_dtype):
 
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight, bias, A, B, s, compute_dtype):
-        y, xa = _project_forward(x2, weight, bias, A, B, s, compute_dtype)
+    def forward(ctx, x2, weight, bias, A, B, s, compute_dtype, dropout):
+        (mask,) = _draw_masks(x2.device, [(weight, bias, A, B, s, compute_dtype, dropout)])
+        y, xa = _project_forward(x2, weight, bias, A, B, s, compute_dtype, mask)
         ctx.save_for_backward(x2, A, B, xa)
         ctx.weight, ctx.s, ctx.compute_dtype = weight, s, compute_dtype  # weight: a reference, never a dequantized copy
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mask = mask  # a seed, not a tensor
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, A, B, xa = ctx.saved_tensors
-        need_dx, _, need_dbias, need_dA, need_dB, _, _ = ctx.needs_input_grad
+        need_dx, _, need_dbias, need_dA, need_dB, _, _, _ = ctx.needs_input_grad
         with _autocast_off(dy.device.type):
             dx, dA, dB = _project_backward(dy, x2, ctx.weight, A, B, ctx.s, xa, ctx.compute_dtype,
-                                           need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+                                           need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, mask=ctx.mask)
             dbias = _bias_grad(dy, ctx.bias_dtype) if need_dbias else None
-        return dx, None, dbias, dA, dB, None, None
+        return dx, None, dbias, dA, dB, None, None, None
 
 
-def lora_linear(x: torch.Tensor, weight, bias, A, B, scaling, compute_dtype=None) -> torch.Tensor:
-    """Frozen linear layer plus LoRA: ``y = x @ W.T (+ bias) + scaling * (x @ A.T) @ B.T``.
+def lora_linear(x: torch.Tensor, weight, bias, A, B, scaling, compute_dtype=None, dropout: float = 0.0) -> torch.Tensor:
+    """Frozen linear layer plus LoRA: ``y = x @ W.T (+ bias) + scaling * (dropout(x) @ A.T) @ B.T``.
 
     Args:
         x: ``[..., in]`` fp32/fp16/bf16.
@@ -282,15 +314,20 @@ def lora_linear(x: torch.Tensor, weight, bias, A, B, scaling, compute_dtype=None
         B: ``[out, r]``, same dtype as ``A``. The LoRA branch runs in ``A.dtype``.
         scaling: ``alpha / r`` (or ``alpha / sqrt(r)``), a Python number.
         compute_dtype: dtype of the base matmul (bitsandbytes' compute dtype); None: ``x.dtype``.
+        dropout: peft's ``lora_dropout`` probability ``p`` in [0, 1) when it applies (training), else 0: the
+            LoRA branch sees ``dropout(x) = M * x`` (``M``: ``1 / (1 - p)`` kept, 0 dropped), drawn from a
+            seed inside the kernels of ``lora_dropout.py``; no mask or dropped copy of ``x`` is kept.
 
     Returns:
         ``[..., out]`` in ``x.dtype`` (see the module doc for autocast).
 
-    Backward: ``dx = dy @ W + s * (dy @ B) @ A``, ``dA = s * (dy @ B).T @ x``,
-    ``dB = s * dy.T @ (x @ A.T)``, ``dbias = dy.sum(0)``; W is re-dequantized, never saved.
+    Backward: ``dx = dy @ W + s * M * ((dy @ B) @ A)``, ``dA = s * (dy @ B).T @ (M * x)``,
+    ``dB = s * dy.T @ ((M * x) @ A.T)``, ``dbias = dy.sum(0)`` (``M = 1`` without dropout); W is
+    re-dequantized, never saved.
     """
     check_tensor("x", x, min_ndim=1)
-    params = _check_projection("lora_linear", x.shape[-1], (weight, bias, A, B, scaling, compute_dtype), x.device)
+    params = _check_projection("lora_linear", x.shape[-1], (weight, bias, A, B, scaling, compute_dtype, dropout),
+                               x.device)
     x, (params,), (out_dtype,) = _prepare(x, [params])
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

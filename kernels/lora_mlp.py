@@ -31,6 +31,13 @@ at a time and keeps only ``x`` and the [T, r] LoRA products; the backward recomp
 chunk (two more GEMMs per chunk: the price of the memory) and accumulates the LoRA weight gradients over
 the chunks in fp32. The MLP then never holds more than three ``[C, I]`` tensors.
 
+**LoRA dropout** (peft's ``lora_dropout``, while training): each projection draws its own mask (``M_g``,
+``M_u`` over ``x``, ``M_d`` over ``h``, as peft's three ``nn.Dropout`` modules do) and its LoRA terms see
+``M_p * z`` instead of ``z`` (``z`` = ``x`` or ``h``): ``xa``, ``dA`` and the LoRA term of ``dx`` / ``dh`` come
+from the kernels of ``lora_dropout.py``, which regenerate the mask from a seed (see ``lora_linear.py``);
+no mask is kept. A mask element belongs to a global row: in token chunks, rows ``c0 ..`` draw the part of
+the mask that the whole sequence would, in the forward and in the backward's recompute of ``g``, ``u``.
+
 The SwiGLU passes are the kernels of ``swiglu.py``; the PyTorch engine runs the same math in fp32.
 Dtype rules as in ``lora_linear.py``.
 """
@@ -39,40 +46,55 @@ from __future__ import annotations
 import torch
 
 from ._common import check_tensor, empty
-from .lora_linear import _autocast_off, _bias_grad, _check_projection, _prepare, _project_backward, _project_forward
+from .lora_dropout import dropout_lora_grad_a
+from .lora_linear import (_autocast_off, _bias_grad, _check_projection, _draw_masks, _prepare, _project_backward,
+                          _project_forward)
 from .swiglu import swiglu_backward_into, swiglu_forward_into
 
-_N = 6  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype
+_N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
 
 
-def _mlp_forward(x, gate, up, down):
-    """``(y, g, u, xa_g, xa_u, ha_d)`` of the MLP on the rows ``x``."""
-    g, xa_g = _project_forward(x, *gate)
-    u, xa_u = _project_forward(x, *up)
+def _rows_from(masks, start: int) -> list:
+    """The dropout masks (or None) of gate, up, down seen from row ``start`` on: a chunk's part of each."""
+    return [None if m is None else m.rows_from(start) for m in masks]
+
+
+def _mlp_forward(x, gate, up, down, masks):
+    """``(y, g, u, xa_g, xa_u, ha_d)`` of the MLP on the rows ``x``; ``masks``: gate's, up's, down's dropout."""
+    g, xa_g = _project_forward(x, *gate[:6], masks[0])
+    u, xa_u = _project_forward(x, *up[:6], masks[1])
     h = swiglu_forward_into(g, u, empty(g.shape, dtype=g.dtype, device=g.device))
-    y, ha_d = _project_forward(h, *down)
+    y, ha_d = _project_forward(h, *down[:6], masks[2])
     return y, g, u, xa_g, xa_u, ha_d
 
 
-def _down_grad_A(dy, h, A, B, s, compute_dtype):
-    """``dA_d = s * (dy @ B).T @ h`` in the dtypes ``_project_backward`` uses."""
-    if A.dtype == compute_dtype == dy.dtype:
-        return torch.mm(torch.mm(dy, B).t(), h).mul_(s)
-    return torch.mm(torch.mm(dy.to(A.dtype), B).mul_(s).t(), h.to(A.dtype))
+def _down_grad_A(dy, h, A, B, s, compute_dtype, mask):
+    """``dA_d = s * (dy @ B).T @ (M_d * h)`` in the dtypes ``_project_backward`` uses."""
+    fused = A.dtype == compute_dtype == dy.dtype
+    if fused:
+        dyB, alpha = torch.mm(dy, B), s
+    else:
+        dyB, alpha = torch.mm(dy.to(A.dtype), B).mul_(s), 1.0
+    if mask is not None:
+        return dropout_lora_grad_a(dyB, h, mask, alpha)
+    if fused:
+        return torch.mm(dyB.t(), h).mul_(s)
+    return torch.mm(dyB.t(), h.to(A.dtype))
 
 
-def _mlp_backward(dy, x, g, u, smalls, projections, need, dx):
+def _mlp_backward(dy, x, g, u, smalls, projections, need, dx, masks):
     """Gradients of the rows ``x`` (``dy`` their output gradient; ``g``, ``u`` their gate/up outputs, which
-    are overwritten). ``smalls``: their ``(xa_g, xa_u, ha_d)``; ``need``: Function's needs_input_grad.
+    are overwritten). ``smalls``: their ``(xa_g, xa_u, ha_d)``; ``need``: Function's needs_input_grad;
+    ``masks``: the rows' dropout masks of gate, up, down (or None).
     Writes ``dx`` (a buffer of the rows, or None) and returns the 3 x (dbias, dA, dB) of gate, up, down."""
     (W_g, _, A_g, B_g, s_g, cd_g), (W_u, _, A_u, B_u, s_u, cd_u), (W_d, b_d, A_d, B_d, s_d, cd_d) = projections
     xa_g, xa_u, ha_d = smalls
     d = 1 + 2 * _N  # index in needs_input_grad of down's weight
     buf = empty(g.shape, dtype=g.dtype, device=g.device)
     dh, _, dB_d = _project_backward(dy, None, W_d, A_d, B_d, s_d, ha_d, cd_d, need_dx=True, need_dA=False,
-                                    need_dB=need[d + 3], dx_out=buf)
+                                    need_dB=need[d + 3], dx_out=buf, mask=masks[2])
     swiglu_backward_into(dh, g, u, g, u, out=buf)  # buf: h; g, u: dg, du
-    dA_d = _down_grad_A(dy, buf, A_d, B_d, s_d, cd_d) if A_d is not None and need[d + 2] else None
+    dA_d = _down_grad_A(dy, buf, A_d, B_d, s_d, cd_d, masks[2]) if A_d is not None and need[d + 2] else None
     grads = [None, None, None, None, None, None, _bias_grad(dy, b_d.dtype) if need[d + 1] else None, dA_d, dB_d]
     del buf, dh
     for i, (dp, W, bias_grad_needed, A, B, s, xa, cd) in enumerate(
@@ -80,7 +102,7 @@ def _mlp_backward(dy, x, g, u, smalls, projections, need, dx):
         base = 1 + _N * i
         into = dict(dx_out=dx) if i == 0 else dict(dx=dx)  # gate writes dx, up adds to it
         dx, dA, dB = _project_backward(dp, x, W, A, B, s, xa, cd, need_dx=need[0], need_dA=need[base + 2],
-                                       need_dB=need[base + 3], **into)
+                                       need_dB=need[base + 3], mask=masks[i], **into)
         grads[3 * i: 3 * i + 3] = [_bias_grad(dp, projections[i][1].dtype) if bias_grad_needed else None, dA, dB]
     return dx, grads
 
@@ -91,8 +113,9 @@ class _LoraMLPFunction(torch.autograd.Function):
         gate, up, down = (flat[i:i + _N] for i in range(0, 3 * _N, _N))
         T = x2.shape[0]
         ctx.chunked = chunk_tokens is not None and chunk_tokens < T
+        masks = _draw_masks(x2.device, (gate, up, down))  # gate, up and down each their own dropout seed
         if not ctx.chunked:
-            y, g, u, *smalls = _mlp_forward(x2, gate, up, down)
+            y, g, u, *smalls = _mlp_forward(x2, gate, up, down, masks)
             ctx.save_for_backward(x2, g, u, *smalls, gate[2], gate[3], up[2], up[3], down[2], down[3])
         else:  # keep x and the [T, r] LoRA products; g and u are recomputed in the backward
             y = empty((T, down[0].shape[0]), dtype=x2.dtype, device=x2.device)
@@ -100,7 +123,7 @@ class _LoraMLPFunction(torch.autograd.Function):
                       for p in (gate, up, down)]
             for c0 in range(0, T, chunk_tokens):
                 rows = slice(c0, min(c0 + chunk_tokens, T))
-                y_c, _, _, *smalls_c = _mlp_forward(x2[rows], gate, up, down)
+                y_c, _, _, *smalls_c = _mlp_forward(x2[rows], gate, up, down, _rows_from(masks, c0))
                 y[rows] = y_c
                 for kept, part in zip(smalls, smalls_c):
                     if kept is not None:
@@ -109,6 +132,7 @@ class _LoraMLPFunction(torch.autograd.Function):
             ctx.save_for_backward(x2, *smalls, gate[2], gate[3], up[2], up[3], down[2], down[3])
         ctx.chunk_tokens = chunk_tokens
         ctx.frozen = [(p[0], p[1], p[4], p[5]) for p in (gate, up, down)]  # weight (a reference), bias, s, dtype
+        ctx.masks = masks  # seeds, not tensors
         return y
 
     @staticmethod
@@ -117,7 +141,7 @@ class _LoraMLPFunction(torch.autograd.Function):
             raise RuntimeError("lora_mlp's backward overwrites its saved gate/up activations with their gradients: "
                                "it runs once per forward (backward with retain_graph=True twice is not supported)")
         ctx.consumed = True
-        need = ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]  # x2, then 6 per projection (no chunk_tokens)
+        need = ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]  # x2, then _N per projection (no chunk_tokens)
         saved = list(ctx.saved_tensors)
         x2 = saved.pop(0)
         g = u = None
@@ -127,28 +151,29 @@ class _LoraMLPFunction(torch.autograd.Function):
         projections = [(W, b, adapters[2 * i], adapters[2 * i + 1], s, cd) for i, (W, b, s, cd) in enumerate(ctx.frozen)]
         with _autocast_off(dy.device.type):
             if not ctx.chunked:
-                dx, grads = _mlp_backward(dy, x2, g, u, smalls, projections, need, None)
+                dx, grads = _mlp_backward(dy, x2, g, u, smalls, projections, need, None, ctx.masks)
             else:
-                dx, grads = _chunked_backward(dy, x2, smalls, projections, need, ctx.chunk_tokens)
+                dx, grads = _chunked_backward(dy, x2, smalls, projections, need, ctx.chunk_tokens, ctx.masks)
         out = [None] * (3 * _N)
         for i in range(3):
             out[_N * i + 1: _N * i + 4] = grads[3 * i: 3 * i + 3]
         return (dx, None, *out)
 
 
-def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens):
-    """:func:`_mlp_backward` chunk by chunk, ``g`` and ``u`` recomputed; weight gradients summed in fp32."""
+def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks):
+    """:func:`_mlp_backward` chunk by chunk, ``g`` and ``u`` recomputed (with the forward's dropout masks);
+    weight gradients summed in fp32."""
     T = x2.shape[0]
     dx = empty(x2.shape, dtype=x2.dtype, device=x2.device) if need[0] else None
     sums = [None] * 9
     for c0 in range(0, T, chunk_tokens):
         rows = slice(c0, min(c0 + chunk_tokens, T))
-        x_c = x2[rows]
-        g_c, _ = _project_forward(x_c, *projections[0])
-        u_c, _ = _project_forward(x_c, *projections[1])
+        x_c, masks_c = x2[rows], _rows_from(masks, c0)
+        g_c, _ = _project_forward(x_c, *projections[0], masks_c[0])
+        u_c, _ = _project_forward(x_c, *projections[1], masks_c[1])
         smalls_c = [None if t is None else t[rows] for t in smalls]
         _, grads = _mlp_backward(dy[rows], x_c, g_c, u_c, smalls_c, projections, need,
-                                 dx[rows] if dx is not None else None)
+                                 dx[rows] if dx is not None else None, masks_c)
         del g_c, u_c
         for k, grad in enumerate(grads):
             if grad is not None:
@@ -164,10 +189,11 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
 
     Args:
         x: ``[..., H]`` fp32/fp16/bf16 hidden states (the base matmuls run in this dtype).
-        gate, up: ``(weight, bias, A, B, scaling[, compute_dtype])`` tuples as the arguments of
-            ``lora_linear`` (e.g. ``fastft.quant.fused_linear_args(module)``), weights
+        gate, up: ``(weight, bias, A, B, scaling[, compute_dtype[, dropout]])`` tuples as the arguments
+            of ``lora_linear`` (e.g. ``fastft.quant.fused_linear_args(module)``), weights
             ``(I, H)`` (NF4Weight or frozen tensor), A ``[r, H]``, B ``[I, r]`` (or both None).
-        down: the same with weight ``(H, I)``, A ``[r, I]``, B ``[H, r]``.
+        down: the same with weight ``(H, I)``, A ``[r, I]``, B ``[H, r]``. Each projection with
+            ``dropout > 0`` draws its own mask (down's over ``h``; see the module doc).
         chunk_tokens: process at most this many tokens at a time (see the module doc: bounded
             ``[C, I]`` buffers, ``g``/``u`` recomputed in the backward); None: all at once.
 

@@ -14,10 +14,12 @@ Backward, with ``dp`` the gradient of output ``p``; all three input gradients ar
     dbias_p = dp.sum(0)                # only for a bias that requires grad (Qwen2's is frozen)
 
 What is kept between forward and backward: ``x`` (one tensor for all three projections) and the
-small ``x @ A_p.T`` ([T, r_p]). Each NF4 weight is dequantized into the shared workspace buffer
-(``lora_linear.py``) right before its matmul, in the forward and again in the backward; no
-dequantized weight outlives its matmul. q, k and v come back as separate contiguous tensors (RoPE
-rotates them in place). A projection may have no active adapter (``A = B = None``), e.g. peft's
+small ``x @ A_p.T`` ([T, r_p]). With LoRA dropout each projection draws its own mask ``M_p`` (peft
+gives each projection its own ``nn.Dropout``) and ``x`` becomes ``M_p * x`` in its LoRA terms, the mask
+regenerated from a seed by ``lora_dropout.py`` (see ``lora_linear.py``); nothing more is kept. Each NF4
+weight is dequantized into the shared workspace buffer (``lora_linear.py``) right before its matmul,
+in the forward and again in the backward; no dequantized weight outlives its matmul. q, k and v come
+back as separate contiguous tensors (RoPE rotates them in place). A projection may have no active adapter (``A = B = None``), e.g. peft's
 default Llama targets are only q and v. Dtype rules as in ``lora_linear.py``.
 
 Design note: a single concatenated ``[out_q + out_k + out_v, in]`` matmul would return q/k/v as
@@ -29,18 +31,20 @@ from __future__ import annotations
 import torch
 
 from ._common import check_tensor
-from .lora_linear import _autocast_off, _bias_grad, _check_projection, _prepare, _project_backward, _project_forward
+from .lora_linear import (_autocast_off, _bias_grad, _check_projection, _draw_masks, _prepare, _project_backward,
+                          _project_forward)
 
-_N = 6  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype
+_N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
 
 
 class _LoraQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, *flat):
         projections = [flat[i:i + _N] for i in range(0, 3 * _N, _N)]  # q, k, v
+        masks = _draw_masks(x2.device, projections)  # each projection its own dropout seed, as in peft
         outputs, saved = [], [x2]
-        for p in projections:
-            y, xa = _project_forward(x2, *p)
+        for p, mask in zip(projections, masks):
+            y, xa = _project_forward(x2, *p[:6], mask)
             outputs.append(y)
             saved += [p[2], p[3], xa]  # A, B, x @ A.T
         ctx.save_for_backward(*saved)
@@ -48,6 +52,7 @@ class _LoraQKVFunction(torch.autograd.Function):
         ctx.scalings = [p[4] for p in projections]
         ctx.compute_dtypes = [p[5] for p in projections]
         ctx.bias_dtypes = [None if p[1] is None else p[1].dtype for p in projections]
+        ctx.masks = masks
         return tuple(outputs)
 
     @staticmethod
@@ -61,7 +66,8 @@ class _LoraQKVFunction(torch.autograd.Function):
                 A, B, xa = saved[3 * i: 3 * i + 3]
                 base = 1 + _N * i  # index in needs_input_grad of this projection's weight
                 dx, dA, dB = _project_backward(dy, x2, ctx.weights[i], A, B, ctx.scalings[i], xa, ctx.compute_dtypes[i],
-                                               need_dx=need_dx, need_dA=need[base + 2], need_dB=need[base + 3], dx=dx)
+                                               need_dx=need_dx, need_dA=need[base + 2], need_dB=need[base + 3], dx=dx,
+                                               mask=ctx.masks[i])
                 result[_N * i + 1: _N * i + 4] = [
                     _bias_grad(dy, ctx.bias_dtypes[i]) if need[base + 1] else None, dA, dB,
                 ]
@@ -73,17 +79,19 @@ def lora_qkv(x: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torc
 
     Args:
         x: ``[..., in]`` fp32/fp16/bf16 hidden states (the base matmuls run in this dtype).
-        q, k, v: each a ``(weight, bias, A, B, scaling[, compute_dtype])`` tuple, as the arguments
-            of ``lora_linear`` (e.g. ``fastft.quant.fused_linear_args(module)``): ``weight`` an
+        q, k, v: each a ``(weight, bias, A, B, scaling[, compute_dtype[, dropout]])`` tuple, as the
+            arguments of ``lora_linear`` (e.g. ``fastft.quant.fused_linear_args(module)``): ``weight`` an
             ``NF4Weight`` ``(out_p, in)`` or a frozen ``[out_p, in]`` tensor; ``bias`` ``[out_p]`` or
-            None; ``A`` ``[r_p, in]`` and ``B`` ``[out_p, r_p]`` or both None; ``scaling`` a number.
+            None; ``A`` ``[r_p, in]`` and ``B`` ``[out_p, r_p]`` or both None; ``scaling`` a number;
+            ``dropout`` the LoRA dropout probability ``p_p`` (each projection draws its own mask ``M_p``).
 
     Returns:
         ``(q, k, v)``, each ``[..., out_p]`` contiguous, in ``x.dtype`` (autocast: see ``lora_linear.py``):
-        ``p = x @ W_p.T + bias_p + s_p * (x @ A_p.T) @ B_p.T``.
+        ``p = x @ W_p.T + bias_p + s_p * ((M_p * x) @ A_p.T) @ B_p.T`` (``M_p = 1`` without dropout).
 
-    Backward: ``dx = sum_p dp @ W_p + s_p * (dp @ B_p) @ A_p`` accumulated in place into one buffer;
-    ``dA_p = s_p * (dp @ B_p).T @ x``; ``dB_p = s_p * dp.T @ (x @ A_p.T)``; ``dbias_p = dp.sum(0)``.
+    Backward: ``dx = sum_p dp @ W_p + s_p * M_p * ((dp @ B_p) @ A_p)`` accumulated in place into one buffer;
+    ``dA_p = s_p * (dp @ B_p).T @ (M_p * x)``; ``dB_p = s_p * dp.T @ ((M_p * x) @ A_p.T)``;
+    ``dbias_p = dp.sum(0)``.
     """
     check_tensor("x", x, min_ndim=1)
     params = [

@@ -93,6 +93,7 @@ def main():
     p.add_argument("--resume-from", default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-bias", action="store_true", help="peft's lora_bias (a layer the fused path cannot serve)")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--adamw", action="store_true", help="AdamW (lr 1e-3), an optimizer with state, not SGD (lr 1)")
     args = p.parse_args()
@@ -121,7 +122,8 @@ def main():
     torch.manual_seed(0)
     model, _ = FastModel.from_pretrained(args.model, max_seq_length=64, dtype=torch.float32)
     model = FastModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=args.lora_dropout,
-                                     use_gradient_checkpointing=args.gradient_checkpointing)
+                                     use_gradient_checkpointing=args.gradient_checkpointing,
+                                     **(dict(lora_bias=True) if args.lora_bias else {}))
     common = dict(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, optim="adamw_torch" if args.adamw else "sgd",

@@ -214,6 +214,8 @@ RUNS = {
     "dpo-fsdp": ("qwen2", 2, DPO + ["--fsdp"]),
     "dropout-ddp": ("llama", 2, SFT + ["--lora-dropout", "0.1"]),
     "dropout-fsdp": ("llama", 2, SFT + ["--lora-dropout", "0.1", "--fsdp"]),
+    "lora-bias-ddp": ("llama", 2, SFT + ["--lora-bias"]),
+    "lora-bias-fsdp": ("llama", 2, SFT + ["--lora-bias", "--fsdp"]),
     "adamw-fsdp": ("llama", 2, SFT + ["--fsdp", "--adamw", "--save-steps", "3"]),
 }
 
@@ -364,12 +366,25 @@ def test_fsdp_resume_from_checkpoint_continues_the_same_run(run):
 
 @pytest.mark.slow
 def test_fsdp_layers_the_fused_path_cannot_serve_run_peft_with_a_warning(run):
-    """lora_dropout > 0: every projection runs peft's (bitsandbytes') forward on the gathered weight, says why,
-    and trains as DDP does (same per-rank dropout masks)."""
+    """lora_bias=True: every projection runs peft's (bitsandbytes') forward on the gathered weight, says why,
+    and trains as DDP does."""
+    ddp, *_ = run("lora-bias-ddp")
+    fsdp, _, log = run("lora-bias-fsdp")
+    assert fsdp[0]["fsdp"]
+    assert "fastft: adapter 'default' has lora_bias=True" in log and "this projection runs peft's own forward" in log
+    assert fsdp[0]["calls"].get("lora_mlp", 0) == 0
+    assert_ranks_agree(fsdp)
+    assert_same_training(fsdp[0], ddp[0])
+
+
+@pytest.mark.slow
+def test_fsdp_with_lora_dropout_runs_the_fused_path(run):
+    """lora_dropout > 0 is served by the fused kernels under FSDP too (each rank draws its masks from its own
+    seeded generator, as under DDP), and trains as DDP does."""
     ddp, *_ = run("dropout-ddp")
     fsdp, _, log = run("dropout-fsdp")
     assert fsdp[0]["fsdp"]
-    assert "fastft: adapter 'default' has lora_dropout > 0" in log and "this projection runs peft's own forward" in log
-    assert fsdp[0]["calls"].get("lora_mlp", 0) == 0
+    assert_fused_path_ran(fsdp[0])
+    assert "peft's own forward" not in log and not fsdp[0]["fallbacks"]
     assert_ranks_agree(fsdp)
     assert_same_training(fsdp[0], ddp[0])

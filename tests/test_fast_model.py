@@ -106,25 +106,38 @@ def test_wrong_dtype_is_a_clear_error(qwen2_path, dtype, error):
         FastModel.from_pretrained(qwen2_path, dtype=dtype)
 
 
-def test_lora_dropout_falls_back_to_peft_correctly(qwen2_path):
-    """lora_dropout > 0 cannot be fused exactly: those layers run peft's own forward. In eval mode
-    (dropout off) the result equals the Hugging Face + peft model with the same adapter."""
+def test_lora_dropout_runs_the_fused_path(qwen2_path, monkeypatch, caplog):
+    """lora_dropout > 0 is served by the fused kernels (peft's LoRA forward never runs, nothing warns about it):
+    in eval mode the result equals the Hugging Face + peft model with the same adapter; in training the masks
+    change the loss and every adapter gets a gradient. (test_model_parity.py checks training against peft with
+    the same masks.)"""
     baseline = load_baseline(qwen2_path, lora_dropout=0.1)
     randomize_lora(baseline)
-    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
-    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.1, use_gradient_checkpointing=False)
-    peft.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(baseline))
     ids, mask, labels = padded_batch()
-    baseline.eval(), model.eval()
+    baseline.eval()
     with torch.no_grad():
         ref = baseline(input_ids=ids, attention_mask=mask).logits
-        out = model(input_ids=ids, attention_mask=mask).logits
+    model, _ = FastModel.from_pretrained(qwen2_path, max_seq_length=64, dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="fastft"):
+        model = FastModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.1, use_gradient_checkpointing=False)
+        peft.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(baseline))
+
+        def peft_forward(*args, **kwargs):
+            raise AssertionError("peft's LoRA forward ran: the fused path did not serve lora_dropout")
+
+        monkeypatch.setattr(peft.tuners.lora.bnb.Linear4bit, "forward", peft_forward)
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits
+            eval_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+    assert not [r for r in caplog.records if "dropout" in r.getMessage() or "own forward" in r.getMessage()]
     real = mask.bool()
     assert_close(out[real], ref[real], atol=2e-5, rtol=1e-5, name="logits")
-    model.train()
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert (loss - eval_loss).abs() > 1e-4, "training mode applied no dropout"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_unsupported_transformers_version_names_the_range(monkeypatch, qwen2_path):

@@ -23,7 +23,7 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
-from tiny_models import bnb_cpu_reference_ok
+from tiny_models import FixedDropoutMask, bnb_cpu_reference_ok, drawn_dropout_masks
 
 from fastft.kernels._common import use_engine
 from fastft.kernels.lora_linear import lora_linear
@@ -281,7 +281,7 @@ def test_lora_mlp_backward_runs_once():
 
 def test_bad_arguments_name_the_argument():
     layer = _lora(_nf4_base(72, 200))
-    w, b, A, B, s, cd = lora_args_of(layer)
+    w, b, A, B, s, cd, p = lora_args_of(layer)
     x = torch.randn(13, 72)
     cases = [
         ((x.int(), w, b, A, B, s), TypeError, "x has dtype int32"),
@@ -309,7 +309,10 @@ def test_unsupported_lora_layers_are_refused_with_the_reason():
         with pytest.raises(UnsupportedLoraLayer, match=message):
             lora_args_of(layer)
 
-    refused(_lora(_nf4_base(72, 200), lora_dropout=0.1), "lora_dropout > 0")
+    for module in (torch.nn.Dropout(1.0), torch.nn.AlphaDropout(0.1)):  # lora_dropout=0.1 is served (test_lora_dropout.py)
+        odd_dropout = _lora(_nf4_base(72, 200), lora_dropout=0.1)
+        odd_dropout.lora_dropout["default"] = module
+        refused(odd_dropout, "lora_dropout module the fused path does not serve")
     refused(_lora(_dense_base(72, 200), use_dora=True), "LoRA variant")
     refused(_lora(_dense_base(72, 200, bias=True), lora_bias=True), "lora_bias=True")
 
@@ -359,3 +362,194 @@ def test_lora_mlp_in_chunks_keeps_no_intermediate_activation():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         lora_mlp(x, *(lora_args_of(m) for m in mods))
     assert saved.count((13, 200)) == 2  # unchunked: g and u
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA dropout: the fused layers draw their mask inside kernels/lora_dropout.py. The oracle is peft's own
+# layer with its nn.Dropout replaced by the multipliers the fused call drew (re-drawn from the same seed and
+# materialised by ``dropout_mask``, see tiny_models.py): peft's forward applies them to the LoRA branch only,
+# autograd does the rest.
+
+DROPOUT_SEED = 2024
+
+
+def _compare_dropout(fused_fn, peft_fn, x, params, dtype, names, masked):
+    """Like :func:`_compare`, with dropout: ``masked`` lists ``(peft layer, [T, in])`` in the order the fused
+    call draws its masks. Each engine draws its own masks; peft then runs with those."""
+    torch.manual_seed(123)
+    grads_out = None
+    for engine in ENGINES:
+        with use_engine(engine):
+            torch.manual_seed(DROPOUT_SEED)
+            if grads_out is None:
+                with torch.no_grad():
+                    outs = fused_fn(x)
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                grads_out = [torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(o.dtype) for o in outs]
+                torch.manual_seed(DROPOUT_SEED)
+            actual = _run(fused_fn, x, params, grads_out)
+            masks = drawn_dropout_masks(DROPOUT_SEED, [(layer.lora_dropout["default"].p, shape) for layer, shape in masked])
+        dropouts = [layer.lora_dropout["default"] for layer, _ in masked]
+        for (layer, _), multipliers in zip(masked, masks):
+            assert 0 < (multipliers == 0).float().mean() < 0.5, "the mask should drop some elements, keep most"
+            layer.lora_dropout["default"] = FixedDropoutMask(multipliers)
+        try:
+            expected = _run(peft_fn, x, params, grads_out)
+        finally:
+            for (layer, _), dropout in zip(masked, dropouts):
+                layer.lora_dropout["default"] = dropout
+        for name, a, e in zip(names, actual, expected):
+            assert a.dtype == e.dtype, f"{engine} {name}: dtype {a.dtype} != peft's {e.dtype}"
+            assert_close(a, e, name=f"{engine} {name} ({dtype}, dropout)", **_tol(dtype, e))
+
+
+@pytest.mark.parametrize("dtype, lora_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])
+def test_lora_linear_with_dropout_matches_peft_with_the_same_mask(dtype, lora_dtype):
+    # bf16 with fp32 adapters: the LoRA branch in fp32 on x cast to it (the unfused dtype path)
+    layer = _lora(_nf4_base(72, 200, bias=True, compute_dtype=dtype), lora_dtype=lora_dtype, lora_dropout=0.25)
+    assert lora_args_of(layer).dropout == 0.25
+    x = torch.randn(13, 72).to(dtype)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    _compare_dropout(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, [A, B], dtype,
+                     ["y", "dx", "dA", "dB"], [(layer, (13, 72))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_qkv_with_dropout_matches_peft_with_the_same_masks(dtype):
+    """q and v each draw their own mask over the same x (k has no adapter, so no mask)."""
+    q = _lora(_nf4_base(72, 40, bias=True, compute_dtype=dtype, seed=0), r=4, lora_dtype=dtype, seed=1,
+              lora_dropout=0.25)
+    k = _nf4_base(72, 16, bias=True, compute_dtype=dtype, seed=2)
+    v = _lora(_nf4_base(72, 16, bias=True, compute_dtype=dtype, seed=3), r=6, alpha=3, lora_dtype=dtype, seed=4,
+              lora_dropout=0.1)
+    x = torch.randn(2, 7, 72).to(dtype)
+    _compare_dropout(lambda x: lora_qkv(x, fused_linear_args(q), fused_linear_args(k), fused_linear_args(v)),
+                     lambda x: (q(x), k(x), v(x)), x, _trainable([q, v]), dtype,
+                     ["q", "k", "v", "dx", "dA_q", "dB_q", "dA_v", "dB_v"], [(q, (14, 72)), (v, (14, 72))])
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_mlp_with_dropout_matches_peft_with_the_same_masks(dtype, chunk_tokens):
+    """gate and up draw masks over x, down over h; in token chunks (13 = 4+4+4+1) each chunk takes its rows of
+    the same masks (the reference is the unchunked one)."""
+    gate = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=0), lora_dtype=dtype, seed=1, lora_dropout=0.25)
+    up = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=2), r=3, lora_dtype=dtype, seed=3, lora_dropout=0.25)
+    down = _lora(_nf4_base(200, 72, compute_dtype=dtype, seed=4), r=5, alpha=5, lora_dtype=dtype, seed=5,
+                 lora_dropout=0.25)
+    x = torch.randn(13, 72).to(dtype)
+    _compare_dropout(lambda x: lora_mlp(x, lora_args_of(gate), lora_args_of(up), lora_args_of(down),
+                                        chunk_tokens=chunk_tokens),
+                     lambda x: down(F.silu(gate(x)) * up(x)), x, _trainable([gate, up, down]), dtype,
+                     ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"],
+                     [(gate, (13, 72)), (up, (13, 72)), (down, (13, 200))])
+
+
+def _dropout_mlp_and_qkv(p, dtype=torch.float32):
+    """q/k/v and gate/up/down peft layers (all with adapters) and a function running lora_qkv then lora_mlp."""
+    qkv = [_lora(_nf4_base(72, n, compute_dtype=dtype, seed=i), lora_dtype=dtype, seed=10 + i, lora_dropout=p)
+           for i, n in enumerate((40, 16, 16))]
+    mlp = [_lora(_nf4_base(i, o, compute_dtype=dtype, seed=3 + n), lora_dtype=dtype, seed=20 + n, lora_dropout=p)
+           for n, (i, o) in enumerate(((72, 200), (72, 200), (200, 72)))]
+
+    def block(x):
+        q, k, v = lora_qkv(x, *(lora_args_of(m) for m in qkv))
+        return lora_mlp(x + torch.cat([q, k, v], -1)[..., :72], *(lora_args_of(m) for m in mlp), chunk_tokens=5)
+
+    return qkv + mlp, block
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dropout_is_off_at_p0_and_in_eval_mode(engine, monkeypatch):
+    """p = 0 and eval mode take the path without dropout: no dropout kernel runs, no random number is drawn;
+    eval mode matches peft's eval forward."""
+    import fastft.kernels.lora_linear as lora_linear_module
+    import fastft.kernels.lora_mlp as lora_mlp_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dropout kernel ran without dropout")
+
+    for module in (lora_linear_module, lora_mlp_module):
+        for name in ("dropout_lora_a", "dropout_lora_grad_a", "dropout_lora_grad_x_"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, forbidden)
+    x = torch.randn(13, 72, requires_grad=True)
+    for p, training in ((0.0, True), (0.25, False)):
+        layers, block = _dropout_mlp_and_qkv(p)
+        for layer in layers:
+            layer.train(training)
+        assert all(lora_args_of(layer).dropout == 0 for layer in layers)
+        rng = torch.get_rng_state()
+        with use_engine(engine):
+            block(x).sum().backward()
+        assert torch.equal(torch.get_rng_state(), rng), "the path without dropout drew random numbers"
+    layer = _lora(_dense_base(72, 200), lora_dropout=0.25).eval()  # (an eval-mode NF4 layer repacks on the CPU)
+    _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x.detach(), _trainable([layer]), torch.float32,
+             ["y", "dx", "dA", "dB"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dropout_off_is_bit_identical_to_the_path_without_dropout(engine):
+    """peft's nn.Identity (lora_dropout=0) is the path the fused layers took before dropout was fused; an
+    nn.Dropout in eval mode or with p = 0 takes exactly that path: the same outputs and gradients, bit for bit."""
+    layers, block = _dropout_mlp_and_qkv(0.25)
+    params = _trainable(layers)
+    x = torch.randn(13, 72)
+
+    def fn(x):
+        return block(x), lora_linear(x, *lora_args_of(layers[0]))
+
+    grads_out = [torch.ones(13, 72), torch.ones(13, 40)]
+    runs = {}
+    for variant, make in (("identity", torch.nn.Identity), ("eval", lambda: torch.nn.Dropout(0.25).eval()),
+                          ("p=0", lambda: torch.nn.Dropout(0.0))):
+        for layer in layers:
+            layer.lora_dropout["default"] = make()
+        with use_engine(engine):
+            runs[variant] = _run(fn, x, params, grads_out)
+    for variant in ("eval", "p=0"):
+        for i, (a, b) in enumerate(zip(runs[variant], runs["identity"])):
+            assert torch.equal(a, b), f"{variant}: result {i} differs from the path without dropout"
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dropout_under_gradient_checkpointing_gives_the_same_gradients(engine, use_reentrant):
+    """torch.utils.checkpoint recomputes the forward in the backward with the RNG state restored: the recompute
+    must draw the same masks as the original forward, so the gradients equal an un-checkpointed run's."""
+    layers, block = _dropout_mlp_and_qkv(0.25)
+    params = _trainable(layers)
+    x = torch.randn(13, 72)
+    grads = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(DROPOUT_SEED)
+        run = (lambda x: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant)) if checkpointed \
+            else block
+        with use_engine(engine):
+            grads[checkpointed] = _run(run, x, params, [torch.ones(13, 72)])
+    for name, a, b in zip(["y", "dx"] + [f"param {i}" for i in range(len(params))], grads[True], grads[False]):
+        assert torch.equal(a, b), f"{name} differs under checkpointing"
+    torch.manual_seed(DROPOUT_SEED + 1)
+    with use_engine(engine):
+        other = _run(block, x, params, [torch.ones(13, 72)])
+    assert not torch.equal(other[2], grads[False][2]), "another seed should draw other masks"
+
+
+def test_dropout_saves_no_mask_and_no_dropped_input():
+    """What the fused layers keep for the backward is the same with dropout as without: x itself and the [T, r]
+    LoRA products (plus, unchunked, lora_mlp's g and u); no [T, in] mask or dropped copy of x."""
+    x = torch.randn(13, 72, requires_grad=True)
+    kept = {}
+    for p in (0.0, 0.25):
+        layers, _ = _dropout_mlp_and_qkv(p)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.data_ptr())) or t,
+                                                      lambda t: t):
+            lora_qkv(x, *(lora_args_of(m) for m in layers[:3]))
+            lora_linear(x, *lora_args_of(layers[0]))
+            lora_mlp(x, *(lora_args_of(m) for m in layers[3:]))
+        kept[p] = saved
+    assert [shape for shape, _ in kept[0.25]] == [shape for shape, _ in kept[0.0]]
+    big = [ptr for shape, ptr in kept[0.25] if shape == (13, 72)]
+    assert big and all(ptr == x.data_ptr() for ptr in big), "a [T, in] tensor other than x itself is kept"

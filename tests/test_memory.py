@@ -159,6 +159,47 @@ def test_offloaded_checkpoints_leave_the_gpu(contender):
     assert on - off == (4 - 1) * 256 * config.hidden_size * 2
 
 
+def _with_and_without_dropout(config, sm_count=132, **setup):
+    """(step without, step with lora_dropout=0.05, bytes kept after the forward without, with)."""
+    steps, kept = [], []
+    for p in (0.0, 0.05):
+        step = StepSetup(lora_dropout=p, **setup)
+        steps.append(account_step(config, step, sm_count=sm_count))
+        kept.append(_live_after_forward(config, step))
+    return (*steps, *kept)
+
+
+@pytest.mark.parametrize("checkpointing", ["on", "off"])
+def test_lora_dropout_keeps_no_token_sized_tensor(checkpointing):
+    """fastft draws its LoRA dropout masks inside the kernels (issue 18): with lora_dropout=0.05 the forward keeps
+    exactly what it keeps without, the resident bytes are the same, and the peak grows at most by dA's fp32
+    partial sums over token splits (kernels/lora_dropout.py), which the GPU's size bounds, not the tokens; on a
+    1-SM GPU (no splits) not at all. (Without checkpointing the peak is the end of the forward, where all the
+    activations are kept: there the kept bytes are the check.) peft's own dropout (the hf contender) keeps a
+    dropped copy of x per projection, which the same accounting shows."""
+    H, r, sms = TINY_LLAMA.hidden_size, StepSetup().r, 4
+    # dA's partial sums on the simulated sm_90 (bf16: 64 x 64 tiles, the rank padded to 16): cdiv(2 * SMs, tiles
+    # along in) token splits of [r, in] fp32, then their fp32 sum and its bf16 copy, for the widest input.
+    bound = max((-(-2 * sms // (k // 64)) + 1) * r * k * 4 + r * k * 2
+                for k in (TINY_LLAMA.hidden_size, TINY_LLAMA.intermediate_size))
+    for seq_len in (512, 1024):
+        plain, dropped, kept_plain, kept_dropped = _with_and_without_dropout(
+            TINY_LLAMA, sm_count=sms, contender="fastft", seq_len=seq_len, checkpointing=checkpointing)
+        assert kept_dropped == kept_plain, "the forward keeps more for the backward with dropout"
+        assert dropped.resident == plain.resident
+        assert dropped.peak_bytes - plain.peak_bytes <= bound < seq_len * H * 2  # (less, even: one mm fewer)
+    for seq_len in (256, 1024):
+        plain, dropped, _, _ = _with_and_without_dropout(TINY_LLAMA, sm_count=1, contender="fastft", seq_len=seq_len,
+                                                         checkpointing=checkpointing)
+        assert dropped.peak_bytes == plain.peak_bytes
+
+    if checkpointing == "off":
+        _, _, kept_plain, kept_dropped = _with_and_without_dropout(TINY_LLAMA, contender="hf", seq_len=256,
+                                                                   checkpointing="off")
+        projections = TINY_LLAMA.num_hidden_layers * len(ALL_LINEAR)
+        assert kept_dropped - kept_plain >= projections * 256 * H * 2  # the accounting does see dropped copies
+
+
 # ---------------------------------------------------------------------------------------------
 # The simulated GPU's bookkeeping
 

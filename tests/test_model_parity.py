@@ -11,7 +11,8 @@ import torch
 
 from fastft import FastModel
 from kernel_testing import assert_close
-from tiny_models import copy_lora, load_baseline, lora_grads, padded_batch, randomize_lora, save_tiny_model
+from tiny_models import (LORA_TARGETS, FixedDropoutMask, copy_lora, drawn_dropout_masks, load_baseline, lora_grads,
+                         padded_batch, randomize_lora, save_tiny_model)
 
 ARCHS = ["llama", "qwen2", "llama31", "mistral", "qwen3"]
 
@@ -21,12 +22,13 @@ def arch_path(request, tmp_path_factory):
     return request.param, save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
 
 
-def load_pair(path, load_in_4bit=True, gradient_checkpointing=False):
-    baseline = load_baseline(path, load_in_4bit=load_in_4bit)
+def load_pair(path, load_in_4bit=True, gradient_checkpointing=False, lora_dropout=0.0):
+    baseline = load_baseline(path, load_in_4bit=load_in_4bit, lora_dropout=lora_dropout)
     randomize_lora(baseline)
     model, tokenizer = FastModel.from_pretrained(path, max_seq_length=64, load_in_4bit=load_in_4bit,
                                                  dtype=torch.float32)
-    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=gradient_checkpointing)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=lora_dropout,
+                                     use_gradient_checkpointing=gradient_checkpointing)
     copy_lora(baseline, model)
     return baseline, model
 
@@ -188,17 +190,54 @@ def test_gradient_accumulation_matches_one_big_batch(arch_path):
     assert_grads_match(lora_grads(model), big)
 
 
-@pytest.mark.parametrize("mode", [True, "offload"])
-def test_gradient_checkpointing_gives_same_grads(tmp_path, mode):
+@pytest.mark.parametrize("mode, lora_dropout", [(True, 0.0), ("offload", 0.0), (True, 0.1)])
+def test_gradient_checkpointing_gives_same_grads(tmp_path, mode, lora_dropout):
+    """With LoRA dropout the recomputed forward must draw the masks the original forward drew."""
     path = save_tiny_model("llama", tmp_path / "m")
-    _, plain = load_pair(path, gradient_checkpointing=False)
-    _, ckpt = load_pair(path, gradient_checkpointing=mode)
+    _, plain = load_pair(path, gradient_checkpointing=False, lora_dropout=lora_dropout)
+    _, ckpt = load_pair(path, gradient_checkpointing=mode, lora_dropout=lora_dropout)
     assert all(layer.gradient_checkpointing for layer in ckpt.get_base_model().model.layers)
     ids, mask, labels = padded_batch()
+    torch.manual_seed(0)
     loss_plain, grads_plain = train_step(plain, ids, mask, labels)
+    torch.manual_seed(0)
     loss_ckpt, grads_ckpt = train_step(ckpt, ids, mask, labels)
     assert_close(loss_ckpt, loss_plain, atol=1e-7, rtol=1e-7, name="loss")
     assert_grads_match(grads_ckpt, grads_plain)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_dropout_matches_hf_with_the_same_masks(tmp_path, arch):
+    """lora_dropout=0.1 on every projection, in training mode: fastft's fused path draws its masks inside its
+    kernels; Hugging Face + peft, given those masks in place of its nn.Dropout modules, computes the same loss
+    and LoRA gradients. Shows the whole chain (peft's dropout read in training mode, one mask per projection,
+    q/k/v and gate/up on x, down on h) on the Triton kernels."""
+    path = save_tiny_model(arch, tmp_path / "m")
+    baseline, model = load_pair(path, lora_dropout=0.1)
+    ids, mask, labels = padded_batch()
+    torch.manual_seed(7)
+    loss, grads = train_step(model, ids, mask, labels)
+
+    config = model.config
+    tokens = ids.numel()
+    shapes = {"q_proj": config.hidden_size, "k_proj": config.hidden_size, "v_proj": config.hidden_size,
+              "o_proj": config.num_attention_heads * config.head_dim, "gate_proj": config.hidden_size,
+              "up_proj": config.hidden_size, "down_proj": config.intermediate_size}
+    assert set(shapes) == set(LORA_TARGETS)
+    draws = [(0.1, (tokens, shapes[name])) for _ in range(config.num_hidden_layers) for name in shapes]
+    masks = iter(drawn_dropout_masks(7, draws))
+    for layer in baseline.get_base_model().model.layers:  # in the order fastft draws: attention, then MLP
+        for name in shapes:
+            module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+            module.lora_dropout["default"] = FixedDropoutMask(next(masks))
+    ref_loss, ref_grads = train_step(baseline, ids, mask, labels)
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6, name="loss")
+    assert_grads_match(grads, ref_grads)
+    # the masks matter: without them (eval-mode dropout, none applied) the loss moves well beyond the tolerance
+    model.eval()
+    with torch.no_grad():
+        undropped = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert (undropped - loss).abs() > 1e-4
 
 
 def test_qwen2_sliding_window_matches_hf(tmp_path):

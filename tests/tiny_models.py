@@ -122,6 +122,29 @@ def lora_grads(peft_model):
             if "lora_" in name and param.grad is not None}
 
 
+class FixedDropoutMask(torch.nn.Module):
+    """Stands in for a peft adapter's ``nn.Dropout``: multiplies its input by given ``[T, in]`` multipliers (the
+    mask a fused fastft call drew), so peft's own forward becomes the reference for fastft's dropout."""
+
+    def __init__(self, multipliers):
+        super().__init__()
+        self.multipliers = multipliers
+
+    def forward(self, x):
+        return (x.float() * self.multipliers.reshape(x.shape)).to(x.dtype)
+
+
+def drawn_dropout_masks(seed, draws):
+    """The multipliers fastft's fused LoRA calls drew after ``torch.manual_seed(seed)``: ``draws`` lists
+    ``(p, [T, in])`` in the order the calls drew their seeds (one per projection with an adapter and p > 0), on
+    the engine in use."""
+    from fastft.kernels.lora_dropout import DropoutMask, dropout_mask
+
+    torch.manual_seed(seed)
+    masks = [DropoutMask.draw(p, torch.device("cpu")) for p, _ in draws]
+    return [dropout_mask(mask, shape, "cpu") for mask, (_, shape) in zip(masks, draws)]
+
+
 def padded_batch(vocab=211, seed=0):
     """3 rows: full, right-padded, left-padded; labels -100 on pads and on a 'prompt' prefix."""
     gen = torch.Generator().manual_seed(seed)

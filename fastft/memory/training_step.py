@@ -51,6 +51,7 @@ class StepSetup:
     batch_size: int = 1
     r: int = 16
     lora_alpha: int = 16
+    lora_dropout: float = 0.0  # peft's lora_dropout p of every adapter (fastft draws its mask inside the kernels)
     target_modules: tuple[str, ...] = ALL_LINEAR
     checkpointing: str = "on"  # "off", "on", "offload", or an int: the first that many layers checkpointed
     mlp_chunk_tokens: int | None = None  # fastft: the MLP in token chunks (lora_mlp's chunk_tokens)
@@ -70,6 +71,9 @@ class StepSetup:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING} or a layer count, got {self.checkpointing!r}")
         if self.mlp_chunk_tokens is not None and self.contender != "fastft":
             raise ValueError("mlp_chunk_tokens is a fastft setting; the hf contender has no chunked MLP")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be a probability in [0, 1), got {self.lora_dropout!r}")
         for name in ("seq_len", "batch_size", "r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -137,7 +141,7 @@ def build_model(config, setup: StepSetup, device: torch.device):
 def _lora_config(setup: StepSetup):
     import peft
 
-    return peft.LoraConfig(r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=0.0, bias="none",
+    return peft.LoraConfig(r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout, bias="none",
                            target_modules=list(setup.target_modules), task_type="CAUSAL_LM")
 
 
@@ -161,7 +165,7 @@ def _fastft(model, setup: StepSetup):
 
     patch_model(model, max_seq_length=setup.seq_len)
     mode = {"off": False, "on": True}.get(setup.checkpointing, setup.checkpointing)
-    return FastModel.get_peft_model(model, r=setup.r, lora_alpha=setup.lora_alpha,
+    return FastModel.get_peft_model(model, r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
                                     target_modules=list(setup.target_modules), use_gradient_checkpointing=mode,
                                     mlp_chunk_tokens=setup.mlp_chunk_tokens)
 
