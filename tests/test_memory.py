@@ -16,7 +16,7 @@ import transformers
 from fastft.memory.accounting import account_step, measure_step_on_cpu
 from fastft.memory.estimate import estimate_memory, largest_fitting, max_context
 from fastft.memory.simulated_gpu import UnknownValueError, simulated_gpu
-from fastft.memory.training_step import StepSetup, build_model, make_batch, make_optimizer, train_step
+from fastft.memory.training_step import ALL_LINEAR, StepSetup, build_model, make_batch, make_optimizer, train_step
 
 GIB = 2**30
 # in/out features multiples of 64: bitsandbytes' CPU 4-bit matmul is only right for those (HF-STACK-NOTES.md)
