@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """fastft's three attention backends side by side, called as a patched model calls them, at seq 2048 (GPU).
 
-    python bench/attention_backends.py                                 # writes <out-dir>/<date>-<gpu>-attention.{json,md}
+    python bench/attention_backends.py  # writes <out-dir>/<date>-<gpu>-attention.{json,md}
     python bench/attention_backends.py --cpu-dry-run --out-dir /tmp/a  # CPU: every code path at tiny shapes, no figures
 
 Backends (the transformers attention functions a fastft model is routed to):

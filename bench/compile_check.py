@@ -131,8 +131,13 @@ def _lora_dropout_launches(in_features, dtype):
     pass, written in the adapter dtype) and 300 tokens (dA in token splits, fp32 partial sums); r = 8 and 64."""
     import torch
 
-    from fastft.kernels.lora_dropout import (DropoutMask, dropout_lora_a, dropout_lora_grad_a, dropout_lora_grad_x_,
-                                             dropout_mask)
+    from fastft.kernels.lora_dropout import (
+        DropoutMask,
+        dropout_lora_a,
+        dropout_lora_grad_a,
+        dropout_lora_grad_x_,
+        dropout_mask,
+    )
 
     mask = DropoutMask(0.05, 2**40 + 7, row0=3)
     for tokens, r in ((5, 8), (300, 64)):
@@ -196,7 +201,8 @@ def ops(model: str, dtype, with_attention: bool):
             ("attention", lambda: backward(K.attention(t(B, heads, T, head_dim), t(B, kv_heads, T, head_dim),
                                                        t(B, kv_heads, T, head_dim)))),
             ("attention sliding_window", lambda: backward(K.attention(
-                t(B, heads, T, head_dim), t(B, kv_heads, T, head_dim), t(B, kv_heads, T, head_dim), sliding_window=16))),
+                t(B, heads, T, head_dim), t(B, kv_heads, T, head_dim), t(B, kv_heads, T, head_dim),
+                sliding_window=16))),
             ("attention_varlen", lambda: backward(K.attention_varlen(
                 t(N, heads, head_dim), t(N, kv_heads, head_dim), t(N, kv_heads, head_dim), cu, max(25, N - 30)))),
         ]
@@ -218,8 +224,8 @@ def ptxas_usage(kernel, arch: int) -> tuple[int, int] | None:
         result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
                                 capture_output=True, text=True)
     regs = re.findall(r"Used (\d+) registers", result.stderr)
-    spills = [int(s) + int(l) for s, l in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
-                                                         result.stderr)]
+    spills = [int(stores) + int(loads)
+              for stores, loads in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)]
     return (max(map(int, regs)), max(spills)) if regs and spills else None
 
 

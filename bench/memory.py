@@ -142,10 +142,12 @@ def markdown(data: dict) -> str:
              f"{data['fastft'].get('git_commit') or data['fastft'].get('version')}.", ""]
     if data["max_context"]:
         chunks = {m["mlp_chunk_tokens"] for m in data["max_context"] if m["contender"] == "fastft"} - {None}
-        lines += [f"## Longest sequence that fits (batch 1, offloaded checkpointing, loss path `{data['max_context'][0]['loss']}`"
+        lines += [f"## Longest sequence that fits (batch 1, offloaded checkpointing, loss path "
+                  f"`{data['max_context'][0]['loss']}`"
                   + (f"; fastft's MLP in chunks of {', '.join(map(str, chunks))} tokens" if chunks else "") + ")",
-                  "", "A multiple of 128 tokens; beyond a model's trained context (131,072 for Llama-3.1) this is memory "
-                  "capacity only.", "", "| model | r | contender | " + " | ".join(f"{v:g} GiB" for v in data["vram_gb"]) + " |",
+                  "", "A multiple of 128 tokens; beyond a model's trained context (131,072 for Llama-3.1) this is "
+                  "memory capacity only.", "",
+                  "| model | r | contender | " + " | ".join(f"{v:g} GiB" for v in data["vram_gb"]) + " |",
                   "|---|---|---|" + "---|" * len(data["vram_gb"])]
         keys = sorted({(m["model"], m["r"], m["contender"]) for m in data["max_context"]},
                       key=lambda k: (k[0], k[1], k[2] != "fastft"))
@@ -159,7 +161,8 @@ def markdown(data: dict) -> str:
         published = [f"{model} on {vram:g} GB: " + ", ".join(f"{who} {tokens:,}" for who, tokens in figures.items())
                      for (model, vram), figures in PUBLISHED.items() if model in {k[0] for k in keys}]
         if published:
-            lines += ["", "Published by Unsloth for r=32 (their method, not accounted here): " + "; ".join(published) + "."]
+            lines += ["", "Published by Unsloth for r=32 (their method, not accounted here): "
+                      + "; ".join(published) + "."]
         lines.append("")
     lines += ["## Peak per setting", "", "| model | ckpt | batch | tokens | hf peak | fastft peak | fastft / hf | "
               "fastft resident |", "|---|---|---|---|---|---|---|---|"]
@@ -229,7 +232,8 @@ def gpu_check(args) -> int:
                 rows.append({"contender": contender, "model": "qwen2.5-1.5b", "seq_len": seq_len,
                              "checkpointing": checkpointing, "loss": args.loss,
                              "accounted_peak_gb": accounted.peak_gb, "measured_peak_gb": measured.peak_gb,
-                             "accounted_resident_gb": accounted.resident_gb, "measured_resident_gb": measured.resident_gb,
+                             "accounted_resident_gb": accounted.resident_gb,
+                             "measured_resident_gb": measured.resident_gb,
                              "ratio": measured.peak_gb / accounted.peak_gb})
                 print(rows[-1], flush=True)
     date = shared.utc_date()
@@ -247,7 +251,8 @@ def main(argv=None) -> int:
     if args.gpu_check:
         return gpu_check(args)
     if args.quick:
-        args.models, args.seq_lens, args.batch_sizes, args.checkpointing = MODELS[:1], (2048, 8192), (1,), ("on", "offload")
+        args.models, args.seq_lens, args.batch_sizes, args.checkpointing = (MODELS[:1], (2048, 8192), (1,),
+                                                                            ("on", "offload"))
         args.vram = (24, 80)
     t0 = time.perf_counter()
     env = shared.environment("none (accounted on CPU)")  # the code as it was when the run started

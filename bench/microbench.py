@@ -740,9 +740,11 @@ def markdown(data: dict) -> str:
                  if r.get("fwdbwd_tflops") else "-")
         speed = (f"{shared.fmt(r.get('fwd_speedup'), '.2f')} / {shared.fmt(r.get('fwdbwd_speedup'), '.2f')}"
                  if r.get("vs") else "-")
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('message') or '').splitlines()[-1][:80]}"
+        status = (r["status"] if r["status"] == "ok"
+                  else f"{r['status']}: {(r.get('message') or '').splitlines()[-1][:80]}")
         out.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {status} | {shared.fmt(r.get('fwd_ms'), '.3f')} "
-                   f"| {shared.fmt(r.get('bwd_ms'), '.3f')} | {shared.fmt(r.get('fwdbwd_ms'), '.3f')} | {gb_f} | {gb_fb} "
+                   f"| {shared.fmt(r.get('bwd_ms'), '.3f')} | {shared.fmt(r.get('fwdbwd_ms'), '.3f')} "
+                   f"| {gb_f} | {gb_fb} "
                    f"| {shared.fmt(r.get('fwd_tflops'), '.0f')} | {tf_fb} | {speed} "
                    f"| {shared.fmt(r.get('peak_extra_gb'), '.2f')} | {shared.fmt(r.get('peak_memory_ratio'), '.2f')} |")
     out.append("\n## Targets (from the issues)\n")

@@ -19,8 +19,8 @@ Models have random weights built from configs (nothing is downloaded): the check
 bf16 safetensors under ``--cache-dir`` and loaded in 4-bit by every contender (its cost is in the JSON).
 
 The training loop is the benchmark's own (``_train_setting`` in ``bench/training/worker.py``), the same
-for every contender, and is **not** TRL's ``SFTTrainer`` loop: forward, backward, ``torch.optim.AdamW`` step, ``zero_grad``, with a CUDA
-synchronize before and after each step. ``--loss labels`` (default) takes the loss from
+for every contender, and is **not** TRL's ``SFTTrainer`` loop: forward, backward, ``torch.optim.AdamW``
+step, ``zero_grad``, with a CUDA synchronize before and after each step. ``--loss labels`` (default) takes the loss from
 ``model(input_ids, attention_mask, labels=labels).loss`` (the model's own forward, as Unsloth's and
 Liger's published comparisons do); ``--loss trl`` takes it from TRL 1.16's fused lm-head path
 (``add_fused_lm_head`` + ``model(..., fused_lm_head=True)``), which is what an ``SFTTrainer`` user runs

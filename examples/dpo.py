@@ -20,20 +20,22 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import datasets
 import torch
 import trl
+from task_data import evaluate, load_split, preference_pairs
 
 from fastft import FastModel
 from fastft.bundled import bundled_model_path
-from task_data import evaluate, load_split, preference_pairs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate (default: %(default)s)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: %(default)s)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--eval-records", type=int, default=100, help="held-out records scored before/after (default: %(default)s)")
+    p.add_argument("--eval-records", type=int, default=100,
+                   help="held-out records scored before/after (default: %(default)s)")
     p.add_argument("--output-dir", default="outputs/dpo", help="where the adapter is saved (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

@@ -22,22 +22,25 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import datasets
 import torch
 import trl
+from task_data import evaluate, load_split, to_prompt_completion
 
 from fastft import FastModel
 from fastft.bundled import bundled_model_path
 from fastft.gguf_export import quantizations
 from fastft.saving import save_gguf
-from task_data import evaluate, load_split, to_prompt_completion
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate (default: %(default)s)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--eval-records", type=int, default=100, help="held-out records scored before/after (default: %(default)s)")
-    p.add_argument("--output-dir", default="outputs/sft", help="checkpoints and the final adapter (default: %(default)s)")
+    p.add_argument("--eval-records", type=int, default=100,
+                   help="held-out records scored before/after (default: %(default)s)")
+    p.add_argument("--output-dir", default="outputs/sft",
+                   help="checkpoints and the final adapter (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gguf", metavar="PATH", help="also write the fine-tuned model, LoRA merged, as one GGUF file for "
                    "llama.cpp, Ollama or LM Studio")

@@ -237,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Example record:\n  " + json.dumps(generate(1, 0)[0][0]))
-    parser.add_argument("--data-dir", default=DATA_DIR, help="where to write train.jsonl and eval.jsonl (default: %(default)s)")
+    parser.add_argument("--data-dir", default=DATA_DIR,
+                        help="where to write train.jsonl and eval.jsonl (default: %(default)s)")
     parser.add_argument("--n-train", type=int, default=N_TRAIN, help="training records (default: %(default)s)")
     parser.add_argument("--n-eval", type=int, default=N_EVAL, help="held-out records (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")

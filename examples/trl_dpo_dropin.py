@@ -14,11 +14,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 from datasets import Dataset
+from task_data import load_split, preference_pairs
 from trl import DPOConfig, DPOTrainer
 
 from fastft import FastModel  # fastft: changed
 from fastft.bundled import bundled_model_path
-from task_data import load_split, preference_pairs
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--max-steps", type=int, default=20)

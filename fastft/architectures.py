@@ -55,7 +55,8 @@ def spec_for(config) -> ArchitectureSpec:
         )
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
-        raise UnsupportedModelError(f"fastft's MLP kernel is SwiGLU (hidden_act='silu'); this config has hidden_act={act!r}")
+        raise UnsupportedModelError(f"fastft's MLP kernel is SwiGLU (hidden_act='silu'); "
+                                    f"this config has hidden_act={act!r}")
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModelError("fastft's fused MLP has no bias; this config sets mlp_bias=True")
     return SPECS[model_type]

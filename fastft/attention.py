@@ -98,11 +98,13 @@ def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling, sliding_window):
     return out.view(B, T, Hq, D)
 
 
-def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                     **kwargs):
     """Attention interface entry. query ``[B, Hq, T, D]``, key/value ``[B, Hkv, S, D]``; returns
     ``([B, T, Hq, D], None)`` like every transformers attention function."""
     if dropout:
-        raise ValueError(f"fastft's attention kernel has no attention dropout; the config sets attention_dropout={dropout}")
+        raise ValueError(f"fastft's attention kernel has no attention dropout; "
+                         f"the config sets attention_dropout={dropout}")
     if attention_mask is not None and attention_mask.dim() == 4:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
 
@@ -155,7 +157,8 @@ def fastft_attention_supported(config, device: torch.device) -> str | None:
         return f"head_dim={head_dim} (the kernel serves {SUPPORTED_HEAD_DIMS})"
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         # Triton's tl.dot has no tensor-core path below sm80: xformers' or SDPA's kernels are faster there.
-        return f"compute capability {torch.cuda.get_device_capability(device)} < 8.0 (Triton's tl.dot runs without tensor cores)"
+        return (f"compute capability {torch.cuda.get_device_capability(device)} < 8.0 "
+                "(Triton's tl.dot runs without tensor cores)")
     if getattr(config, "attention_dropout", 0.0):
         return f"attention_dropout={config.attention_dropout}"
     return None

@@ -20,8 +20,8 @@ from . import attention as fastft_attention
 from . import trl_compat
 from .architectures import spec_for
 from .loss import make_causal_lm_forward
-from .placement import default_device, device_of_map
 from .patch import patch_decoder, unpatch_modules
+from .placement import default_device, device_of_map
 
 logger = logging.getLogger("fastft")
 

@@ -82,7 +82,8 @@ def _project_o(self, x):
     return lora_linear(x, *o) if o is not None else self.o_proj(x)
 
 
-def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                      **kwargs):
     """One attention forward for every supported architecture (see ``architectures.py``)."""
     spec: ArchitectureSpec = self._fastft_spec
     batch, seq_len, _ = hidden_states.shape

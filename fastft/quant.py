@@ -6,8 +6,9 @@
   ``bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)`` on NF4 weights.
 * :func:`lora_args_of` / :func:`fused_linear_args` give ``(weight, bias, A, B, scaling,
   compute_dtype, dropout)`` of a projection for ``lora_linear`` / ``lora_qkv`` / ``lora_mlp``, reading
-  peft's *active* adapter (and whether its dropout applies now) at call time, or raise :class:`UnsupportedLoraLayer` (a ``ValueError``) saying why the fused
-  path cannot serve the layer exactly; the caller then runs peft's own forward.
+  peft's *active* adapter (and whether its dropout applies now) at call time, or raise
+  :class:`UnsupportedLoraLayer` (a ``ValueError``) saying why the fused path cannot serve the layer
+  exactly; the caller then runs peft's own forward.
 
 bitsandbytes is imported by the user's model, never by this module: a parameter can only be a
 ``Params4bit`` if bitsandbytes is already in ``sys.modules``.
@@ -219,7 +220,8 @@ def _frozen_weight_of(base: nn.Module):
     if not isinstance(base, nn.Linear):
         raise UnsupportedLoraLayer(f"base layer {type(base).__name__} is not a linear layer")
     if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise UnsupportedWeight(f"{type(base).__name__} weight of dtype {getattr(weight, 'dtype', None)} is not supported")
+        raise UnsupportedWeight(f"{type(base).__name__} weight of dtype {getattr(weight, 'dtype', None)} "
+                                "is not supported")
     if weight.requires_grad:
         raise UnsupportedLoraLayer(f"{type(base).__name__} weight requires grad; the fused path trains LoRA "
                                    "adapters on a frozen base only")

@@ -28,8 +28,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import safetensors.torch
+import torch
 from transformers.utils.hub import convert_file_size_to_int
 
 from . import gguf_export

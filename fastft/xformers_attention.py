@@ -39,7 +39,8 @@ def _fmha():
     try:
         from xformers.ops import fmha
     except ImportError as exc:
-        raise ImportError(f"attention {ATTENTION_NAME!r} needs xformers: pip install 'fastft[xformers]' ({exc})") from exc
+        raise ImportError(f"attention {ATTENTION_NAME!r} needs xformers: "
+                          f"pip install 'fastft[xformers]' ({exc})") from exc
     return fmha
 
 
@@ -108,7 +109,8 @@ def xformers_attention(module, query, key, value, attention_mask, dropout=0.0, s
     """Attention interface entry. query ``[B, Hq, T, D]``, key/value ``[B, Hkv, S, D]``; returns
     ``([B, T, Hq, D], None)`` like every transformers attention function."""
     if dropout:
-        raise ValueError(f"{ATTENTION_NAME!r} runs without attention dropout; the config sets attention_dropout={dropout}")
+        raise ValueError(f"{ATTENTION_NAME!r} runs without attention dropout; "
+                         f"the config sets attention_dropout={dropout}")
     if attention_mask is not None and attention_mask.dim() == 4:  # decoding with a KV cache
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
 

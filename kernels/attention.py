@@ -165,7 +165,7 @@ def _attn_fwd_inner(
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS,
+    Q, K, V, Out, LSE, CU_SEQLENS,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -206,7 +206,8 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seqlen_k - seqlen_q
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_k, causal_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_k, causal_offset, window,
+                                          BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # masked blocks left of the window edge / unmasked middle / masked diagonal and sequence end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
                                     lo, full_lo, seqlen_k, causal_offset, window, qk_scale,
@@ -225,9 +226,9 @@ def _attn_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
 
-    o_ptrs = (O + batch * stride_ob + seq_start * stride_ot + head * stride_oh
+    o_ptrs = (Out + batch * stride_ob + seq_start * stride_ot + head * stride_oh
               + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     tl.store(LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m, lse, mask=row_mask)
 
 
@@ -236,7 +237,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, DELTA, CU_SEQLENS,
+    Out, DO, DELTA, CU_SEQLENS,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_lb, stride_lh,
@@ -253,7 +254,7 @@ def _attn_bwd_preprocess_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + batch * stride_ob + seq_start * stride_ot + head * stride_oh
+    o = tl.load(Out + batch * stride_ob + seq_start * stride_ot + head * stride_oh
                 + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
     do = tl.load(DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
                  + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
@@ -331,7 +332,8 @@ def _attn_bwd_dkdv_kernel(
 
     causal_offset = seqlen_k - seqlen_q
     qk_scale = sm_scale * LOG2E
-    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, causal_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, causal_offset, window,
+                                            BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # GQA: this kv head's dK/dV sum over every query head of its group; looping here keeps
     # the sum in registers (no atomics, no [B, Hq, S, D] scratch)
     for g in range(0, group_size):
@@ -432,7 +434,8 @@ def _attn_bwd_dq_kernel(
 
     causal_offset = seqlen_k - seqlen_q
     qk_scale = sm_scale * LOG2E
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_k, causal_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_k, causal_offset, window,
+                                          BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
                             lo, full_lo, seqlen_k, causal_offset, window, qk_scale,
                             BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
@@ -645,7 +648,8 @@ def _check_qkv(q, k, v, varlen: bool, causal, scale, sliding_window) -> None:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
         raise TypeError(f"scale must be None or a finite float, got {scale!r}")
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                        or sliding_window < 1):
@@ -676,7 +680,8 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q) -> list[int]:
     if min(lengths) < 0:
         raise ValueError("cu_seqlens must be non-decreasing")
     if max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence in cu_seqlens ({max(lengths)})")
+        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence in cu_seqlens "
+                         f"({max(lengths)})")
     cu_seqlens._fastft_attention_checked = (key, offsets)
     return offsets
 

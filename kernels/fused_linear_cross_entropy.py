@@ -12,7 +12,8 @@ The tokens are processed in chunks of ``C`` rows. For each chunk (Liger-Kernel's
 so the gradients are already known when the forward returns; the autograd backward only multiplies
 them by ``grad_output`` (a scalar for "mean"/"sum") and, for "mean", by ``1 / n_valid``. That factor is
 not folded into ``dz``: in fp16, ``p / n`` (``p ~ 1/V``, thousands of tokens) flushes to zero before
-GradScaler's scale, which arrives with ``grad_output``, can rescue it (5% off at 4096 tokens x 32k vocab). Peak extra memory is one fp32 ``[C, V]`` chunk,
+GradScaler's scale, which arrives with ``grad_output``, can rescue it (5% off at 4096 tokens x 32k
+vocab). Peak extra memory is one fp32 ``[C, V]`` chunk,
 one compute-dtype ``[C, V]`` gradient chunk, ``dh`` ``[N, H]`` and, for a trainable head, an fp32
 ``[V, H]`` accumulator (fp32 so that summing over chunks does not round every partial sum to bf16).
 

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_capability, empty, mma_operand as _mma_operand, multiprocessor_count, use_triton
+from ._common import INTERPRET, compute_capability, empty, multiprocessor_count, use_triton
+from ._common import mma_operand as _mma_operand
 
 _TORCH_BLOCK_ROWS = 64  # rows per torch.Generator of the PyTorch engine's mask
 _GOLDEN = 0x9E3779B97F4A7C15  # mixes a row block's index into the seed (Weyl sequence step)
@@ -127,7 +128,8 @@ def _da_kernel(
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """out[split, j, k] = alpha * sum_t dyB[t, j] * M[t, k] * x[t, k] over the split's rows, one [BLOCK_R, BLOCK_K] tile."""
+    """out[split, j, k] = alpha * sum_t dyB[t, j] * M[t, k] * x[t, k] over the split's rows,
+    one [BLOCK_R, BLOCK_K] tile."""
     k0 = tl.program_id(0) * BLOCK_K
     cols = k0 + tl.arange(0, BLOCK_K)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)

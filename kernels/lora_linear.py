@@ -94,7 +94,8 @@ def _check_projection(name: str, in_features: int, params, device) -> tuple:
     7-tuple with scaling a float, compute_dtype a dtype or None and dropout a float."""
     if not isinstance(params, (tuple, list)) or len(params) not in (5, 6, 7):
         raise TypeError(f"{name} must be a (weight, bias, A, B, scaling[, compute_dtype[, dropout]]) tuple, got "
-                        f"{type(params).__name__}" + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else ""))
+                        f"{type(params).__name__}"
+                        + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else ""))
     weight, bias, A, B, scaling = params[:5]
     compute_dtype = params[5] if len(params) >= 6 else None
     dropout = params[6] if len(params) == 7 else 0.0

@@ -47,8 +47,15 @@ import torch
 
 from ._common import check_tensor, empty
 from .lora_dropout import dropout_lora_grad_a
-from .lora_linear import (_autocast_off, _bias_grad, _check_projection, _draw_masks, _prepare, _project_backward,
-                          _project_forward)
+from .lora_linear import (
+    _autocast_off,
+    _bias_grad,
+    _check_projection,
+    _draw_masks,
+    _prepare,
+    _project_backward,
+    _project_forward,
+)
 from .swiglu import swiglu_backward_into, swiglu_forward_into
 
 _N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
@@ -148,7 +155,8 @@ class _LoraMLPFunction(torch.autograd.Function):
         if not ctx.chunked:
             g, u = saved.pop(0), saved.pop(0)
         smalls, adapters = saved[:3], saved[3:]
-        projections = [(W, b, adapters[2 * i], adapters[2 * i + 1], s, cd) for i, (W, b, s, cd) in enumerate(ctx.frozen)]
+        projections = [(W, b, adapters[2 * i], adapters[2 * i + 1], s, cd)
+                       for i, (W, b, s, cd) in enumerate(ctx.frozen)]
         with _autocast_off(dy.device.type):
             if not ctx.chunked:
                 dx, grads = _mlp_backward(dy, x2, g, u, smalls, projections, need, None, ctx.masks)

@@ -19,8 +19,8 @@ gives each projection its own ``nn.Dropout``) and ``x`` becomes ``M_p * x`` in i
 regenerated from a seed by ``lora_dropout.py`` (see ``lora_linear.py``); nothing more is kept. Each NF4
 weight is dequantized into the shared workspace buffer (``lora_linear.py``) right before its matmul,
 in the forward and again in the backward; no dequantized weight outlives its matmul. q, k and v come
-back as separate contiguous tensors (RoPE rotates them in place). A projection may have no active adapter (``A = B = None``), e.g. peft's
-default Llama targets are only q and v. Dtype rules as in ``lora_linear.py``.
+back as separate contiguous tensors (RoPE rotates them in place). A projection may have no active
+adapter (``A = B = None``), e.g. peft's default Llama targets are only q and v. Dtype rules as in ``lora_linear.py``.
 
 Design note: a single concatenated ``[out_q + out_k + out_v, in]`` matmul would return q/k/v as
 views of one tensor, which the in-place RoPE after it cannot take (or would need a copy); three
@@ -31,8 +31,15 @@ from __future__ import annotations
 import torch
 
 from ._common import check_tensor
-from .lora_linear import (_autocast_off, _bias_grad, _check_projection, _draw_masks, _prepare, _project_backward,
-                          _project_forward)
+from .lora_linear import (
+    _autocast_off,
+    _bias_grad,
+    _check_projection,
+    _draw_masks,
+    _prepare,
+    _project_backward,
+    _project_forward,
+)
 
 _N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
 

@@ -99,7 +99,8 @@ class NF4Weight:
             )
         tensors = {"packed": self.packed, "absmax": self.absmax, "code": self.code}
         if self.double_quant:
-            if self.nested_absmax is None or self.nested_code is None or self.nested_blocksize is None or self.offset is None:
+            if (self.nested_absmax is None or self.nested_code is None or self.nested_blocksize is None
+                    or self.offset is None):
                 raise ValueError(
                     "NF4Weight.absmax is uint8 (double quantization): nested_absmax, nested_code, "
                     "nested_blocksize and offset are required"

@@ -103,13 +103,13 @@ def main():
 
     import torch
     import trl
+    from test_trl import arithmetic_chats, preference_pairs
+    from tiny_tokenizer import tiny_tokenizer
 
     import fastft.patch
     import fastft.trl_compat
     from fastft import FastModel
     from fastft.quant import is_dtensor
-    from test_trl import arithmetic_chats, preference_pairs
-    from tiny_tokenizer import tiny_tokenizer
 
     if args.fsdp:
         allow_fsdp_on_cpu()

@@ -13,7 +13,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
     bad_values = ~torch.isfinite(a) & torch.isfinite(e)
     if bad_values.any():
         idx = bad_values.nonzero()[:5].tolist()
-        raise AssertionError(f"{name}: {int(bad_values.sum())} non-finite elements where finite expected, first at {idx}")
+        raise AssertionError(f"{name}: {int(bad_values.sum())} non-finite elements where finite expected, "
+                             f"first at {idx}")
     err = (a - e).abs()
     allowed = atol + rtol * e.abs()
     over = err > allowed

@@ -14,10 +14,11 @@ import pytest
 import torch
 from kernel_testing import assert_close
 
-# the module, not the function of the same name that fastft.kernels re-exports
-attention_module = importlib.import_module("fastft.kernels.attention")
 from fastft.kernels import use_engine
 from fastft.kernels.attention import attention, attention_varlen
+
+# the module, not the function of the same name that fastft.kernels re-exports
+attention_module = importlib.import_module("fastft.kernels.attention")
 
 # Tolerances, for O(1) random inputs (outputs and gradients are O(0.1..10)):
 # - fp32: the kernel computes in fp32 with exact (ieee) fp32 dots; observed errors are <= 2e-6
@@ -255,7 +256,8 @@ def test_attention_varlen_torch_path(window):
 # Bad input
 # ----------------------------------------------------------------------------------------------
 def _qkv(Hq=4, Hkv=2, D=64, T=5, dtype=torch.float32):
-    return torch.randn(1, Hq, T, D, dtype=dtype), torch.randn(1, Hkv, T, D, dtype=dtype), torch.randn(1, Hkv, T, D, dtype=dtype)
+    return (torch.randn(1, Hq, T, D, dtype=dtype), torch.randn(1, Hkv, T, D, dtype=dtype),
+            torch.randn(1, Hkv, T, D, dtype=dtype))
 
 
 def test_attention_rejects_bad_input():
@@ -268,7 +270,8 @@ def test_attention_rejects_bad_input():
     with pytest.raises(ValueError, match=r"v has head dim 32 but q has 64"):
         attention(q, k, v[..., :32])
     q, k, v = _qkv(D=48)
-    with pytest.raises(ValueError, match=r"head dim 48 of q is not supported; supported head dims: 16, 32, 64, 80, 96, 128"):
+    with pytest.raises(ValueError,
+                       match=r"head dim 48 of q is not supported; supported head dims: 16, 32, 64, 80, 96, 128"):
         attention(q, k, v)
     q, k, v = _qkv()
     with pytest.raises(TypeError, match=r"q has dtype float64"):
@@ -310,7 +313,8 @@ def test_attention_varlen_rejects_bad_input():
     with pytest.raises(ValueError, match=r"q must be \[total_tokens, H, D\]"):
         attention_varlen(q[None], k, v, torch.tensor([0, 4, 10], dtype=torch.int32), 6)
     with pytest.raises(ValueError, match=r"q has 4 heads, not a multiple of the 3 heads"):
-        attention_varlen(q, torch.randn(10, 3, 64), torch.randn(10, 3, 64), torch.tensor([0, 10], dtype=torch.int32), 10)
+        attention_varlen(q, torch.randn(10, 3, 64), torch.randn(10, 3, 64),
+                         torch.tensor([0, 10], dtype=torch.int32), 10)
 
     # validation is cached per cu_seqlens tensor, but an in-place change is seen again
     cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32)

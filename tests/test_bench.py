@@ -172,7 +172,8 @@ def test_cpu_smoke_with_a_forced_attention_backend(runs):
     assert code == 0, f"cpu smoke --attention sdpa failed ({code}):\n{out[-3000:]}\n{err[-3000:]}"
     data = json.loads(_one(tmp / "smoke_sdpa", "*-cpu-smoke.json").read_text())
     [row] = data["rows"]
-    assert (row["contender"], row["status"], row["attention"], row["attention_impl"]) == ("fastft", "ok", "sdpa", "sdpa")
+    assert ((row["contender"], row["status"], row["attention"], row["attention_impl"])
+            == ("fastft", "ok", "sdpa", "sdpa"))
     assert data["runs"][0]["attention"] == "sdpa"
     assert "| labels, on | sdpa |" in _one(tmp / "smoke_sdpa", "*-cpu-smoke.md").read_text()
 

@@ -23,12 +23,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers
+from tiny_models import save_tiny_model
 from torch import nn
 
 from fastft import placement
 from fastft.kernels.nf4 import dequantize_nf4
 from fastft.quant import UnsupportedWeight, dequantize_4bit, fused_linear_args
-from tiny_models import save_tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOSS_RTOL = 1e-5

@@ -6,11 +6,11 @@ import peft
 import pytest
 import torch
 import transformers
+from kernel_testing import assert_close
+from tiny_models import bnb_config, keep_bnb_standard_path, load_baseline, padded_batch, randomize_lora, save_tiny_model
 
 from fastft import FastModel, UnsupportedModelError, unpatch_model
 from fastft.saving import save_merged
-from kernel_testing import assert_close
-from tiny_models import bnb_config, keep_bnb_standard_path, load_baseline, padded_batch, randomize_lora, save_tiny_model
 
 
 @pytest.fixture(scope="module")

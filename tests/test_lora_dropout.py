@@ -13,8 +13,13 @@ import pytest
 import torch
 
 from fastft.kernels import use_engine
-from fastft.kernels.lora_dropout import (DropoutMask, dropout_lora_a, dropout_lora_grad_a, dropout_lora_grad_x_,
-                                         dropout_mask)
+from fastft.kernels.lora_dropout import (
+    DropoutMask,
+    dropout_lora_a,
+    dropout_lora_grad_a,
+    dropout_lora_grad_x_,
+    dropout_mask,
+)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 ULP = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7}

@@ -203,7 +203,8 @@ def test_the_active_adapter_is_read_at_call_time():
         args = lora_args_of(layer)
         assert args.A is layer.lora_A[name].weight and args.scaling == layer.scaling[name]
         params = [layer.lora_A[name].weight, layer.lora_B[name].weight]
-        _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, params, torch.float32, ["y", "dx", "dA", "dB"])
+        _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, params, torch.float32,
+                 ["y", "dx", "dA", "dB"])
 
 
 def test_the_dequantized_weight_is_never_saved_for_backward():
@@ -309,7 +310,8 @@ def test_unsupported_lora_layers_are_refused_with_the_reason():
         with pytest.raises(UnsupportedLoraLayer, match=message):
             lora_args_of(layer)
 
-    for module in (torch.nn.Dropout(1.0), torch.nn.AlphaDropout(0.1)):  # lora_dropout=0.1 is served (test_lora_dropout.py)
+    # lora_dropout=0.1 is served (test_lora_dropout.py)
+    for module in (torch.nn.Dropout(1.0), torch.nn.AlphaDropout(0.1)):
         odd_dropout = _lora(_nf4_base(72, 200), lora_dropout=0.1)
         odd_dropout.lora_dropout["default"] = module
         refused(odd_dropout, "lora_dropout module the fused path does not serve")
@@ -388,7 +390,8 @@ def _compare_dropout(fused_fn, peft_fn, x, params, dtype, names, masked):
                 grads_out = [torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(o.dtype) for o in outs]
                 torch.manual_seed(DROPOUT_SEED)
             actual = _run(fused_fn, x, params, grads_out)
-            masks = drawn_dropout_masks(DROPOUT_SEED, [(layer.lora_dropout["default"].p, shape) for layer, shape in masked])
+            masks = drawn_dropout_masks(DROPOUT_SEED,
+                                        [(layer.lora_dropout["default"].p, shape) for layer, shape in masked])
         dropouts = [layer.lora_dropout["default"] for layer, _ in masked]
         for (layer, _), multipliers in zip(masked, masks):
             assert 0 < (multipliers == 0).float().mean() < 0.5, "the mask should drop some elements, keep most"

@@ -71,11 +71,11 @@ def _nf4_bytes(n: int) -> int:
 
 
 def _linear_shapes(config):
-    H, I = config.hidden_size, config.intermediate_size
+    H, inter = config.hidden_size, config.intermediate_size
     d = getattr(config, "head_dim", None) or H // config.num_attention_heads
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
-            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+            "gate_proj": (inter, H), "up_proj": (inter, H), "down_proj": (H, inter)}
 
 
 @pytest.mark.parametrize("config", [TINY_LLAMA, TINY_QWEN2], ids=["llama", "qwen2-bias-tied"])
@@ -375,7 +375,8 @@ def test_bench_memory_writes_rows_max_context_markdown_and_plot(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     [path] = out.glob("memory-*.json")
     data = json.loads(path.read_text())
-    assert data["accounted"] is True and "not measured" in data["what"] and data["command"].startswith("bench/memory.py")
+    assert (data["accounted"] is True and "not measured" in data["what"]
+            and data["command"].startswith("bench/memory.py"))
     assert len(data["rows"]) == 2 * 2 * 2  # contenders x lengths x checkpointing
     for row in data["rows"]:
         assert row["peak_gb"] > row["resident_gb"] > 0 and set(row["resident"]) >= {"weights_4bit", "lora_weights"}

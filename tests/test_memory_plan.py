@@ -6,11 +6,11 @@ import logging
 
 import pytest
 import torch
+from kernel_testing import assert_close
+from tiny_models import lora_grads, padded_batch, randomize_lora, save_tiny_model, tiny_config
 
 from fastft import FastModel, estimate_memory
 from fastft.memory.plan import plan_memory
-from kernel_testing import assert_close
-from tiny_models import lora_grads, padded_batch, randomize_lora, save_tiny_model, tiny_config
 
 LAYERS = 6
 SEQ = 256  # what the plan is made for (the test batches are shorter)
@@ -60,7 +60,8 @@ def test_auto_checkpoints_the_fewest_layers_that_fit_the_budget(llama_path, capl
         model = _model(llama_path, use_gradient_checkpointing="auto", memory_budget_gb=budget)
     assert _flags(model) == [True] * 3 + [False] * (LAYERS - 3)
     assert "checkpointing 3 of 6 layers" in caplog.text and "fits the budget" in caplog.text
-    assert _flags(_model(llama_path, use_gradient_checkpointing="auto", memory_budget_gb=peaks[0] + 0.01)) == [False] * LAYERS
+    assert (_flags(_model(llama_path, use_gradient_checkpointing="auto", memory_budget_gb=peaks[0] + 0.01))
+            == [False] * LAYERS)
 
 
 def test_auto_offloads_then_chunks_the_mlp_when_checkpointing_is_not_enough():

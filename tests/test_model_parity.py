@@ -8,11 +8,20 @@ RoPE position or wrong LoRA scaling (those move results by >1e-2).
 import peft
 import pytest
 import torch
+from kernel_testing import assert_close
+from tiny_models import (
+    LORA_TARGETS,
+    FixedDropoutMask,
+    copy_lora,
+    drawn_dropout_masks,
+    load_baseline,
+    lora_grads,
+    padded_batch,
+    randomize_lora,
+    save_tiny_model,
+)
 
 from fastft import FastModel
-from kernel_testing import assert_close
-from tiny_models import (LORA_TARGETS, FixedDropoutMask, copy_lora, drawn_dropout_masks, load_baseline, lora_grads,
-                         padded_batch, randomize_lora, save_tiny_model)
 
 ARCHS = ["llama", "qwen2", "llama31", "mistral", "qwen3"]
 

@@ -112,7 +112,8 @@ def test_dequantize_equals_bitsandbytes_reference_backend(double_quant):
     absmax = qs.absmax
     if qs.nested:
         absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    expected = _dequantize_4bit_compute.__wrapped__(packed.reshape(-1), absmax, qs.code, qs.blocksize, qs.shape, qs.dtype)
+    expected = _dequantize_4bit_compute.__wrapped__(packed.reshape(-1), absmax, qs.code, qs.blocksize, qs.shape,
+                                                    qs.dtype)
     w = _nf4_weight(packed, qs)
     _assert_equal(dequantize_nf4(w), expected, "triton")
     with use_engine("torch"):

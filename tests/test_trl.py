@@ -18,12 +18,12 @@ import peft
 import pytest
 import torch
 import trl
+from tiny_models import copy_lora, load_baseline, save_tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 import fastft.trl_compat
 from fastft import FastModel
 from fastft.kernels import use_engine
-from tiny_models import copy_lora, load_baseline, save_tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 RTOL = 2e-3
 
@@ -157,7 +157,8 @@ def test_sft_with_lora_dropout_matches_peft_within_mask_noise(tmp_path, monkeypa
     assert len(ours) == len(ref) == 30
     assert ours != ref, "fastft drew the very masks peft drew: the comparison proves nothing about mask noise"
     mean_ours, mean_ref = sum(ours) / len(ours), sum(ref) / len(ref)
-    assert abs(mean_ours - mean_ref) <= DROPOUT_MEAN_LOSS_ATOL, f"mean loss {mean_ours} vs peft's {mean_ref}\n{ours}\n{ref}"
+    assert abs(mean_ours - mean_ref) <= DROPOUT_MEAN_LOSS_ATOL, (f"mean loss {mean_ours} vs peft's {mean_ref}\n"
+                                                                 f"{ours}\n{ref}")
     assert ours[-1] < ours[0] - 0.5, "training did not learn: the comparison proves little"
 
 
@@ -171,7 +172,8 @@ def test_sft_dataset_kinds_match_baseline(arch_path, tmp_path, kind):
                                            for m in chats])
         cfg = {}
     elif kind == "prompt_completion":
-        data = datasets.Dataset.from_list([{"prompt": m["messages"][:1], "completion": m["messages"][1:]} for m in chats])
+        data = datasets.Dataset.from_list([{"prompt": m["messages"][:1], "completion": m["messages"][1:]}
+                                           for m in chats])
         cfg = dict(completion_only_loss=True)
     else:
         data = chats

@@ -4,12 +4,12 @@ import datasets
 import pytest
 import torch
 import trl
+from tiny_models import load_baseline, save_tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 import fastft.trl_dataset_checks
 from fastft import FastModel
 from fastft.kernels import use_engine
-from tiny_models import load_baseline, save_tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 MAX_SEQ_LENGTH = 32
 

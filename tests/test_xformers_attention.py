@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
+from kernel_testing import assert_close
+from tiny_models import padded_batch, randomize_lora, save_tiny_model, tiny_config
+from xformers_reference import use_reference_op
 
 import fastft.attention as fastft_attention
 import fastft.xformers_attention as xfa
 from fastft import FastModel
-from kernel_testing import assert_close
-from tiny_models import padded_batch, randomize_lora, save_tiny_model, tiny_config
-from xformers_reference import use_reference_op
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import bitsandbytes as bnb
 import peft
 import torch
 import transformers
-
 from tiny_tokenizer import tiny_tokenizer
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from . import shared
-from .config import (BASELINE_KEY, CONTENDERS, INIT_STD, LORA_ALPHA, LORA_R, LORA_TARGETS, LOSS_STEPS,
-                     LOSS_TOL_WHY, loss_tolerance)
+from .config import (
+    BASELINE_KEY,
+    CONTENDERS,
+    INIT_STD,
+    LORA_ALPHA,
+    LORA_R,
+    LORA_TARGETS,
+    LOSS_STEPS,
+    LOSS_TOL_WHY,
+    loss_tolerance,
+)
 
 COLORS = {"hf": "tab:gray", "fastft": "tab:orange", "liger": "tab:green", "unsloth": "tab:purple"}
 
@@ -93,7 +102,8 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['model']} | {row['seq_len']} | {row['batch_size']} | {row['contender']} | {_status_cell(row)} "
             f"| {shared.fmt(row.get('tokens_per_s'), '.0f')} | {shared.fmt(row.get('tokens_per_s_vs_hf'), '.2f')} "
-            f"| {step} | {shared.fmt(row.get('peak_vram_gb'), '.2f')} | {shared.fmt(row.get('peak_vram_vs_hf'), '.2f')} "
+            f"| {step} | {shared.fmt(row.get('peak_vram_gb'), '.2f')} "
+            f"| {shared.fmt(row.get('peak_vram_vs_hf'), '.2f')} "
             f"| {shared.fmt(row.get('peak_reserved_gb'), '.2f')} | {losses} "
             f"| {shared.fmt(row.get('loss_max_abs_diff_vs_hf'), '.2g')} "
             f"| {row.get('loss_path')}, {row.get('checkpointing')} | {shared.fmt(row.get('attention_impl'))} |")
@@ -110,7 +120,8 @@ def markdown(data: dict) -> str:
     out.append(f"- GPU: {data['gpu']}" + (f" ({data.get('gpu_memory_gb')} GiB)" if data.get("gpu_memory_gb") else ""))
     out.append(f"- torch {data['torch']} (CUDA {data.get('cuda')}), triton {data['triton']}, transformers "
                f"{data['transformers']}, peft {data['peft']}, bitsandbytes {data['bitsandbytes']}, trl {data['trl']}, "
-               f"liger-kernel {data.get('liger_kernel')}, unsloth {data.get('unsloth')}, xformers {data.get('xformers')}")
+               f"liger-kernel {data.get('liger_kernel')}, unsloth {data.get('unsloth')}, "
+               f"xformers {data.get('xformers')}")
     out.append(f"- fastft {fastft.get('version')}, source digest {fastft.get('source_digest')} "
                f"(`python bench/_shared.py` prints a checkout's), git commit {fastft.get('git_commit')}"
                + (" (uncommitted changes)" if fastft.get("git_dirty") else ""))
@@ -149,7 +160,8 @@ def plot(data: dict, path: str) -> None:
     rows = data["rows"]
     models = sorted({r["model"] for r in rows})
     # one bar series per contender and --attention (fastft measured with a forced backend is its own series)
-    series = [(c, a) for c in CONTENDERS for a in sorted({r.get("attention") or "" for r in rows if r["contender"] == c})]
+    series = [(c, a) for c in CONTENDERS
+              for a in sorted({r.get("attention") or "" for r in rows if r["contender"] == c})]
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 3.8 * len(models)), squeeze=False)
     width = 0.8 / max(1, len(series))
     for m, model in enumerate(models):

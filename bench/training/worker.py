@@ -262,8 +262,8 @@ def worker_main(spec_path: str) -> int:
         info["model_vram_gb"] = torch.cuda.memory_allocated(device) / shared.GIB
     save()
     print(f"[{contender}] {spec['model']}: loaded in {info['load_seconds']} s, "
-          f"{info['trainable_params'] / 1e6:.1f}M trainable ({info['trainable_dtype']}), checkpointing {checkpointing}, "
-          f"attention {info['attention']}",
+          f"{info['trainable_params'] / 1e6:.1f}M trainable ({info['trainable_dtype']}), "
+          f"checkpointing {checkpointing}, attention {info['attention']}",
           flush=True)
 
     fatal = None

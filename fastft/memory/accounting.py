@@ -11,7 +11,15 @@ import torch
 
 from .cuda_paths import cuda_code_paths, cuda_op_overrides, cuda_op_workspace
 from .simulated_gpu import LiveTensorBytes, simulated_gpu
-from .training_step import StepSetup, build_model, fresh_workspaces, make_batch, make_optimizer, resident_tensors, train_step
+from .training_step import (
+    StepSetup,
+    build_model,
+    fresh_workspaces,
+    make_batch,
+    make_optimizer,
+    resident_tensors,
+    train_step,
+)
 
 GIB = float(1 << 30)
 WARMUP_TOKENS = 16  # the warm-up step only creates the optimizer state and the persistent workspaces

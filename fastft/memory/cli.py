@@ -80,8 +80,9 @@ def main(argv=None) -> int:
         return 1
     fits = estimate.fits(args.vram)
     verdict = "fits" if fits else "does NOT fit"
-    print(f"\n{verdict} {args.vram:g} GiB: peak {estimate.peak_gb:.2f} GiB "
-          f"({'%.2f GiB to spare' % (args.vram - estimate.peak_gb) if fits else '%.2f GiB over' % (estimate.peak_gb - args.vram)})")
+    margin = ('%.2f GiB to spare' % (args.vram - estimate.peak_gb) if fits
+              else '%.2f GiB over' % (estimate.peak_gb - args.vram))
+    print(f"\n{verdict} {args.vram:g} GiB: peak {estimate.peak_gb:.2f} GiB ({margin})")
     longest = max_context(args.model, args.vram, **settings)
     print(f"longest sequence that fits {args.vram:g} GiB at batch {args.batch_size}: {longest:,} tokens "
           "(a multiple of 128; the model's trained context may be shorter)")

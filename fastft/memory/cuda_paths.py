@@ -45,7 +45,8 @@ def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if dropout_p:
         raise NotImplementedError("the memory accounting models attention without dropout")
     head_dim = query.shape[-1]
-    flash = attn_mask is None and query.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0
+    flash = (attn_mask is None and query.dtype in (torch.float16, torch.bfloat16)
+             and head_dim <= 256 and head_dim % 8 == 0)
     if not flash and key.shape[1] != query.shape[1]:  # memory-efficient attention has no GQA: expand k/v
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

@@ -58,7 +58,8 @@ class MemoryEstimate:
     def breakdown(self) -> str:
         lines = [f"  {RESIDENT_ROWS[name]:52s} {gb:8.2f} GiB" for name, gb in self.resident.items()]
         lines.append(f"  {'resident (between steps)':52s} {self.resident_gb:8.2f} GiB")
-        lines.append(f"  {'activations and temporaries at the peak (' + self.peak_phase + ')':52s} {self.step_gb:8.2f} GiB")
+        step_row = "activations and temporaries at the peak (" + self.peak_phase + ")"
+        lines.append(f"  {step_row:52s} {self.step_gb:8.2f} GiB")
         lines.append(f"  {'peak (max_memory_allocated, accounted)':52s} {self.peak_gb:8.2f} GiB")
         return "\n".join(lines)
 

@@ -68,7 +68,8 @@ class StepSetup:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not (self.checkpointing in CHECKPOINTING or isinstance(self.checkpointing, int)):
-            raise ValueError(f"checkpointing must be one of {CHECKPOINTING} or a layer count, got {self.checkpointing!r}")
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING} or a layer count, "
+                             f"got {self.checkpointing!r}")
         if self.mlp_chunk_tokens is not None and self.contender != "fastft":
             raise ValueError("mlp_chunk_tokens is a fastft setting; the hf contender has no chunked MLP")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
