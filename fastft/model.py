@@ -59,10 +59,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _backbone(model):
-    return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-
-
 def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -1,6 +1,6 @@
 """Shared plumbing of the kernel library: which engine runs an op, and argument checks.
 
-Every public op in ``fastft.kernels`` has three engines (see ``../shared/DESIGN.md``):
+Every public op in ``fastft.kernels`` has three engines:
 
 * a CUDA tensor runs the compiled Triton kernel;
 * a CPU tensor with ``TRITON_INTERPRET=1`` (set before triton is imported) runs the same

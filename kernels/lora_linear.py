@@ -10,7 +10,7 @@ Backward (``dy`` [T, out]; W is frozen and gets no gradient)::
     dB  = s * dy.T @ (x @ A.T)        # [out, r]; x @ A.T is the small [T, r] kept from the forward
     dbias = dy.sum(0)                 # only when the bias requires grad (Qwen2's frozen q/k/v bias does not)
 
-Dequantize-then-cuBLAS (see DESIGN.md): an NF4 ``W`` is dequantized by the Triton kernel of
+Dequantize-then-cuBLAS: an NF4 ``W`` is dequantized by the Triton kernel of
 ``nf4.py`` into one 16-bit workspace buffer shared by every layer (per device and dtype), used by one
 ``mm`` and overwritten by the next layer; the backward dequantizes again instead of keeping a copy.
 The LoRA product ``x @ A.T`` is computed once in the forward, reused for ``B`` and kept for ``dB``.
