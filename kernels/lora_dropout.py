@@ -46,7 +46,7 @@ _GOLDEN = 0x9E3779B97F4A7C15  # mixes a row block's index into the seed (Weyl se
 
 class DropoutMask(NamedTuple):
     """The dropout mask of one call: element ``(t, k)`` of a ``[T, in]`` input is kept (times ``1 / (1 - p)``)
-    or zeroed by a draw from ``(seed, (row0 + t) * in + k)``."""
+    or zeroed by a draw keyed by ``seed`` at row ``row0 + t``, column ``k`` (the module docstring says how)."""
 
     p: float
     seed: int
