@@ -1,7 +1,8 @@
 """Plumbing shared by the scripts in ``bench/``: import hygiene, environment facts (GPU, versions),
 result-file naming and merging.
 
-The entry scripts load this file by path (``_load_shared()`` in each of them). The repository root must
+The entry scripts import this file as the module ``_shared``, putting ``bench/`` (their own folder, which is
+``sys.path[0]`` when they run as scripts) on ``sys.path`` when they are loaded by path. The repository root must
 never be on ``sys.path``: its ``kernels/`` folder is installed as ``fastft.kernels`` only, and would
 otherwise be importable as a top-level package named ``kernels``, which transformers probes for (and may
 import: ``is_kernels_available``). ``clean_sys_path()`` removes it.

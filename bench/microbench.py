@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import math
 import os
 import sys
@@ -41,16 +40,13 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+# bench/ is not a package: its scripts import _shared.py as a sibling module. Run as a script, bench/ is
+# sys.path[0] already; loaded by path (the tests) it is added here. Never the repository root (clean_sys_path).
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if _BENCH_DIR not in sys.path:
+    sys.path.insert(0, _BENCH_DIR)
+import _shared as shared  # noqa: E402
 
-def _load_shared():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shared.py")
-    spec = importlib.util.spec_from_file_location("fastft_bench_shared", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-shared = _load_shared()
 _DROPPED_FROM_PATH: list[str] = []
 
 OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs", "nf4",
