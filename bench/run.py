@@ -237,9 +237,7 @@ def _gpu_name_without_context() -> str:
 def orchestrate(args) -> int:
     plan = resolve_plan(args)
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench/run.py: no CUDA GPU found. The benchmark's figures exist only when measured on a GPU "
-              "(see bench/README.md); use --cpu-smoke to check the harness itself on CPU.", file=sys.stderr)
-        return 2
+        return shared.refuse_without_gpu("bench/run.py", "--cpu-smoke")
     shared.warn_dropped(_DROPPED_FROM_PATH, "bench/run.py")
     started = time.time()
     deadline = started + args.time_budget_s if args.time_budget_s else None
