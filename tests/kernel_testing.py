@@ -57,6 +57,13 @@ def leaf(t: torch.Tensor | None, requires_grad: bool = True) -> torch.Tensor | N
     return None if t is None else t.clone().requires_grad_(requires_grad)
 
 
+def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int = 6) -> torch.Tensor:
+    """Batched greedy generation (pad token 0, no gradients): prompts and the ``new_tokens`` after them."""
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0)
+
+
 def env_without_interpreter(**extra: str) -> dict:
     """The environment for a script started as a user starts it: no TRITON_INTERPRET (fastft runs its PyTorch
     engine on CPU), plus ``extra``."""
