@@ -1,7 +1,8 @@
 """Plumbing shared by the scripts in ``bench/``: import hygiene, environment facts (GPU, versions),
 result-file naming and merging.
 
-The entry scripts load this file by path (``_load_shared()`` in each of them). The repository root must
+The entry scripts import this file as the module ``_shared``, putting ``bench/`` (their own folder, which is
+``sys.path[0]`` when they run as scripts) on ``sys.path`` when they are loaded by path. The repository root must
 never be on ``sys.path``: its ``kernels/`` folder is installed as ``fastft.kernels`` only, and would
 otherwise be importable as a top-level package named ``kernels``, which transformers probes for (and may
 import: ``is_kernels_available``). ``clean_sys_path()`` removes it.
@@ -38,6 +39,36 @@ def warn_dropped(dropped: list[str], script: str) -> None:
               "(its kernels/ folder would shadow Hugging Face's `kernels` package); fastft must be installed "
               "(pip install -e .) or put on PYTHONPATH as a package tree (see bench/device_run.sh)",
               file=sys.stderr)
+
+
+def refuse_without_gpu(script: str, cpu_flag: str = "--cpu-dry-run") -> int:
+    """Say why nothing was measured (no CUDA GPU) and what the CPU check is; the exit status to return."""
+    print(f"{script}: no CUDA GPU found. Its figures exist only when measured on a GPU (see bench/README.md); "
+          f"{cpu_flag} checks the code paths on CPU.", file=sys.stderr)
+    return 2
+
+
+def add_run_options(parser, unit: str, dry_run_help: str) -> None:
+    """--out-dir, --time-budget-s and --cpu-dry-run, as every micro-benchmark script takes them."""
+    parser.add_argument("--out-dir", default=None, help="default bench/results (dry run: a temp folder)")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help=f"start no further {unit} after this many seconds (its rows: skipped)")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help=f"{dry_run_help} (checks the harness; no figures)")
+
+
+def result_names(kind: str, dry_run: bool, out_dir: str | None, date: str) -> tuple[str, str, str]:
+    """(device name, result file stem, output folder) of a micro-benchmark: ``<date>-<gpu>-<kind>`` in
+    ``--out-dir`` or bench/results; a CPU dry run's ``<date>-cpu-dry-run-<kind>`` in a temp folder."""
+    if dry_run:
+        import tempfile
+
+        folder = out_dir or os.path.join(tempfile.gettempdir(), f"fastft-bench-{kind}-dry-run")
+        return "cpu (dry run)", f"{date}-cpu-dry-run-{kind}", folder
+    import torch
+
+    gpu = torch.cuda.get_device_name(0)
+    return gpu, f"{date}-{slug(gpu)}-{kind}", out_dir or DEFAULT_RESULTS_DIR
 
 
 def utc_date() -> str:
@@ -182,6 +213,22 @@ def merge_results(path: str, header: dict, run_info: dict, new_rows: list[dict],
         row["run"] = run_index
         data["rows"].append(row)
     write_json_atomic(path, data)
+    return data
+
+
+def write_results(out_dir: str, stem: str, header: dict, run_info: dict, rows: list[dict], key_fields: tuple,
+                  markdown, latest: dict | None = None) -> dict:
+    """Merge this run's rows into ``<stem>.json`` (``merge_results``), then write ``<stem>.md`` from the merged
+    data with ``markdown(data)``. ``latest``: top-level fields that take this run's value, not the first run's."""
+    json_path = os.path.join(out_dir, stem + ".json")
+    data = merge_results(json_path, header, run_info, rows, key_fields)
+    if latest:
+        data.update(latest)
+        write_json_atomic(json_path, data)
+    md_path = os.path.join(out_dir, stem + ".md")
+    with open(md_path, "w") as f:
+        f.write(markdown(data))
+    print(f"wrote {json_path}\n      {md_path}")
     return data
 
 

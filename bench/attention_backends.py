@@ -27,7 +27,6 @@ not installed, or its CUDA build not loading beside this torch) gets a ``not_ava
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -37,16 +36,13 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+# bench/ is not a package: its scripts import _shared.py as a sibling module. Run as a script, bench/ is
+# sys.path[0] already; loaded by path (the tests) it is added here. Never the repository root (clean_sys_path).
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if _BENCH_DIR not in sys.path:
+    sys.path.insert(0, _BENCH_DIR)
+import _shared as shared  # noqa: E402
 
-def _load_shared():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shared.py")
-    spec = importlib.util.spec_from_file_location("fastft_bench_shared", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-shared = _load_shared()
 _DROPPED_FROM_PATH: list[str] = []
 
 BACKENDS = ("fastft", "fastft_xformers", "sdpa")
@@ -244,11 +240,7 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
                    help="GPU dtype (V100/T4 have no bf16; xformers' kernels take bf16 from sm_80)")
-    p.add_argument("--out-dir", default=None, help="default bench/results (dry run: a temp folder)")
-    p.add_argument("--time-budget-s", type=float, default=None,
-                   help="start no further measurement after this many seconds (its rows: skipped)")
-    p.add_argument("--cpu-dry-run", action="store_true",
-                   help="every code path at tiny shapes on CPU, float32 (checks the harness; no figures)")
+    shared.add_run_options(p, "measurement", "every code path at tiny shapes on CPU, float32")
     return p
 
 
@@ -256,22 +248,14 @@ def main(argv=None) -> int:
     _DROPPED_FROM_PATH[:] = shared.clean_sys_path()  # before anything imports transformers
     args = build_parser().parse_args(argv)
     if not args.cpu_dry_run and not torch.cuda.is_available():
-        print("bench/attention_backends.py: no CUDA GPU found. Its figures exist only when measured on a GPU (see "
-              "bench/README.md); --cpu-dry-run checks the code paths on CPU.", file=sys.stderr)
-        return 2
+        return shared.refuse_without_gpu("bench/attention_backends.py")
     shared.warn_dropped(_DROPPED_FROM_PATH, "bench/attention_backends.py")
     date = shared.utc_date()
     if args.cpu_dry_run:
-        import tempfile
-
         device, dtype, S = torch.device("cpu"), torch.float32, SHAPES["dry"]
-        gpu, stem = "cpu (dry run)", f"{date}-cpu-dry-run-attention"
-        out_dir = args.out_dir or os.path.join(tempfile.gettempdir(), "fastft-bench-attention-dry-run")
     else:
         device, dtype, S = torch.device("cuda", 0), getattr(torch, args.dtype), SHAPES["gpu"]
-        gpu = torch.cuda.get_device_name(0)
-        stem = f"{date}-{shared.slug(gpu)}-attention"
-        out_dir = args.out_dir or shared.DEFAULT_RESULTS_DIR
+    gpu, stem, out_dir = shared.result_names("attention", args.cpu_dry_run, args.out_dir, date)
     os.makedirs(out_dir, exist_ok=True)
     header = {**shared.environment(gpu), "date": date, "command": shared.command_line(),
               "cpu_dry_run": bool(args.cpu_dry_run)}
@@ -300,12 +284,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     run_info = {"started": shared.utc_now(), "seconds": round(time.time() - started, 1), "command": header["command"],
                 **{k: header[k] for k in ("gpu", "torch", "triton", "transformers", "xformers", "fastft")}}
-    json_path = os.path.join(out_dir, stem + ".json")
-    data = shared.merge_results(json_path, header, run_info, rows, KEY)
-    md_path = os.path.join(out_dir, stem + ".md")
-    with open(md_path, "w") as f:
-        f.write(markdown(data))
-    print(f"wrote {json_path}\n      {md_path}")
+    shared.write_results(out_dir, stem, header, run_info, rows, KEY, markdown)
     return 0
 
 

@@ -25,21 +25,16 @@ date, command), ``memory-<date>.md`` and ``memory-<date>.png``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
 
-
-def _load_shared():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shared.py")
-    spec = importlib.util.spec_from_file_location("fastft_bench_shared", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-shared = _load_shared()
+# bench/ is not a package: its scripts import _shared.py as a sibling module. Run as a script, bench/ is
+# sys.path[0] already; loaded by path (the tests) it is added here. Never the repository root (clean_sys_path).
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if _BENCH_DIR not in sys.path:
+    sys.path.insert(0, _BENCH_DIR)
+import _shared as shared  # noqa: E402
 
 MODELS = ("llama-3.1-8b", "qwen2-7b", "qwen2.5-1.5b")
 SEQ_LENS = (512, 2048, 8192, 32768)

@@ -72,7 +72,14 @@ def _load_training():
     return module
 
 
-shared = _load_training().shared
+# bench/ is not a package: its scripts import _shared.py as a sibling module. Run as a script, bench/ is
+# sys.path[0] already; loaded by path (the tests) it is added here. Never the repository root (clean_sys_path).
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if _BENCH_DIR not in sys.path:
+    sys.path.insert(0, _BENCH_DIR)
+import _shared as shared  # noqa: E402
+
+_load_training()
 from fastft_bench_training.checkpoint import make_checkpoint  # noqa: E402 - after the loader
 from fastft_bench_training.config import ATTENTION, CONTENDERS, LOSS_STEPS, MODELS, ROW_KEY  # noqa: E402
 from fastft_bench_training.report import add_ratios, definitions, markdown, markdown_table, plot  # noqa: E402
@@ -230,9 +237,7 @@ def _gpu_name_without_context() -> str:
 def orchestrate(args) -> int:
     plan = resolve_plan(args)
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench/run.py: no CUDA GPU found. The benchmark's figures exist only when measured on a GPU "
-              "(see bench/README.md); use --cpu-smoke to check the harness itself on CPU.", file=sys.stderr)
-        return 2
+        return shared.refuse_without_gpu("bench/run.py", "--cpu-smoke")
     shared.warn_dropped(_DROPPED_FROM_PATH, "bench/run.py")
     started = time.time()
     deadline = started + args.time_budget_s if args.time_budget_s else None

@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from kernel_testing import assert_help_documents, env_without_interpreter, script_help
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "bench" / "run.py"
@@ -36,19 +36,11 @@ HEADER_FIELDS = ("gpu", "torch", "triton", "transformers", "peft", "bitsandbytes
 STATUSES = {"ok", "oom", "not_installed", "error", "skipped"}
 
 
-def _env(**extra):
-    env = dict(os.environ)
+def _start(args, cwd):
     # the smoke runs fastft's plain PyTorch paths (the Triton interpreter is exercised by the kernel tests
     # and would make this test minutes long); CUDA hidden so the no-GPU checks hold on any machine
-    env.pop("TRITON_INTERPRET", None)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env.update(extra)
-    return env
-
-
-def _start(args, cwd):
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env_without_interpreter(
+        CUDA_VISIBLE_DEVICES=""), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +56,6 @@ def runs(tmp_path_factory):
         "attention_no_gpu": _start([ATTENTION, "--out-dir", tmp / "attention_no_gpu"], tmp),
         "run_no_gpu": _start([RUN, "--quick", "--out-dir", tmp / "run_no_gpu"], tmp),
         "microbench_no_gpu": _start([MICROBENCH, "--out-dir", tmp / "microbench_no_gpu"], tmp),
-        "help": _start([RUN, "--help"], tmp),
     }
     results = {}
     try:
@@ -227,13 +218,38 @@ def test_without_gpu_the_scripts_refuse(runs, name, script):
     assert not (tmp / name).exists(), "nothing may be written without a GPU"
 
 
-def test_help(runs):
-    _, results = runs
-    code, out, _ = results["help"]
-    assert code == 0
-    for flag in ("--quick", "--cpu-smoke", "--models", "--seq-lens", "--batch-sizes", "--contenders", "--steps",
-                 "--warmup", "--out-dir", "--attention"):
-        assert flag in out
+DRY_RUN_OPTIONS = {"--out-dir": "default bench/results (dry run: a temp folder)",
+                   "--time-budget-s": "after this many seconds", "--cpu-dry-run": "checks the harness; no figures"}
+HELP = {  # per script: its description and, per option, words of the option's help
+    "run.py": ("QLoRA training benchmark: fastft vs Hugging Face", {
+        "--quick": "the 'small' model, seq 512 and 2048, batch 1", "--cpu-smoke": "harness check on CPU",
+        "--models": "comma-separated, from llama3-8b, qwen2-7b, small, tiny, tiny-qwen2",
+        "--seq-lens": "default 512,2048,4096", "--batch-sizes": "default 1,4",
+        "--contenders": "default hf,fastft,liger,unsloth", "--steps": "timed steps per setting",
+        "--warmup": "untimed warm-up steps", "--loss": "fused lm-head path", "--checkpointing": "offload",
+        "--attention": "attention of the fastft contender", "--lr": "AdamW learning rate", "--seed": "data seed",
+        "--loss-tol": "absolute loss tolerance vs hf", "--out-dir": "where results go",
+        "--cache-dir": "random-weight checkpoints", "--worker-timeout-s": "a contender's process is killed",
+        "--time-budget-s": "stop starting settings", "--no-plot": "skip the PNG"}),
+    "microbench.py": ("Kernel micro-benchmarks: each fastft kernel against its PyTorch/library counterpart, on a GPU.",
+                      {"--ops": "comma-separated subset of rms_norm, rope, swiglu, cross_entropy, "
+                                "fused_linear_cross_entropy, linear_log_probs, nf4, lora, attention",
+                       **DRY_RUN_OPTIONS}),
+    "attention_backends.py": ("fastft's three attention backends side by side",
+                              {"--dtype": "GPU dtype (V100/T4 have no bf16", **DRY_RUN_OPTIONS}),
+    "memory.py": ("Accounted GPU memory of QLoRA training, fastft against the Hugging Face baseline", {
+        "--models": "known names", "--seq-lens": "SEQ_LENS", "--batch-sizes": "BATCH_SIZES",
+        "--checkpointing": "CHECKPOINTING", "--r": "LoRA rank of the rows", "--loss": "{trl,labels}",
+        "--contenders": "CONTENDERS", "--vram": "card sizes (GiB)", "--no-max-context": "",
+        "--mlp-chunk-tokens": "fastft's MLP chunk", "--quick": "Llama-3.1-8B", "--out-dir": "OUT_DIR",
+        "--gpu-check": "compare max_memory_allocated with the accounting"}),
+}
+
+
+@pytest.mark.parametrize("script", sorted(HELP))
+def test_help_documents_every_option(script, tmp_path):
+    description, options = HELP[script]
+    assert_help_documents(script_help(REPO / "bench" / script, cwd=tmp_path), description, options)
 
 
 def _load(path: Path, name: str):
@@ -277,3 +293,57 @@ def test_ratios_flag_a_loss_mismatch_and_merge_keeps_the_header(tmp_path):
     assert by_key[("fastft", "m")]["tokens_per_s"] == 3000.0 and by_key[("fastft", "m")]["run"] == 1
     assert by_key[("liger", "m")]["run"] == 0 and by_key[("hf", "other")]["run"] == 1
     assert json.loads(Path(path).read_text()) == data
+
+
+def test_microbench_case_table_rates_ratios_and_failures(capsys):
+    """One loop for the whole table: times from the bench, GB/s and TFLOP/s from each case's formula,
+    fractions of the ceilings, ratios against the case's reference, and a missing kernel, a crash and an
+    exhausted time budget as rows."""
+    from types import SimpleNamespace
+
+    import torch
+
+    mb = _load(MICROBENCH, "fastft_bench_microbench_under_test")
+    times = iter([1.0, 3.0, 2.0, 9.0, 4.0, 8.0])  # ms, in call order: fwd then fwd+bwd of each implementation
+
+    class FixedTimes(mb.Bench):
+        def time_ms(self, fn, grad_to_none=None):
+            fn()
+            ms = next(times)
+            return {"median": ms, "p20": ms, "p80": ms}
+
+    def build(bench, S, dtype, size, setup):
+        x = torch.ones(3, requires_grad=True)
+        return SimpleNamespace(shape=f"n={size}", grads=[x], dys=None, x=x)
+
+    def missing(x):
+        raise ImportError("no module named fastft.kernels.nothing")
+
+    def crash(x):
+        return lambda: torch.ones(2) @ torch.ones(3)
+
+    impls = {"fast": lambda x: lambda: (2 * x.x).sum(), "ref": lambda x: lambda: (3 * x.x).sum(),
+             "gone": missing, "broken": crash}
+    memory_bound = mb.Case("copyish", "g", "t", build, reference="ref", impls=impls, note="bytes",
+                           traffic=lambda x: (1e9, 2e9), sizes=lambda S: [7])
+    gemm = mb.Case("gemmish", "g", "t", build, reference="ref", impls={"fast": impls["fast"]}, note="flops",
+                   flops=lambda x: (4e12, 12e12), sizes=lambda S: [5])
+    ceil = {"copy_gbps": 2000.0, "matmul_tflops": 1000.0}
+    rows = mb.run_cases(FixedTimes(torch.device("cpu"), True), [memory_bound, gemm], {}, ceil, torch.float32)
+    fast, ref, gone, broken, gemm_row = rows
+    assert [r["impl"] for r in rows] == ["fast", "ref", "gone", "broken", "fast"]
+    assert (fast["fwd_ms"], fast["fwdbwd_ms"], fast["bwd_ms"]) == (1.0, 3.0, 2.0)
+    assert fast["fwd_gbps"] == pytest.approx(1000.0) and fast["fwdbwd_gbps"] == pytest.approx(1000.0)
+    assert fast["fwd_frac_of_copy_bw"] == pytest.approx(0.5) and fast["bytes_note"] == "bytes"
+    assert ref["fwd_gbps"] == pytest.approx(500.0) and ref["fwdbwd_gbps"] == pytest.approx(1e3 / 3)
+    assert fast["vs"] == "ref" and fast["fwd_speedup"] == pytest.approx(2.0)
+    assert fast["fwdbwd_speedup"] == pytest.approx(3.0) and "vs" not in ref
+    assert gone["status"] == "not_available" and "fastft.kernels.nothing" in gone["message"]
+    assert broken["status"] == "error" and "RuntimeError" in broken["message"]
+    assert gemm_row["shape"] == "n=5" and gemm_row["flops_note"] == "flops"
+    assert gemm_row["fwd_tflops"] == pytest.approx(1000.0) and gemm_row["fwdbwd_tflops"] == pytest.approx(2000.0)
+    assert gemm_row["fwdbwd_frac_of_matmul"] == pytest.approx(2.0) and "vs" not in gemm_row  # no reference row
+
+    late = mb.run_cases(FixedTimes(torch.device("cpu"), True), [gemm], {}, ceil, torch.float32, deadline=1.0)
+    assert [(r["op"], r["status"]) for r in late] == [("gemmish", "skipped")]
+    assert "copyish" in capsys.readouterr().out  # every row is printed as it is measured

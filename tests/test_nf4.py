@@ -10,15 +10,12 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-from kernel_testing import assert_close
+from kernel_testing import DTYPES, ENGINES, assert_close
 from tiny_models import bnb_cpu_reference_ok
 
 from fastft.kernels._common import use_engine
 from fastft.kernels.nf4 import NF4Weight, dequantize_nf4
 from fastft.quant import UnsupportedWeight, dequantize_4bit, nf4_weight_of
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ENGINES = ("triton", "torch")
 
 
 def _quantize(shape, blocksize, double_quant, dtype=torch.float32, seed=0):
@@ -127,7 +124,7 @@ def test_out_buffer_and_result_dtype():
     packed, qs = _quantize((13, 40), 64, True)
     expected32 = F.dequantize_4bit(packed, qs)
     w = _nf4_weight(packed, qs)
-    for engine in ("triton", "torch"):
+    for engine in ENGINES:
         with use_engine(engine):
             for dtype in (torch.bfloat16, torch.float16):
                 _assert_equal(dequantize_nf4(w, dtype=dtype), expected32.to(dtype), f"{engine} dtype={dtype}")

@@ -1,16 +1,12 @@
 """fastft.kernels.rms_norm against float64 math and Hugging Face's LlamaRMSNorm."""
 import pytest
 import torch
-from kernel_testing import assert_close
+from kernel_testing import BF16, ENGINES, EPS, F16, F32, assert_close
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from fastft.kernels import use_engine
 from fastft.kernels._common import INTERPRET
 from fastft.kernels.rms_norm import rms_norm
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-EPS = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7}  # machine epsilon = 1 ulp relative at 1.0
-ENGINES = ["triton", "torch"]
 
 
 def _inputs(shape, x_dtype, w_dtype, seed=0, w_grad=True):

@@ -1,15 +1,11 @@
 """fastft.kernels.rope against transformers' apply_rotary_pos_emb run in float64."""
 import pytest
 import torch
-from kernel_testing import assert_close
+from kernel_testing import BF16, DTYPES, ENGINES, EPS, F32, assert_close
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from fastft.kernels import use_engine
 from fastft.kernels.rope import apply_rope
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-EPS = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7}
-ENGINES = ["triton", "torch"]
 
 
 def _hf_views(B, T, H, D, dtype, gen):
@@ -58,7 +54,7 @@ def _check(q, k, cos, sin, q_embed, k_embed, dq_embed, dk_embed):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "B,T,Hq,Hkv,D,table_batch",
     [

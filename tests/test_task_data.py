@@ -186,8 +186,9 @@ def test_evaluate_plumbing_with_a_fake_model(batch_size):
 
 def test_cli_help_and_check(tmp_path):
     script = os.path.join(EXAMPLES, "task_data.py")
+    # the options are checked by test_examples.py's --help test; here the example record it shows
     out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True)
-    assert "--n-train" in out.stdout and "ISO" in out.stdout
+    assert "Example record:" in out.stdout and "Rewrite the date in ISO format (YYYY-MM-DD)" in out.stdout
     assert subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True).returncode == 0
 
     out = subprocess.run([sys.executable, script, "--data-dir", str(tmp_path), "--n-train", "30", "--n-eval", "5"],

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from kernel_testing import assert_close
+from kernel_testing import assert_close, greedy_generate
 from tiny_models import padded_batch, randomize_lora, save_tiny_model, tiny_config
 from xformers_reference import use_reference_op
 
@@ -329,9 +329,6 @@ def test_generate_matches_the_sdpa_route(reference_op, tmp_path):
     xformers_model, sdpa_model = load(path, "fastft_xformers").eval(), load(path, "sdpa").eval()
     ids, mask, _ = padded_batch()
     ids, mask = ids[[0, 2]], mask[[0, 2]]  # full and left-padded rows, as batched generation pads
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        expected = sdpa_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        got = xformers_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    expected, got = greedy_generate(sdpa_model, ids, mask), greedy_generate(xformers_model, ids, mask)
     assert reference_op, "the prompt did not run through the xformers route"
     assert torch.equal(got, expected)

@@ -3,20 +3,9 @@ random-weight checkpoints (``checkpoint``), the training worker that runs one co
 (``worker``), and the ratios, Markdown and plot of the results (``report``).
 
 ``bench/run.py`` loads this folder by path as the package ``fastft_bench_training`` (``bench/`` itself is
-not a package), and ``bench/_shared.py`` the same way, as ``shared``.
+not a package) after putting ``bench/`` on ``sys.path``, so ``bench/_shared.py`` imports as ``_shared``; the
+modules here reach it as ``from . import shared``.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def _load_shared():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_shared.py")
-    spec = importlib.util.spec_from_file_location("fastft_bench_shared", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-shared = _load_shared()
+import _shared as shared  # noqa: F401 - bench/ is on sys.path (see bench/run.py)

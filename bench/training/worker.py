@@ -192,96 +192,129 @@ def _train_setting(model, spec: dict, seq_len: int, batch_size: int, trainable, 
     return row
 
 
-def worker_main(spec_path: str) -> int:
-    with open(spec_path) as f:
-        spec = json.load(f)
-    contender, result_path = spec["contender"], spec["result_path"]
-    settings = [tuple(s) for s in spec["settings"]]
-    result = {"rows": [], "info": {}}
+class _Result:
+    """The worker's result file: its rows and load facts, rewritten after every change."""
 
-    def save():
-        shared.write_json_atomic(result_path, result)
+    def __init__(self, path: str):
+        self.path, self.data = path, {"rows": [], "info": {}}
 
-    def add_row(seq_len, batch_size, **fields):
-        result["rows"].append({"seq_len": seq_len, "batch_size": batch_size, **fields})
-        save()
+    def save(self):
+        shared.write_json_atomic(self.path, self.data)
 
-    try:
-        _import_peer(contender)
-    except NotInstalled as exc:
-        for seq_len, batch_size in settings:
-            add_row(seq_len, batch_size, status="not_installed", message=str(exc))
-        return 0
+    def add_row(self, seq_len, batch_size, **fields):
+        self.data["rows"].append({"seq_len": seq_len, "batch_size": batch_size, **fields})
+        self.save()
 
-    device = torch.device("cuda", 0) if spec["device_kind"] == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
-    result["info"]["dtype"] = str(dtype).replace("torch.", "")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    try:
-        if spec["loss_path"] == "trl":
-            import trl.trainer.utils  # noqa: F401 - fail early and clearly when TRL (or datasets) is missing
-        model, checkpointing = build_model(contender, spec, device, dtype)
-        if spec["loss_path"] == "trl":
-            from trl.trainer.utils import add_fused_lm_head
 
-            add_fused_lm_head(model.get_base_model())  # as SFTTrainer does for a PeftModel
-        model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
-            raise RuntimeError("the model has no trainable parameters after LoRA wrapping")
-        if dtype == torch.bfloat16:
-            # TRL 1.16 casts the LoRA weights of 4-bit models to bf16 (QLoRA paper); fp16 keeps fp32 masters
-            # for the GradScaler
-            for param in trainable:
-                param.data = param.data.to(torch.bfloat16)
-        snapshot = [p.detach().to("cpu", copy=True) for p in trainable]
-    except Exception as exc:  # noqa: BLE001
-        status = "oom" if device.type == "cuda" and _is_oom(exc) else "error"
-        message = ("at load: " + str(exc).splitlines()[0][:500]) if status == "oom" else "at load: " + _error_text(exc)
-        if isinstance(exc, ImportError) and contender in ("liger", "unsloth"):
-            status, message = "not_installed", f"{contender} is installed but does not import: {exc}"
-        print(f"[{contender}] {spec['model']}: load failed: {message}", flush=True)
-        for seq_len, batch_size in settings:
-            add_row(seq_len, batch_size, status=status, message=message)
-        return 0
-    info = result["info"]
-    info["load_seconds"] = round(time.perf_counter() - t0, 2)
-    info["checkpointing"] = checkpointing
-    info["trainable_params"] = sum(p.numel() for p in trainable)
-    info["trainable_dtype"] = str(trainable[0].dtype).replace("torch.", "")
-    info["attention"] = getattr(model.config, "_attn_implementation", None)
+def _device_and_dtype(spec: dict):
+    """GPU: bf16 where supported, else fp16; CPU (smoke run): fp32."""
+    if spec["device_kind"] != "cuda":
+        return torch.device("cpu"), torch.float32
+    return torch.device("cuda", 0), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _load_for_training(contender: str, spec: dict, device, dtype):
+    """The contender's model, ready to train: (model, checkpointing mode, trainable parameters, a CPU
+    snapshot of them that every setting starts from)."""
+    if spec["loss_path"] == "trl":
+        import trl.trainer.utils  # noqa: F401 - fail early and clearly when TRL (or datasets) is missing
+    model, checkpointing = build_model(contender, spec, device, dtype)
+    if spec["loss_path"] == "trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model())  # as SFTTrainer does for a PeftModel
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise RuntimeError("the model has no trainable parameters after LoRA wrapping")
+    if dtype == torch.bfloat16:
+        # TRL 1.16 casts the LoRA weights of 4-bit models to bf16 (QLoRA paper); fp16 keeps fp32 masters
+        # for the GradScaler
+        for param in trainable:
+            param.data = param.data.to(torch.bfloat16)
+    snapshot = [p.detach().to("cpu", copy=True) for p in trainable]
+    return model, checkpointing, trainable, snapshot
+
+
+def _load_failure(contender: str, device, exc: BaseException) -> tuple[str, str]:
+    """(status, message) of every row of a contender that could not be loaded."""
+    if isinstance(exc, ImportError) and contender in ("liger", "unsloth"):
+        return "not_installed", f"{contender} is installed but does not import: {exc}"
+    if device.type == "cuda" and _is_oom(exc):
+        return "oom", "at load: " + str(exc).splitlines()[0][:500]
+    return "error", "at load: " + _error_text(exc)
+
+
+def _record_load(info: dict, model, checkpointing: str, trainable, device, seconds: float) -> None:
+    info.update(load_seconds=round(seconds, 2), checkpointing=checkpointing,
+                trainable_params=sum(p.numel() for p in trainable),
+                trainable_dtype=str(trainable[0].dtype).replace("torch.", ""),
+                attention=getattr(model.config, "_attn_implementation", None))
     if "fastft" in sys.modules:
         info["fastft_path"] = os.path.dirname(sys.modules["fastft"].__file__)
     if device.type == "cuda":
         info["load_peak_vram_gb"] = torch.cuda.max_memory_allocated(device) / shared.GIB
         info["model_vram_gb"] = torch.cuda.memory_allocated(device) / shared.GIB
-    save()
-    print(f"[{contender}] {spec['model']}: loaded in {info['load_seconds']} s, "
-          f"{info['trainable_params'] / 1e6:.1f}M trainable ({info['trainable_dtype']}), "
-          f"checkpointing {checkpointing}, attention {info['attention']}",
-          flush=True)
 
+
+def _print_setting(tag: str, seq_len: int, batch_size: int, row: dict) -> None:
+    print(f"{tag} T={seq_len} B={batch_size}: {row['status']}"
+          + (f" {row['tokens_per_s']:.0f} tok/s, step {row['step_time_median_s']:.3f} s"
+             if row["status"] == "ok" else f" ({(row['message'] or '').splitlines()[-1][:200]})")
+          + (f", peak {row['peak_vram_gb']:.2f} GB" if row.get("peak_vram_gb") is not None else "")
+          + f", losses {[round(v, 4) for v in row['losses']]}", flush=True)
+
+
+def _run_settings(result: _Result, tag: str, spec: dict, settings, model, trainable, snapshot, device,
+                  dtype) -> None:
+    """Every (seq_len, batch_size) setting in turn; after a broken CUDA context or past the deadline the
+    remaining ones get rows saying why they did not run."""
     fatal = None
     for seq_len, batch_size in settings:
         if fatal:
-            add_row(seq_len, batch_size, status="error", message=f"not run: an earlier setting broke the CUDA "
-                                                                  f"context ({fatal})")
+            result.add_row(seq_len, batch_size, status="error",
+                           message=f"not run: an earlier setting broke the CUDA context ({fatal})")
             continue
         if spec.get("deadline") and time.time() > spec["deadline"]:
-            add_row(seq_len, batch_size, status="skipped", message="not run: --time-budget-s exhausted")
+            result.add_row(seq_len, batch_size, status="skipped", message="not run: --time-budget-s exhausted")
             continue
         row = _train_setting(model, spec, seq_len, batch_size, trainable, snapshot, device, dtype)
         if row.pop("fatal", False):
             fatal = (row["message"] or "").splitlines()[-1][:200]
-        add_row(seq_len, batch_size, **row)
-        print(f"[{contender}] {spec['model']} T={seq_len} B={batch_size}: {row['status']}"
-              + (f" {row['tokens_per_s']:.0f} tok/s, step {row['step_time_median_s']:.3f} s"
-                 if row["status"] == "ok" else f" ({(row['message'] or '').splitlines()[-1][:200]})")
-              + (f", peak {row['peak_vram_gb']:.2f} GB" if row.get("peak_vram_gb") is not None else "")
-              + f", losses {[round(v, 4) for v in row['losses']]}", flush=True)
+        result.add_row(seq_len, batch_size, **row)
+        _print_setting(tag, seq_len, batch_size, row)
+
+
+def worker_main(spec_path: str) -> int:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    contender, tag = spec["contender"], f"[{spec['contender']}] {spec['model']}"
+    settings = [tuple(s) for s in spec["settings"]]
+    result = _Result(spec["result_path"])
+    try:
+        _import_peer(contender)
+    except NotInstalled as exc:
+        for seq_len, batch_size in settings:
+            result.add_row(seq_len, batch_size, status="not_installed", message=str(exc))
+        return 0
+
+    device, dtype = _device_and_dtype(spec)
+    info = result.data["info"]
+    info["dtype"] = str(dtype).replace("torch.", "")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        model, checkpointing, trainable, snapshot = _load_for_training(contender, spec, device, dtype)
+    except Exception as exc:  # noqa: BLE001 - recorded in every row
+        status, message = _load_failure(contender, device, exc)
+        print(f"{tag}: load failed: {message}", flush=True)
+        for seq_len, batch_size in settings:
+            result.add_row(seq_len, batch_size, status=status, message=message)
+        return 0
+    _record_load(info, model, checkpointing, trainable, device, time.perf_counter() - t0)
+    result.save()
+    print(f"{tag}: loaded in {info['load_seconds']} s, {info['trainable_params'] / 1e6:.1f}M trainable "
+          f"({info['trainable_dtype']}), checkpointing {checkpointing}, attention {info['attention']}", flush=True)
+    _run_settings(result, tag, spec, settings, model, trainable, snapshot, device, dtype)
     return 0
