@@ -436,7 +436,8 @@ def linear_log_probs(
     Args:
         hidden: ``[N, H]`` fp32/fp16/bf16.
         weight: ``[V, H]`` fp32/fp16/bf16 (frozen or trainable).
-        labels: ``[N]`` int64/int32 in ``[0, V)`` or ``ignore_index`` (else ValueError, host check).
+        labels: ``[N]`` int64/int32 in ``[0, V)`` or ``ignore_index`` (else ValueError on CPU; on a GPU a
+            device-side assert, no host sync: see ``cross_entropy.check_labels``).
         bias: optional ``[V]`` fp32/fp16/bf16, added before the scaling (as TRL does).
         temperature: > 0; the logits are divided by it.
         logit_scale: the logits are multiplied by it (Cohere/Granite-style heads; 1.0 otherwise).
