@@ -20,11 +20,12 @@ else PyTorch SDPA.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .kernels.attention import attention, attention_varlen
 
@@ -34,58 +35,104 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 
 
 def fastft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
-    """Mask interface entry: None / 2D padding mask for training-shaped calls, 4D bool mask when decoding."""
+    """Mask interface entry: None / 2D padding mask for training-shaped calls, 4D bool mask when decoding.
+
+    A 2D mask is sliced as ``flash_attention_mask`` does; its padding metadata (:func:`padding_metadata`, one
+    sync) is computed here, once per forward, and memoised on the returned mask for every layer. A mask
+    without padding gives None (dense causal attention)."""
     decoding = int(q_offset) != 0 or int(kv_offset) != 0 or q_length != kv_length
     if decoding:
         kwargs["allow_is_causal_skip"] = False
         return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs)
-    return flash_attention_mask(batch_size, q_length, kv_length, attention_mask=attention_mask)
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and once_per_forward(attention_mask, "unpad", padding_metadata,
+                                                                 attention_mask) is None:
+        return None
+    return attention_mask
 
 
 def once_per_forward(source: torch.Tensor, key, compute, *args):
-    """``compute(*args)``, memoised on ``source``: the mask / position_ids tensor that every decoder layer of
-    one forward receives as the same object. The first layer derives the packing metadata (with a
-    device-to-host sync), the others reuse it; an in-place change of ``source`` (its version counter)
-    or a different ``key`` recomputes it."""
-    stamp = (source._version, key)
-    memo = getattr(source, "_fastft_memo", None)
-    if memo is None or memo[0] != stamp:
-        memo = (stamp, compute(*args))
-        source._fastft_memo = memo
-    return memo[1]
+    """``compute(*args)``, memoised on ``source`` under ``key``: the mask / position_ids tensor that every
+    decoder layer of one forward receives as the same object. The first call derives the packing metadata
+    (with a device-to-host sync), the others reuse it; an in-place change of ``source`` (its version
+    counter) recomputes it."""
+    memo = source.__dict__.setdefault("_fastft_memo", {})
+    entry = memo.get(key)
+    if entry is None or entry[0] != source._version:
+        entry = memo[key] = (source._version, compute(*args))
+    return entry[1]
+
+
+def remember(source: torch.Tensor, key, value) -> None:
+    """Memoise ``value`` as :func:`once_per_forward` would have computed it (for metadata known on the host)."""
+    source.__dict__.setdefault("_fastft_memo", {})[key] = (source._version, value)
 
 
 def longest_sequence(cu_seqlens: torch.Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
-def unpad_metadata(attention_mask: torch.Tensor):
+def padding_metadata(attention_mask: torch.Tensor):
     """``(keep, cu_seqlens, max_seqlen)`` of a 2D padding mask: flat indices of the real tokens, int32
-    boundaries of each row's real tokens once packed, the longest row."""
-    keep = attention_mask.flatten().nonzero().flatten()
-    lengths = attention_mask.sum(-1, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return keep, cu_seqlens, int(lengths.max())
+    boundaries of each row's real tokens once packed, the longest row; None when nothing is padded.
 
-
-def packed_metadata(position_ids: torch.Tensor):
-    """``(cu_seqlens, max_seqlen)`` of a packed batch described by restarting position_ids, or None."""
-    cu_seqlens = cu_seqlens_from_position_ids(position_ids)
-    return None if cu_seqlens is None else (cu_seqlens, longest_sequence(cu_seqlens))
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Sequence boundaries of a packed batch: a new sequence starts at every row start and wherever the
-    position does not follow the previous one by 1. Returns int32 cu_seqlens over the flattened
-    ``[B*T]`` tokens, or None when no row holds more than one sequence."""
-    step = torch.diff(position_ids, dim=-1) != 1
-    if not step.any():
+    One sync: the token count and the longest row are read together (``keep`` needs the count as its size,
+    the kernel's grid the longest row); ``nonzero_static`` then gathers the indices without another."""
+    lengths = attention_mask.sum(-1)
+    total, longest = torch.stack([lengths.sum(), lengths.max()]).tolist()
+    if total == attention_mask.numel():
         return None
+    keep = attention_mask.flatten().nonzero_static(size=total).flatten()
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return keep, cu_seqlens, longest
+
+
+class Packing(NamedTuple):
+    """Sequences of a batch described by restarting position_ids: int32 ``cu_seqlens`` over the flattened
+    ``[B*T]`` tokens (None when no row holds more than one sequence), the longest sequence, the largest
+    position (what RoPE sees: the length check's)."""
+
+    cu_seqlens: torch.Tensor | None
+    max_seqlen: int
+    largest_position: int
+
+
+def packing_metadata(position_ids: torch.Tensor) -> Packing:
+    """:class:`Packing` of ``[B, T]`` position_ids: a new sequence starts at every row start and wherever the
+    position does not follow the previous one by 1.
+
+    One sync: the number of sequences (the size of ``cu_seqlens``), the longest one (the kernel's grid) and
+    the largest position are read together; ``nonzero_static`` then finds the starts without another."""
+    if position_ids.numel() == 0:
+        return Packing(None, 0, -1)
     starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = step
-    start_idx = starts.flatten().nonzero().flatten()
-    total = torch.tensor([position_ids.numel()], device=position_ids.device)
-    return torch.cat([start_idx, total]).to(torch.int32)
+    starts[:, 1:] = torch.diff(position_ids, dim=-1) != 1
+    starts = starts.flatten()
+    index = torch.arange(starts.numel(), device=starts.device)
+    # each token's distance from the start of its sequence: the longest sequence is the largest, plus one
+    from_start = index - torch.where(starts, index, 0).cummax(0).values
+    n_seqs, longest, largest = torch.stack([starts.sum(), from_start.max() + 1, position_ids.max().long()]).tolist()
+    if n_seqs == position_ids.shape[0]:
+        return Packing(None, longest, largest)
+    start_idx = starts.nonzero_static(size=n_seqs).flatten()
+    cu_seqlens = torch.cat([start_idx, start_idx.new_full((1,), starts.numel())]).to(torch.int32)
+    return Packing(cu_seqlens, longest, largest)
+
+
+def batch_packing(position_ids: torch.Tensor, batch_size: int) -> Packing:
+    """:func:`packing_metadata` of ``position_ids`` (``[B, T]`` or ``[1, T]`` for every row), once per forward."""
+    return once_per_forward(position_ids, ("packed", batch_size), packing_metadata,
+                            position_ids.expand(batch_size, -1))
+
+
+def plain_position_ids(batch_size: int, length: int, device) -> torch.Tensor:
+    """``[[0, 1, .., length - 1]]``, the position_ids transformers makes for a batch without them (and without
+    a cache), already known to hold one sequence per row: no sync to find out."""
+    position_ids = torch.arange(length, device=device).unsqueeze(0)
+    remember(position_ids, ("packed", batch_size), Packing(None, length, length - 1))
+    return position_ids
 
 
 def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling, sliding_window):
@@ -109,9 +156,15 @@ def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
 
     B, Hq, T, D = query.shape
+    padding = None
     if attention_mask is not None:
+        padding = once_per_forward(attention_mask, "unpad", padding_metadata, attention_mask)
+    # The host syncs of a forward here: padding_metadata / packing_metadata read their metadata once (fastft_mask or
+    # the length check, before the first layer), and attention_varlen reads a cu_seqlens tensor back once to
+    # validate it (kernels/attention.py); every layer and the checkpointed recomputation reuse both.
+    if padding is not None:
         # Padded batch: gather the real tokens into packed sequences, attend, scatter back (pads get 0).
-        keep, cu_seqlens, max_seqlen = once_per_forward(attention_mask, "unpad", unpad_metadata, attention_mask)
+        keep, cu_seqlens, max_seqlen = padding
         q = query.transpose(1, 2).reshape(B * T, Hq, D)[keep]
         k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)[keep]
         v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)[keep]
@@ -123,14 +176,14 @@ def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is not None:  # packed batch from a padding-free collator
         max_seqlen = kwargs.get("max_length_q")
-        if max_seqlen is None:
+        if max_seqlen is None:  # (the kernel's grid needs it on the host: one sync per forward)
             max_seqlen = once_per_forward(cu_seqlens, "max", longest_sequence, cu_seqlens)
         return _varlen(query, key, value, cu_seqlens.to(torch.int32), int(max_seqlen), scaling, sliding_window), None
     position_ids = kwargs.get("position_ids")
     if position_ids is not None:
-        packed = once_per_forward(position_ids, ("packed", B), packed_metadata, position_ids.expand(B, -1))
-        if packed is not None:
-            return _varlen(query, key, value, *packed, scaling, sliding_window), None
+        packing = batch_packing(position_ids, B)
+        if packing.cu_seqlens is not None:
+            return _varlen(query, key, value, packing.cu_seqlens, packing.max_seqlen, scaling, sliding_window), None
 
     out = attention(query, key, value, causal=True, scale=scaling, sliding_window=sliding_window)
     return out.transpose(1, 2), None

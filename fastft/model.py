@@ -65,24 +65,32 @@ def _causal_lm(model):
 
 def _install_length_check(backbone, max_seq_length: int):
     """A forward pre-hook on the backbone that refuses sequences longer than ``max_seq_length``. Packed
-    (padding-free) batches put several sequences in one row: there the longest sequence counts, read off
-    ``position_ids`` (what RoPE sees)."""
+    (padding-free) batches put several sequences in one row: there the largest position counts (what RoPE sees),
+    read together with the packing metadata the attention needs (one sync). Without position_ids (and without
+    a cache) the hook passes the backbone the ``arange`` it would make, marked as unpacked."""
 
     def check(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        tokens = ids if ids is not None else kwargs["inputs_embeds"]
         position_ids = kwargs.get("position_ids")
+        cache = kwargs.get("past_key_values")
         if position_ids is not None:
-            length = int(position_ids.max()) + 1
+            # the one sync of a packed batch: its packing metadata (memoised for the attention) and largest position
+            length = fastft_attention.batch_packing(position_ids, tokens.shape[0]).largest_position + 1
         else:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            length = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
-            cache = kwargs.get("past_key_values")
+            length = tokens.shape[1]
             if cache is not None:
                 length += cache.get_seq_length()
+            elif kwargs.get("cache_position") is None and len(args) < 3:  # (position_ids is forward's third)
+                # the position_ids the backbone would make, known to hold one sequence per row: the attention
+                # need not read them back to find out
+                kwargs["position_ids"] = fastft_attention.plain_position_ids(tokens.shape[0], length, tokens.device)
         if length > max_seq_length:
             raise ValueError(
                 f"sequence length {length} exceeds max_seq_length={max_seq_length} given to FastModel.from_pretrained; "
                 "truncate the data (e.g. SFTConfig(max_length=...)) or load with a larger max_seq_length"
             )
+        return args, kwargs
 
     return backbone.register_forward_pre_hook(check, with_kwargs=True)
 

@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import cu_seqlens_from_position_ids, fastft_mask, once_per_forward, unpad_metadata
+from .attention import batch_packing, fastft_mask, once_per_forward, padding_metadata
 
 ATTENTION_NAME = "fastft_xformers"
 
@@ -72,15 +72,15 @@ def _from_cu_seqlens(cu_seqlens: torch.Tensor):
 
 
 def _unpadded(attention_mask: torch.Tensor):
-    keep, cu_seqlens, _ = unpad_metadata(attention_mask)
-    return keep, _from_cu_seqlens(cu_seqlens)
+    # (fastft_mask has memoised the metadata of a mask it returns); None: nothing padded
+    padding = once_per_forward(attention_mask, "unpad", padding_metadata, attention_mask)
+    return None if padding is None else (padding[0], _from_cu_seqlens(padding[1]))
 
 
-def _from_position_ids(position_ids: torch.Tensor):
-    cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+def _from_position_ids(position_ids: torch.Tensor, batch: int):
+    cu_seqlens = batch_packing(position_ids, batch).cu_seqlens
     if cu_seqlens is None:  # one sequence per row
-        batch, length = position_ids.shape
-        return _block_diagonal([length] * batch, position_ids.device)
+        return _block_diagonal([position_ids.shape[-1]] * batch, position_ids.device)
     return _from_cu_seqlens(cu_seqlens)
 
 
@@ -120,8 +120,10 @@ def xformers_attention(module, query, key, value, attention_mask, dropout=0.0, s
     k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)
 
-    if attention_mask is not None:
-        keep, bias = once_per_forward(attention_mask, "xformers-unpad", _unpadded, attention_mask)
+    unpadded = None if attention_mask is None else once_per_forward(attention_mask, "xformers-unpad", _unpadded,
+                                                                      attention_mask)
+    if unpadded is not None:
+        keep, bias = unpadded
         packed = attend_packed(q[keep], k[keep], v[keep], bias, scaling, sliding_window)
         out = packed.new_zeros(B * T, Hq, D).index_copy(0, keep, packed)
         return out.view(B, T, Hq, D), None
@@ -131,7 +133,7 @@ def xformers_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if cu_seqlens is not None:  # packed batch from a padding-free collator
         bias = once_per_forward(cu_seqlens, "xformers", _from_cu_seqlens, cu_seqlens)
     elif position_ids is not None:  # packed when the positions restart, else one sequence per row
-        bias = once_per_forward(position_ids, ("xformers", B), _from_position_ids, position_ids.expand(B, -1))
+        bias = once_per_forward(position_ids, ("xformers", B), _from_position_ids, position_ids, B)
     else:
         bias = _block_diagonal([T] * B, query.device)
     return attend_packed(q, k, v, bias, scaling, sliding_window).view(B, T, Hq, D), None

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor, empty, use_triton
+from ._common import check_same_device, check_tensor, empty, on_gpu, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
 _LABEL_DTYPES = (torch.int64, torch.int32)
@@ -182,11 +182,15 @@ def ce_backward_rows(
     )
 
 
-def check_labels(labels, n_rows: int, vocab: int, ignore_index: int, *, rows_name: str) -> int:
+def check_labels(labels, n_rows: int, vocab: int, ignore_index: int, *, rows_name: str) -> torch.Tensor:
     """Validate ``labels`` ([n_rows] int64/int32, each in [0, vocab) or == ignore_index) and return the
-    number of non-ignored labels. This costs one host-device sync on a GPU; it reads N integers, which
-    is negligible next to the kernel's N*V logits, and turns an out-of-range label (which would read
-    out of bounds inside the kernel) into a clear error."""
+    number of non-ignored labels as a 0-d int64 tensor on labels' device.
+
+    Nothing is read back to the host on a GPU (no sync: the loss is queued right behind the forward). There an
+    out-of-range label, which the kernels would read out of bounds, fails a device-side assert
+    (``torch._assert_async``): the error surfaces at the next sync as "device-side assert triggered"; rerun
+    on CPU (or with ``CUDA_LAUNCH_BLOCKING=1``) to see it at its source. On CPU the check is immediate: a
+    ValueError naming the first bad label."""
     check_tensor("labels", labels, dtypes=_LABEL_DTYPES, ndim=1)
     if labels.shape[0] != n_rows:
         raise ValueError(f"labels has {labels.shape[0]} elements but {rows_name} has {n_rows} rows")
@@ -194,14 +198,15 @@ def check_labels(labels, n_rows: int, vocab: int, ignore_index: int, *, rows_nam
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
-    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
-    if n_bad:
+    if on_gpu(labels):
+        torch._assert_async(~bad.any(), f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+    elif bad.any():
         first = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; {n_bad} are not, "
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; {int(bad.sum())} are not, "
             f"the first at index {first} is {int(labels[first])}"
         )
-    return int(n_valid)
+    return valid.sum()
 
 
 def check_reduction(reduction) -> None:
@@ -209,20 +214,21 @@ def check_reduction(reduction) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def reduce_loss(loss_rows: torch.Tensor, reduction: str, n_valid: int) -> torch.Tensor:
+def reduce_loss(loss_rows: torch.Tensor, reduction: str, n_valid: torch.Tensor) -> torch.Tensor:
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
-    return total / max(n_valid, 1) if reduction == "mean" else total
+    return total / n_valid.clamp(min=1) if reduction == "mean" else total
 
 
-def grad_scale_for(reduction: str, n_valid: int) -> float:
-    return 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+def grad_scale_for(reduction: str, n_valid: torch.Tensor) -> torch.Tensor | float:
+    """The factor of the incoming gradient: ``1 / n_valid`` for "mean" (a 0-d tensor, never read on the host)."""
+    return 1.0 / n_valid.clamp(min=1) if reduction == "mean" else 1.0
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index: int, reduction: str, n_valid: int):
+    def forward(ctx, logits, labels, ignore_index: int, reduction: str, n_valid: torch.Tensor):
         n_rows = logits.shape[0]
         lse = empty((n_rows,), dtype=torch.float32, device=logits.device)
         loss_rows = empty((n_rows,), dtype=torch.float32, device=logits.device)
@@ -235,10 +241,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, labels, lse = ctx.saved_tensors
         dlogits = empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ce_backward_rows(
-            logits, dlogits, labels, lse, grad_output.float(),
-            ignore_index=ctx.ignore_index, grad_scale=grad_scale_for(ctx.reduction, ctx.n_valid),
-        )
+        # 1 / n_valid joins grad_output on the device (as a kernel argument it would be read on the host)
+        grad = grad_output.float() * grad_scale_for(ctx.reduction, ctx.n_valid)
+        ce_backward_rows(logits, dlogits, labels, lse, grad, ignore_index=ctx.ignore_index)
         return dlogits, None, None, None, None
 
 
@@ -261,7 +266,7 @@ def ce_loss_rows_torch(z: torch.Tensor, labels, ignore_index: int) -> torch.Tens
     return torch.where(valid, loss, 0.0)
 
 
-def _cross_entropy_torch(logits, labels, ignore_index: int, reduction: str, n_valid: int) -> torch.Tensor:
+def _cross_entropy_torch(logits, labels, ignore_index: int, reduction: str, n_valid: torch.Tensor) -> torch.Tensor:
     return reduce_loss(ce_loss_rows_torch(logits.float(), labels, ignore_index), reduction, n_valid)
 
 
@@ -275,7 +280,8 @@ def cross_entropy(
         logits: ``[N, V]`` fp32/fp16/bf16; columns contiguous (any row stride). V may be any size
             (128k-152k vocabularies are the intended case): the kernel walks each row in chunks.
         labels: ``[N]`` int64 or int32, each in ``[0, V)`` or equal to ``ignore_index``; anything else
-            raises ValueError (checked on the host: one sync, cheap next to reading N*V logits).
+            raises ValueError on CPU; on a GPU it fails a device-side assert, without a host sync (see
+            ``check_labels``).
         ignore_index: label value whose rows contribute 0 loss and get a zero gradient.
         reduction: ``"mean"`` (sum / number of non-ignored labels), ``"sum"``, or ``"none"``.
 

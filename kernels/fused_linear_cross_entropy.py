@@ -253,7 +253,7 @@ def fused_linear_cross_entropy(
         weight: ``[V, H]`` fp32/fp16/bf16, the LM head (no bias). May be frozen: then no ``[V, H]``
             gradient work or memory is spent.
         labels: ``[N]`` int64/int32 in ``[0, V)`` or ``ignore_index``; out-of-range values raise
-            ValueError (one cheap host check).
+            ValueError on CPU, a device-side assert on a GPU (no host sync, see ``cross_entropy.check_labels``).
         ignore_index: label value that contributes 0 loss and 0 gradient.
         reduction: ``"mean"`` (over non-ignored labels; 0 if there are none), ``"sum"`` or ``"none"``.
         chunk_size: tokens per chunk; default: as many as fit ``CHUNK_BYTES`` (see the module docstring).

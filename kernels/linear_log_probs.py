@@ -52,6 +52,22 @@ the tile is recomputed, ``log p = z - lse``, and ``_bwd_kernel`` writes ::
 
 in the compute dtype; then ``dh_c += dtile @ W_v`` (fp32 accumulator per token chunk),
 ``dW_v += dtile.T @ h_c`` and ``db_v += sum_rows(dtile)`` (fp32 accumulators), each only when needed.
+
+Frozen head (QLoRA: weight and bias need no gradient, hidden does). The gradient of the log-probs alone is ::
+
+    dh_i = s * g_i * D_i,   D_i = (1 - p_iy) W_y - sum_{j != y} p_ij W_j,   s = logit_scale / temperature
+
+so the forward saves ``D`` (``[N, H]``, hidden's dtype) and that backward is one in-place scaling: no
+recomputed logits, no GEMM. While it has each tile, the forward's kernel writes ``e_j = exp(z_j - m)`` against
+the chunk's final running max ``m`` (0 at the label and on ignored rows, compute dtype) and the factor
+``exp(m_before - m)``; the host keeps ``A = sum_{j != y} e_j W_j`` in fp32 per token chunk,
+``A <- A * exp(m_before - m) + e_tile @ W_v``, and after the last chunk ``D = -expm1(log p_y) W_y - A / s``.
+Cost: one ``[C, V_c] x [V_c, H]`` GEMM per tile in the forward instead of two (recompute, ``dh``) in the
+backward; memory: ``D`` lives from the forward to the backward, where it becomes ``dh`` (no other ``[N, H]``
+tensor then), plus a compute-dtype tile and an fp32 ``[C, H]`` accumulator during the forward. Keeping the
+label's term apart avoids cancellation: ``W_y - sum_j p_j W_j`` is tiny next to ``W_y`` when ``p_y ~ 1``.
+When the entropy does receive a gradient (the forward cannot know), or the head is trainable, the backward
+recomputes the tiles as above, exactly.
 """
 from __future__ import annotations
 
@@ -85,16 +101,19 @@ _N_STATS = 7
 def _fwd_kernel(
     LOGITS, LABELS, STATE,  # [rows, n_cols] fp32 tile; [rows] labels; fp32 [7, stride_state] running stats
     LOG_PROBS, LSE, ENTROPY, LOG_SUM_SQ, MEAN_LOGITS, IS_TOP1,  # [rows] outputs, written by the LAST chunk
-    stride_logits_row, stride_state,  # columns are contiguous
+    EXP, RESCALE, INV_SUM,  # SAVE_EXP: [rows, n_cols] exp(z - m) (0 at the label), [rows] exp(m_old - m), 1 / s
+    stride_logits_row, stride_state, stride_exp_row,  # columns are contiguous
     n_cols, vocab_start, vocab,  # this tile holds vocabulary entries [vocab_start, vocab_start + n_cols) of V
     z_scale, ignore_index,
     FIRST: tl.constexpr,  # first vocabulary chunk: start from empty statistics instead of reading STATE
     LAST: tl.constexpr,  # last vocabulary chunk: write the outputs instead of STATE
     HAS_ENTROPY: tl.constexpr, HAS_LOG_SUM_SQ: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_TOP1: tl.constexpr,
+    SAVE_EXP: tl.constexpr,  # write what the host needs to sum p_j W_j (the frozen-head log-prob gradient)
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 for big tiles
     label = tl.load(LABELS + row).to(tl.int64)
+    exp_ptr = EXP + row * stride_exp_row
     if label != ignore_index:
         row_ptr = LOGITS + row * stride_logits_row
         local = label - vocab_start  # the label's column in this tile; may lie outside it
@@ -119,6 +138,7 @@ def _fwd_kernel(
                 zs = tl.load(STATE + _Z_SUM * stride_state + row)
             if HAS_TOP1:
                 max_before = tl.load(STATE + _MAX_BEFORE * stride_state + row)
+        m_start = m
 
         # One pass, online: the row never has to fit one block (V is 128k-152k for Llama-3/Qwen2).
         for start in range(0, n_cols, BLOCK_V):
@@ -148,6 +168,21 @@ def _fwd_kernel(
             s = s * rescale + tl.sum(e, axis=0)
             m = m_new
 
+        if SAVE_EXP:
+            # exp(z_j - m) against this chunk's final max (the online loop's e used moving maxima), the label's
+            # column 0: the host adds EXP @ W_v to its running sum of e_j W_j after scaling that by RESCALE.
+            # May overwrite the logits (fp32): each column is read before it is written, by this program only.
+            m_final = tl.where(m == float("-inf"), 0.0, m)
+            tl.store(RESCALE + row, tl.exp(m_start - m_final))  # 0 while m_start = -inf (the first chunk)
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < n_cols
+                z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * z_scale
+                e = tl.where(mask & (cols != local), tl.exp(z - m_final), 0.0)  # a -inf logit gives 0
+                tl.store(exp_ptr + cols, e.to(EXP.dtype.element_ty), mask=mask)
+            if LAST:
+                tl.store(INV_SUM + row, tl.where(m == float("-inf"), 0.0, 1.0 / s))
+
         if LAST:
             log_s = tl.log(s)
             lse = m + log_s  # -inf when the row has no finite logit (m = -inf, s = 0)
@@ -174,18 +209,26 @@ def _fwd_kernel(
                 tl.store(STATE + _Z_SUM * stride_state + row, zs)
             if HAS_TOP1:
                 tl.store(STATE + _MAX_BEFORE * stride_state + row, max_before)
-    elif LAST:
+    else:
         # Ignored row: its logits are never read (prompt tokens are often most of a batch); every output is 0.
-        tl.store(LSE + row, 0.0)
-        tl.store(LOG_PROBS + row, 0.0)
-        if HAS_ENTROPY:
-            tl.store(ENTROPY + row, 0.0)
-        if HAS_LOG_SUM_SQ:
-            tl.store(LOG_SUM_SQ + row, 0.0)
-        if HAS_MEAN:
-            tl.store(MEAN_LOGITS + row, 0.0)
-        if HAS_TOP1:
-            tl.store(IS_TOP1 + row, 0)
+        if SAVE_EXP:  # zeros, not stale values, go into the host's GEMM and sums
+            tl.store(RESCALE + row, 0.0)
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                tl.store(exp_ptr + cols, tl.zeros([BLOCK_V], EXP.dtype.element_ty), mask=cols < n_cols)
+            if LAST:
+                tl.store(INV_SUM + row, 0.0)
+        if LAST:
+            tl.store(LSE + row, 0.0)
+            tl.store(LOG_PROBS + row, 0.0)
+            if HAS_ENTROPY:
+                tl.store(ENTROPY + row, 0.0)
+            if HAS_LOG_SUM_SQ:
+                tl.store(LOG_SUM_SQ + row, 0.0)
+            if HAS_MEAN:
+                tl.store(MEAN_LOGITS + row, 0.0)
+            if HAS_TOP1:
+                tl.store(IS_TOP1 + row, 0)
 
 
 @triton.jit
@@ -271,6 +314,16 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         # the statistics of the chunks seen so far; only needed when the vocabulary is split
         state = empty((_N_STATS, n_rows), dtype=torch.float32, device=device) if vocab > vocab_chunk else lse
         buf = empty((min(token_chunk, n_rows) * min(vocab_chunk, vocab),), dtype=torch.float32, device=device)
+        # Frozen head (and bias), hidden needs a gradient: save the log-probs' gradient direction, no recompute.
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        direction = None
+        if need_h and not need_w and not need_b:
+            direction = empty(hidden.shape, dtype=hidden.dtype, device=device)
+            # exp(z - m) for the tensor-core GEMM: in place of the fp32 logits, else a compute-dtype buffer
+            exp_buf = buf if dtype == torch.float32 else empty(buf.shape, dtype=dtype, device=device)
+            acc = torch.empty((min(token_chunk, n_rows), hidden.shape[1]), dtype=torch.float32, device=device)
+            rescale = empty((min(token_chunk, n_rows),), dtype=torch.float32, device=device)
+            inv_sum = empty((min(token_chunk, n_rows),), dtype=torch.float32, device=device)
         for t0, t1, vocab_chunks in _tiles(n_rows, vocab, token_chunk, vocab_chunk):
             # unrequested outputs get a harmless stand-in pointer (their stores are compiled out)
             rows = [x[t0:t1] if x is not None else lse[t0:t1]
@@ -278,17 +331,29 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             state_rows = state[..., t0:t1]
             for v0, v1 in vocab_chunks:
                 tile = _logits_tile(buf, h[t0:t1], w, b, v0, v1)
+                exp_tile = exp_buf[: tile.numel()].view(tile.shape) if direction is not None else tile
+                saved = (exp_tile, rescale, inv_sum) if direction is not None else (lse, lse, lse)
                 block_v = _block_v(v1 - v0)
                 _fwd_kernel[(t1 - t0,)](
                     tile, labels[t0:t1], state_rows,
-                    *rows,
-                    tile.stride(0), state.stride(0) if state.dim() == 2 else 0,
+                    *rows, *saved,
+                    tile.stride(0), state.stride(0) if state.dim() == 2 else 0, exp_tile.stride(0),
                     v1 - v0, v0, vocab,
                     z_scale, ignore_index,
-                    FIRST=v0 == 0, LAST=v1 == vocab, **flags,
+                    FIRST=v0 == 0, LAST=v1 == vocab, **flags, SAVE_EXP=direction is not None,
                     BLOCK_V=block_v, num_warps=_num_warps(block_v),
                 )
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+                if direction is not None:  # acc = sum_{j != y} exp(z_j - m) W_j, m the running max
+                    a = acc[: t1 - t0]
+                    if v0 == 0:
+                        mm_fp32(exp_tile, w[v0:v1], out=a)
+                    else:
+                        a.mul_(rescale[: t1 - t0, None])
+                        addmm_fp32(a, exp_tile, w[v0:v1])
+            if direction is not None:
+                _store_direction(direction[t0:t1], acc[: t1 - t0], inv_sum[: t1 - t0], log_probs[t0:t1],
+                                 lse[t0:t1], labels[t0:t1], w, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, direction)
         ctx.z_scale, ctx.ignore_index = z_scale, ignore_index
         ctx.token_chunk, ctx.vocab_chunk = token_chunk, vocab_chunk
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
@@ -296,10 +361,17 @@ class _LinearLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, *_):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, entropy, direction = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if (grad_log_probs is None and grad_entropy is None) or not (need_h or need_w or need_b):
             return (None,) * 9
+        if direction is not None and grad_entropy is None:
+            # dhidden = s * g * direction, in place: the forward saved the direction for this one use (a second
+            # backward of the graph fails autograd's version check of the saved tensor)
+            valid = (labels != ctx.ignore_index) & (lse != float("-inf"))
+            # not g * 0 on ignored rows: a NaN/inf incoming gradient there stays out
+            g = torch.where(valid, grad_log_probs.float() * ctx.z_scale, 0.0)
+            return (direction.mul_(g[:, None]),) + (None,) * 8
         n_rows, hidden_size = hidden.shape
         vocab, device = weight.shape[0], hidden.device
         dtype = compute_dtype_for(hidden, weight)
@@ -351,6 +423,17 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             grad_b.to(bias.dtype) if need_b else None,
             None, None, None, None, None, None,
         )
+
+
+def _store_direction(out, acc, inv_sum, log_probs, lse, labels, w, ignore_index):
+    """``out = (1 - p_y) W_y - sum_{j != y} p_j W_j`` per row (0 on ignored rows and rows with no finite logit):
+    the gradient of log p_y wrt hidden, up to the scale. ``acc`` holds ``sum_{j != y} e_j W_j`` with
+    ``p_j = e_j * inv_sum``; ``1 - p_y = -expm1(log p_y)`` in fp32. Splitting off the label's own term keeps
+    ``W_y - sum_j p_j W_j`` from cancelling when p_y is close to 1: each term carries only its own rounding."""
+    valid = (labels != ignore_index) & (lse != float("-inf"))
+    w_y = w[torch.where(valid, labels, 0)].float()
+    d = acc.mul_(-inv_sum[:, None]).addcmul_(w_y, torch.expm1(log_probs).neg_()[:, None])
+    out.copy_(d.masked_fill_(~valid[:, None], 0.0))
 
 
 def _chunk_outputs_torch(h_c, w, b, y_c, dtype, z_scale, ignore_index, outputs):
@@ -436,7 +519,8 @@ def linear_log_probs(
     Args:
         hidden: ``[N, H]`` fp32/fp16/bf16.
         weight: ``[V, H]`` fp32/fp16/bf16 (frozen or trainable).
-        labels: ``[N]`` int64/int32 in ``[0, V)`` or ``ignore_index`` (else ValueError, host check).
+        labels: ``[N]`` int64/int32 in ``[0, V)`` or ``ignore_index`` (else ValueError on CPU; on a GPU a
+            device-side assert, no host sync: see ``cross_entropy.check_labels``).
         bias: optional ``[V]`` fp32/fp16/bf16, added before the scaling (as TRL does).
         temperature: > 0; the logits are divided by it.
         logit_scale: the logits are multiplied by it (Cohere/Granite-style heads; 1.0 otherwise).
@@ -455,7 +539,9 @@ def linear_log_probs(
     ``is_top1_i = [y_i == first argmax_j z_ij]``, all from one online pass over vocabulary chunks.
     Backward (``g``, ``gH`` = grads of log_probs and entropy): ``dz = g * (onehot(y) - p) - gH * p * (log p + H)``
     (0 on ignored rows), ``dhidden = s * dz @ W``, ``dweight = s * dz.T @ hidden``, ``dbias = s * sum_rows(dz)``
-    with ``s = logit_scale / temperature``; tiles are recomputed from ``lse``, GEMMs accumulate in fp32.
+    with ``s = logit_scale / temperature``; tiles are recomputed from ``lse``, GEMMs accumulate in fp32. With a
+    frozen head and no entropy gradient, ``dhidden = s * g * D`` from the direction ``D = (1 - p_y) W_y -
+    sum_{j != y} p_j W_j`` saved by the forward (module docstring): no recompute.
     A row whose logits are all -inf gives log-prob -inf and a zero gradient (see the module docstring).
     """
     n_rows, _, vocab = check_lm_head_args(hidden, weight, labels, bias)

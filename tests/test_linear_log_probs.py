@@ -1,8 +1,11 @@
 """linear_log_probs: Triton (interpreted) and PyTorch paths against float64 autograd, and against TRL's
 ChunkedLogProbFunction (the op it replaces)."""
+import math
+
 import pytest
 import torch
 from kernel_testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
 from fastft.kernels._common import use_engine
@@ -302,6 +305,93 @@ def test_gradient_of_one_output_only(engine, grad_of):
     _, ref_grads = _reference_all(hidden, weight, bias, labels, *((zeros, g) if grad_of == "entropy" else (g, zeros)))
     for actual, expected, name in zip((h.grad, w.grad, b.grad), ref_grads, ("dhidden", "dweight", "dbias")):
         _check_grad(actual, expected, torch.float32, name)
+
+
+# ---- The frozen-head gradient saved in the forward -----------------------------------------------------------------
+class MatmulCounter(TorchDispatchMode):
+    """Counts the GEMMs (``mm`` / ``addmm`` in any overload) run in its block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        return func(*args, **(kwargs or {}))
+
+
+# dhidden of the frozen-head path: p_j is rounded to the compute dtype before its GEMM and the gradient is rounded
+# twice (its direction in the forward, times the incoming gradient in the backward), as tight as GRAD_TOL otherwise.
+FROZEN_GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2**-6, 2**-7), torch.float16: (2**-8, 2**-9)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("outputs", [("log_probs",), SFT_OUTPUTS], ids=["log_probs", "sft"])
+def test_frozen_head_saves_the_gradient_and_skips_the_recompute(dtype, outputs):
+    """QLoRA's case: frozen head and bias, only log-probs reach the loss (SFT asks for entropy too, only to log it).
+    The forward saves the gradient direction, so the backward runs no GEMM; dhidden still matches float64 with
+    ignored labels, labels in every vocabulary chunk (the first and last columns of chunks) and masked logits,
+    one of them a label's (log-prob -inf, finite gradient)."""
+    hidden, weight, bias, labels = _inputs(dtype, seed=30)
+    bias[8000:8300] = float("-inf")  # across the border of the first two vocabulary chunks
+    labels[6] = 8100
+    # rows 2-4: confident predictions (p_y near 1), where W_y - sum_j p_j W_j is small and 1 - p_y matters
+    hidden[2:5] *= 5
+    labels[2:5] = (hidden[2:5].double() @ weight.double().T + bias.double()).argmax(-1)
+    h, w, b = _leaf(hidden), _leaf(weight, False), _leaf(bias, False)
+    results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                               outputs=outputs, **CHUNKS)
+    lp = results if isinstance(results, torch.Tensor) else results[0]
+    grad_output = torch.randn(N, generator=torch.Generator().manual_seed(31))
+    grad_output[labels == -100] = float("nan")  # must not leak into ignored rows
+    with MatmulCounter() as gemms:
+        lp.backward(grad_output)
+    assert gemms.calls == 0, f"{gemms.calls} GEMMs in the frozen-head backward"
+    assert lp[6] == float("-inf") and w.grad is None and b.grad is None
+
+    expected, (ref_dh, _, _) = _reference_all(hidden, weight, bias, labels, grad_output.nan_to_num(0.0),
+                                              torch.zeros(N))
+    assert_close(lp, expected[0], **LOGP_TOL, name="log_probs")
+    assert (expected[0][2:5] > math.log(0.85)).all()  # the data has confident rows (p_y 0.90 to 0.9998)
+    rtol, atol_rel = FROZEN_GRAD_TOL[dtype]
+    assert h.grad.dtype == dtype and torch.isfinite(h.grad).all()
+    assert_close(h.grad, ref_dh, atol=atol_rel * ref_dh.abs().max().item(), rtol=rtol, name="dhidden")
+    assert (h.grad[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen_head", "trainable_head"])
+def test_entropy_gradient_and_trainable_head_recompute_exactly(frozen):
+    """The gradient of the entropy (or of a trainable head) needs every p_j: the backward recomputes the logits
+    (one GEMM per tile, plus one per gradient it forms), exactly as before, also when the forward saved the
+    log-probs' gradient direction (frozen head: it cannot know whether the entropy will get a gradient)."""
+    hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=32)
+    gen = torch.Generator().manual_seed(33)
+    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    h, w, b = _leaf(hidden), _leaf(weight, not frozen), _leaf(bias, not frozen)
+    lp, ent, *_ = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                                   outputs=SFT_OUTPUTS, **CHUNKS)
+    with MatmulCounter() as gemms:
+        ((lp * grad_lp).sum() + (ent * grad_ent if frozen else 0 * ent).sum()).backward()
+    tiles = 2 * 4  # 2 token chunks x 4 vocabulary chunks
+    assert gemms.calls == tiles * (2 if frozen else 3)  # recompute + dhidden (+ dweight)
+    _, ref_grads = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent if frozen else torch.zeros(N))
+    _check_grad(h.grad, ref_grads[0], torch.float32, "dhidden")
+    if not frozen:
+        _check_grad(w.grad, ref_grads[1], torch.float32, "dweight")
+        _check_grad(b.grad, ref_grads[2], torch.float32, "dbias")
+
+
+def test_frozen_head_dead_rows_and_a_second_backward():
+    # No finite logit: zero gradient on the saved-direction path too. The saved direction is scaled in place, so
+    # a second backward of the same graph must be refused (autograd's version check), not return a wrong gradient.
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=34, n=9)
+    bias[:] = float("-inf")
+    h = _leaf(hidden)
+    lp = linear_log_probs(h, weight, labels, bias=bias, token_chunk_size=4, vocab_chunk_size=10000)
+    lp.backward(torch.ones(9), retain_graph=True)
+    assert (h.grad == 0).all()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.backward(torch.ones(9))
 
 
 def _tie_inputs():

@@ -115,12 +115,12 @@ def test_packed_sequences_match_hf(arch_path, with_cu_seqlens):
 
 
 def test_packing_metadata_is_derived_once_per_forward(tmp_path, monkeypatch):
-    """Unpadding indices and cu_seqlens cost a device-to-host sync each; every layer receives the same mask /
+    """Unpadding indices and cu_seqlens cost a device-to-host sync; every layer receives the same mask /
     position_ids object, so the first layer derives them and the rest (and checkpointed recomputation in
     the backward) reuse them. Changing the tensor in place must not leave them stale."""
     import fastft.attention
 
-    calls = {"unpad_metadata": 0, "packed_metadata": 0}
+    calls = {"padding_metadata": 0, "packing_metadata": 0}
     for name in calls:
         def counted(*args, _real=getattr(fastft.attention, name), _name=name):
             calls[_name] += 1
@@ -136,7 +136,7 @@ def test_packing_metadata_is_derived_once_per_forward(tmp_path, monkeypatch):
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ids, position_ids, labels, _ = packed_batch()
     model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss.backward()
-    assert calls == {"unpad_metadata": 1, "packed_metadata": 1}
+    assert calls == {"padding_metadata": 1, "packing_metadata": 1}
 
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
