@@ -77,6 +77,34 @@ def _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tensor_base(X, batch, head, seq_start, stride_b, stride_h, stride_t):
+    """Start of one (batch, head) slice of X; packed sequences start ``seq_start`` rows in. Computed once per
+    program: the tile pointers below only add the row and column offsets."""
+    return X + batch * stride_b + head * stride_h + seq_start * stride_t
+
+
+@triton.jit
+def _query_block_prologue(
+    Q, K, V, CU_SEQLENS,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    seqlen_q, seqlen_k, group_size, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Shared start of the per-query-block kernels (forward, dQ): this program's first query row, head,
+    batch, sequence rows and lengths, and the base pointers of its Q slice and of the K / V slices of its
+    kv head (GQA: read in place, never repeated)."""
+    # heaviest (last, under causal) query blocks first: better tail balance across SMs
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
+    head_kv = head // group_size
+    q_base = _tensor_base(Q, batch, head, seq_start, stride_qb, stride_qh, stride_qt)
+    k_base = _tensor_base(K, batch, head_kv, seq_start, stride_kb, stride_kh, stride_kt)
+    v_base = _tensor_base(V, batch, head_kv, seq_start, stride_vb, stride_vh, stride_vt)
+    return start_m, head, batch, seq_start, seqlen_q, seqlen_k, q_base, k_base, v_base
+
+
+@triton.jit
 def _score_mask(q_idx, k_idx, seqlen_k, causal_offset, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Which (query, key) pairs may attend; q_idx and k_idx broadcast against each other."""
     q_pos = q_idx + causal_offset  # a query's position on the key axis (bottom-right alignment)
@@ -176,14 +204,11 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # heaviest (last, under causal) query blocks first: better tail balance across SMs
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
+    start_m, head, batch, seq_start, seqlen_q, seqlen_k, q_base, k_base, v_base = _query_block_prologue(
+        Q, K, V, CU_SEQLENS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt, seqlen_q, seqlen_k, group_size, BLOCK_M, VARLEN)
     if start_m >= seqlen_q:
         return
-    head_kv = head // group_size  # GQA: read the shared kv head in place
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -191,12 +216,9 @@ def _attn_fwd_kernel(
     d_mask = offs_d < HEAD_DIM  # head dims like 80/96 run in a power-of-two tile
     row_mask = offs_m < seqlen_q
 
-    q_ptrs = (Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
-              + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd)
-    k_ptrs = (K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
-              + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd)  # K^T tile [BLOCK_D, BLOCK_N]
-    v_ptrs = (V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
-              + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd)
+    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
     q = _mma_operand(tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0), INTERPRET)
 
     # m_i starts finite, not -inf: a row whose first blocks are all masked then keeps
@@ -226,10 +248,10 @@ def _attn_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
 
-    o_ptrs = (Out + batch * stride_ob + seq_start * stride_ot + head * stride_oh
+    o_ptrs = (_tensor_base(Out, batch, head, seq_start, stride_ob, stride_oh, stride_ot)
               + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m, lse, mask=row_mask)
+    tl.store(_tensor_base(LSE, batch, head, seq_start, stride_lb, stride_lh, 1) + offs_m, lse, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,12 +276,13 @@ def _attn_bwd_preprocess_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + batch * stride_ob + seq_start * stride_ot + head * stride_oh
+    o = tl.load(_tensor_base(Out, batch, head, seq_start, stride_ob, stride_oh, stride_ot)
                 + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
+    do = tl.load(_tensor_base(DO, batch, head, seq_start, stride_dob, stride_doh, stride_dot)
                  + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(_tensor_base(DELTA, batch, head, seq_start, stride_lb, stride_lh, 1) + offs_m, delta,
+             mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -321,9 +344,9 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     kv_mask = (offs_n[:, None] < seqlen_k) & d_mask[None, :]
-    k = tl.load(K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
+    k = tl.load(_tensor_base(K, batch, head_kv, seq_start, stride_kb, stride_kh, stride_kt)
                 + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
+    v = tl.load(_tensor_base(V, batch, head_kv, seq_start, stride_vb, stride_vh, stride_vt)
                 + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     k = _mma_operand(k, INTERPRET)
     v = _mma_operand(v, INTERPRET)
@@ -334,33 +357,31 @@ def _attn_bwd_dkdv_kernel(
     qk_scale = sm_scale * LOG2E
     lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, causal_offset, window,
                                             BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    # GQA: this kv head's dK/dV sum over every query head of its group; looping here keeps
-    # the sum in registers (no atomics, no [B, Hq, S, D] scratch)
+    # GQA: this kv head's dK/dV sum over every query head of its group; looping here keeps the sum in
+    # registers (no atomics, no [B, Hq, S, D] scratch). Scalar bases at the group's first head (pointer tiles
+    # are built inside the loop: kept live across it they cost registers and spilled)
+    head0 = head_kv * group_size
+    q_base = _tensor_base(Q, batch, head0, seq_start, stride_qb, stride_qh, stride_qt)
+    do_base = _tensor_base(DO, batch, head0, seq_start, stride_dob, stride_doh, stride_dot)
+    row_base = batch * stride_lb + head0 * stride_lh + seq_start  # LSE and DELTA share one layout
     for g in range(0, group_size):
-        head = head_kv * group_size + g
-        qT_ptrs = (Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
-                   + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd)
-        do_ptrs = (DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
-                   + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod)
-        lse_ptrs = LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m
-        delta_ptrs = DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                      offs_m, offs_n, d_mask, lo, full_lo,
-                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+        q_g = q_base + g * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd  # Q^T tile
+        do_g = do_base + g * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        lse_g, delta_g = LSE + row_base + g * stride_lh + offs_m, DELTA + row_base + g * stride_lh + offs_m
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
+                                      d_mask, lo, full_lo, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
                                       BLOCK_M, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                      offs_m, offs_n, d_mask, full_lo, full_hi,
-                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
+                                      d_mask, full_lo, full_hi, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
                                       BLOCK_M, False, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                      offs_m, offs_n, d_mask, full_hi, hi,
-                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
+                                      d_mask, full_hi, hi, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
                                       BLOCK_M, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
     dk = dk * sm_scale
 
-    tl.store(DK + batch * stride_dkb + seq_start * stride_dkt + head_kv * stride_dkh
+    tl.store(_tensor_base(DK, batch, head_kv, seq_start, stride_dkb, stride_dkh, stride_dkt)
              + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + batch * stride_dvb + seq_start * stride_dvt + head_kv * stride_dvh
+    tl.store(_tensor_base(DV, batch, head_kv, seq_start, stride_dvb, stride_dvh, stride_dvt)
              + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -403,13 +424,11 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
+    start_m, head, batch, seq_start, seqlen_q, seqlen_k, q_base, k_base, v_base = _query_block_prologue(
+        Q, K, V, CU_SEQLENS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt, seqlen_q, seqlen_k, group_size, BLOCK_M, VARLEN)
     if start_m >= seqlen_q:
         return
-    head_kv = head // group_size
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -417,19 +436,16 @@ def _attn_bwd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     row_mask = offs_m < seqlen_q
     q_mask = row_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
-                + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    do = tl.load(DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(_tensor_base(DO, batch, head, seq_start, stride_dob, stride_doh, stride_dot)
                  + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
     q = _mma_operand(q, INTERPRET)
     do = _mma_operand(do, INTERPRET)
-    lse = tl.load(LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m, mask=row_mask, other=float("inf"))
-    lse = lse * LOG2E
-    delta = tl.load(DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m, mask=row_mask, other=0.0)
-    kT_ptrs = (K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
-               + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd)
-    vT_ptrs = (V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
-               + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd)
+    row_offs = batch * stride_lb + head * stride_lh + seq_start + offs_m  # LSE and DELTA share one layout
+    lse = tl.load(LSE + row_offs, mask=row_mask, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + row_offs, mask=row_mask, other=0.0)
+    kT_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    vT_ptrs = v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seqlen_k - seqlen_q
@@ -446,7 +462,7 @@ def _attn_bwd_dq_kernel(
                             full_hi, hi, seqlen_k, causal_offset, window, qk_scale,
                             BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
     dq = dq * sm_scale
-    tl.store(DQ + batch * stride_dqb + seq_start * stride_dqt + head * stride_dqh
+    tl.store(_tensor_base(DQ, batch, head, seq_start, stride_dqb, stride_dqh, stride_dqt)
              + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
