@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_same_device, check_tensor, empty, use_triton
+from ._common import INTERPRET, check_same_device, check_tensor, compute_capability, empty, use_triton
 from ._common import mma_operand as _mma_operand
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -469,27 +469,46 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch code
 # ----------------------------------------------------------------------------------------------
-def _block_sizes(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
-    """Fixed heuristics (no autotune: it fails in the interpreter), checked by compiling for
-    sm_90/sm_80 with Triton 3.9 and reading ptxas' register and spill counts (not timed on a GPU).
+# Tiles for 16-bit inputs: arch -> kernel -> padded head dim (<= 64, 128) -> (BLOCK_M, BLOCK_N, num_warps,
+# num_stages). Chosen by compiling for each arch with Triton 3.9 and reading ptxas' registers and spills and the
+# PTX's mma shapes (bench/compile_check.py --verbose; not timed on a GPU). sm_80 (and every arch but Hopper):
+# forward 128x64 (FA2's usual choice); dK/dV 64 keys x 32 queries (it holds K, V and two fp32 [64, BLOCK_D]
+# accumulators in registers; 64x64 spilled); dQ 64x64 (128x64 spilled). These still spill a few dozen bytes at
+# D=64 (forward, dK/dV, dQ) and D=128 (forward). sm_90 (wgmma, one warpgroup = 4 warps per 64 rows), all
+# spill-free: dQ 128x64 with 8 warps (m64n64 / m64n128 wgmma instead of m64n32); dK/dV at D=128 128 keys x 16
+# queries (dK, dV accumulate with m64n128 wgmma instead of m64n64; 64x64, 32x128 and 64x128 all spilled).
+_TILES = {
+    80: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+         "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2)},
+         "dq": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}},
+    90: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+         "dkdv": {64: (32, 64, 4, 2), 128: (16, 128, 8, 3)},
+         "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}},
+}
 
-    16-bit inputs: forward 128x64 tiles (FA2's usual choice); dK/dV 64 keys x 32 queries (it holds
-    K, V and two fp32 [64, BLOCK_D] accumulators in registers: 64x64 spilled); dQ 64x64; 8 warps
-    once the padded head dim exceeds 64. fp32 inputs use exact fp32 products on CUDA cores
-    (operands in registers, no tensor cores): 32x32 tiles, a slow accuracy path, not a fast one
-    (at D=128 its forward and dQ kernels still spill a little).
-    Under the interpreter: 64x32 tiles (each loop step costs the interpreter a lot of Python, so
-    bigger tiles run faster; BLOCK_M != BLOCK_N there so a mix-up of the two shows in tests)."""
+
+def _tile_config(capability: int, head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
+    """Launch constants of ``kernel`` ("fwd", "dkdv", "dq") on a GPU of compute ``capability`` (major * 10 +
+    minor). Only Hopper (90) has its own tiles: Blackwell (100+) has not been compile-checked and takes sm_80's.
+    fp32 inputs use exact fp32 products on CUDA cores (operands in registers, no tensor cores): 32x32 tiles on
+    every arch, 8 warps for dK/dV (4 spilled ~1.8 KB at D=64), a slow accuracy path (it spills a little)."""
     block_d = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        num_warps = 8 if kernel == "dkdv" or block_d > 64 else 4
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=num_warps, num_stages=2)
+    block_m, block_n, num_warps, num_stages = _TILES[90 if capability == 90 else 80][kernel][max(block_d, 64)]
+    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _block_sizes(head_dim: int, kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """No autotune (it fails in the interpreter): the table above on GPUs. Under the interpreter: 64x32 tiles
+    (each loop step costs the interpreter a lot of Python, so bigger tiles run faster; BLOCK_M != BLOCK_N there
+    so a mix-up of the two shows in tests)."""
     if INTERPRET:
         block_m, block_n = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}[kernel]
-        return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
-    num_warps = 4 if block_d <= 64 else 8
-    if dtype == torch.float32:  # dK/dV with 4 warps spilled ~1.8 KB at D=64; 8 warps do not
-        num_warps = 8 if kernel == "dkdv" else num_warps
-        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=num_warps, num_stages=2)
-    block_m, block_n, num_stages = {"fwd": (128, 64, 3), "dkdv": (32, 64, 2), "dq": (64, 64, 2)}[kernel]
-    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        return dict(BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                    num_stages=1)
+    return _tile_config(compute_capability(device), head_dim, kernel, dtype)
 
 
 def _strides(x: torch.Tensor, varlen: bool):
@@ -543,7 +562,7 @@ class _Problem:
 def _flash_forward(q, k, v, p: _Problem):
     o = _empty_in_layout_of(q)
     lse = empty(p.lse_shape, dtype=torch.float32, device=q.device)
-    cfg = _block_sizes(p.head_dim, "fwd", q.dtype)
+    cfg = _block_sizes(p.head_dim, "fwd", q.dtype, q.device)
     grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.batch)
     if min(grid) > 0:
         _attn_fwd_kernel[grid](
@@ -570,7 +589,7 @@ def _flash_backward(do, q, k, v, o, lse, p: _Problem):
             HEAD_DIM=p.head_dim, BLOCK_D=block_d, BLOCK_M=pre_block_m, VARLEN=p.varlen,
         )
 
-    cfg = _block_sizes(p.head_dim, "dkdv", q.dtype)
+    cfg = _block_sizes(p.head_dim, "dkdv", q.dtype, q.device)
     grid = (triton.cdiv(p.seqlen_k, cfg["BLOCK_N"]), p.n_kv_heads, p.batch)
     if min(grid) > 0:
         _attn_bwd_dkdv_kernel[grid](
@@ -581,7 +600,7 @@ def _flash_backward(do, q, k, v, o, lse, p: _Problem):
             HEAD_DIM=p.head_dim, **cfg, **p.consts,
         )
 
-    cfg = _block_sizes(p.head_dim, "dq", q.dtype)
+    cfg = _block_sizes(p.head_dim, "dq", q.dtype, q.device)
     grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.batch)
     if min(grid) > 0:
         _attn_bwd_dq_kernel[grid](

@@ -144,7 +144,7 @@ def test_attention_matches_reference(B, Hq, Hkv, T, S, D, causal, window, dtype)
 def test_attention_small_blocks_multi_block_masking(monkeypatch):
     """Tiny tiles make every kernel walk many blocks: masked window edge, unmasked middle, masked
     diagonal and a partial last block all in one call, with BLOCK_M != BLOCK_N."""
-    def tiny_blocks(head_dim, kernel, dtype):
+    def tiny_blocks(head_dim, kernel, dtype, device):
         block_m, block_n = {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}[kernel]
         return dict(BLOCK_D=triton_next_pow2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
 
@@ -219,6 +219,52 @@ def test_attention_varlen_matches_reference(lengths, Hq, Hkv, D, causal, window,
         lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal, sliding_window=window),
         lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, causal, scale, window),
         q, k, v, dtype,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiles GPUs launch (the interpreter otherwise runs its own 64x32): every architecture's row of
+# the tile table, forced here (the interpreter ignores warps and stages, and has no architecture)
+# ----------------------------------------------------------------------------------------------
+def _force_gpu_tiles(monkeypatch, arch):
+    tile_config = attention_module._tile_config
+    monkeypatch.setattr(attention_module, "_block_sizes",
+                        lambda head_dim, kernel, dtype, device: tile_config(arch, head_dim, kernel, dtype))
+
+
+GPU_TILE_CASES = [
+    # B, Hq, Hkv, T, S, D, causal, window, dtype: odd lengths over several 128-row and 16-row blocks
+    pytest.param(1, 4, 2, 300, 300, 128, True, None, torch.bfloat16, id="causal-gqa2-D128-bf16"),
+    pytest.param(2, 2, 1, 150, 333, 80, True, None, torch.float16, id="causal-T<S-D80-fp16"),
+    pytest.param(1, 2, 2, 270, 270, 64, True, 100, torch.float16, id="window100-D64-fp16"),
+    pytest.param(1, 3, 1, 200, 140, 32, False, None, torch.bfloat16, id="noncausal-T>S-gqa3-D32-bf16"),
+]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("B, Hq, Hkv, T, S, D, causal, window, dtype", GPU_TILE_CASES)
+def test_attention_with_gpu_tiles(monkeypatch, arch, B, Hq, Hkv, T, S, D, causal, window, dtype):
+    _force_gpu_tiles(monkeypatch, arch)
+    torch.manual_seed(0)
+    q, k, v = _randn(B, Hq, T, D), _randn(B, Hkv, S, D), _randn(B, Hkv, S, D)
+    _run_and_compare(
+        lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window),
+        lambda q, k, v: reference_attention(q, k, v, causal, 1.0 / math.sqrt(D), window),
+        q, k, v, dtype,
+    )
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_attention_varlen_with_gpu_tiles(monkeypatch, arch):
+    _force_gpu_tiles(monkeypatch, arch)
+    torch.manual_seed(0)
+    lengths = [1, 130, 257, 16]
+    cu_seqlens = _cu_seqlens(lengths)
+    q, k, v = _randn(sum(lengths), 4, 128), _randn(sum(lengths), 1, 128), _randn(sum(lengths), 1, 128)
+    _run_and_compare(
+        lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, 260, causal=True),
+        lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 1.0 / math.sqrt(128), None),
+        q, k, v, torch.float16,
     )
 
 

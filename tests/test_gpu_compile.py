@@ -79,6 +79,67 @@ def test_verbose_reports_mma_shapes_registers_and_spills():
     assert "rms_norm." not in result.stdout and "attention._attn_bwd_dq_kernel" in result.stdout
 
 
+ATTENTION_KERNELS = {"fwd": "attention._attn_fwd_kernel", "dkdv": "attention._attn_bwd_dkdv_kernel",
+                     "dq": "attention._attn_bwd_dq_kernel"}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_attention_compiles_with_its_architectures_tiles(arch):
+    """The launcher hands each architecture its entry of attention's tile table (compile_check tells fastft which
+    GPU it compiles for), and Hopper's entries compile spill-free with wide wgmma shapes."""
+    import torch
+
+    from fastft.kernels.attention import _tile_config
+
+    result = compile_check("--arch", str(arch), "--models", "llama3-8b,qwen2-0.5b", "--dtypes", "bfloat16,float16",
+                           "--ops", "attention", "--verbose")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    for kernel, name in ATTENTION_KERNELS.items():
+        variants = verbose_variants(result.stdout, name)
+        assert len(variants) == 12, f"{name}: {len(variants)} variants"  # D 64/128 x bf16/fp16 x causal/window/varlen
+        for variant in variants:
+            head_dim = int(variant["constexprs"]["HEAD_DIM"])
+            entry = _tile_config(arch, head_dim, kernel, torch.bfloat16)
+            compiled = dict(BLOCK_M=int(variant["constexprs"]["BLOCK_M"]), num_warps=variant["warps"],
+                            BLOCK_N=int(variant["constexprs"]["BLOCK_N"]), num_stages=variant["stages"])
+            assert compiled == {key: entry[key] for key in compiled}, (name, head_dim, compiled, entry)
+            shapes = set(variant["mma"])
+            if arch == 80:
+                assert shapes and all(shape.startswith("mma m16n8k16") for shape in shapes), (name, shapes)
+                continue
+            assert variant["spill_stores"] == variant["spill_loads"] == 0, (name, variant)
+            assert shapes and all(shape.startswith("wgmma m64n") for shape in shapes), (name, shapes)
+            widths = {int(shape.split("n")[1].split("k")[0]) for shape in shapes}
+            if kernel == "dq":  # 128 x 64 tiles, 8 warps: no m64n32 / m64n16 left
+                assert min(widths) >= 64, (name, head_dim, shapes)
+            if kernel == "dkdv" and head_dim == 128:  # dK and dV accumulate in m64n128 (was m64n64)
+                assert 128 in widths, (name, head_dim, shapes)
+
+
+def test_attention_tile_table_entries_per_architecture():
+    import torch
+
+    from fastft.kernels.attention import _TILES, _tile_config
+
+    # Hopper has its own row; every other architecture (Blackwell included: not compile-checked) takes sm_80's
+    for capability, row in ((70, 80), (75, 80), (80, 80), (86, 80), (89, 80), (90, 90), (100, 80), (120, 80)):
+        for kernel in ("fwd", "dkdv", "dq"):
+            # head dims run in power-of-two tiles; those up to 64 share the 64 column
+            for head_dim, block_d, column in ((16, 16, 64), (64, 64, 64), (80, 128, 128), (128, 128, 128)):
+                for dtype in (torch.float16, torch.bfloat16):
+                    cfg = _tile_config(capability, head_dim, kernel, dtype)
+                    assert cfg["BLOCK_D"] == block_d
+                    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) == \
+                        _TILES[row][kernel][column], (capability, kernel, head_dim)
+    # the rows really differ where compile_check found better tiles for Hopper
+    assert _tile_config(90, 128, "dq", torch.bfloat16)["BLOCK_M"] == 128
+    assert _tile_config(80, 128, "dq", torch.bfloat16)["BLOCK_M"] == 64
+    assert _tile_config(90, 128, "dkdv", torch.float16)["BLOCK_N"] == 128
+    # fp32 inputs (CUDA-core products) take 32 x 32 tiles on every architecture
+    for capability in (80, 90):
+        assert {_tile_config(capability, 64, k, torch.float32)["BLOCK_M"] for k in ("fwd", "dkdv", "dq")} == {32}
+
+
 def test_a_kernel_that_does_not_fit_fails_the_check():
     result = compile_check("--arch", "90", "--models", "qwen2-0.5b", "--dtypes", "bfloat16", "--max-shared-kib", "16")
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
