@@ -3,6 +3,7 @@
 
     python bench/compile_check.py                    # sm_70 (V100) ... sm_90 (H100), the model shapes below
     python bench/compile_check.py --arch 86,89       # RTX 3090 / 4090 only
+    python bench/compile_check.py --arch 90 --ops attention --verbose   # one line per compiled variant
 
 The Triton interpreter that the tests use accepts code the GPU compiler rejects, and knows nothing of a
 GPU's shared memory. This runs each public op of ``fastft.kernels`` forward and backward on CPU tensors
@@ -10,7 +11,9 @@ at real model shapes, with Triton's driver replaced by a stand-in for a GPU of t
 capability: every kernel a GPU would launch is compiled by Triton's real CUDA backend (to PTX, then to
 a cubin by ptxas) and checked against that GPU's shared-memory limit, as Triton checks at load time;
 the launch itself does nothing (outputs are garbage, only compilation is checked). ptxas' register
-count and spill bytes are reported per kernel.
+count and spill bytes are reported per kernel; ``--verbose`` adds one line per compiled variant with its
+constexprs, warps, stages, registers, spill store / load bytes and the tensor-core instruction shapes in its PTX
+(``mma m16n8k16`` on sm_80, ``wgmma m64nNk16`` on sm_90; a narrow N or a spill is a regression to look at).
 
 fp16 and fp32 are compiled for every architecture, bf16 only from sm_80 (fastft picks fp16 below it);
 attention only from sm_80 (fastft uses SDPA below it, see ``fastft.attention``). Exit status 1 when
@@ -209,8 +212,9 @@ def ops(model: str, dtype, with_attention: bool):
     return cases
 
 
-def ptxas_usage(kernel, arch: int) -> tuple[int, int] | None:
-    """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX; None when it cannot tell."""
+def ptxas_usage(kernel, arch: int) -> tuple[int, int, int] | None:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` on the kernel's PTX; None when it
+    cannot tell."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptx = kernel.asm.get("ptx")
@@ -224,9 +228,26 @@ def ptxas_usage(kernel, arch: int) -> tuple[int, int] | None:
         result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
                                 capture_output=True, text=True)
     regs = re.findall(r"Used (\d+) registers", result.stderr)
-    spills = [int(stores) + int(loads)
-              for stores, loads in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)]
-    return (max(map(int, regs)), max(spills)) if regs and spills else None
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    if not regs or not spills:
+        return None
+    return max(map(int, regs)), max(int(s) for s, _ in spills), max(int(s) for _, s in spills)
+
+
+# Tensor-core instructions in Triton's PTX: mma.sync (sm_80+: m16n8k16 for 16-bit inputs, m16n8k8 for tf32) and
+# Hopper's warpgroup wgmma.mma_async (m64nNk16, N up to 256: a narrow N means many small instructions).
+_MMA = re.compile(r"^\s*(wgmma\.mma_async|mma)\.sync\.aligned\.(m\d+n\d+k\d+)\.(?:row\.col\.)?f32\.(\w+)\.",
+                  re.MULTILINE)
+
+
+def mma_shapes(kernel) -> dict[str, int]:
+    """``{"wgmma m64n64k16 bf16": count, ...}``: the tensor-core instructions in the kernel's PTX (static
+    counts: loops are counted once per unrolled copy); empty when the dots run on CUDA cores."""
+    counts: dict[str, int] = {}
+    for op, shape, dtype in _MMA.findall(kernel.asm.get("ptx") or ""):
+        key = f"{op.split('.')[0]} {shape} {dtype}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def compiled_kernels(arch: int):
@@ -242,7 +263,8 @@ def compiled_kernels(arch: int):
     return {name: kernels for name, kernels in found.items() if kernels}
 
 
-def check(arch: int, models, dtypes, verbose: bool = False, max_shared_kib: int | None = None) -> list[str]:
+def check(arch: int, models, dtypes, verbose: bool = False, max_shared_kib: int | None = None,
+          only: str | None = None) -> list[str]:
     import torch
     from triton.runtime.driver import driver
 
@@ -260,6 +282,8 @@ def check(arch: int, models, dtypes, verbose: bool = False, max_shared_kib: int 
             if dtype == torch.bfloat16 and arch < 80:
                 continue
             for name, run in ops(model, dtype, with_attention=arch >= 80):
+                if only is not None and not any(name.startswith(prefix) for prefix in only.split(",")):
+                    continue
                 label = f"{model} {str(dtype).replace('torch.', '')} {name}"
                 try:
                     run()
@@ -272,13 +296,17 @@ def check(arch: int, models, dtypes, verbose: bool = False, max_shared_kib: int 
         shared = max(k.metadata.shared for k in kernels)
         usage = [ptxas_usage(k, arch) for k in kernels]
         regs = max((u[0] for u in usage if u), default=None)
-        spilled = max((u[1] for u in usage if u), default=None)
+        spilled = max((u[1] + u[2] for u in usage if u), default=None)
         print(f"  {name:45s} {len(kernels):3d} variants, shared memory <= {shared / 1024:5.1f} KiB"
               + (f", <= {regs} registers, <= {spilled} B spilled" if regs is not None else ""))
         if verbose:
+            # one line per variant, e.g. "... 8 warps ...: shared 48.0 KiB, 168 registers, spill stores 0 B,
+            # spill loads 0 B, wgmma m64n64k16 bf16 x16": greppable facts for regressions
             for kernel, use in zip(kernels, usage):
-                print(f"      {describe(kernel)}: shared {kernel.metadata.shared / 1024:.1f} KiB"
-                      + (f", {use[0]} registers, {use[1]} B spilled" if use else ""))
+                mma = ", ".join(f"{key} x{n}" for key, n in mma_shapes(kernel).items()) or "no mma"
+                print(f"      {name} {describe(kernel)}: shared {kernel.metadata.shared / 1024:.1f} KiB"
+                      + (f", {use[0]} registers, spill stores {use[1]} B, spill loads {use[2]} B" if use else "")
+                      + f", {mma}")
     return failures
 
 
@@ -297,7 +325,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default=",".join(map(str, GPUS)), help="compute capabilities, e.g. 80,86,90")
     parser.add_argument("--models", default=",".join(MODELS), help=f"any of {','.join(MODELS)}")
     parser.add_argument("--dtypes", default="float16,bfloat16,float32")
-    parser.add_argument("--verbose", action="store_true", help="one line per compiled variant")
+    parser.add_argument("--verbose", action="store_true",
+                        help="one line per compiled variant: tiles, warps, registers, spills, mma/wgmma shapes")
+    parser.add_argument("--ops", help="only the ops whose names start with one of these, e.g. attention,rms_norm")
     parser.add_argument("--max-shared-kib", type=int, help="pretend the GPU has this much shared memory per block")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -313,7 +343,7 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     failures = []
     for arch in archs:
-        failures += check(arch, args.models.split(","), dtypes, args.verbose, args.max_shared_kib)
+        failures += check(arch, args.models.split(","), dtypes, args.verbose, args.max_shared_kib, args.ops)
     print(f"\n{len(failures)} failure(s)" + "".join(f"\n  {f}" for f in failures))
     return 1 if failures else 0
 

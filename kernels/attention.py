@@ -37,7 +37,8 @@ Kernels (why this split):
   deterministic and bf16-friendly.
 
 Every kernel visits only key (or query) blocks that the mask can reach, and applies the score mask
-only on the blocks that straddle the causal diagonal, the window edge or the sequence end.
+only on the blocks that straddle the causal diagonal, the window edge or the sequence end. Causal
+grids start their heaviest blocks first (``_program_tile``); tiles are chosen per GPU (``_TILES``).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_same_device, check_tensor, empty, use_triton
+from ._common import INTERPRET, check_same_device, check_tensor, compute_capability, empty, use_triton
 from ._common import mma_operand as _mma_operand
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -60,8 +61,6 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # ----------------------------------------------------------------------------------------------
 # Triton helpers
 # ----------------------------------------------------------------------------------------------
-
-
 @triton.jit
 def _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """(first row, query length, key length) of program ``batch``'s sequence. Dense: rows from 0 of the
@@ -74,6 +73,45 @@ def _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     else:
         seq_start = batch * 0
     return seq_start, seqlen_q, seqlen_k
+
+
+@triton.jit
+def _tensor_base(X, batch, head, seq_start, stride_b, stride_h, stride_t):
+    """Start of one (batch, head) slice of X (packed sequences: ``seq_start`` rows in), once per program."""
+    return X + batch * stride_b + head * stride_h + seq_start * stride_t
+
+
+@triton.jit
+def _program_tile(n_blocks, n_heads, section, HEAVY_LAST: tl.constexpr):
+    """(block, head, batch) of this program of a 1-D grid. GPUs start programs about in id order: (batch, head)
+    pairs, head fastest, form sections of ``section`` pairs (sharing the L2 cache); in one the block varies slowest,
+    heaviest first (the last if HEAVY_LAST), so every pair's longest program starts before any shorter one."""
+    pid = tl.program_id(0)
+    first = pid // (section * n_blocks) * section  # this section's first pair; the last section may be narrower
+    width = tl.minimum(section, tl.num_programs(0) // n_blocks - first)
+    rest = pid - first * n_blocks
+    block = rest // width
+    pair = first + rest - block * width
+    if HEAVY_LAST:
+        block = n_blocks - 1 - block
+    return block, pair % n_heads, (pair // n_heads).to(tl.int64)
+
+
+@triton.jit
+def _query_block_prologue(
+    Q, K, V, CU_SEQLENS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, seqlen_q, seqlen_k, group_size, n_heads, section,
+    BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, HEAVY_LAST: tl.constexpr,
+):
+    """Shared start of the forward and dQ kernels: this program's first query row, head, batch, sequence rows
+    and lengths, and base pointers of its Q slice and its kv head's K / V slices (GQA: read in place)."""
+    block, head, batch = _program_tile(tl.cdiv(seqlen_q, BLOCK_M), n_heads, section, HEAVY_LAST)
+    start_m = block * BLOCK_M
+    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
+    q_base = _tensor_base(Q, batch, head, seq_start, stride_qb, stride_qh, stride_qt)
+    k_base = _tensor_base(K, batch, head // group_size, seq_start, stride_kb, stride_kh, stride_kt)
+    v_base = _tensor_base(V, batch, head // group_size, seq_start, stride_vb, stride_vh, stride_vt)
+    return start_m, head, batch, seq_start, seqlen_q, seqlen_k, q_base, k_base, v_base
 
 
 @triton.jit
@@ -163,7 +201,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window", "n_heads", "section"])
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE, CU_SEQLENS,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -171,19 +209,16 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, qk_scale, window,
+    seqlen_q, seqlen_k, group_size, qk_scale, window, n_heads, section,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr, HEAVY_LAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # heaviest (last, under causal) query blocks first: better tail balance across SMs
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
+    start_m, head, batch, seq_start, seqlen_q, seqlen_k, q_base, k_base, v_base = _query_block_prologue(
+        Q, K, V, CU_SEQLENS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt, seqlen_q, seqlen_k, group_size, n_heads, section, BLOCK_M, VARLEN, HEAVY_LAST)
     if start_m >= seqlen_q:
         return
-    head_kv = head // group_size  # GQA: read the shared kv head in place
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -191,12 +226,9 @@ def _attn_fwd_kernel(
     d_mask = offs_d < HEAD_DIM  # head dims like 80/96 run in a power-of-two tile
     row_mask = offs_m < seqlen_q
 
-    q_ptrs = (Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
-              + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd)
-    k_ptrs = (K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
-              + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd)  # K^T tile [BLOCK_D, BLOCK_N]
-    v_ptrs = (V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
-              + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd)
+    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
     q = _mma_operand(tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0), INTERPRET)
 
     # m_i starts finite, not -inf: a row whose first blocks are all masked then keeps
@@ -226,10 +258,10 @@ def _attn_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
 
-    o_ptrs = (Out + batch * stride_ob + seq_start * stride_ot + head * stride_oh
+    o_ptrs = (_tensor_base(Out, batch, head, seq_start, stride_ob, stride_oh, stride_ot)
               + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m, lse, mask=row_mask)
+    tl.store(_tensor_base(LSE, batch, head, seq_start, stride_lb, stride_lh, 1) + offs_m, lse, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,12 +286,13 @@ def _attn_bwd_preprocess_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + batch * stride_ob + seq_start * stride_ot + head * stride_oh
+    o = tl.load(_tensor_base(Out, batch, head, seq_start, stride_ob, stride_oh, stride_ot)
                 + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
+    do = tl.load(_tensor_base(DO, batch, head, seq_start, stride_dob, stride_doh, stride_dot)
                  + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(_tensor_base(DELTA, batch, head, seq_start, stride_lb, stride_lh, 1) + offs_m, delta,
+             mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -294,7 +327,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window", "n_heads", "section"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -304,14 +337,13 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, sm_scale, window,
+    seqlen_q, seqlen_k, group_size, sm_scale, window, n_heads, section,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr, HEAVY_LAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N  # under causal the first key blocks carry the most work
-    head_kv = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    block, head_kv, batch = _program_tile(tl.cdiv(seqlen_k, BLOCK_N), n_heads, section, HEAVY_LAST)
+    start_n = block * BLOCK_N
     seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
     if start_n >= seqlen_k:
         return
@@ -321,12 +353,11 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     kv_mask = (offs_n[:, None] < seqlen_k) & d_mask[None, :]
-    k = tl.load(K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
+    k = tl.load(_tensor_base(K, batch, head_kv, seq_start, stride_kb, stride_kh, stride_kt)
                 + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
+    v = tl.load(_tensor_base(V, batch, head_kv, seq_start, stride_vb, stride_vh, stride_vt)
                 + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    k = _mma_operand(k, INTERPRET)
-    v = _mma_operand(v, INTERPRET)
+    k, v = _mma_operand(k, INTERPRET), _mma_operand(v, INTERPRET)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -334,33 +365,30 @@ def _attn_bwd_dkdv_kernel(
     qk_scale = sm_scale * LOG2E
     lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, causal_offset, window,
                                             BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    # GQA: this kv head's dK/dV sum over every query head of its group; looping here keeps
-    # the sum in registers (no atomics, no [B, Hq, S, D] scratch)
+    # GQA: dK/dV of this kv head sum over its group's query heads, in registers (no atomics, no [B, Hq, S, D]
+    # scratch). Scalar bases here; pointer tiles built in the loop (kept live across it, they spilled)
+    head0 = head_kv * group_size
+    q_base = _tensor_base(Q, batch, head0, seq_start, stride_qb, stride_qh, stride_qt)
+    do_base = _tensor_base(DO, batch, head0, seq_start, stride_dob, stride_doh, stride_dot)
+    row_base = batch * stride_lb + head0 * stride_lh + seq_start  # LSE and DELTA share one layout
     for g in range(0, group_size):
-        head = head_kv * group_size + g
-        qT_ptrs = (Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
-                   + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd)
-        do_ptrs = (DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
-                   + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod)
-        lse_ptrs = LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m
-        delta_ptrs = DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                      offs_m, offs_n, d_mask, lo, full_lo,
-                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+        q_g = q_base + g * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd  # Q^T tile
+        do_g = do_base + g * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        lse_g, delta_g = LSE + row_base + g * stride_lh + offs_m, DELTA + row_base + g * stride_lh + offs_m
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
+                                      d_mask, lo, full_lo, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
                                       BLOCK_M, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                      offs_m, offs_n, d_mask, full_lo, full_hi,
-                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
+                                      d_mask, full_lo, full_hi, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
                                       BLOCK_M, False, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                      offs_m, offs_n, d_mask, full_hi, hi,
-                                      seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
+                                      d_mask, full_hi, hi, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
                                       BLOCK_M, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
     dk = dk * sm_scale
 
-    tl.store(DK + batch * stride_dkb + seq_start * stride_dkt + head_kv * stride_dkh
+    tl.store(_tensor_base(DK, batch, head_kv, seq_start, stride_dkb, stride_dkh, stride_dkt)
              + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + batch * stride_dvb + seq_start * stride_dvt + head_kv * stride_dvh
+    tl.store(_tensor_base(DV, batch, head_kv, seq_start, stride_dvb, stride_dvh, stride_dvt)
              + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -389,7 +417,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window", "n_heads", "section"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -398,18 +426,16 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, sm_scale, window,
+    seqlen_q, seqlen_k, group_size, sm_scale, window, n_heads, section,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr, HEAVY_LAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    seq_start, seqlen_q, seqlen_k = _sequence_rows(CU_SEQLENS, batch, seqlen_q, seqlen_k, VARLEN)
+    start_m, head, batch, seq_start, seqlen_q, seqlen_k, q_base, k_base, v_base = _query_block_prologue(
+        Q, K, V, CU_SEQLENS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt, seqlen_q, seqlen_k, group_size, n_heads, section, BLOCK_M, VARLEN, HEAVY_LAST)
     if start_m >= seqlen_q:
         return
-    head_kv = head // group_size
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -417,19 +443,15 @@ def _attn_bwd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     row_mask = offs_m < seqlen_q
     q_mask = row_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + batch * stride_qb + seq_start * stride_qt + head * stride_qh
-                + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    do = tl.load(DO + batch * stride_dob + seq_start * stride_dot + head * stride_doh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(_tensor_base(DO, batch, head, seq_start, stride_dob, stride_doh, stride_dot)
                  + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
-    q = _mma_operand(q, INTERPRET)
-    do = _mma_operand(do, INTERPRET)
-    lse = tl.load(LSE + batch * stride_lb + head * stride_lh + seq_start + offs_m, mask=row_mask, other=float("inf"))
-    lse = lse * LOG2E
-    delta = tl.load(DELTA + batch * stride_lb + head * stride_lh + seq_start + offs_m, mask=row_mask, other=0.0)
-    kT_ptrs = (K + batch * stride_kb + seq_start * stride_kt + head_kv * stride_kh
-               + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd)
-    vT_ptrs = (V + batch * stride_vb + seq_start * stride_vt + head_kv * stride_vh
-               + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd)
+    q, do = _mma_operand(q, INTERPRET), _mma_operand(do, INTERPRET)
+    row_offs = batch * stride_lb + head * stride_lh + seq_start + offs_m  # LSE and DELTA share one layout
+    lse = tl.load(LSE + row_offs, mask=row_mask, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + row_offs, mask=row_mask, other=0.0)
+    kT_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    vT_ptrs = v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seqlen_k - seqlen_q
@@ -446,34 +468,48 @@ def _attn_bwd_dq_kernel(
                             full_hi, hi, seqlen_k, causal_offset, window, qk_scale,
                             BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
     dq = dq * sm_scale
-    tl.store(DQ + batch * stride_dqb + seq_start * stride_dqt + head * stride_dqh
+    tl.store(_tensor_base(DQ, batch, head, seq_start, stride_dqb, stride_dqh, stride_dqt)
              + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch code
 # ----------------------------------------------------------------------------------------------
-def _block_sizes(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
-    """Fixed heuristics (no autotune: it fails in the interpreter), checked by compiling for
-    sm_90/sm_80 with Triton 3.9 and reading ptxas' register and spill counts (not timed on a GPU).
+# Tiles for 16-bit inputs: arch -> kernel -> padded head dim (<= 64, 128) -> (BLOCK_M, BLOCK_N, num_warps,
+# num_stages), from compiling for each arch (bench/compile_check.py --verbose: ptxas registers and spills, PTX mma
+# shapes; Triton 3.9; not timed). sm_80 (every arch but Hopper): forward 128x64; dK/dV 32 queries x 64 keys (64x64
+# spilled); dQ 64x64 (128x64 spilled); at D=64 and in the D=128 forward they still spill a few dozen bytes. sm_90,
+# all spill-free: dQ 128x64, 8 warps (m64n64 / m64n128 wgmma, was m64n32); dK/dV at D=128 16 queries x 128 keys
+# (dK, dV accumulate in m64n128 wgmma, was m64n64; 64x64, 32x128 and 64x128 spilled).
+_TILES = {
+    80: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+         "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2)},
+         "dq": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}},
+    90: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+         "dkdv": {64: (32, 64, 4, 2), 128: (16, 128, 8, 3)},
+         "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}},
+}
 
-    16-bit inputs: forward 128x64 tiles (FA2's usual choice); dK/dV 64 keys x 32 queries (it holds
-    K, V and two fp32 [64, BLOCK_D] accumulators in registers: 64x64 spilled); dQ 64x64; 8 warps
-    once the padded head dim exceeds 64. fp32 inputs use exact fp32 products on CUDA cores
-    (operands in registers, no tensor cores): 32x32 tiles, a slow accuracy path, not a fast one
-    (at D=128 its forward and dQ kernels still spill a little).
-    Under the interpreter: 64x32 tiles (each loop step costs the interpreter a lot of Python, so
-    bigger tiles run faster; BLOCK_M != BLOCK_N there so a mix-up of the two shows in tests)."""
+
+def _tile_config(capability: int, head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
+    """Launch constants of ``kernel`` ("fwd", "dkdv", "dq") on compute ``capability`` (major * 10 + minor): only
+    Hopper (90) has its own row; Blackwell (100+), not compile-checked, takes sm_80's. fp32 inputs (exact products
+    on CUDA cores, a slow accuracy path): 32x32 tiles on every arch, 8 warps for dK/dV (4 spilled at D=64)."""
     block_d = triton.next_power_of_2(head_dim)
-    if INTERPRET:
-        block_m, block_n = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}[kernel]
-        return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
-    num_warps = 4 if block_d <= 64 else 8
-    if dtype == torch.float32:  # dK/dV with 4 warps spilled ~1.8 KB at D=64; 8 warps do not
-        num_warps = 8 if kernel == "dkdv" else num_warps
+    if dtype == torch.float32:
+        num_warps = 8 if kernel == "dkdv" or block_d > 64 else 4
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=num_warps, num_stages=2)
-    block_m, block_n, num_stages = {"fwd": (128, 64, 3), "dkdv": (32, 64, 2), "dq": (64, 64, 2)}[kernel]
+    block_m, block_n, num_warps, num_stages = _TILES[90 if capability == 90 else 80][kernel][max(block_d, 64)]
     return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _block_sizes(head_dim: int, kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """No autotune (it fails in the interpreter): the table above on GPUs. The interpreter runs 64x32 tiles (bigger
+    tiles, fewer costly Python loop steps; BLOCK_M != BLOCK_N so a mix-up of the two shows in tests)."""
+    if INTERPRET:
+        bm, bn = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}[kernel]
+        return dict(BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+    return _tile_config(compute_capability(device), head_dim, kernel, dtype)
 
 
 def _strides(x: torch.Tensor, varlen: bool):
@@ -516,7 +552,7 @@ class _Problem:
         # fp32 inputs: exact fp32 products, not tf32 (fp32 is the accuracy path)
         self.consts = dict(CAUSAL=causal, HAS_WINDOW=window is not None, VARLEN=self.varlen,
                            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET)
-
+        self.element_size = q.element_size()
 
     def cu_seqlens_arg(self, q):
         """The CU_SEQLENS launch argument: dense launches never read it and get ``q``. (Not stored: the
@@ -524,18 +560,32 @@ class _Problem:
         return self.cu_seqlens if self.varlen else q
 
 
+def _tile_grid(p: _Problem, kernel: str, cfg: dict, device: torch.device):
+    """1-D grid and ``_program_tile``'s section: as many (batch, head) pairs, whole GQA groups, as keep what all
+    blocks of a pair read (K, V of its kv head; Q, dO of its group for dK/dV) in half the L2 (stand-ins: 50 MiB)."""
+    if kernel == "dkdv":  # under causal the first key blocks see the most queries
+        n_blocks, n_heads, group, heavy_last = triton.cdiv(p.seqlen_k, cfg["BLOCK_N"]), p.n_kv_heads, 1, False
+        group_bytes = 2 * p.group_size * p.seqlen_q * p.head_dim * p.element_size
+    else:  # forward, dQ: the last query blocks see the most keys
+        n_blocks, n_heads, group, heavy_last = triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.group_size, True
+        group_bytes = 2 * p.seqlen_k * p.head_dim * p.element_size
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 50 * 2**20
+    section = min(n_heads * p.batch, group * max(1, l2 // 2 // max(group_bytes, 1)))
+    return (n_blocks * n_heads * p.batch,), section, heavy_last
+
+
 def _flash_forward(q, k, v, p: _Problem):
     o = _empty_in_layout_of(q)
     lse = empty(p.lse_shape, dtype=torch.float32, device=q.device)
-    cfg = _block_sizes(p.head_dim, "fwd", q.dtype)
-    grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.batch)
-    if min(grid) > 0:
+    cfg = _block_sizes(p.head_dim, "fwd", q.dtype, q.device)
+    grid, section, heavy_last = _tile_grid(p, "fwd", cfg, q.device)
+    if grid[0] > 0:
         _attn_fwd_kernel[grid](
             q, k, v, o, lse, p.cu_seqlens_arg(q),
             *_strides(q, p.varlen), *_strides(k, p.varlen), *_strides(v, p.varlen), *_strides(o, p.varlen),
             *p.lse_strides,
-            p.seqlen_q, p.seqlen_k, p.group_size, p.scale * math.log2(math.e), p.window,
-            HEAD_DIM=p.head_dim, **cfg, **p.consts,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.scale * math.log2(math.e), p.window, p.n_heads, section,
+            HEAD_DIM=p.head_dim, HEAVY_LAST=heavy_last, **cfg, **p.consts,
         )
     return o, lse
 
@@ -544,36 +594,35 @@ def _flash_backward(do, q, k, v, o, lse, p: _Problem):
     dq, dk, dv = _empty_in_layout_of(q), _empty_in_layout_of(k), _empty_in_layout_of(v)
     delta = empty(p.lse_shape, dtype=torch.float32, device=q.device)
     strides = dict(q=_strides(q, p.varlen), k=_strides(k, p.varlen), v=_strides(v, p.varlen), do=_strides(do, p.varlen))
-    block_d = triton.next_power_of_2(p.head_dim)
 
     pre_block_m = 32 if INTERPRET else 64
     grid = (triton.cdiv(p.seqlen_q, pre_block_m), p.n_heads, p.batch)
     if min(grid) > 0:
         _attn_bwd_preprocess_kernel[grid](
             o, do, delta, p.cu_seqlens_arg(q), *_strides(o, p.varlen), *strides["do"], *p.lse_strides, p.seqlen_q,
-            HEAD_DIM=p.head_dim, BLOCK_D=block_d, BLOCK_M=pre_block_m, VARLEN=p.varlen,
+            HEAD_DIM=p.head_dim, BLOCK_D=triton.next_power_of_2(p.head_dim), BLOCK_M=pre_block_m, VARLEN=p.varlen,
         )
 
-    cfg = _block_sizes(p.head_dim, "dkdv", q.dtype)
-    grid = (triton.cdiv(p.seqlen_k, cfg["BLOCK_N"]), p.n_kv_heads, p.batch)
-    if min(grid) > 0:
+    cfg = _block_sizes(p.head_dim, "dkdv", q.dtype, q.device)
+    grid, section, heavy_last = _tile_grid(p, "dkdv", cfg, q.device)
+    if grid[0] > 0:
         _attn_bwd_dkdv_kernel[grid](
             q, k, v, do, lse, delta, dk, dv, p.cu_seqlens_arg(q),
             *strides["q"], *strides["k"], *strides["v"], *strides["do"],
             *_strides(dk, p.varlen), *_strides(dv, p.varlen), *p.lse_strides,
-            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window,
-            HEAD_DIM=p.head_dim, **cfg, **p.consts,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window, p.n_kv_heads, section,
+            HEAD_DIM=p.head_dim, HEAVY_LAST=heavy_last, **cfg, **p.consts,
         )
 
-    cfg = _block_sizes(p.head_dim, "dq", q.dtype)
-    grid = (triton.cdiv(p.seqlen_q, cfg["BLOCK_M"]), p.n_heads, p.batch)
-    if min(grid) > 0:
+    cfg = _block_sizes(p.head_dim, "dq", q.dtype, q.device)
+    grid, section, heavy_last = _tile_grid(p, "dq", cfg, q.device)
+    if grid[0] > 0:
         _attn_bwd_dq_kernel[grid](
             q, k, v, do, lse, delta, dq, p.cu_seqlens_arg(q),
             *strides["q"], *strides["k"], *strides["v"], *strides["do"], *_strides(dq, p.varlen),
             *p.lse_strides,
-            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window,
-            HEAD_DIM=p.head_dim, **cfg, **p.consts,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window, p.n_heads, section,
+            HEAD_DIM=p.head_dim, HEAVY_LAST=heavy_last, **cfg, **p.consts,
         )
     return dq, dk, dv
 

@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kernel_testing import assert_close
 
 from fastft.kernels import use_engine
@@ -144,7 +146,7 @@ def test_attention_matches_reference(B, Hq, Hkv, T, S, D, causal, window, dtype)
 def test_attention_small_blocks_multi_block_masking(monkeypatch):
     """Tiny tiles make every kernel walk many blocks: masked window edge, unmasked middle, masked
     diagonal and a partial last block all in one call, with BLOCK_M != BLOCK_N."""
-    def tiny_blocks(head_dim, kernel, dtype):
+    def tiny_blocks(head_dim, kernel, dtype, device):
         block_m, block_n = {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}[kernel]
         return dict(BLOCK_D=triton_next_pow2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
 
@@ -220,6 +222,143 @@ def test_attention_varlen_matches_reference(lengths, Hq, Hkv, D, causal, window,
         lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, causal, scale, window),
         q, k, v, dtype,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiles GPUs launch (the interpreter otherwise runs its own 64x32): every architecture's row of
+# the tile table, forced here (the interpreter ignores warps and stages, and has no architecture)
+# ----------------------------------------------------------------------------------------------
+def _force_gpu_tiles(monkeypatch, arch):
+    tile_config = attention_module._tile_config
+    monkeypatch.setattr(attention_module, "_block_sizes",
+                        lambda head_dim, kernel, dtype, device: tile_config(arch, head_dim, kernel, dtype))
+
+
+GPU_TILE_CASES = [
+    # B, Hq, Hkv, T, S, D, causal, window, dtype: odd lengths over several 128-row and 16-row blocks
+    pytest.param(1, 4, 2, 300, 300, 128, True, None, torch.bfloat16, id="causal-gqa2-D128-bf16"),
+    pytest.param(2, 2, 1, 150, 333, 80, True, None, torch.float16, id="causal-T<S-D80-fp16"),
+    pytest.param(1, 2, 2, 270, 270, 64, True, 100, torch.float16, id="window100-D64-fp16"),
+    pytest.param(1, 3, 1, 200, 140, 32, False, None, torch.bfloat16, id="noncausal-T>S-gqa3-D32-bf16"),
+]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("B, Hq, Hkv, T, S, D, causal, window, dtype", GPU_TILE_CASES)
+def test_attention_with_gpu_tiles(monkeypatch, arch, B, Hq, Hkv, T, S, D, causal, window, dtype):
+    _force_gpu_tiles(monkeypatch, arch)
+    torch.manual_seed(0)
+    q, k, v = _randn(B, Hq, T, D), _randn(B, Hkv, S, D), _randn(B, Hkv, S, D)
+    _run_and_compare(
+        lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window),
+        lambda q, k, v: reference_attention(q, k, v, causal, 1.0 / math.sqrt(D), window),
+        q, k, v, dtype,
+    )
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_attention_varlen_with_gpu_tiles(monkeypatch, arch):
+    _force_gpu_tiles(monkeypatch, arch)
+    torch.manual_seed(0)
+    lengths = [1, 130, 257, 16]
+    cu_seqlens = _cu_seqlens(lengths)
+    q, k, v = _randn(sum(lengths), 4, 128), _randn(sum(lengths), 1, 128), _randn(sum(lengths), 1, 128)
+    _run_and_compare(
+        lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, 260, causal=True),
+        lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 1.0 / math.sqrt(128), None),
+        q, k, v, torch.float16,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch order: heaviest blocks first, by sections of (batch, head) pairs
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _record_program_tiles(OUT, n_blocks, n_heads, section, HEAVY_LAST: tl.constexpr):
+    block, head, batch = attention_module._program_tile(n_blocks, n_heads, section, HEAVY_LAST)
+    pid = tl.program_id(0)
+    tl.store(OUT + 3 * pid, block)
+    tl.store(OUT + 3 * pid + 1, head)
+    tl.store(OUT + 3 * pid + 2, batch)
+
+
+@pytest.mark.parametrize("heavy_last", [True, False])
+@pytest.mark.parametrize("n_blocks, n_heads, batch, section", [(5, 7, 2, 3), (4, 3, 1, 8), (1, 2, 3, 1),
+                                                               (6, 4, 2, 4), (3, 5, 1, 1)])
+def test_launch_order_starts_heaviest_blocks_first(heavy_last, n_blocks, n_heads, batch, section):
+    """Program ids are the order GPUs start programs in. Every (block, head, batch) gets exactly one program;
+    pairs (head fastest) come in sections of `section`; inside a section every pair gets its heaviest block
+    (the last under HEAVY_LAST: forward, dQ; the first: dK/dV) before any pair gets its next one."""
+    n = n_blocks * n_heads * batch
+    out = torch.full((n, 3), -1, dtype=torch.int32)
+    _record_program_tiles[(n,)](out, n_blocks, n_heads, section, heavy_last)
+    tiles = [tuple(row) for row in out.tolist()]
+    assert sorted(tiles) == [(blk, h, b) for blk in range(n_blocks) for h in range(n_heads) for b in range(batch)]
+    pairs_in_order = []
+    for start in range(0, n, section * n_blocks):
+        chunk = tiles[start:start + section * n_blocks]
+        width = len(chunk) // n_blocks
+        ranks = [n_blocks - 1 - blk if heavy_last else blk for blk, _, _ in chunk]  # 0 = heaviest
+        assert ranks == [r for r in range(n_blocks) for _ in range(width)], (start, chunk)
+        assert all(chunk[i][1:] == chunk[i % width][1:] for i in range(len(chunk))), chunk  # same pairs each round
+        pairs_in_order += [(b, h) for _, h, b in chunk[:width]]
+    assert pairs_in_order == sorted(pairs_in_order)  # (batch, head) pairs in order, head fastest
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_attention_with_small_launch_sections(monkeypatch, varlen):
+    """Sections of 3 pairs (the last one narrower) on GQA, odd lengths and packed sequences, forward and backward."""
+    tile_grid = attention_module._tile_grid
+    monkeypatch.setattr(attention_module, "_tile_grid", lambda *args: (tile_grid(*args)[0], 3, tile_grid(*args)[2]))
+    torch.manual_seed(0)
+    if varlen:
+        lengths = [5, 70, 1, 33]
+        cu_seqlens = _cu_seqlens(lengths)
+        q, k, v = _randn(sum(lengths), 4, 32), _randn(sum(lengths), 2, 32), _randn(sum(lengths), 2, 32)
+        _run_and_compare(
+            lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, 70, causal=True),
+            lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 1 / math.sqrt(32), None),
+            q, k, v, torch.float32,
+        )
+    else:
+        q, k, v = _randn(2, 7, 67, 32), _randn(2, 1, 67, 32), _randn(2, 1, 67, 32)
+        _run_and_compare(
+            lambda q, k, v: attention(q, k, v, causal=True),
+            lambda q, k, v: reference_attention(q, k, v, True, 1 / math.sqrt(32), None),
+            q, k, v, torch.float32,
+        )
+
+
+def test_launch_sections_fit_half_the_l2_cache():
+    """Forward sections hold as many query heads (whole GQA groups) as keep their kv heads' K and V in half of
+    the (stand-in H100's 50 MiB) L2; dK/dV sections as many kv heads as keep their groups' Q and dO there."""
+    q = torch.empty(1, 32, 8192, 128, dtype=torch.bfloat16)  # Llama-3-8B at 8k tokens: K + V of a kv head 4 MiB
+    k = torch.empty(1, 8, 8192, 128, dtype=torch.bfloat16)
+    p = attention_module._Problem(q, k, None, None, True, 0.1, None)
+    grid, section, _ = attention_module._tile_grid(p, "fwd", dict(BLOCK_M=128), q.device)
+    assert grid == (64 * 32,) and section == 6 * 4  # 6 whole GQA groups: K and V of 6 kv heads, 24 MiB
+    grid, section, _ = attention_module._tile_grid(p, "dkdv", dict(BLOCK_N=128), q.device)
+    assert grid == (64 * 8,) and section == 1  # Q + dO of a 4-head group: 16 MiB
+    small = attention_module._Problem(q[:, :, :64], k[:, :, :64], None, None, True, 0.1, None)
+    assert attention_module._tile_grid(small, "dq", dict(BLOCK_M=64), q.device)[:2] == ((32,), 32)  # one section
+
+
+@pytest.mark.parametrize("T, S", [(300, 300), (100, 260)])
+def test_launch_direction_starts_the_most_work(T, S):
+    """Under causal masking the launcher's HEAVY_LAST puts each kernel's heaviest block first: the work of a
+    forward / dQ query block (key blocks it reaches) and of a dK/dV key block (query blocks), from the mask."""
+    allowed = _dense_mask(T, S, True, None)
+    q, k = torch.empty(1, 2, T, 64), torch.empty(1, 1, S, 64)
+    p = attention_module._Problem(q, k, None, None, True, 0.125, None)
+    for kernel, cfg in (("fwd", dict(BLOCK_M=64)), ("dq", dict(BLOCK_M=32)), ("dkdv", dict(BLOCK_N=64))):
+        _, _, heavy_last = attention_module._tile_grid(p, kernel, cfg, q.device)
+        if kernel == "dkdv":  # query blocks of 16 rows (sm_90's dK/dV tile) that reach each key block
+            work = [sum(bool(blk.any()) for blk in allowed[:, n:n + 64].split(16)) for n in range(0, S, 64)]
+        else:
+            work = [sum(bool(blk.any()) for blk in allowed[m:m + cfg["BLOCK_M"]].split(64, dim=1))
+                    for m in range(0, T, cfg["BLOCK_M"])]
+        in_launch_order = work[::-1] if heavy_last else work
+        assert in_launch_order == sorted(in_launch_order, reverse=True) and work[0] != work[-1], (kernel, work)
 
 
 # ----------------------------------------------------------------------------------------------

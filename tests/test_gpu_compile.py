@@ -6,6 +6,7 @@ least shared memory of the GPUs fastft serves attention on), an H100 (sm_90) and
 no fastft attention there), and checks each kernel fits that GPU's shared memory.
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,111 @@ def test_every_kernel_compiles_and_fits(arch, dtypes):
     for kernel in expected:  # compiled (the line is printed from Triton's cache) and measured by ptxas
         assert any(line.split()[:1] == [kernel] and "registers" in line for line in result.stdout.splitlines()), \
             f"{kernel} was not compiled for sm_{arch}:\n{result.stdout[-4000:]}"
+
+
+# a --verbose variant line: "      <kernel> <dtypes> <constexprs> warps=W stages=S: shared X KiB, R registers,
+# spill stores A B, spill loads B B, <mma shapes or 'no mma'>"
+VARIANT = re.compile(r"^\s+(\S+) (.*) warps=(\d+) stages=(\d+): shared [\d.]+ KiB, (\d+) registers, "
+                     r"spill stores (\d+) B, spill loads (\d+) B, (.+)$")
+
+
+def verbose_variants(stdout: str, kernel: str) -> list[dict]:
+    """The --verbose lines of one kernel, parsed: constexprs, warps, stages, registers, spills, mma shapes."""
+    variants = []
+    for line in stdout.splitlines():
+        match = VARIANT.match(line)
+        if match and match[1] == kernel:
+            constexprs = dict(re.findall(r"([A-Z_]+)=(\w+)", match[2]))
+            mma = {} if match[8] == "no mma" else {
+                shape: int(n) for shape, n in re.findall(r"((?:wgmma|mma) m\d+n\d+k\d+ \w+) x(\d+)", match[8])}
+            variants.append(dict(constexprs=constexprs, warps=int(match[3]), stages=int(match[4]),
+                                 registers=int(match[5]), spill_stores=int(match[6]), spill_loads=int(match[7]),
+                                 mma=mma))
+    return variants
+
+
+def test_verbose_reports_mma_shapes_registers_and_spills():
+    result = compile_check("--arch", "80", "--models", "qwen2-0.5b", "--dtypes", "bfloat16,float32",
+                           "--ops", "attention", "--verbose")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    fwd = verbose_variants(result.stdout, "attention._attn_fwd_kernel")
+    # causal, sliding window and varlen, each in bf16 and fp32: six compiled variants, each with a parsed line
+    assert len(fwd) == 6, result.stdout[-4000:]
+    for variant in fwd:
+        assert 0 < variant["registers"] <= 255 and variant["constexprs"]["HEAD_DIM"] == "64"
+        if variant["constexprs"]["DOT_PRECISION"] == "tf32":  # bf16 inputs: Ampere's mma.sync on tensor cores
+            assert set(variant["mma"]) == {"mma m16n8k16 bf16"} and variant["mma"]["mma m16n8k16 bf16"] >= 8
+        else:  # fp32 inputs take exact fp32 products on CUDA cores: no tensor-core instruction at all
+            assert variant["mma"] == {}
+    # the per-kernel summary's spill bound is the worst variant's stores + loads
+    summary = re.search(r"attention\._attn_fwd_kernel +6 variants, .*, <= (\d+) registers, <= (\d+) B spilled",
+                        result.stdout)
+    assert summary, result.stdout[-4000:]
+    assert int(summary[1]) == max(v["registers"] for v in fwd)
+    assert int(summary[2]) == max(v["spill_stores"] + v["spill_loads"] for v in fwd)
+    # and --ops kept the other ops out
+    assert "rms_norm." not in result.stdout and "attention._attn_bwd_dq_kernel" in result.stdout
+
+
+ATTENTION_KERNELS = {"fwd": "attention._attn_fwd_kernel", "dkdv": "attention._attn_bwd_dkdv_kernel",
+                     "dq": "attention._attn_bwd_dq_kernel"}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_attention_compiles_with_its_architectures_tiles(arch):
+    """The launcher hands each architecture its entry of attention's tile table (compile_check tells fastft which
+    GPU it compiles for), and Hopper's entries compile spill-free with wide wgmma shapes."""
+    import torch
+
+    from fastft.kernels.attention import _tile_config
+
+    result = compile_check("--arch", str(arch), "--models", "llama3-8b,qwen2-0.5b", "--dtypes", "bfloat16,float16",
+                           "--ops", "attention", "--verbose")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    for kernel, name in ATTENTION_KERNELS.items():
+        variants = verbose_variants(result.stdout, name)
+        assert len(variants) == 12, f"{name}: {len(variants)} variants"  # D 64/128 x bf16/fp16 x causal/window/varlen
+        for variant in variants:
+            head_dim = int(variant["constexprs"]["HEAD_DIM"])
+            entry = _tile_config(arch, head_dim, kernel, torch.bfloat16)
+            compiled = dict(BLOCK_M=int(variant["constexprs"]["BLOCK_M"]), num_warps=variant["warps"],
+                            BLOCK_N=int(variant["constexprs"]["BLOCK_N"]), num_stages=variant["stages"])
+            assert compiled == {key: entry[key] for key in compiled}, (name, head_dim, compiled, entry)
+            shapes = set(variant["mma"])
+            if arch == 80:
+                assert shapes and all(shape.startswith("mma m16n8k16") for shape in shapes), (name, shapes)
+                continue
+            assert variant["spill_stores"] == variant["spill_loads"] == 0, (name, variant)
+            assert shapes and all(shape.startswith("wgmma m64n") for shape in shapes), (name, shapes)
+            widths = {int(shape.split("n")[1].split("k")[0]) for shape in shapes}
+            if kernel == "dq":  # 128 x 64 tiles, 8 warps: no m64n32 / m64n16 left
+                assert min(widths) >= 64, (name, head_dim, shapes)
+            if kernel == "dkdv" and head_dim == 128:  # dK and dV accumulate in m64n128 (was m64n64)
+                assert 128 in widths, (name, head_dim, shapes)
+
+
+def test_attention_tile_table_entries_per_architecture():
+    import torch
+
+    from fastft.kernels.attention import _TILES, _tile_config
+
+    # Hopper has its own row; every other architecture (Blackwell included: not compile-checked) takes sm_80's
+    for capability, row in ((70, 80), (75, 80), (80, 80), (86, 80), (89, 80), (90, 90), (100, 80), (120, 80)):
+        for kernel in ("fwd", "dkdv", "dq"):
+            # head dims run in power-of-two tiles; those up to 64 share the 64 column
+            for head_dim, block_d, column in ((16, 16, 64), (64, 64, 64), (80, 128, 128), (128, 128, 128)):
+                for dtype in (torch.float16, torch.bfloat16):
+                    cfg = _tile_config(capability, head_dim, kernel, dtype)
+                    assert cfg["BLOCK_D"] == block_d
+                    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) == \
+                        _TILES[row][kernel][column], (capability, kernel, head_dim)
+    # the rows really differ where compile_check found better tiles for Hopper
+    assert _tile_config(90, 128, "dq", torch.bfloat16)["BLOCK_M"] == 128
+    assert _tile_config(80, 128, "dq", torch.bfloat16)["BLOCK_M"] == 64
+    assert _tile_config(90, 128, "dkdv", torch.float16)["BLOCK_N"] == 128
+    # fp32 inputs (CUDA-core products) take 32 x 32 tiles on every architecture
+    for capability in (80, 90):
+        assert {_tile_config(capability, 64, k, torch.float32)["BLOCK_M"] for k in ("fwd", "dkdv", "dq")} == {32}
 
 
 def test_a_kernel_that_does_not_fit_fails_the_check():
