@@ -2,12 +2,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import assert_close
+from kernel_testing import DTYPES, ENGINES, assert_close
 
 from fastft.kernels._common import use_engine
 from fastft.kernels.cross_entropy import cross_entropy
 
-ENGINES = ["triton", "torch"]
 REDUCTIONS = ["mean", "sum", "none"]
 
 # Tolerances. The kernel reads the logits as given and does all math in fp32, and the reference
@@ -57,7 +56,7 @@ def _run(engine, logits, labels, **kw):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_matches_float64_reference(engine, dtype, reduction):
     n, vocab = 23, 32003  # V not a multiple of the 4096-column block; ~30% of labels ignored
@@ -178,7 +177,7 @@ def _masked_logits(dtype):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_masked_logits_match_float64_reference(engine, dtype):
     logits, labels = _masked_logits(dtype)
     x, loss = _run(engine, logits, labels, reduction="none")

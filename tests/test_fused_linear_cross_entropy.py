@@ -5,12 +5,11 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import assert_close
+from kernel_testing import ENGINES, assert_close, check_grad
 
 from fastft.kernels._common import use_engine
 from fastft.kernels.fused_linear_cross_entropy import _default_chunk_rows, fused_linear_cross_entropy
 
-ENGINES = ["triton", "torch"]
 REDUCTIONS = ["mean", "sum", "none"]
 N, H, V = 23, 48, 32003  # 23 tokens in chunks of 16 (the last one partial); V not a block multiple
 
@@ -47,9 +46,7 @@ def _reference(hidden, weight, labels, reduction, grad_output):
 
 
 def _check_grad(actual, expected, dtype, name):
-    rtol, atol_rel = GRAD_TOL[dtype]
-    assert actual.dtype == dtype, f"{name} dtype {actual.dtype}"
-    assert_close(actual, expected, atol=atol_rel * expected.abs().max().item(), rtol=rtol, name=name)
+    check_grad(actual, expected, dtype, GRAD_TOL[dtype], name)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-from kernel_testing import assert_close
+from kernel_testing import ENGINES, assert_close, check_grad, leaf
 from torch.utils._python_dispatch import TorchDispatchMode
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
 from fastft.kernels._common import use_engine
 from fastft.kernels.linear_log_probs import OUTPUTS, linear_log_probs
 
-ENGINES = ["triton", "torch"]
 N, H, V = 23, 40, 32003
 TEMPERATURE, LOGIT_SCALE = 0.7, 1.3
 # 2 token chunks (16 + 7 rows) x 4 vocabulary chunks (3 x 8192 + 7427): the running lse crosses
@@ -54,14 +53,8 @@ def _reference(hidden, weight, bias, labels, grad_output):
     return logp.detach(), h.grad, w.grad, (b.grad if b is not None else None)
 
 
-def _leaf(t, requires_grad=True):
-    return None if t is None else t.clone().requires_grad_(requires_grad)
-
-
 def _check_grad(actual, expected, dtype, name):
-    rtol, atol_rel = GRAD_TOL[dtype]
-    assert actual.dtype == dtype, f"{name} dtype {actual.dtype}"
-    assert_close(actual, expected, atol=atol_rel * expected.abs().max().item(), rtol=rtol, name=name)
+    check_grad(actual, expected, dtype, GRAD_TOL[dtype], name)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -69,7 +62,7 @@ def _check_grad(actual, expected, dtype, name):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_float64_reference(engine, dtype, with_bias):
     hidden, weight, bias, labels = _inputs(dtype, with_bias=with_bias)
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         logp = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE, **CHUNKS)
     assert logp.dtype == torch.float32 and logp.shape == (N,)
@@ -91,11 +84,11 @@ def test_matches_trl_chunked_logprob_fp32():
     grad_output = torch.randn(N, generator=torch.Generator().manual_seed(3))
     valid = labels != -100
 
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     ours = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE)  # default tiles
     ours.backward(grad_output)
 
-    th, tw, tb = _leaf(hidden), _leaf(weight), _leaf(bias)
+    th, tw, tb = leaf(hidden), leaf(weight), leaf(bias)
     trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, None, LOGIT_SCALE, ())[0]
     trl = trl.masked_fill(~valid, 0.0)
     trl.backward(grad_output)
@@ -110,7 +103,7 @@ def test_matches_trl_chunked_logprob_fp32():
 def test_frozen_weight_and_bias(engine):
     # LoRA training: only the hidden states need a gradient.
     hidden, weight, bias, labels = _inputs(torch.float32, seed=4, n=9)
-    h, w, b = _leaf(hidden), _leaf(weight, False), _leaf(bias, False)
+    h, w, b = leaf(hidden), leaf(weight, False), leaf(bias, False)
     with use_engine(engine):
         logp = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
                                 token_chunk_size=4, vocab_chunk_size=10000)
@@ -124,7 +117,7 @@ def test_frozen_weight_and_bias(engine):
 
 def test_fp16_trainable_bias_frozen_hidden():
     hidden, weight, bias, labels = _inputs(torch.float16, seed=6, n=11)
-    h, w, b = _leaf(hidden, False), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden, False), leaf(weight), leaf(bias)
     logp = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE, **CHUNKS)
     grad_output = torch.randn(11, generator=torch.Generator().manual_seed(7))
     logp.backward(grad_output)
@@ -139,7 +132,7 @@ def test_fp16_trainable_bias_frozen_hidden():
 def test_all_labels_ignored(engine):
     hidden, weight, bias, _ = _inputs(torch.float32, seed=8, n=5)
     labels = torch.full((5,), -100)
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         logp = linear_log_probs(h, w, labels, bias=b, token_chunk_size=3, vocab_chunk_size=20000)
     logp.backward(torch.ones(5))
@@ -241,7 +234,7 @@ def test_all_outputs_match_float64_reference(engine, dtype):
     hidden, weight, bias, labels = _inputs_with_top1(dtype, seed=10)
     gen = torch.Generator().manual_seed(11)
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
                                    outputs=OUTPUTS, **CHUNKS)
@@ -269,13 +262,13 @@ def test_all_outputs_match_trl_chunked_logprob_fp32(engine):
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     valid = labels != -100
 
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         ours = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
                                 outputs=OUTPUTS, token_chunk_size=16, vocab_chunk_size=5000)
     ((ours[0] * grad_lp).sum() + (ours[1] * grad_ent).sum()).backward()
 
-    th, tw, tb = _leaf(hidden), _leaf(weight), _leaf(bias)
+    th, tw, tb = leaf(hidden), leaf(weight), leaf(bias)
     trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, None, LOGIT_SCALE, OUTPUTS)
     trl = [x.masked_fill(~valid, 0) for x in trl]
     ((trl[0] * grad_lp).sum() + (trl[1] * grad_ent).sum()).backward()
@@ -295,7 +288,7 @@ def test_gradient_of_one_output_only(engine, grad_of):
     # Only one differentiable output reaches the loss: the other's incoming gradient is None (TRL's
     # set_materialize_grads(False)), e.g. entropy computed for logging only.
     hidden, weight, bias, labels = _inputs(torch.float32, seed=14, n=9)
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         lp, ent, *_ = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
                                        outputs=SFT_OUTPUTS, token_chunk_size=4, vocab_chunk_size=10000)
@@ -338,7 +331,7 @@ def test_frozen_head_saves_the_gradient_and_skips_the_recompute(dtype, outputs):
     # rows 2-4: confident predictions (p_y near 1), where W_y - sum_j p_j W_j is small and 1 - p_y matters
     hidden[2:5] *= 5
     labels[2:5] = (hidden[2:5].double() @ weight.double().T + bias.double()).argmax(-1)
-    h, w, b = _leaf(hidden), _leaf(weight, False), _leaf(bias, False)
+    h, w, b = leaf(hidden), leaf(weight, False), leaf(bias, False)
     results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
                                outputs=outputs, **CHUNKS)
     lp = results if isinstance(results, torch.Tensor) else results[0]
@@ -367,7 +360,7 @@ def test_entropy_gradient_and_trainable_head_recompute_exactly(frozen):
     hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=32)
     gen = torch.Generator().manual_seed(33)
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
-    h, w, b = _leaf(hidden), _leaf(weight, not frozen), _leaf(bias, not frozen)
+    h, w, b = leaf(hidden), leaf(weight, not frozen), leaf(bias, not frozen)
     lp, ent, *_ = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
                                    outputs=SFT_OUTPUTS, **CHUNKS)
     with MatmulCounter() as gemms:
@@ -386,7 +379,7 @@ def test_frozen_head_dead_rows_and_a_second_backward():
     # a second backward of the same graph must be refused (autograd's version check), not return a wrong gradient.
     hidden, weight, bias, labels = _inputs(torch.float32, seed=34, n=9)
     bias[:] = float("-inf")
-    h = _leaf(hidden)
+    h = leaf(hidden)
     lp = linear_log_probs(h, weight, labels, bias=bias, token_chunk_size=4, vocab_chunk_size=10000)
     lp.backward(torch.ones(9), retain_graph=True)
     assert (h.grad == 0).all()
@@ -463,7 +456,7 @@ def test_output_subsets_and_return_convention(engine):
 def test_all_labels_ignored_every_output(engine):
     hidden, weight, bias, _ = _inputs(torch.float32, seed=8, n=5)
     labels = torch.full((5,), -100)
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         lp, ent, lss, mean, top1 = linear_log_probs(h, w, labels, bias=b, outputs=OUTPUTS, token_chunk_size=3,
                                                     vocab_chunk_size=20000)
@@ -490,7 +483,7 @@ def test_autocast_bf16_outputs_stay_fp32(engine):
     hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=18)
     gen = torch.Generator().manual_seed(19)
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine), torch.autocast("cpu", dtype=torch.bfloat16):
         results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
                                    outputs=OUTPUTS, **CHUNKS)
@@ -519,7 +512,7 @@ def test_masked_vocabulary_every_output(engine, dtype):
     labels[5], labels[6] = -100, 17
     gen = torch.Generator().manual_seed(20)
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
                                    outputs=OUTPUTS, **CHUNKS)
@@ -542,7 +535,7 @@ def test_every_logit_masked_every_output(engine):
     is_top1 False; mean_logits is the logits' mean, -inf) and gets a zero gradient."""
     hidden, weight, bias, labels = _inputs(torch.float32, seed=21)
     bias[:] = float("-inf")
-    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         lp, ent, lss, mean, top1 = linear_log_probs(h, w, labels, bias=b, outputs=OUTPUTS, **CHUNKS)
     (lp.sum() + ent.sum()).backward()
