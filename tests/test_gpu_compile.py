@@ -11,14 +11,14 @@ import subprocess
 import sys
 
 import pytest
+from kernel_testing import env_without_interpreter
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "compile_check.py")
 
 
 def compile_check(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, cwd="/",
-                          timeout=1800)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          env=env_without_interpreter(), cwd="/", timeout=1800)
 
 
 @pytest.mark.parametrize("arch, dtypes", [("86", "bfloat16,float16"), ("90", "bfloat16,float32"),
