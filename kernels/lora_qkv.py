@@ -16,11 +16,12 @@ Backward, with ``dp`` the gradient of output ``p``; all three input gradients ar
 What is kept between forward and backward: ``x`` (one tensor for all three projections) and the
 small ``x @ A_p.T`` ([T, r_p]). With LoRA dropout each projection draws its own mask ``M_p`` (peft
 gives each projection its own ``nn.Dropout``) and ``x`` becomes ``M_p * x`` in its LoRA terms, the mask
-regenerated from a seed by ``lora_dropout.py`` (see ``lora_linear.py``); nothing more is kept. Each NF4
-weight is dequantized into the shared workspace buffer (``lora_linear.py``) right before its matmul,
+regenerated from a seed by ``lora_dropout.py`` (see ``lora_projection.py``); nothing more is kept. Each NF4
+weight is dequantized into the shared workspace buffer (``lora_projection.py``) right before its matmul,
 in the forward and again in the backward; no dequantized weight outlives its matmul. q, k and v come
 back as separate contiguous tensors (RoPE rotates them in place). A projection may have no active
-adapter (``A = B = None``), e.g. peft's default Llama targets are only q and v. Dtype rules as in ``lora_linear.py``.
+adapter (``A = B = None``), e.g. peft's default Llama targets are only q and v. Dtype rules as in
+``lora_projection.py``.
 
 Design note: a single concatenated ``[out_q + out_k + out_v, in]`` matmul would return q/k/v as
 views of one tensor, which the in-place RoPE after it cannot take (or would need a copy); three
@@ -30,16 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lora_projection as proj
 from ._common import check_tensor
-from .lora_linear import (
-    _autocast_off,
-    _bias_grad,
-    _check_projection,
-    _draw_masks,
-    _prepare,
-    _project_backward,
-    _project_forward,
-)
 
 _N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
 
@@ -48,10 +41,10 @@ class _LoraQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, *flat):
         projections = [flat[i:i + _N] for i in range(0, 3 * _N, _N)]  # q, k, v
-        masks = _draw_masks(x2.device, projections)  # each projection its own dropout seed, as in peft
+        masks = proj.draw_masks(x2.device, projections)  # each projection its own dropout seed, as in peft
         outputs, saved = [], [x2]
         for p, mask in zip(projections, masks):
-            y, xa = _project_forward(x2, *p[:6], mask)
+            y, xa = proj.project_forward(x2, *p[:6], mask)
             outputs.append(y)
             saved += [p[2], p[3], xa]  # A, B, x @ A.T
         ctx.save_for_backward(*saved)
@@ -68,15 +61,15 @@ class _LoraQKVFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_dx = need[0]
         dx, result = None, [None] * (3 * _N)
-        with _autocast_off(x2.device.type):
+        with proj.autocast_off(x2.device.type):
             for i, dy in enumerate(grads):
                 A, B, xa = saved[3 * i: 3 * i + 3]
                 base = 1 + _N * i  # index in needs_input_grad of this projection's weight
-                dx, dA, dB = _project_backward(dy, x2, ctx.weights[i], A, B, ctx.scalings[i], xa, ctx.compute_dtypes[i],
-                                               need_dx=need_dx, need_dA=need[base + 2], need_dB=need[base + 3], dx=dx,
-                                               mask=ctx.masks[i])
+                dx, dA, dB = proj.project_backward(dy, x2, ctx.weights[i], A, B, ctx.scalings[i], xa,
+                                                   ctx.compute_dtypes[i], need_dx=need_dx, need_dA=need[base + 2],
+                                                   need_dB=need[base + 3], dx=dx, mask=ctx.masks[i])
                 result[_N * i + 1: _N * i + 4] = [
-                    _bias_grad(dy, ctx.bias_dtypes[i]) if need[base + 1] else None, dA, dB,
+                    proj.bias_grad(dy, ctx.bias_dtypes[i]) if need[base + 1] else None, dA, dB,
                 ]
         return (dx, *result)
 
@@ -93,7 +86,7 @@ def lora_qkv(x: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torc
             ``dropout`` the LoRA dropout probability ``p_p`` (each projection draws its own mask ``M_p``).
 
     Returns:
-        ``(q, k, v)``, each ``[..., out_p]`` contiguous, in ``x.dtype`` (autocast: see ``lora_linear.py``):
+        ``(q, k, v)``, each ``[..., out_p]`` contiguous, in ``x.dtype`` (autocast: see ``lora_projection.py``):
         ``p = x @ W_p.T + bias_p + s_p * ((M_p * x) @ A_p.T) @ B_p.T`` (``M_p = 1`` without dropout).
 
     Backward: ``dx = sum_p dp @ W_p + s_p * M_p * ((dp @ B_p) @ A_p)`` accumulated in place into one buffer;
@@ -102,11 +95,11 @@ def lora_qkv(x: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torc
     """
     check_tensor("x", x, min_ndim=1)
     params = [
-        _check_projection(name, x.shape[-1], p, x.device) for name, p in (("q", q), ("k", k), ("v", v))
+        proj.check_projection(name, x.shape[-1], p, x.device) for name, p in (("q", q), ("k", k), ("v", v))
     ]
-    x, params, out_dtypes = _prepare(x, params)
+    x, params, out_dtypes = proj.prepare_projections(x, params)
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    with _autocast_off(x.device.type):
+    with proj.autocast_off(x.device.type):
         outputs = _LoraQKVFunction.apply(x2, *params[0], *params[1], *params[2])
     return tuple(y.reshape(*lead_shape, y.shape[-1]).to(dt) for y, dt in zip(outputs, out_dtypes))

@@ -1,6 +1,6 @@
-"""Fused NF4/16-bit + LoRA layers (kernels/lora_linear.py, lora_qkv.py, lora_mlp.py) against peft's
-own LoRA layers over bitsandbytes' NF4 ``Linear4bit`` (the oracle), and fastft/quant.py's reading
-of peft layers (active adapter, refusals).
+"""Fused NF4/16-bit + LoRA layers (kernels/lora_linear.py, lora_qkv.py, lora_mlp.py, over the shared
+lora_projection.py) against peft's own LoRA layers over bitsandbytes' NF4 ``Linear4bit`` (the oracle), and
+fastft/quant.py's reading of peft layers (active adapter, refusals).
 
 Tolerances:
 * fp32: peft and the fused path do the same products, only grouped differently (the LoRA term is
@@ -467,16 +467,13 @@ def _dropout_mlp_and_qkv(p, dtype=torch.float32):
 def test_dropout_is_off_at_p0_and_in_eval_mode(engine, monkeypatch):
     """p = 0 and eval mode take the path without dropout: no dropout kernel runs, no random number is drawn;
     eval mode matches peft's eval forward."""
-    import fastft.kernels.lora_linear as lora_linear_module
-    import fastft.kernels.lora_mlp as lora_mlp_module
+    import fastft.kernels.lora_projection as lora_projection_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a dropout kernel ran without dropout")
 
-    for module in (lora_linear_module, lora_mlp_module):
-        for name in ("dropout_lora_a", "dropout_lora_grad_a", "dropout_lora_grad_x_"):
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, forbidden)
+    for name in ("dropout_lora_a", "dropout_lora_grad_a", "dropout_lora_grad_x_"):
+        monkeypatch.setattr(lora_projection_module, name, forbidden)
     x = torch.randn(13, 72, requires_grad=True)
     for p, training in ((0.0, True), (0.25, False)):
         layers, block = _dropout_mlp_and_qkv(p)
