@@ -1,7 +1,7 @@
 """Llama's MLP, ``down(swiglu(gate(x), up(x)))``, with frozen (NF4 or 16/32-bit) weights and LoRA on
 all three projections, as one autograd Function.
 
-Forward (each ``proj(z) = z @ W.T (+ bias) + s * (z @ A.T) @ B.T``, see ``lora_linear.py``)::
+Forward (each ``proj(z) = z @ W.T (+ bias) + s * (z @ A.T) @ B.T``, see ``lora_projection.py``)::
 
     g = gate(x)                 # [T, I]   kept
     u = up(x)                   # [T, I]   kept
@@ -21,7 +21,7 @@ Backward (``dy`` [T, H]; ``sig = sigmoid(g)``)::
 
 Kept between forward and backward: ``x``, ``g``, ``u`` and the small LoRA products ``x @ A_g.T``,
 ``x @ A_u.T``, ``h @ A_d.T`` ([T, r] each). Every dequantized weight goes through the shared workspace
-buffer of ``lora_linear.py`` right before its matmul; none is kept. The backward peaks at one extra
+buffer of ``lora_projection.py`` right before its matmul; none is kept. The backward peaks at one extra
 [T, I] buffer (dh, then h); ``dg``/``du`` reuse the storage of ``g``/``u``, so a graph's backward can run
 only once (a second one raises a RuntimeError).
 
@@ -34,28 +34,19 @@ the chunks in fp32. The MLP then never holds more than three ``[C, I]`` tensors.
 **LoRA dropout** (peft's ``lora_dropout``, while training): each projection draws its own mask (``M_g``,
 ``M_u`` over ``x``, ``M_d`` over ``h``, as peft's three ``nn.Dropout`` modules do) and its LoRA terms see
 ``M_p * z`` instead of ``z`` (``z`` = ``x`` or ``h``): ``xa``, ``dA`` and the LoRA term of ``dx`` / ``dh`` come
-from the kernels of ``lora_dropout.py``, which regenerate the mask from a seed (see ``lora_linear.py``);
+from the kernels of ``lora_dropout.py``, which regenerate the mask from a seed (see ``lora_projection.py``);
 no mask is kept. A mask element belongs to a global row: in token chunks, rows ``c0 ..`` draw the part of
 the mask that the whole sequence would, in the forward and in the backward's recompute of ``g``, ``u``.
 
 The SwiGLU passes are the kernels of ``swiglu.py``; the PyTorch engine runs the same math in fp32.
-Dtype rules as in ``lora_linear.py``.
+Dtype rules as in ``lora_projection.py``.
 """
 from __future__ import annotations
 
 import torch
 
+from . import lora_projection as proj
 from ._common import check_tensor, empty
-from .lora_dropout import dropout_lora_grad_a
-from .lora_linear import (
-    _autocast_off,
-    _bias_grad,
-    _check_projection,
-    _draw_masks,
-    _prepare,
-    _project_backward,
-    _project_forward,
-)
 from .swiglu import swiglu_backward_into, swiglu_forward_into
 
 _N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
@@ -68,25 +59,11 @@ def _rows_from(masks, start: int) -> list:
 
 def _mlp_forward(x, gate, up, down, masks):
     """``(y, g, u, xa_g, xa_u, ha_d)`` of the MLP on the rows ``x``; ``masks``: gate's, up's, down's dropout."""
-    g, xa_g = _project_forward(x, *gate[:6], masks[0])
-    u, xa_u = _project_forward(x, *up[:6], masks[1])
+    g, xa_g = proj.project_forward(x, *gate[:6], masks[0])
+    u, xa_u = proj.project_forward(x, *up[:6], masks[1])
     h = swiglu_forward_into(g, u, empty(g.shape, dtype=g.dtype, device=g.device))
-    y, ha_d = _project_forward(h, *down[:6], masks[2])
+    y, ha_d = proj.project_forward(h, *down[:6], masks[2])
     return y, g, u, xa_g, xa_u, ha_d
-
-
-def _down_grad_A(dy, h, A, B, s, compute_dtype, mask):
-    """``dA_d = s * (dy @ B).T @ (M_d * h)`` in the dtypes ``_project_backward`` uses."""
-    fused = A.dtype == compute_dtype == dy.dtype
-    if fused:
-        dyB, alpha = torch.mm(dy, B), s
-    else:
-        dyB, alpha = torch.mm(dy.to(A.dtype), B).mul_(s), 1.0
-    if mask is not None:
-        return dropout_lora_grad_a(dyB, h, mask, alpha)
-    if fused:
-        return torch.mm(dyB.t(), h).mul_(s)
-    return torch.mm(dyB.t(), h.to(A.dtype))
 
 
 def _mlp_backward(dy, x, g, u, smalls, projections, need, dx, masks):
@@ -98,19 +75,22 @@ def _mlp_backward(dy, x, g, u, smalls, projections, need, dx, masks):
     xa_g, xa_u, ha_d = smalls
     d = 1 + 2 * _N  # index in needs_input_grad of down's weight
     buf = empty(g.shape, dtype=g.dtype, device=g.device)
-    dh, _, dB_d = _project_backward(dy, None, W_d, A_d, B_d, s_d, ha_d, cd_d, need_dx=True, need_dA=False,
+    dh, _, dB_d = proj.project_backward(dy, None, W_d, A_d, B_d, s_d, ha_d, cd_d, need_dx=True, need_dA=False,
                                     need_dB=need[d + 3], dx_out=buf, mask=masks[2])
     swiglu_backward_into(dh, g, u, g, u, out=buf)  # buf: h; g, u: dg, du
-    dA_d = _down_grad_A(dy, buf, A_d, B_d, s_d, cd_d, masks[2]) if A_d is not None and need[d + 2] else None
-    grads = [None, None, None, None, None, None, _bias_grad(dy, b_d.dtype) if need[d + 1] else None, dA_d, dB_d]
+    dA_d = None
+    if A_d is not None and need[d + 2]:  # dA_d = s_d * (dy @ B_d).T @ (M_d * h), now that buf holds h
+        _, dA_d, _ = proj.project_backward(dy, buf, W_d, A_d, B_d, s_d, ha_d, cd_d, need_dx=False, need_dA=True,
+                                      need_dB=False, mask=masks[2])
+    grads = [None, None, None, None, None, None, proj.bias_grad(dy, b_d.dtype) if need[d + 1] else None, dA_d, dB_d]
     del buf, dh
     for i, (dp, W, bias_grad_needed, A, B, s, xa, cd) in enumerate(
             ((g, W_g, need[2], A_g, B_g, s_g, xa_g, cd_g), (u, W_u, need[_N + 2], A_u, B_u, s_u, xa_u, cd_u))):
         base = 1 + _N * i
         into = dict(dx_out=dx) if i == 0 else dict(dx=dx)  # gate writes dx, up adds to it
-        dx, dA, dB = _project_backward(dp, x, W, A, B, s, xa, cd, need_dx=need[0], need_dA=need[base + 2],
+        dx, dA, dB = proj.project_backward(dp, x, W, A, B, s, xa, cd, need_dx=need[0], need_dA=need[base + 2],
                                        need_dB=need[base + 3], mask=masks[i], **into)
-        grads[3 * i: 3 * i + 3] = [_bias_grad(dp, projections[i][1].dtype) if bias_grad_needed else None, dA, dB]
+        grads[3 * i: 3 * i + 3] = [proj.bias_grad(dp, projections[i][1].dtype) if bias_grad_needed else None, dA, dB]
     return dx, grads
 
 
@@ -120,7 +100,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         gate, up, down = (flat[i:i + _N] for i in range(0, 3 * _N, _N))
         T = x2.shape[0]
         ctx.chunked = chunk_tokens is not None and chunk_tokens < T
-        masks = _draw_masks(x2.device, (gate, up, down))  # gate, up and down each their own dropout seed
+        masks = proj.draw_masks(x2.device, (gate, up, down))  # gate, up and down each their own dropout seed
         if not ctx.chunked:
             y, g, u, *smalls = _mlp_forward(x2, gate, up, down, masks)
             ctx.save_for_backward(x2, g, u, *smalls, gate[2], gate[3], up[2], up[3], down[2], down[3])
@@ -157,7 +137,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         smalls, adapters = saved[:3], saved[3:]
         projections = [(W, b, adapters[2 * i], adapters[2 * i + 1], s, cd)
                        for i, (W, b, s, cd) in enumerate(ctx.frozen)]
-        with _autocast_off(dy.device.type):
+        with proj.autocast_off(dy.device.type):
             if not ctx.chunked:
                 dx, grads = _mlp_backward(dy, x2, g, u, smalls, projections, need, None, ctx.masks)
             else:
@@ -177,8 +157,8 @@ def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks):
     for c0 in range(0, T, chunk_tokens):
         rows = slice(c0, min(c0 + chunk_tokens, T))
         x_c, masks_c = x2[rows], _rows_from(masks, c0)
-        g_c, _ = _project_forward(x_c, *projections[0], masks_c[0])
-        u_c, _ = _project_forward(x_c, *projections[1], masks_c[1])
+        g_c, _ = proj.project_forward(x_c, *projections[0], masks_c[0])
+        u_c, _ = proj.project_forward(x_c, *projections[1], masks_c[1])
         smalls_c = [None if t is None else t[rows] for t in smalls]
         _, grads = _mlp_backward(dy[rows], x_c, g_c, u_c, smalls_c, projections, need,
                                  dx[rows] if dx is not None else None, masks_c)
@@ -206,7 +186,7 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
             ``[C, I]`` buffers, ``g``/``u`` recomputed in the backward); None: all at once.
 
     Returns:
-        ``[..., H]`` in ``x.dtype`` (autocast: see ``lora_linear.py``; g, u, h stay in ``x.dtype``).
+        ``[..., H]`` in ``x.dtype`` (autocast: see ``lora_projection.py``; g, u, h stay in ``x.dtype``).
 
     Backward: see the module docstring. ``h = silu(g) * u`` is recomputed together with the SwiGLU
     gradients in one pass, ``g``/``u`` are overwritten by their gradients, each NF4 weight is
@@ -216,17 +196,17 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
-    gate = _check_projection("gate", x.shape[-1], gate, x.device)
-    up = _check_projection("up", x.shape[-1], up, x.device)
+    gate = proj.check_projection("gate", x.shape[-1], gate, x.device)
+    up = proj.check_projection("up", x.shape[-1], up, x.device)
     intermediate = gate[0].shape[0]
     if up[0].shape[0] != intermediate:
         raise ValueError(f"up weight has {up[0].shape[0]} output features but gate has {intermediate}")
-    down = _check_projection("down", intermediate, down, x.device)
+    down = proj.check_projection("down", intermediate, down, x.device)
     if down[0].shape[0] != x.shape[-1]:
         raise ValueError(f"down weight has shape {tuple(down[0].shape)}; expected ({x.shape[-1]}, {intermediate})")
-    x, (gate, up, down), out_dtypes = _prepare(x, [gate, up, down])
+    x, (gate, up, down), out_dtypes = proj.prepare_projections(x, [gate, up, down])
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    with _autocast_off(x.device.type):
+    with proj.autocast_off(x.device.type):
         y = _LoraMLPFunction.apply(x2, chunk_tokens, *gate, *up, *down)
     return y.reshape(*lead_shape, y.shape[-1]).to(out_dtypes[2])

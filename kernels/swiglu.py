@@ -12,10 +12,10 @@ Backward recomputes ``sig`` from the saved ``gate`` (no fp32 activation is kept)
 
 Both passes are memory bound: one flat 1-D grid over all elements, BLOCK elements per program.
 
-:func:`swiglu_forward_into` and :func:`swiglu_backward_into` launch the two kernels on caller-owned
-buffers, for the fused MLP (``lora_mlp.py``), whose backward needs the activation ``out`` (for the
-gradient of the down projection's LoRA A) as well as ``d_gate`` and ``d_up``: one pass reads ``g_out``,
-``gate`` and ``up`` and writes all three, over the inputs' own storage.
+:func:`swiglu_forward_into` and :func:`swiglu_backward_into` are the public launchers of the two kernels on
+caller-owned buffers (no autograd), for the fused MLP (``lora_mlp.py``), whose backward needs the activation
+``out`` (for the gradient of the down projection's LoRA A) as well as ``d_gate`` and ``d_up``: one pass reads
+``g_out``, ``gate`` and ``up`` and writes all three, over the inputs' own storage.
 """
 from __future__ import annotations
 
@@ -66,9 +66,24 @@ def _swiglu_bwd_kernel(
         tl.store(OUT + offs, (silu * up).to(OUT.dtype.element_ty), mask=mask)
 
 
+def _check_buffers(**tensors) -> None:
+    """The launchers read and write flat: every buffer a contiguous tensor of one shape, dtype and device."""
+    (first, ref), *others = tensors.items()
+    for name, t in tensors.items():
+        check_tensor(name, t)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    for name, t in others:
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype} but {first} is {tuple(ref.shape)} {ref.dtype}; "
+                             "they must match")
+    check_same_device(**tensors)
+
+
 def swiglu_forward_into(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = silu(gate) * up`` (fp32 math, one rounding) into the caller's buffer; all three contiguous,
-    same shape and dtype (not checked: for fastft's own callers). Returns ``out``."""
+    """``out = silu(gate) * up`` (fp32 math, one rounding) into the caller's buffer ``out``; all three
+    contiguous, of one shape, dtype and device (else a ValueError/TypeError). No autograd. Returns ``out``."""
+    _check_buffers(gate=gate, up=up, out=out)
     n = gate.numel()
     if use_triton(gate):
         if n > 0:
@@ -84,7 +99,10 @@ def swiglu_backward_into(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.T
     """``grad_gate``, ``grad_up`` (and, given ``out``, the recomputed ``silu(gate) * up``) in one pass.
 
     Every output may be the storage of an input (``grad_gate=gate``, ``grad_up=up``, ``out=grad_out``):
-    each element is read before it is written. All contiguous, same shape and dtype (not checked)."""
+    each element is read before it is written. All contiguous, of one shape, dtype and device (else a
+    ValueError/TypeError). No autograd."""
+    buffers = dict(grad_out=grad_out, gate=gate, up=up, grad_gate=grad_gate, grad_up=grad_up)
+    _check_buffers(**buffers, **({} if out is None else dict(out=out)))
     n = gate.numel()
     if use_triton(gate):
         if n > 0:

@@ -1,6 +1,6 @@
-"""Fused NF4/16-bit + LoRA layers (kernels/lora_linear.py, lora_qkv.py, lora_mlp.py) against peft's
-own LoRA layers over bitsandbytes' NF4 ``Linear4bit`` (the oracle), and fastft/quant.py's reading
-of peft layers (active adapter, refusals).
+"""Fused NF4/16-bit + LoRA layers (kernels/lora_linear.py, lora_qkv.py, lora_mlp.py, over the shared
+lora_projection.py) against peft's own LoRA layers over bitsandbytes' NF4 ``Linear4bit`` (the oracle), and
+fastft/quant.py's reading of peft layers (active adapter, refusals).
 
 Tolerances:
 * fp32: peft and the fused path do the same products, only grouped differently (the LoRA term is
@@ -14,6 +14,8 @@ Tolerances:
 Peft layers run in training mode with gradients on, so bitsandbytes never repacks their weights
 for CPU inference (see test_nf4.py for that path).
 """
+import importlib
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -24,6 +26,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 from tiny_models import FixedDropoutMask, bnb_cpu_reference_ok, drawn_dropout_masks
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastft.kernels._common import use_engine
 from fastft.kernels.lora_linear import lora_linear
@@ -236,6 +239,92 @@ def test_lora_qkv_matches_three_peft_layers(dtype):
              lambda x: (q(x), k(x), v(x)), x, params, dtype, ["q", "k", "v", "dx", "dA_q", "dB_q", "dA_v", "dB_v"])
 
 
+
+@pytest.mark.parametrize("with_adapter", ["", "k", "qkv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_qkv_adapter_subsets_on_16bit_weights_match_peft(dtype, with_adapter):
+    """load_in_4bit=False: frozen 16/32-bit q/k/v (copied into the [q|k|v] workspace), GQA widths (q 40, k/v 24),
+    biases (k's trainable), LoRA on a subset of the three, each with its own rank and scaling."""
+    sizes, ranks = (40, 24, 24), (4, 2, 6)
+    mods = []
+    for i, name in enumerate("qkv"):
+        base = _dense_base(72, sizes[i], bias=True, dtype=dtype, seed=i)
+        base.bias.requires_grad_(name == "k")
+        mods.append(_lora(base, r=ranks[i], alpha=3 + 2 * i, lora_dtype=dtype, seed=10 + i)
+                    if name in with_adapter else base)
+    params = _trainable(mods)
+    assert len(params) == 1 + 2 * len(with_adapter)
+    x = torch.randn(3, 5, 72).to(dtype)
+    _compare(lambda x: lora_qkv(x, *(fused_linear_args(m) for m in mods)), lambda x: tuple(m(x) for m in mods),
+             x, params, dtype, ["q", "k", "v", "dx"] + [f"param {i}" for i in range(len(params))])
+
+
+def test_lora_qkv_under_autocast_matches_peft():
+    mods = [_lora(_nf4_base(72, n, bias=True, seed=i), r=2 + i, lora_dtype=torch.float32, seed=10 + i)
+            for i, n in enumerate((40, 16, 16))]
+    x = torch.randn(13, 72)
+
+    def under_autocast(fn):
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(x)
+        return run
+
+    _compare(under_autocast(lambda x: lora_qkv(x, *(lora_args_of(m) for m in mods))),
+             under_autocast(lambda x: tuple(m(x) for m in mods)), x, _trainable(mods), torch.bfloat16,
+             ["q", "k", "v", "dx"] + [f"param {i}" for i in range(6)])
+
+
+def test_lora_qkv_with_mixed_adapter_dtypes_matches_peft():
+    """fp32 LoRA on q, bf16 on v over bf16 weights: no one adapter dtype for the stacked LoRA matmul, so lora_qkv
+    runs the three projections as lora_linear calls; still peft's results."""
+    dtype = torch.bfloat16
+    q = _lora(_nf4_base(72, 40, compute_dtype=dtype, seed=0), lora_dtype=torch.float32, seed=1)
+    k = _nf4_base(72, 16, compute_dtype=dtype, seed=2)
+    v = _lora(_nf4_base(72, 16, compute_dtype=dtype, seed=3), r=6, lora_dtype=dtype, seed=4)
+    x = torch.randn(13, 72).to(dtype)
+    _compare(lambda x: lora_qkv(x, fused_linear_args(q), fused_linear_args(k), fused_linear_args(v)),
+             lambda x: (q(x), k(x), v(x)), x, _trainable([q, v]), dtype,
+             ["q", "k", "v", "dx", "dA_q", "dB_q", "dA_v", "dB_v"])
+
+
+class _MatmulLog(TorchDispatchMode):
+    """The output shapes of the aten matmuls (mm, addmm, addmm_) that run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_lora_qkv_runs_one_matmul_for_the_three_weights(engine):
+    """One [q|k|v] matmul forward and one backward (not three), one matmul for x @ [A_q; A_k; A_v].T and one
+    for the stacked dA; dx written by one matmul and updated by one more for all LoRA terms (not per projection).
+    T = 14 tokens, in = 72, q 40 + k 8 + v 8 = N 56, ranks 4, 2, 6 (R = 12)."""
+    mods = [_lora(_nf4_base(72, n, seed=i), r=r, seed=10 + i) for i, (n, r) in enumerate(((40, 4), (8, 2), (8, 6)))]
+    x = torch.randn(14, 72, requires_grad=True)
+    with use_engine(engine):
+        with _MatmulLog() as forward:
+            q, k, v = lora_qkv(x, *(lora_args_of(m) for m in mods))
+        with _MatmulLog() as backward:
+            torch.autograd.backward((q, k, v), [torch.ones_like(t) for t in (q, k, v)])
+    assert forward.shapes.count((14, 56)) == 1  # x @ [W_q; W_k; W_v].T
+    assert forward.shapes.count((14, 12)) == 1  # x @ [A_q; A_k; A_v].T
+    assert len(forward.shapes) == 2 + 3  # and the three B terms, each into its block of the one output
+    assert backward.shapes.count((14, 72)) == 2  # dx: [dq|dk|dv] @ W, then += G @ [A_q; A_k; A_v]
+    assert backward.shapes.count((12, 72)) == 1  # dA of all three
+    assert len(backward.shapes) == 2 + 1 + 2 * 3  # and per projection dY_p @ B_p and dB_p
+    assert x.grad is not None and all(m.lora_A["default"].weight.grad is not None for m in mods)
+    # q and k are views of the one output; v has its own storage, so attention keeping v keeps no more than v
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    assert v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+
 # ---------------------------------------------------------------------------------------------
 # lora_mlp
 
@@ -432,6 +521,23 @@ def test_lora_qkv_with_dropout_matches_peft_with_the_same_masks(dtype):
                      ["q", "k", "v", "dx", "dA_q", "dB_q", "dA_v", "dB_v"], [(q, (14, 72)), (v, (14, 72))])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_qkv_with_dropout_on_some_adapters_matches_peft(dtype):
+    """q and v with dropout (their own masks), k's adapter without (lora_dropout=0: it takes the stacked LoRA
+    matmul alone): the stacked and the masked paths in one call."""
+    q = _lora(_nf4_base(72, 40, bias=True, compute_dtype=dtype, seed=0), r=4, lora_dtype=dtype, seed=1,
+              lora_dropout=0.25)
+    k = _lora(_nf4_base(72, 16, bias=True, compute_dtype=dtype, seed=2), r=2, alpha=5, lora_dtype=dtype, seed=3)
+    v = _lora(_nf4_base(72, 16, bias=True, compute_dtype=dtype, seed=3), r=6, alpha=3, lora_dtype=dtype, seed=4,
+              lora_dropout=0.1)
+    assert fused_linear_args(k).dropout == 0
+    x = torch.randn(2, 7, 72).to(dtype)
+    _compare_dropout(lambda x: lora_qkv(x, fused_linear_args(q), fused_linear_args(k), fused_linear_args(v)),
+                     lambda x: (q(x), k(x), v(x)), x, _trainable([q, k, v]), dtype,
+                     ["q", "k", "v", "dx", "dA_q", "dB_q", "dA_k", "dB_k", "dA_v", "dB_v"],
+                     [(q, (14, 72)), (v, (14, 72))])
+
+
 @pytest.mark.parametrize("chunk_tokens", [None, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_lora_mlp_with_dropout_matches_peft_with_the_same_masks(dtype, chunk_tokens):
@@ -467,16 +573,13 @@ def _dropout_mlp_and_qkv(p, dtype=torch.float32):
 def test_dropout_is_off_at_p0_and_in_eval_mode(engine, monkeypatch):
     """p = 0 and eval mode take the path without dropout: no dropout kernel runs, no random number is drawn;
     eval mode matches peft's eval forward."""
-    import fastft.kernels.lora_linear as lora_linear_module
-    import fastft.kernels.lora_mlp as lora_mlp_module
-
     def forbidden(*args, **kwargs):
         raise AssertionError("a dropout kernel ran without dropout")
 
-    for module in (lora_linear_module, lora_mlp_module):
+    # (import_module: the attribute fastft.kernels.lora_qkv is the function, which shadows the module)
+    for module in ("fastft.kernels.lora_projection", "fastft.kernels.lora_qkv"):
         for name in ("dropout_lora_a", "dropout_lora_grad_a", "dropout_lora_grad_x_"):
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, forbidden)
+            monkeypatch.setattr(importlib.import_module(module), name, forbidden)
     x = torch.randn(13, 72, requires_grad=True)
     for p, training in ((0.0, True), (0.25, False)):
         layers, block = _dropout_mlp_and_qkv(p)

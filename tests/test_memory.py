@@ -95,7 +95,8 @@ def test_resident_breakdown_matches_closed_form(config, contender):
     assert resident["weights_16bit"] == embeddings + (2 * L + 1) * H * 2 + biases + rope_buffers
     assert resident["lora_weights"] == resident["lora_grads"] == lora
     assert resident["optimizer_state"] == 2 * lora + 4 * lora_params  # fused AdamW: two moments + fp32 step
-    largest = max(o * i for o, i in shapes.values())
+    qkv = (shapes["q_proj"][0] + 2 * shapes["k_proj"][0]) * H  # lora_qkv dequantizes [W_q; W_k; W_v] at once
+    largest = max(qkv, *(o * i for o, i in shapes.values()))
     assert resident["workspaces"] == (2 * largest if contender == "fastft" else 0)  # one bf16 dequant buffer
 
 

@@ -4,7 +4,7 @@ import torch
 from kernel_testing import assert_close
 
 from fastft.kernels import use_engine
-from fastft.kernels.swiglu import swiglu, swiglu_backward_into
+from fastft.kernels.swiglu import swiglu, swiglu_backward_into, swiglu_forward_into
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 EPS = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7}
@@ -99,3 +99,33 @@ def test_backward_into_its_inputs_with_the_activation(engine, dtype):
     assert_close(grad_out, ref_out, atol=1e-6 * scale, rtol=rtol, name="out")
     assert_close(gate, ref_dgate, atol=1e-6 * scale, rtol=rtol, name="d_gate")
     assert_close(up, ref_dup, atol=1e-6 * scale, rtol=rtol, name="d_up")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_forward_into_a_callers_buffer(engine, dtype):
+    """The public forward launcher writes every element of the caller's buffer (poisoned with NaN first) and
+    returns it."""
+    gen = torch.Generator().manual_seed(7)
+    gate = (4 * torch.randn(5, 1111, generator=gen)).to(dtype)
+    up = torch.randn(5, 1111, generator=gen).to(dtype)
+    out = torch.full_like(gate, float("nan"))
+    with use_engine(engine):
+        assert swiglu_forward_into(gate, up, out) is out
+    ref, _, _ = _reference(gate, up, torch.zeros_like(gate))
+    scale = (gate.double().abs().max() * up.double().abs().max()).item()
+    assert_close(out, ref, atol=1e-6 * scale, rtol=max(EPS[dtype], 1e-5), name="out")
+
+
+def test_launchers_refuse_bad_buffers():
+    gate, up, out = torch.randn(4, 6), torch.randn(4, 6), torch.empty(4, 6)
+    with pytest.raises(ValueError, match=r"out is \(4, 5\) torch.float32 but gate is \(4, 6\)"):
+        swiglu_forward_into(gate, up, out[:, :5].contiguous())
+    with pytest.raises(ValueError, match=r"up is \(4, 6\) torch.float16 but gate"):
+        swiglu_forward_into(gate, up.half(), out)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        swiglu_forward_into(gate, up, torch.empty(6, 4).t())
+    with pytest.raises(TypeError, match="grad_up must be a torch.Tensor"):
+        swiglu_backward_into(out, gate, up, gate, None)
+    with pytest.raises(ValueError, match="gate on cpu, up on meta"):
+        swiglu_backward_into(out, gate, up.to("meta"), gate, up)
