@@ -1,5 +1,5 @@
-"""Attention's q/k/v projections, each a frozen (NF4 or 16/32-bit) linear layer plus LoRA, as one
-autograd Function with ONE matmul for the three frozen weights.
+"""Attention's q/k/v projections, each a frozen NF4 linear layer plus LoRA, as one autograd Function with ONE
+matmul for the three frozen weights (16/32-bit weights: three ``lora_linear`` calls).
 
 With ``N = out_q + out_k + out_v``, ``W = [W_q; W_k; W_v]`` (``[N, in]``), ``b = [b_q; b_k; b_v]`` (zeros
 for a projection without bias) and, over the projections ``p`` with an adapter and no dropout,
@@ -22,9 +22,8 @@ So ``dx`` is written by one matmul and updated once, not read and rewritten per 
 the ``[T, N]`` copy in which autograd gathers ``dq``, ``dk``, ``dv`` for the split.
 
 The workspace is the shared dequantization buffer of ``lora_projection.py`` seen as ``[N, in]``: each NF4
-weight is dequantized into its row block (a 16/32-bit weight is copied there, so a model without 4-bit
-weights holds this workspace too), right before the matmul, in the forward and again in the backward; no
-dequantized weight outlives its matmul. The buffer is sized by its largest use (for Llama-type 4-bit models
+weight is dequantized into its row block right before the matmul, in the forward and again in the backward;
+no dequantized weight outlives its matmul. The buffer is sized by its largest use (for Llama-type 4-bit models
 the MLP's ``[intermediate, hidden]``, larger than ``[N, hidden]``).
 
 Kept between forward and backward: ``x`` (one tensor for all three projections) and the small
@@ -35,8 +34,9 @@ targets are only q and v; ranks and scalings may differ per projection (peft's `
 ``XA_p``, ``dA_p`` and ``M_p * (G_p @ A_p)`` come from the kernels of ``lora_dropout.py``, which regenerate the
 mask from a seed; nothing more is kept.
 
-Dtype rules as in ``lora_projection.py``. The one GEMM needs one compute dtype for q, k and v and one
-adapter dtype: :func:`lora_qkv` runs the rare other mixes as three ``lora_linear`` calls.
+Dtype rules as in ``lora_projection.py``. The one GEMM needs three NF4 weights (16/32-bit weights would have
+to be copied into a workspace that a model without 4-bit weights never needs), one compute dtype for q, k and
+v and one adapter dtype: :func:`lora_qkv` runs the other cases as three ``lora_linear`` calls.
 """
 from __future__ import annotations
 
@@ -64,15 +64,12 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _dense_qkv(weights, dtype: torch.dtype) -> torch.Tensor:
-    """``[W_q; W_k; W_v]`` in ``dtype``, in the shared dequantization workspace."""
+def _dense_qkv(weights: list[NF4Weight], dtype: torch.dtype) -> torch.Tensor:
+    """``[W_q; W_k; W_v]`` dequantized to ``dtype``, in the shared dequantization workspace."""
     n_out = sum(w.shape[0] for w in weights)
     W = proj.dequant_workspace((n_out, weights[0].shape[1]), dtype, weights[0].device)
     for w, rows in zip(weights, _blocks(w.shape[0] for w in weights)):
-        if isinstance(w, NF4Weight):
-            dequantize_nf4(w, out=W[rows])
-        else:
-            W[rows].copy_(w)
+        dequantize_nf4(w, out=W[rows])
     return W
 
 
@@ -191,8 +188,9 @@ def lora_qkv(x: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torc
     checked = [proj.check_projection(name, x.shape[-1], p, x.device) for name, p in (("q", q), ("k", k), ("v", v))]
     x_in, params, out_dtypes = proj.prepare_projections(x, checked)
     adapter_dtypes = {p[2].dtype for p in params if p[2] is not None}
-    if len({p[5] for p in params}) > 1 or len(adapter_dtypes) > 1:
-        # the one [q|k|v] matmul needs one compute dtype and one adapter dtype: other mixes run separately
+    all_nf4 = all(isinstance(p[0], NF4Weight) for p in params)
+    if not all_nf4 or len({p[5] for p in params}) > 1 or len(adapter_dtypes) > 1:
+        # the one [q|k|v] matmul needs three NF4 weights, one compute dtype and one adapter dtype
         return tuple(lora_linear(x, *p) for p in checked)
     lead_shape = x_in.shape[:-1]
     x2 = x_in.reshape(-1, x_in.shape[-1])

@@ -20,7 +20,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import assert_close
+from kernel_testing import ENGINES, assert_close
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
@@ -35,7 +35,8 @@ from fastft.kernels.lora_qkv import lora_qkv
 from fastft.kernels.nf4 import NF4Weight
 from fastft.quant import UnsupportedLoraLayer, fused_linear_args, lora_args_of
 
-ENGINES = ("triton", "torch")
+lora_projection = importlib.import_module("fastft.kernels.lora_projection")
+
 
 
 def _tol(dtype, expected):
@@ -243,8 +244,9 @@ def test_lora_qkv_matches_three_peft_layers(dtype):
 @pytest.mark.parametrize("with_adapter", ["", "k", "qkv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_lora_qkv_adapter_subsets_on_16bit_weights_match_peft(dtype, with_adapter):
-    """load_in_4bit=False: frozen 16/32-bit q/k/v (copied into the [q|k|v] workspace), GQA widths (q 40, k/v 24),
-    biases (k's trainable), LoRA on a subset of the three, each with its own rank and scaling."""
+    """load_in_4bit=False: frozen 16/32-bit q/k/v (three lora_linear calls, no dequantization workspace), GQA
+    widths (q 40, k/v 24), biases (k's trainable), LoRA on a subset of the three, each with its own rank and
+    scaling."""
     sizes, ranks = (40, 24, 24), (4, 2, 6)
     mods = []
     for i, name in enumerate("qkv"):
@@ -255,8 +257,10 @@ def test_lora_qkv_adapter_subsets_on_16bit_weights_match_peft(dtype, with_adapte
     params = _trainable(mods)
     assert len(params) == 1 + 2 * len(with_adapter)
     x = torch.randn(3, 5, 72).to(dtype)
+    lora_projection.release_dequant_workspace()
     _compare(lambda x: lora_qkv(x, *(fused_linear_args(m) for m in mods)), lambda x: tuple(m(x) for m in mods),
              x, params, dtype, ["q", "k", "v", "dx"] + [f"param {i}" for i in range(len(params))])
+    assert lora_projection.dequant_workspaces() == []  # 16-bit weights are not copied into a workspace
 
 
 def test_lora_qkv_under_autocast_matches_peft():
