@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from kernel_testing import BF16, ENGINES, EPS, F16, F32
 
 from fastft.kernels import use_engine
 from fastft.kernels.lora_dropout import (
@@ -21,9 +22,6 @@ from fastft.kernels.lora_dropout import (
     dropout_mask,
 )
 
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-ULP = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7}
-ENGINES = ["triton", "torch"]
 SEED = 0x5EED_1234_ABCD  # a 64-bit seed: both halves of Philox's key are used
 
 
@@ -67,7 +65,7 @@ def test_products_match_float64_with_the_kernels_own_mask(T, K, R, row0, dtype, 
         dx_out = dropout_lora_grad_x_(dx.clone(), dyB, A, mask, alpha)
     assert xa.dtype == A.dtype and dA.dtype == dyB.dtype and dx_out.dtype == dx.dtype
     xd, a, g = M * x.double(), A.double(), dyB.double()
-    slack = 4 * ULP[dtype]
+    slack = 4 * EPS[dtype]
     assert_within(xa, xd @ a.t(), (slack + K * 2.0**-24) * (xd.abs() @ a.abs().t()), f"{engine} xa")
     assert_within(dA, alpha * g.t() @ xd, (slack + T * 2.0**-24) * alpha * (g.abs().t() @ xd.abs()), f"{engine} dA")
     term = alpha * M * (g @ a)

@@ -1,14 +1,10 @@
 """fastft.kernels.swiglu against float64 math."""
 import pytest
 import torch
-from kernel_testing import assert_close
+from kernel_testing import BF16, ENGINES, EPS, F16, F32, assert_close
 
 from fastft.kernels import use_engine
 from fastft.kernels.swiglu import swiglu, swiglu_backward_into, swiglu_forward_into
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-EPS = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7}
-ENGINES = ["triton", "torch"]
 
 
 def _reference(gate, up, grad_out):
