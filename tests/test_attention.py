@@ -259,14 +259,18 @@ def test_attention_with_gpu_tiles(monkeypatch, arch, B, Hq, Hkv, T, S, D, causal
 @pytest.mark.parametrize("arch", [80, 90])
 def test_attention_varlen_with_gpu_tiles(monkeypatch, arch):
     _force_gpu_tiles(monkeypatch, arch)
+    _compare_causal_varlen([1, 130, 257, 16], 4, 1, 128, torch.float16)
+
+
+def _compare_causal_varlen(lengths, q_heads, kv_heads, head_dim, dtype):
+    """Causal attention_varlen over packed sequences of ``lengths``, forward and backward, vs the reference."""
     torch.manual_seed(0)
-    lengths = [1, 130, 257, 16]
-    cu_seqlens = _cu_seqlens(lengths)
-    q, k, v = _randn(sum(lengths), 4, 128), _randn(sum(lengths), 1, 128), _randn(sum(lengths), 1, 128)
+    cu_seqlens, n = _cu_seqlens(lengths), sum(lengths)
+    q, k, v = _randn(n, q_heads, head_dim), _randn(n, kv_heads, head_dim), _randn(n, kv_heads, head_dim)
     _run_and_compare(
-        lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, 260, causal=True),
-        lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 1.0 / math.sqrt(128), None),
-        q, k, v, torch.float16,
+        lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, max(lengths), causal=True),
+        lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 1 / math.sqrt(head_dim), None),
+        q, k, v, dtype,
     )
 
 
@@ -310,17 +314,10 @@ def test_attention_with_small_launch_sections(monkeypatch, varlen):
     """Sections of 3 pairs (the last one narrower) on GQA, odd lengths and packed sequences, forward and backward."""
     tile_grid = attention_module._tile_grid
     monkeypatch.setattr(attention_module, "_tile_grid", lambda *args: (tile_grid(*args)[0], 3, tile_grid(*args)[2]))
-    torch.manual_seed(0)
     if varlen:
-        lengths = [5, 70, 1, 33]
-        cu_seqlens = _cu_seqlens(lengths)
-        q, k, v = _randn(sum(lengths), 4, 32), _randn(sum(lengths), 2, 32), _randn(sum(lengths), 2, 32)
-        _run_and_compare(
-            lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, 70, causal=True),
-            lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 1 / math.sqrt(32), None),
-            q, k, v, torch.float32,
-        )
+        _compare_causal_varlen([5, 70, 1, 33], 4, 2, 32, torch.float32)
     else:
+        torch.manual_seed(0)
         q, k, v = _randn(2, 7, 67, 32), _randn(2, 1, 67, 32), _randn(2, 1, 67, 32)
         _run_and_compare(
             lambda q, k, v: attention(q, k, v, causal=True),
