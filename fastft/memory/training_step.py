@@ -124,14 +124,14 @@ def build_model(config, setup: StepSetup, device: torch.device):
         _quantize_linear_layers(model, setup.dtype, device)
     for param in model.parameters():
         param.requires_grad_(False)
-    if setup.loss == "trl":
-        from trl.trainer.utils import add_fused_lm_head
-
-        add_fused_lm_head(model, outputs=SFT_FUSED_OUTPUTS)
     if setup.contender == "fastft":
         model = _fastft(model, setup)
     else:
         model = _hf(model, setup)
+    if setup.loss == "trl":  # as SFTTrainer does: on the PEFT model's base, after fastft patched its forward
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model(), outputs=SFT_FUSED_OUTPUTS)
     if setup.dtype != torch.float32:  # TRL's cast of the adapters on 4-bit models (see the module doc)
         for param in model.parameters():
             if param.requires_grad:
