@@ -5,6 +5,7 @@
     python bench/memory.py --quick               # Llama-3.1-8B only, a few settings (a few minutes)
     python bench/memory.py --models ./my-model-dir --seq-lens 4096 --batch-sizes 1 --no-max-context
     python bench/memory.py --gpu-check           # on a GPU: accounting vs torch.cuda.max_memory_allocated
+    python bench/memory.py --models llama-3.1-70b --seq-lens 4096 --fsdp-world-size 2   # per GPU, FSDP2 on 2
 
 Every figure written by the first three is **accounted, not measured on a GPU**: one training step (forward,
 backward, fused AdamW step) is run on meta tensors along the code path a GPU runs (fastft's Triton wrappers
@@ -19,8 +20,11 @@ SDPA, transformers' gradient checkpointing; ``fastft`` = the same model patched 
 seven linear layers, adapters in bf16 and fused AdamW (what TRL's SFTTrainer does to a 4-bit model).
 ``--loss trl`` (default) is TRL's fused lm-head path, what SFTTrainer runs; ``labels`` is ``model(labels=...)``.
 
+``--fsdp-world-size N``: every figure is one GPU's of an FSDP2 job of N GPUs (the model sharded by torch's
+``fully_shard`` as the Trainer's accelerate plugin shards it; batch sizes per GPU; ``fastft/memory/fsdp.py``).
+
 Outputs in ``--out-dir`` (default ``bench/results``): ``memory-<date>.json`` (rows, max_context, versions,
-date, command), ``memory-<date>.md`` and ``memory-<date>.png``.
+date, command), ``memory-<date>.md`` and ``memory-<date>.png`` (``memory-fsdp<N>-<date>.*`` with FSDP).
 """
 from __future__ import annotations
 
@@ -67,10 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlp-chunk-tokens", type=int, default=FASTFT_MLP_CHUNK,
                         help="fastft's MLP chunk in the max-context search (0: none)")
     parser.add_argument("--quick", action="store_true", help="Llama-3.1-8B, 2048/8192 tokens, batch 1, on/offload")
+    parser.add_argument("--fsdp-world-size", type=_world_size, default=1, metavar="N",
+                        help="figures per GPU of an FSDP2 job of N GPUs (default 1: one GPU, no FSDP)")
     parser.add_argument("--out-dir", default=shared.DEFAULT_RESULTS_DIR)
     parser.add_argument("--gpu-check", action="store_true",
                         help="on a GPU: run small steps for real and compare max_memory_allocated with the accounting")
     return parser
+
+
+def _world_size(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a number of GPUs (1 or more), got {text!r}")
+    return int(text)
 
 
 def rows_for(args) -> list[dict]:
@@ -85,11 +97,13 @@ def rows_for(args) -> list[dict]:
                     for contender in args.contenders:
                         t0 = time.perf_counter()
                         est = estimate_memory(model, seq_len, batch_size=batch_size, r=args.r, loss=args.loss,
-                                              contender=contender, use_gradient_checkpointing=checkpointing)
+                                              contender=contender, use_gradient_checkpointing=checkpointing,
+                                              fsdp_world_size=args.fsdp_world_size)
                         pair[contender] = row = {
                             "contender": contender, "model": model, "seq_len": seq_len, "batch_size": batch_size,
                             "r": args.r, "checkpointing": checkpointing, "loss": args.loss,
-                            "resident_gb": round(est.resident_gb, 4), "peak_gb": round(est.peak_gb, 4),
+                            "fsdp_world_size": args.fsdp_world_size, "resident_gb": round(est.resident_gb, 4),
+                            "peak_gb": round(est.peak_gb, 4),
                             "peak_phase": est.peak_phase,
                             "resident": {k: round(v, 4) for k, v in est.resident.items()},
                             "seconds": round(time.perf_counter() - t0, 1)}
@@ -111,10 +125,12 @@ def max_context_for(args) -> list[dict]:
             for r in MAX_CONTEXT_RS:
                 t0 = time.perf_counter()
                 limits = max_context(model, list(args.vram), r=r, batch_size=1, loss=args.loss, contender=contender,
-                                     use_gradient_checkpointing="offload", mlp_chunk_tokens=chunk)
+                                     use_gradient_checkpointing="offload", mlp_chunk_tokens=chunk,
+                                     fsdp_world_size=args.fsdp_world_size)
                 for vram, tokens in limits.items():
                     found.append({"contender": contender, "model": model, "r": r, "batch_size": 1,
                                   "checkpointing": "offload", "mlp_chunk_tokens": chunk, "loss": args.loss,
+                                  "fsdp_world_size": args.fsdp_world_size,
                                   "vram_gb": vram, "max_seq_len": tokens})
                 print(f"{model} {contender:6s} r={r}: " + ", ".join(f"{v:g} GiB -> {t:,}" for v, t in limits.items())
                       + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -135,6 +151,10 @@ def markdown(data: dict) -> str:
              f"Command: `{data['command']}`; torch {data['torch']}, transformers {data['transformers']}, "
              f"peft {data['peft']}, bitsandbytes {data['bitsandbytes']}, trl {data['trl']}, fastft "
              f"{data['fastft'].get('git_commit') or data['fastft'].get('version')}.", ""]
+    if data.get("fsdp_world_size", 1) > 1:
+        lines += [f"**Per GPU of an FSDP2 job of {data['fsdp_world_size']} GPUs** (its shards of the model, adapters, "
+                  "gradients and optimizer state, the layers FSDP gathers, its reduce-scatter buffers; batch per GPU).",
+                  ""]
     if data["max_context"]:
         chunks = {m["mlp_chunk_tokens"] for m in data["max_context"] if m["contender"] == "fastft"} - {None}
         lines += [f"## Longest sequence that fits (batch 1, offloaded checkpointing, loss path "
@@ -244,6 +264,10 @@ def main(argv=None) -> int:
     shared.clean_sys_path()
     args = build_parser().parse_args(argv)
     if args.gpu_check:
+        if args.fsdp_world_size > 1:
+            print("bench/memory.py --gpu-check runs one GPU; the FSDP accounting is validated on CPU ranks "
+                  "(tests/test_memory_fsdp.py)", file=sys.stderr)
+            return 2
         return gpu_check(args)
     if args.quick:
         args.models, args.seq_lens, args.batch_sizes, args.checkpointing = (MODELS[:1], (2048, 8192), (1,),
@@ -256,10 +280,11 @@ def main(argv=None) -> int:
     date = shared.utc_date()
     data = {**env, "date": date, "command": shared.command_line(),
             "accounted": True, "what": "accounted, not measured on a GPU (fastft/memory)",
-            "vram_gb": list(args.vram), "rows": rows, "max_context": limits,
+            "vram_gb": list(args.vram), "fsdp_world_size": args.fsdp_world_size, "rows": rows, "max_context": limits,
             "seconds": round(time.perf_counter() - t0, 1)}
     os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"memory-{date}")
+    fsdp = f"fsdp{args.fsdp_world_size}-" if args.fsdp_world_size > 1 else ""
+    base = os.path.join(args.out_dir, f"memory-{fsdp}{date}")
     shared.write_json_atomic(base + ".json", data)
     with open(base + ".md", "w") as f:
         f.write(markdown(data))

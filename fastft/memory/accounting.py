@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from .cuda_paths import cuda_code_paths, cuda_op_overrides, cuda_op_workspace
+from .fsdp import MESH_DIM, fake_process_group, fsdp_on_meta, meta_overrides, shard_model
 from .simulated_gpu import LiveTensorBytes, simulated_gpu
 from .training_step import (
     StepSetup,
@@ -62,13 +63,15 @@ def _quiet():
         fastft_logger.setLevel(level)
 
 
-def _run(config, setup: StepSetup, tracker, device: torch.device) -> StepMemory:
+def _run(config, setup: StepSetup, tracker, device: torch.device, mesh=None) -> StepMemory:
     with _quiet():
-        return _step(config, setup, tracker, device)
+        return _step(config, setup, tracker, device, mesh)
 
 
-def _step(config, setup: StepSetup, tracker, device: torch.device) -> StepMemory:
+def _step(config, setup: StepSetup, tracker, device: torch.device, mesh) -> StepMemory:
     model = build_model(config, setup, device)
+    if mesh is not None:  # the optimizer over the shards, as accelerate switches it to them
+        model = shard_model(model, mesh, setup.dtype)
     optimizer = make_optimizer(model)
     vocab = config.vocab_size
     train_step(model, optimizer, make_batch(setup, vocab, device, seq_len=min(setup.seq_len, WARMUP_TOKENS)))
@@ -106,11 +109,21 @@ def account_step(config, setup: StepSetup, sm_count: int = 132, cuda_workspaces:
     ``sm_count``: the GPU's multiprocessors (a few launch grids are sized by it). ``cuda_workspaces``: add
     what CUDA kernels allocate internally (``cuda_paths.cuda_op_workspace``); the CPU validation turns it
     off, the CPU kernels' internals being invisible too. ``explain_peak``: list the storages alive at the
-    peak in ``peak_storages`` (slower)."""
+    peak in ``peak_storages`` (slower). ``setup.fsdp_world_size`` > 1: rank 0 of an FSDP2 job of that many
+    ranks, over a fake process group (``fastft.memory.fsdp``)."""
     workspace = cuda_op_workspace if cuda_workspaces else None
-    with _bitsandbytes_caches_kept(), fresh_workspaces(), cuda_code_paths(), simulated_gpu(
-            sm_count, op_workspace=workspace, overrides=cuda_op_overrides(), explain_peak=explain_peak) as gpu:
-        return _run(config, setup, gpu, torch.device("meta"))
+    with contextlib.ExitStack() as stack:
+        mesh, overrides = None, cuda_op_overrides()
+        if setup.fsdp_world_size > 1:
+            mesh = stack.enter_context(fake_process_group(setup.fsdp_world_size))
+            stack.enter_context(fsdp_on_meta())
+            overrides.update(meta_overrides())
+        stack.enter_context(_bitsandbytes_caches_kept())
+        stack.enter_context(fresh_workspaces())
+        stack.enter_context(cuda_code_paths())
+        gpu = stack.enter_context(simulated_gpu(sm_count, op_workspace=workspace, overrides=overrides,
+                                                explain_peak=explain_peak))
+        return _run(config, setup, gpu, torch.device("meta"), mesh)
 
 
 @contextlib.contextmanager
@@ -137,10 +150,22 @@ def _collect_after_interpreted_launches():
 def measure_step_on_cpu(config, setup: StepSetup) -> StepMemory:
     """The same step run for real on the CPU (fastft's and TRL's Triton kernels interpreted: run with
     ``TRITON_INTERPRET=1``), its live tensor bytes counted: the reference the accounting is validated
-    against at small sizes."""
+    against at small sizes. ``setup.fsdp_world_size`` > 1: this rank's part of an FSDP2 job, run in each rank
+    of an initialised (gloo) process group of that many ranks."""
+    mesh = _cpu_mesh(setup.fsdp_world_size) if setup.fsdp_world_size > 1 else None
     with fresh_workspaces(), cuda_code_paths(), _collect_after_interpreted_launches(), \
             LiveTensorBytes("cpu", overrides=cuda_op_overrides()) as tracker:
-        return _run(config, setup, tracker, torch.device("cpu"))
+        return _run(config, setup, tracker, torch.device("cpu"), mesh)
+
+
+def _cpu_mesh(world_size: int):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized() or dist.get_world_size() != world_size:
+        raise RuntimeError(f"measuring an FSDP step of {world_size} ranks needs a process group of {world_size} "
+                           "ranks (torchrun, or init_process_group in each rank)")
+    return init_device_mesh("cpu", (world_size,), mesh_dim_names=(MESH_DIM,))
 
 
 class _CudaAllocatorStats:
@@ -170,5 +195,8 @@ class _CudaAllocatorStats:
 def measure_step_on_gpu(config, setup: StepSetup) -> StepMemory:
     """The step run for real on the current CUDA device (random weights), its peak from
     ``torch.cuda.max_memory_allocated``: what the accounting predicts (``bench/memory.py --gpu-check``)."""
+    if setup.fsdp_world_size > 1:
+        raise ValueError("the GPU check runs one process on one GPU; an FSDP step (fsdp_world_size > 1) is "
+                         "validated on CPU ranks (tests/test_memory_fsdp.py)")
     with fresh_workspaces():
         return _run(config, setup, _CudaAllocatorStats(), torch.device("cuda", torch.cuda.current_device()))

@@ -2,6 +2,7 @@
 
     fastft-memory llama-3.1-8b --seq-len 8192 --vram 24
     fastft-memory ./my-model-dir --seq-len 4096 --batch-size 2 --r 32 --checkpointing offload --vram 16
+    fastft-memory llama-3.1-70b --seq-len 4096 --fsdp-world-size 2 --vram 24   # per GPU of 2, FSDP2
 
 Exit status: 0 fits (or no --vram given), 1 does not fit, 2 bad input (unknown model, bad numbers).
 """
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contender", choices=("fastft", "hf"), default="fastft",
                         help="hf: transformers + peft + bitsandbytes, for comparison")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--fsdp-world-size", type=_positive_int, default=1, metavar="N",
+                        help="GPUs of an FSDP2 job (Trainer fsdp=True, version 2): the figures are per GPU, the "
+                             "model sharded over N; --batch-size is per GPU (default 1: no FSDP)")
     parser.add_argument("--vram", type=_positive_float, metavar="GIB",
                         help="GPU memory in GiB: say whether the step fits, and find the longest sequence that fits")
     return parser
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     settings = dict(batch_size=args.batch_size, r=args.r, lora_alpha=args.lora_alpha,
                     use_gradient_checkpointing={"on": True, "off": False}.get(args.checkpointing, args.checkpointing),
-                    loss=args.loss, contender=args.contender, dtype=args.dtype)
+                    loss=args.loss, contender=args.contender, dtype=args.dtype,
+                    fsdp_world_size=args.fsdp_world_size)
     try:
         estimate = estimate_memory(args.model, args.seq_len, **settings)
     except UnknownModelError as exc:
@@ -70,6 +75,9 @@ def main(argv=None) -> int:
         return 2
     print(f"{args.model}: QLoRA (4-bit NF4) r={args.r}, batch {args.batch_size} x {args.seq_len:,} tokens, "
           f"checkpointing {args.checkpointing}, loss path {args.loss}, {args.dtype}, {args.contender}")
+    if args.fsdp_world_size > 1:
+        print(f"FSDP2 over {args.fsdp_world_size} GPUs: every figure is one GPU's "
+              "(its shards, the layers FSDP gathers)")
     print("accounted on the CPU along the GPU code path (not measured on a GPU)")
     print(estimate.breakdown())
     if args.vram is None:

@@ -14,6 +14,11 @@ KNOWN_MODELS = {
                                    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                    max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
                                    bos_token_id=128000, eos_token_id=128001, rope_parameters=_LLAMA31_ROPE)),
+    # meta-llama/Llama-3.1-70B
+    "llama-3.1-70b": ("llama", dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                    num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                                    max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                    bos_token_id=128000, eos_token_id=128001, rope_parameters=_LLAMA31_ROPE)),
     # Qwen/Qwen2-7B
     "qwen2-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
@@ -27,7 +32,9 @@ KNOWN_MODELS = {
                                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 ALIASES = {"meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
-           "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "qwen/qwen2-7b": "qwen2-7b",
+           "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
+           "meta-llama/meta-llama-3.1-70b": "llama-3.1-70b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
+           "qwen/qwen2-7b": "qwen2-7b",
            "qwen/qwen2-7b-instruct": "qwen2-7b", "qwen/qwen2.5-1.5b": "qwen2.5-1.5b",
            "qwen/qwen2.5-1.5b-instruct": "qwen2.5-1.5b"}
 

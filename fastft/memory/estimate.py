@@ -2,7 +2,9 @@
 
 The figures are **accounted**, not measured: one training step of the model is run on meta tensors
 along the code path a GPU runs (see ``fastft.memory.simulated_gpu``), and the bytes of live tensors are
-counted as ``torch.cuda.max_memory_allocated`` counts them. Not counted: the CUDA context (about
+counted as ``torch.cuda.max_memory_allocated`` counts them. With ``fsdp_world_size=N`` the figures are one rank's
+of an FSDP2 job of ``N`` GPUs, the model sharded by torch's own ``fully_shard`` as the Trainer's accelerate
+plugin shards it (see ``fastft.memory.fsdp``). Not counted: the CUDA context (about
 0.3-0.6 GB), cuBLAS / cuDNN workspaces, and the caching allocator's rounding and fragmentation; leave
 some headroom on the card for those.
 """
@@ -42,6 +44,7 @@ class MemoryEstimate:
     resident: dict[str, float]
     peak_gb: float
     peak_phase: str
+    fsdp_world_size: int = 1  # > 1: the figures are one rank's of an FSDP2 job of this many GPUs
 
     @property
     def resident_gb(self) -> float:
@@ -58,7 +61,9 @@ class MemoryEstimate:
     def breakdown(self) -> str:
         lines = [f"  {RESIDENT_ROWS[name]:52s} {gb:8.2f} GiB" for name, gb in self.resident.items()]
         lines.append(f"  {'resident (between steps)':52s} {self.resident_gb:8.2f} GiB")
-        step_row = "activations and temporaries at the peak (" + self.peak_phase + ")"
+        held = "activations, FSDP's gathered layers, temporaries" if self.fsdp_world_size > 1 else \
+            "activations and temporaries"
+        step_row = f"{held} at the peak ({self.peak_phase})"
         lines.append(f"  {step_row:52s} {self.step_gb:8.2f} GiB")
         lines.append(f"  {'peak (max_memory_allocated, accounted)':52s} {self.peak_gb:8.2f} GiB")
         return "\n".join(lines)
@@ -67,7 +72,7 @@ class MemoryEstimate:
     def from_step(cls, model_name: str, step: StepMemory) -> MemoryEstimate:
         s = step.setup
         return cls(model=model_name, contender=s.contender, seq_len=s.seq_len, batch_size=s.batch_size, r=s.r,
-                   checkpointing=s.checkpointing, loss=s.loss,
+                   checkpointing=s.checkpointing, loss=s.loss, fsdp_world_size=s.fsdp_world_size,
                    resident={name: step.resident.get(name, 0) / GIB for name in RESIDENT_ROWS},
                    peak_gb=step.peak_bytes / GIB, peak_phase=step.peak_phase)
 
@@ -98,13 +103,14 @@ def _dtype(value) -> torch.dtype:
 
 def step_setup(max_seq_length, batch_size=1, r=16, lora_alpha=16, target_modules=ALL_LINEAR,
                use_gradient_checkpointing=True, loss="trl", contender="fastft", dtype=torch.bfloat16,
-               mlp_chunk_tokens=None) -> StepSetup:
+               mlp_chunk_tokens=None, fsdp_world_size=1) -> StepSetup:
     """The :class:`StepSetup` for :func:`estimate_memory`'s arguments, checked."""
     return StepSetup(contender=contender, seq_len=_positive_int("max_seq_length", max_seq_length),
                      batch_size=_positive_int("batch_size", batch_size), r=_positive_int("r", r),
                      lora_alpha=lora_alpha, target_modules=tuple(target_modules),
                      checkpointing=_checkpointing(use_gradient_checkpointing), loss=loss, dtype=_dtype(dtype),
-                     mlp_chunk_tokens=mlp_chunk_tokens)
+                     mlp_chunk_tokens=mlp_chunk_tokens,
+                     fsdp_world_size=_positive_int("fsdp_world_size", fsdp_world_size))
 
 
 def _config_for(model, seq_len: int):
@@ -124,8 +130,8 @@ def _model_name(model) -> str:
 
 def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16, lora_alpha: int = 16,
                     target_modules=ALL_LINEAR, use_gradient_checkpointing=True, loss: str = "trl",
-                    contender: str = "fastft", dtype=torch.bfloat16, mlp_chunk_tokens: int | None = None
-                    ) -> MemoryEstimate:
+                    contender: str = "fastft", dtype=torch.bfloat16, mlp_chunk_tokens: int | None = None,
+                    fsdp_world_size: int = 1) -> MemoryEstimate:
     """Accounted GPU memory of one QLoRA training step (see the module doc for what is counted).
 
     Args:
@@ -139,12 +145,15 @@ def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16
         contender: "fastft", or "hf" (transformers + peft + bitsandbytes, for comparison).
         dtype: compute dtype, bfloat16 or float16.
         mlp_chunk_tokens: fastft's MLP in chunks of this many tokens (see ``FastModel.get_peft_model``).
+        fsdp_world_size: 1 (one GPU), or the number of GPUs of an FSDP2 job (the Trainer with ``fsdp=True``,
+            ``fsdp_config={"version": 2}``): the figures are then one rank's, with ``batch_size`` sequences per
+            rank. Runs a fake process group in this process: refused where ``torch.distributed`` is initialised.
 
     Returns:
         A :class:`MemoryEstimate`: resident breakdown, peak, ``fits(vram_gb)``.
     """
     setup = step_setup(max_seq_length, batch_size, r, lora_alpha, target_modules, use_gradient_checkpointing, loss,
-                       contender, dtype, mlp_chunk_tokens)
+                       contender, dtype, mlp_chunk_tokens, fsdp_world_size)
     config = _config_for(model, setup.seq_len)
     return MemoryEstimate.from_step(_model_name(model), account_step(config, setup))
 

@@ -63,6 +63,16 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
+def _held(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors whose storages hold ``t``'s data. A wrapper subclass (FSDP's DTensor, a collective's
+    AsyncCollectiveTensor) has a storage of its full size that holds nothing: its inner tensors hold the data."""
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    inner = [getattr(t, name) for name in names]
+    return [held for x in inner if isinstance(x, torch.Tensor) for held in _held(x)]
+
+
 def _is_meta(t) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type == "meta"
 
@@ -87,6 +97,10 @@ class LiveTensorBytes(TorchDispatchMode):
     ``op_workspace(func, args, kwargs, out) -> int``: bytes an op allocates internally for its duration.
     ``overrides``: ``{op: python function}`` run instead of the op, with the mode active, so that what the
     function allocates is counted (the CUDA implementation of an op whose CPU/meta one differs).
+
+    A storage resized in place (``UntypedStorage.resize_``, no ATen op a dispatch mode sees) is recounted at
+    its new size: FSDP2 frees a gathered parameter by resizing its storage to 0 and allocates it again by
+    resizing it back, which on a GPU frees and allocates memory.
     """
 
     def __init__(self, device_type: str = "cpu", op_workspace=None, overrides=None, explain_peak: bool = False):
@@ -106,6 +120,28 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak, self.peak_phase, self.peak_op = self.live, self.phase, None
+
+    def __enter__(self):
+        _ResizeWatch.trackers.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ResizeWatch.trackers.remove(self)  # the innermost entry of this tracker: nesting re-enters it
+        return super().__exit__(*exc)
+
+    def _resized(self, storage) -> None:
+        """``storage`` was resized in place: count it at its new size."""
+        if storage.device.type != self.device_type:
+            return
+        key, nbytes = storage._cdata, storage.nbytes()
+        if key not in self._counted:  # made before tracking began (or empty): from now on it is counted
+            self._counted[key] = 0
+            weakref.finalize(storage, self._forget, key)
+        self.live += nbytes - self._counted[key]
+        self._counted[key] = nbytes
+        if self.explain_peak:
+            self._origins[key] = (self.phase, "UntypedStorage.resize_", (nbytes,), "uint8")
+        self._raise_peak(self.live, "UntypedStorage.resize_")
 
     def _raise_peak(self, nbytes: int, op) -> None:
         if nbytes > self.peak:
@@ -133,11 +169,12 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def storage_bytes(self, tensors) -> int:
         """Bytes of the distinct counted storages behind ``tensors``."""
-        keys = {_storage_key(t) for t in tensors if isinstance(t, torch.Tensor) and t.device.type == self.device_type}
+        tensors = [inner for t in tensors if isinstance(t, torch.Tensor) for inner in _held(t)]
+        keys = {_storage_key(t) for t in tensors if t.device.type == self.device_type}
         return sum(self._counted.get(k, 0) for k in keys)
 
     def _after(self, func, args, kwargs, out) -> None:
-        for t in _tensors(out):
+        for t in (inner for t in _tensors(out) for inner in _held(t)):
             if t.device.type == self.device_type:
                 self._count(t, func)
         if self.op_workspace is not None:
@@ -151,6 +188,38 @@ class LiveTensorBytes(TorchDispatchMode):
         out = func(*args, **kwargs)
         self._after(func, args, kwargs, out)
         return out
+
+
+class _ResizeWatch:
+    """``torch.UntypedStorage.resize_`` reporting to the trackers entered (installed while any is)."""
+
+    trackers: list = []
+    _original = None
+
+    @classmethod
+    def resize_(cls, storage, size):
+        out = cls._original(storage, size)
+        for tracker in dict.fromkeys(cls.trackers):  # a tracker entered twice (nested) counts once
+            tracker._resized(storage)
+        return out
+
+
+class _WatchedTrackers(list):
+    """The trackers entered; the patch of ``resize_`` is in place while the list is not empty."""
+
+    def append(self, tracker):
+        if not self:
+            _ResizeWatch._original = torch.UntypedStorage.resize_
+            torch.UntypedStorage.resize_ = lambda storage, size: _ResizeWatch.resize_(storage, size)
+        super().append(tracker)
+
+    def remove(self, tracker):
+        super().remove(tracker)
+        if not self:
+            torch.UntypedStorage.resize_ = _ResizeWatch._original
+
+
+_ResizeWatch.trackers = _WatchedTrackers()
 
 
 class SimulatedGPU(LiveTensorBytes):

@@ -59,6 +59,7 @@ class StepSetup:
     loss: str = "labels"
     dtype: torch.dtype = torch.bfloat16
     load_in_4bit: bool = True
+    fsdp_world_size: int = 1  # > 1: one rank of an FSDP2 job of this many ranks (see fastft.memory.fsdp)
 
     def __post_init__(self):
         if self.contender not in CONTENDERS:
@@ -75,7 +76,7 @@ class StepSetup:
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
                 or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be a probability in [0, 1), got {self.lora_dropout!r}")
-        for name in ("seq_len", "batch_size", "r"):
+        for name in ("seq_len", "batch_size", "r", "fsdp_world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -85,11 +86,13 @@ class StepSetup:
 # Building a contender
 
 
-def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.device,
+                            storage: torch.dtype = torch.uint8) -> None:
     """Replace every ``nn.Linear`` but ``lm_head`` by bitsandbytes' ``Linear4bit`` (NF4, double quantization,
-    blocksize 64, uint8 storage), quantized from the layer's weight: what transformers' bitsandbytes
-    quantizer does while loading a checkpoint with ``BitsAndBytesConfig(load_in_4bit=True,
-    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)``."""
+    blocksize 64, the packed codes stored as ``storage``), quantized from the layer's weight: what
+    transformers' bitsandbytes quantizer does while loading a checkpoint with ``BitsAndBytesConfig(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage=...)``.
+    """
     import bitsandbytes as bnb
     import transformers
 
@@ -99,9 +102,9 @@ def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
-                                      quant_storage=torch.uint8, device=device)
+                                      quant_storage=storage, device=device)
             weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                       compress_statistics=True, quant_storage=torch.uint8, module=layer)
+                                       compress_statistics=True, quant_storage=storage, module=layer)
             layer.weight = weight._quantize(device)
             if child.bias is not None:
                 layer.bias = child.bias
@@ -109,7 +112,8 @@ def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.
             del child, weight
     model.is_loaded_in_4bit = True
     model.config.quantization_config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage)
 
 
 def build_model(config, setup: StepSetup, device: torch.device):
@@ -121,17 +125,19 @@ def build_model(config, setup: StepSetup, device: torch.device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=setup.dtype, attn_implementation="sdpa")
     model.config.use_cache = False
     if setup.load_in_4bit:
-        _quantize_linear_layers(model, setup.dtype, device)
+        # FSDP shards floating-point parameters only: the codes stored in the compute dtype, as FastModel stores them
+        storage = setup.dtype if setup.fsdp_world_size > 1 else torch.uint8
+        _quantize_linear_layers(model, setup.dtype, device, storage)
     for param in model.parameters():
         param.requires_grad_(False)
-    if setup.loss == "trl":
-        from trl.trainer.utils import add_fused_lm_head
-
-        add_fused_lm_head(model, outputs=SFT_FUSED_OUTPUTS)
     if setup.contender == "fastft":
         model = _fastft(model, setup)
     else:
         model = _hf(model, setup)
+    if setup.loss == "trl":  # as SFTTrainer does: on the PEFT model's base, after fastft patched its forward
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model(), outputs=SFT_FUSED_OUTPUTS)
     if setup.dtype != torch.float32:  # TRL's cast of the adapters on 4-bit models (see the module doc)
         for param in model.parameters():
             if param.requires_grad:
@@ -231,32 +237,43 @@ def train_step(model, optimizer, batch: dict, tracker=None, on_grads=None) -> No
 # What is resident
 
 
-def _is_params4bit(param) -> bool:
-    return type(param).__name__ == "Params4bit"
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``t``: its shard when FSDP2 made it a DTensor."""
+    return getattr(t, "_local_tensor", t)
 
 
 def resident_tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
-    """The model's and optimizer's persistent tensors by category (the breakdown's rows)."""
+    """The model's and optimizer's persistent tensors by category (the breakdown's rows); of an FSDP-sharded
+    model, this rank's shards."""
+    import bitsandbytes as bnb
+
     from ..kernels.lora_linear import dequant_workspaces
 
     groups: dict[str, list[torch.Tensor]] = {name: [] for name in (
         "weights_4bit", "weights_16bit", "lora_weights", "lora_grads", "optimizer_state", "workspaces")}
+    four_bit = set()
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):  # bitsandbytes' layer (peft's wrapper has the same name)
+            continue
+        # the quant state: on the Params4bit, and on the module where FSDP replaced the Params4bit by its shard
+        qs = getattr(module.weight, "quant_state", None)
+        qs = module.quant_state if qs is None else qs
+        four_bit.add(id(module.weight))
+        groups["weights_4bit"] += [_local(module.weight), qs.absmax, qs.code]
+        if qs.nested:
+            groups["weights_4bit"] += [qs.offset, qs.state2.absmax, qs.state2.code]
     for param in model.parameters():
-        if _is_params4bit(param):
-            groups["weights_4bit"].append(param.data)
-            qs = param.quant_state
-            groups["weights_4bit"] += [qs.absmax, qs.code]
-            if qs.nested:
-                groups["weights_4bit"] += [qs.offset, qs.state2.absmax, qs.state2.code]
-        elif param.requires_grad:
-            groups["lora_weights"].append(param.data)
+        if id(param) in four_bit:
+            continue
+        if param.requires_grad:
+            groups["lora_weights"].append(_local(param))
             if param.grad is not None:
-                groups["lora_grads"].append(param.grad)
+                groups["lora_grads"].append(_local(param.grad))
         else:
-            groups["weights_16bit"].append(param.data)
+            groups["weights_16bit"].append(_local(param))
     groups["weights_16bit"] += list(model.buffers())
     for state in optimizer.state.values():
-        groups["optimizer_state"] += [t for t in state.values() if isinstance(t, torch.Tensor)]
+        groups["optimizer_state"] += [_local(t) for t in state.values() if isinstance(t, torch.Tensor)]
     groups["workspaces"] += dequant_workspaces()
     return groups
 
