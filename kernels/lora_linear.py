@@ -13,10 +13,6 @@ import torch
 from . import lora_projection as proj
 from ._common import check_tensor
 
-# re-exported: fastft.memory reads the workspace from here
-from .lora_projection import dequant_workspaces as dequant_workspaces
-from .lora_projection import release_dequant_workspace as release_dequant_workspace
-
 
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers
+from kernel_testing import env_without_interpreter
 from tiny_models import save_tiny_model
 from torch import nn
 
@@ -235,8 +236,7 @@ def run(tmp_path_factory):
         if arch not in models:
             models[arch] = save_tiny_model(arch, root / arch)
         out, res = root / name / "out", root / name / "results"
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        env = env_without_interpreter(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
         cmd = (launcher if ranks > 1 else [sys.executable]) + [
             os.path.join(HERE, "distributed_worker.py"), "--model", models[arch], "--output-dir", str(out),

@@ -354,16 +354,15 @@ def test_cli_answers_fits_does_not_fit_and_too_small(tmp_path, capsys):
 
 
 def _bench_memory(*args, cwd):
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from kernel_testing import env_without_interpreter
+
     script = Path(__file__).resolve().parent.parent / "bench" / "memory.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env=env_without_interpreter(CUDA_VISIBLE_DEVICES=""))
 
 
 def test_bench_memory_writes_rows_max_context_markdown_and_plot(tmp_path):

@@ -247,7 +247,7 @@ def resident_tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
     model, this rank's shards."""
     import bitsandbytes as bnb
 
-    from ..kernels.lora_linear import dequant_workspaces
+    from ..kernels.lora_projection import dequant_workspaces
 
     groups: dict[str, list[torch.Tensor]] = {name: [] for name in (
         "weights_4bit", "weights_16bit", "lora_weights", "lora_grads", "optimizer_state", "workspaces")}
@@ -281,7 +281,7 @@ def resident_tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
 @contextlib.contextmanager
 def fresh_workspaces():
     """fastft's dequantization workspace is a module-level cache: start and end each step empty."""
-    from ..kernels.lora_linear import release_dequant_workspace
+    from ..kernels.lora_projection import release_dequant_workspace
 
     release_dequant_workspace()
     try:
