@@ -4,7 +4,7 @@ full ``[N, V]`` logits (for N = 16k tokens and Qwen2's V = 152k that would be 10
 The tokens are processed in chunks of ``C`` rows. For each chunk (Liger-Kernel's approach)::
 
     z   = h_c @ W.T                        # [C, V] fp32 (cuBLAS, fp32 accumulation AND fp32 output)
-    lse, loss_c = CE forward kernel (z)    # online log-sum-exp over the vocabulary (cross_entropy.py)
+    lse, loss_c = CE forward kernel (z)    # online log-sum-exp over the vocabulary (vocab_rows.py)
     dz  = CE backward kernel (z)           # softmax(z) - onehot, in the compute dtype (unscaled)
     dh_c  = dz @ W                         # [C, H]
     dW   += dz.T @ h_c                     # [V, H], fp32 accumulator, only if weight.requires_grad
@@ -39,15 +39,8 @@ from __future__ import annotations
 import torch
 
 from ._common import autocast_dtype, check_same_device, check_tensor, empty, on_gpu, use_triton
-from .cross_entropy import (
-    ce_backward_rows,
-    ce_forward_rows,
-    ce_loss_rows_torch,
-    check_labels,
-    check_reduction,
-    grad_scale_for,
-    reduce_loss,
-)
+from .cross_entropy import ce_backward_rows, ce_forward_rows, check_reduction, grad_scale_for, reduce_loss
+from .vocab_rows import check_labels, rows_torch
 
 CHUNK_BYTES = 256 << 20  # fp32 logits + their gradient, per chunk
 
@@ -220,7 +213,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _chunk_loss_rows_torch(h_c, weight, y_c, ignore_index):
-    return ce_loss_rows_torch(h_c.float() @ weight.float().t(), y_c, ignore_index)
+    return 0.0 - rows_torch(h_c.float() @ weight.float().t(), y_c, ignore_index)[0]  # 0 - x: +0 on ignored rows
 
 
 def _fused_linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction, n_valid, chunk_rows):
@@ -253,7 +246,7 @@ def fused_linear_cross_entropy(
         weight: ``[V, H]`` fp32/fp16/bf16, the LM head (no bias). May be frozen: then no ``[V, H]``
             gradient work or memory is spent.
         labels: ``[N]`` int64/int32 in ``[0, V)`` or ``ignore_index``; out-of-range values raise
-            ValueError on CPU, a device-side assert on a GPU (no host sync, see ``cross_entropy.check_labels``).
+            ValueError on CPU, a device-side assert on a GPU (no host sync, see ``vocab_rows.check_labels``).
         ignore_index: label value that contributes 0 loss and 0 gradient.
         reduction: ``"mean"`` (over non-ignored labels; 0 if there are none), ``"sum"`` or ``"none"``.
         chunk_size: tokens per chunk; default: as many as fit ``CHUNK_BYTES`` (see the module docstring).
