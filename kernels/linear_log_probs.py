@@ -66,8 +66,14 @@ from __future__ import annotations
 import torch
 
 from ._common import empty, use_triton
-from .fused_linear_cross_entropy import addmm_fp32, check_lm_head_args, compute_dtype_for, mm_fp32
-from .vocab_rows import OUTPUTS, RUNNING_ROWS, backward_rows, check_labels, forward_rows, rows_torch, running_views
+from .fused_linear_cross_entropy import (
+    addmm_fp32,
+    check_lm_head_args,
+    compute_dtype_for,
+    lm_head_rows_torch,
+    mm_fp32,
+)
+from .vocab_rows import OUTPUTS, RUNNING_ROWS, backward_rows, check_labels, forward_rows, running_views
 
 TOKEN_CHUNK_SIZE = 2048
 VOCAB_CHUNK_SIZE = 8192
@@ -214,31 +220,6 @@ def _store_direction(out, acc, inv_sum, log_probs, lse, labels, w, ignore_index)
     out.copy_(d.masked_fill_(~valid[:, None], 0.0))
 
 
-def _chunk_outputs_torch(h_c, w, b, y_c, dtype, z_scale, ignore_index, outputs):
-    # As the Triton path: operands rounded to the compute dtype, fp32 logits and math. Autocast is off
-    # in here, else it would run the matmul (and all that follows) in bf16.
-    with torch.autocast(h_c.device.type, enabled=False):
-        z = h_c.to(dtype).float() @ w.to(dtype).float().t()
-        if b is not None:
-            z = z + b.float()
-        return rows_torch(z * z_scale, y_c, ignore_index, outputs)
-
-
-def _linear_log_probs_torch(hidden, weight, bias, labels, z_scale, ignore_index, token_chunk, outputs):
-    # Plain autograd, one token chunk at a time and checkpointed, so [N, V] is never kept.
-    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    dtype = compute_dtype_for(hidden, weight)
-    chunks = []
-    for t0 in range(0, max(hidden.shape[0], 1), token_chunk):  # N = 0: one empty chunk keeps the graph
-        args = (hidden[t0:t0 + token_chunk], weight, bias, labels[t0:t0 + token_chunk], dtype, z_scale,
-                ignore_index, outputs)
-        chunks.append(
-            torch.utils.checkpoint.checkpoint(_chunk_outputs_torch, *args, use_reentrant=False) if track
-            else _chunk_outputs_torch(*args)
-        )
-    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks))
-
-
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -315,7 +296,8 @@ def linear_log_probs(
     z_scale = float(logit_scale) / float(temperature)
 
     if not use_triton(hidden):
-        results = _linear_log_probs_torch(hidden, weight, bias, labels, z_scale, ignore_index, token_chunk, requested)
+        results = lm_head_rows_torch(hidden, weight, bias, labels, z_scale=z_scale, ignore_index=ignore_index,
+                                     chunk_rows=token_chunk, outputs=requested)
     else:
         results = _LinearLogProbsFunction.apply(
             hidden, weight, bias, labels.contiguous(), z_scale, ignore_index, token_chunk, vocab_chunk, requested

@@ -149,6 +149,26 @@ def test_mixed_dtypes_and_no_grad():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_bf16_logits_stay_fp32(engine, reduction):
+    """Under autocast the GEMMs take bf16 operands (as nn.Linear would), but the logits and all that follows stay
+    fp32 in BOTH engines, as in linear_log_probs: loss and gradients are fp32 math on the bf16-rounded operands.
+    (The PyTorch engine used to run the matmul in bf16 there, rounding every logit to 8 bits: loss ~1e-2 off.)"""
+    hidden, weight, labels = _inputs(torch.float32, seed=7)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    grad_output = torch.randn(() if reduction == "mean" else (N,), generator=torch.Generator().manual_seed(8))
+    with use_engine(engine), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=16)
+        loss.backward(grad_output)
+    ref_loss, ref_dh, ref_dw = _reference(hidden.bfloat16(), weight.bfloat16(), labels, reduction, grad_output)
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
+    # fp32 leaves, each gradient rounded to bf16 once on the way (dz, or the GEMM's operands)
+    check_grad(h.grad, ref_dh, torch.float32, GRAD_TOL[torch.bfloat16], "dhidden")
+    check_grad(w.grad, ref_dw, torch.float32, GRAD_TOL[torch.bfloat16], "dweight")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_out_of_range_labels_raise(engine):
     hidden, weight, labels = _inputs(torch.float32, n=5)
     labels[3] = V
