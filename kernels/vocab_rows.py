@@ -271,15 +271,12 @@ def forward_rows(
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    if running is None:
-        if not (first and last):
-            raise ValueError("a vocabulary split into chunks needs the running statistics (running=...)")
-        running = (lse, lse, lse, lse)  # stand-ins: not touched by a single-chunk launch
-    run_max, run_sum, run_target, run_stats = running
-    if run_stats is None:
-        if any(x is not None for x in stats) and not (first and last):
-            raise ValueError("entropy / log_sum_sq_probs / mean_logits / is_top1 over chunks need running[3]")
-        run_stats = run_target
+    run_max, run_sum, run_target, run_stats = running if running is not None else (lse, lse, lse, None)
+    if not (first and last) and (running is None or run_target is None
+                                 or (run_stats is None and any(x is not None for x in stats))):
+        raise ValueError("a vocabulary split into chunks needs running buffers (running=...) for the max, the sum, "
+                         "the label's logit and, when any is requested, the other statistics")
+    run_stats = run_stats if run_stats is not None else lse  # stand-ins are not touched by a single-chunk launch
     exp, rescale, inv_sum = saved_exp if saved_exp is not None else (lse, lse, lse)
     entropy, log_sum_sq, mean_logits, is_top1 = stats
     block_v = _block_v(n_cols)
