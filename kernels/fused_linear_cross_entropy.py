@@ -159,6 +159,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                     addmm_fp32(grad_w, dlogits.t(), h_c)
 
         ctx.reduction, ctx.ignore_index, ctx.chunk_rows = reduction, ignore_index, chunk_rows
+        ctx.compute_dtype = dtype  # the backward runs after autocast is left (AMP): recompute as the forward did
         ctx.grad_scale = grad_scale_for(reduction, n_valid)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         if reduction == "none":
@@ -190,7 +191,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         n_rows, hidden_size = hidden.shape
         vocab, device, chunk_rows = weight.shape[0], hidden.device, ctx.chunk_rows
-        dtype = compute_dtype_for(hidden, weight)
+        dtype = ctx.compute_dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         g = grad_output.float()
         logits_buf = empty((chunk_rows * vocab,), dtype=torch.float32, device=device)

@@ -147,6 +147,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
                                  lse[t0:t1], labels[t0:t1], w, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, direction)
         ctx.z_scale, ctx.ignore_index = z_scale, ignore_index
+        ctx.compute_dtype = dtype  # the backward runs after autocast is left (AMP): recompute as the forward did
         ctx.token_chunk, ctx.vocab_chunk = token_chunk, vocab_chunk
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
         return log_probs, entropy, log_sum_sq, mean_logits, is_top1
@@ -166,7 +167,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             return (direction.mul_(g[:, None]),) + (None,) * 8
         n_rows, hidden_size = hidden.shape
         vocab, device = weight.shape[0], hidden.device
-        dtype = compute_dtype_for(hidden, weight)
+        dtype = ctx.compute_dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         b = bias.float() if bias is not None else None
         g_lp = grad_log_probs.float().contiguous() if grad_log_probs is not None else None
