@@ -15,12 +15,10 @@ from __future__ import annotations
 import torch
 
 from . import trl_dataset_checks
-from .kernels.linear_log_probs import linear_log_probs
+from .kernels.linear_log_probs import OUTPUTS, linear_log_probs  # OUTPUTS: TRL's per-token fields, its order
 from .quant import is_dtensor
 
 SUPPORTED_TRL = ">=1.16,<2"
-# The per-token fields of TRL's FusedCausalLMOutput, in the order its kernel returns them.
-OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _TAG = "_fastft_lm_head"
 
 

@@ -1,7 +1,8 @@
 """fastft's kernel library: Triton kernels with hand-written backward passes.
 
 Imports only torch and triton. Installed as ``fastft.kernels`` (never as a top-level ``kernels``:
-that name belongs to a Hugging Face package transformers probes for). One op per module; each public
+that name belongs to a Hugging Face package transformers probes for). One op per module (plus shared machinery:
+``_common``, and ``vocab_rows``, the online-softmax kernel pair of the three vocabulary ops); each public
 function runs the compiled kernel on CUDA tensors, the interpreted kernel on CPU tensors under
 ``TRITON_INTERPRET=1``, and a plain PyTorch path on CPU otherwise.
 """

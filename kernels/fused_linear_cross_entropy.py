@@ -4,7 +4,7 @@ full ``[N, V]`` logits (for N = 16k tokens and Qwen2's V = 152k that would be 10
 The tokens are processed in chunks of ``C`` rows. For each chunk (Liger-Kernel's approach)::
 
     z   = h_c @ W.T                        # [C, V] fp32 (cuBLAS, fp32 accumulation AND fp32 output)
-    lse, loss_c = CE forward kernel (z)    # online log-sum-exp over the vocabulary (cross_entropy.py)
+    lse, loss_c = CE forward kernel (z)    # online log-sum-exp over the vocabulary (vocab_rows.py)
     dz  = CE backward kernel (z)           # softmax(z) - onehot, in the compute dtype (unscaled)
     dh_c  = dz @ W                         # [C, H]
     dW   += dz.T @ h_c                     # [V, H], fp32 accumulator, only if weight.requires_grad
@@ -32,22 +32,18 @@ chunk grow with N (3 GB at 128k tokens), which is exactly when memory is short.
 For ``mean``/``sum`` the backward scales the gradients saved by the forward in place (a graph's
 backward runs once; a second one raises a RuntimeError).
 
-The matmul helpers below (fp32 output from bf16/fp16 operands) are shared with ``linear_log_probs``.
+The PyTorch engine (CPU without the Triton interpreter) is ``lm_head_rows_torch``: plain autograd of the same
+math, chunked over tokens and checkpointed, with the kernels' numerics: operands in the compute dtype, fp32 logits,
+also under autocast (which would otherwise run the matmul in bf16 and round the logits, as ``nn.Linear`` would).
+It and the matmul helpers below (fp32 output from bf16/fp16 operands) are shared with ``linear_log_probs``.
 """
 from __future__ import annotations
 
 import torch
 
 from ._common import autocast_dtype, check_same_device, check_tensor, empty, on_gpu, use_triton
-from .cross_entropy import (
-    ce_backward_rows,
-    ce_forward_rows,
-    ce_loss_rows_torch,
-    check_labels,
-    check_reduction,
-    grad_scale_for,
-    reduce_loss,
-)
+from .cross_entropy import ce_backward_rows, ce_forward_rows, check_reduction, grad_scale_for, reduce_loss
+from .vocab_rows import check_labels, rows_torch
 
 CHUNK_BYTES = 256 << 20  # fp32 logits + their gradient, per chunk
 
@@ -163,6 +159,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                     addmm_fp32(grad_w, dlogits.t(), h_c)
 
         ctx.reduction, ctx.ignore_index, ctx.chunk_rows = reduction, ignore_index, chunk_rows
+        ctx.compute_dtype = dtype  # the backward runs after autocast is left (AMP): recompute as the forward did
         ctx.grad_scale = grad_scale_for(reduction, n_valid)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         if reduction == "none":
@@ -194,7 +191,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         n_rows, hidden_size = hidden.shape
         vocab, device, chunk_rows = weight.shape[0], hidden.device, ctx.chunk_rows
-        dtype = compute_dtype_for(hidden, weight)
+        dtype = ctx.compute_dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         g = grad_output.float()
         logits_buf = empty((chunk_rows * vocab,), dtype=torch.float32, device=device)
@@ -219,21 +216,34 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         )
 
 
-def _chunk_loss_rows_torch(h_c, weight, y_c, ignore_index):
-    return ce_loss_rows_torch(h_c.float() @ weight.float().t(), y_c, ignore_index)
+def _lm_head_chunk_torch(h_c, weight, bias, y_c, dtype, z_scale, ignore_index, outputs):
+    # As the kernels: operands rounded to the compute dtype, fp32 logits and math. Autocast is off in here, else
+    # it would run the matmul (and all that follows) in bf16 and round the logits.
+    with torch.autocast(h_c.device.type, enabled=False):
+        z = h_c.to(dtype).float() @ weight.to(dtype).float().t()
+        if bias is not None:
+            z = z + bias.float()
+        return rows_torch(z * z_scale, y_c, ignore_index, outputs)
 
 
-def _fused_linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction, n_valid, chunk_rows):
-    # Plain autograd, chunked and checkpointed so that [N, V] logits are never kept either.
-    rows = []
-    for start in range(0, max(hidden.shape[0], 1), chunk_rows):  # N = 0: one empty chunk keeps the graph
-        args = (hidden[start:start + chunk_rows], weight, labels[start:start + chunk_rows], ignore_index)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            rows.append(torch.utils.checkpoint.checkpoint(_chunk_loss_rows_torch, *args, use_reentrant=False))
-        else:
-            rows.append(_chunk_loss_rows_torch(*args))
-    loss_rows = torch.cat(rows)
-    return reduce_loss(loss_rows, reduction, n_valid)
+def lm_head_rows_torch(hidden, weight, bias, labels, *, z_scale: float, ignore_index: int, chunk_rows: int,
+                       outputs=frozenset({"log_probs"})) -> tuple:
+    """The PyTorch engine of the lm-head ops (this one and ``linear_log_probs``): ``vocab_rows.rows_torch`` of
+    ``z = (hidden @ weight.T + bias) * z_scale`` by plain autograd, ``chunk_rows`` tokens at a time and
+    checkpointed, so that ``[N, V]`` logits are never kept. Numerics as the Triton engine's: the operands in
+    ``compute_dtype_for(hidden, weight)`` (the autocast dtype under autocast), the logits and all that follows in
+    fp32, under autocast too."""
+    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    dtype = compute_dtype_for(hidden, weight)
+    chunks = []
+    for t0 in range(0, max(hidden.shape[0], 1), chunk_rows):  # N = 0: one empty chunk keeps the graph
+        args = (hidden[t0:t0 + chunk_rows], weight, bias, labels[t0:t0 + chunk_rows], dtype, z_scale, ignore_index,
+                outputs)
+        chunks.append(
+            torch.utils.checkpoint.checkpoint(_lm_head_chunk_torch, *args, use_reentrant=False) if track
+            else _lm_head_chunk_torch(*args)
+        )
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks))
 
 
 def fused_linear_cross_entropy(
@@ -253,7 +263,7 @@ def fused_linear_cross_entropy(
         weight: ``[V, H]`` fp32/fp16/bf16, the LM head (no bias). May be frozen: then no ``[V, H]``
             gradient work or memory is spent.
         labels: ``[N]`` int64/int32 in ``[0, V)`` or ``ignore_index``; out-of-range values raise
-            ValueError on CPU, a device-side assert on a GPU (no host sync, see ``cross_entropy.check_labels``).
+            ValueError on CPU, a device-side assert on a GPU (no host sync, see ``vocab_rows.check_labels``).
         ignore_index: label value that contributes 0 loss and 0 gradient.
         reduction: ``"mean"`` (over non-ignored labels; 0 if there are none), ``"sum"`` or ``"none"``.
         chunk_size: tokens per chunk; default: as many as fit ``CHUNK_BYTES`` (see the module docstring).
@@ -283,8 +293,9 @@ def fused_linear_cross_entropy(
         chunk_rows = min(chunk_size, max(n_rows, 1))
 
     if not use_triton(hidden):
-        return _fused_linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction, n_valid,
-                                                 max(chunk_rows, 1))
+        log_probs = lm_head_rows_torch(hidden, weight, None, labels, z_scale=1.0, ignore_index=ignore_index,
+                                       chunk_rows=max(chunk_rows, 1))[0]
+        return reduce_loss(0.0 - log_probs, reduction, n_valid)  # 0 - x: +0, not -0, on ignored rows
     grad_enabled = torch.is_grad_enabled()
     return _FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels.contiguous(), ignore_index, reduction, n_valid, max(chunk_rows, 1),

@@ -149,6 +149,26 @@ def test_mixed_dtypes_and_no_grad():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_bf16_logits_stay_fp32(engine, reduction):
+    """Under autocast the GEMMs take bf16 operands (as nn.Linear would), but the logits and all that follows stay
+    fp32 in BOTH engines, as in linear_log_probs: loss and gradients are fp32 math on the bf16-rounded operands.
+    (The PyTorch engine used to run the matmul in bf16 there, rounding every logit to 8 bits: loss ~1e-2 off.)"""
+    hidden, weight, labels = _inputs(torch.float32, seed=7)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    grad_output = torch.randn(() if reduction == "mean" else (N,), generator=torch.Generator().manual_seed(8))
+    with use_engine(engine), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=16)
+        loss.backward(grad_output)
+    ref_loss, ref_dh, ref_dw = _reference(hidden.bfloat16(), weight.bfloat16(), labels, reduction, grad_output)
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
+    # fp32 leaves, each gradient rounded to bf16 once on the way (dz, or the GEMM's operands)
+    check_grad(h.grad, ref_dh, torch.float32, GRAD_TOL[torch.bfloat16], "dhidden")
+    check_grad(w.grad, ref_dw, torch.float32, GRAD_TOL[torch.bfloat16], "dweight")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_out_of_range_labels_raise(engine):
     hidden, weight, labels = _inputs(torch.float32, n=5)
     labels[3] = V
@@ -298,3 +318,24 @@ def test_every_logit_masked(engine):
     assert (rows[valid] == float("inf")).all() and (rows[~valid] == 0).all() and mean == float("inf")
     (rows.sum() + mean).backward()
     assert (w.grad == 0).all()
+
+
+def test_recompute_after_autocast_uses_the_forwards_dtype():
+    """AMP runs the forward under autocast and the backward after leaving it. reduction="none" recomputes the logits
+    in the backward: in the forward's compute dtype (bf16 here), or they no longer match the saved log-sum-exp
+    (fp32 recomputed: dhidden ~0.4% of its largest element off). Same gradients as a backward inside autocast."""
+    hidden, weight, labels = _inputs(torch.float32, seed=9)
+    grad_output = torch.randn(N, generator=torch.Generator().manual_seed(10))
+    grads = []
+    for inside in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with use_engine("triton"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = fused_linear_cross_entropy(h, w, labels, reduction="none", chunk_size=16)
+                if inside:
+                    loss.backward(grad_output)
+            if not inside:
+                loss.backward(grad_output)
+        grads.append((h.grad, w.grad))
+    for inside, outside, name in zip(*grads, ("dhidden", "dweight")):
+        assert torch.equal(inside, outside), f"{name}: max diff {(inside - outside).abs().max().item():.3e}"

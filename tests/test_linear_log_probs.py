@@ -546,3 +546,26 @@ def test_every_logit_masked_every_output(engine):
     assert (lp[~valid] == 0).all() and (lss[~valid] == 0).all() and (mean[~valid] == 0).all()
     for grad in (h.grad, w.grad, b.grad):
         assert (grad == 0).all()
+
+
+def test_recompute_after_autocast_uses_the_forwards_dtype():
+    """AMP runs the forward under autocast and the backward after leaving it. A trainable head (or an entropy
+    gradient) recomputes the logits in the backward: in the forward's compute dtype (bf16 here), or they no
+    longer match the saved log-sum-exp. Same gradients as a backward inside autocast."""
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=20)
+    gen = torch.Generator().manual_seed(21)
+    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    grads = []
+    for inside in (True, False):
+        h, w, b = leaf(hidden), leaf(weight), leaf(bias)
+        with use_engine("triton"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                results = linear_log_probs(h, w, labels, bias=b, outputs=("log_probs", "entropy"), **CHUNKS)
+                loss = (results[0] * grad_lp).sum() + (results[1] * grad_ent).sum()
+                if inside:
+                    loss.backward()
+            if not inside:
+                loss.backward()
+        grads.append((h.grad, w.grad, b.grad))
+    for inside, outside, name in zip(*grads, ("dhidden", "dweight", "dbias")):
+        assert torch.equal(inside, outside), f"{name}: max diff {(inside - outside).abs().max().item():.3e}"
