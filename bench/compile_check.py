@@ -93,7 +93,7 @@ class FakeGPUDriver:
 
 
 KERNEL_MODULES = ("attention", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs", "lora_dropout",
-                  "lora_linear", "lora_mlp", "lora_qkv", "nf4", "rms_norm", "rope", "swiglu")
+                  "lora_linear", "lora_mlp", "lora_qkv", "nf4", "rms_norm", "rope", "swiglu", "vocab_rows")
 
 
 def _force_triton_engine():
