@@ -17,6 +17,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .kernels.cross_entropy import cross_entropy
@@ -26,8 +28,20 @@ IGNORE_INDEX = -100
 
 
 def _lm_head_is_plain(lm_head) -> bool:
-    # A LoRA-wrapped or quantized head (user's choice) is left to transformers' own forward.
-    return type(lm_head) is torch.nn.Linear and lm_head.bias is None
+    # A LoRA-wrapped or quantized head (user's choice) is left to transformers' own forward. FSDP2 gives a
+    # sharded nn.Linear the class FSDPLinear(FSDPModule, Linear): still a plain head.
+    cls = type(lm_head)
+    if isinstance(lm_head, FSDPModule):
+        cls = cls.__bases__[-1]
+    return cls is torch.nn.Linear and lm_head.bias is None
+
+
+def _lm_head_weight(lm_head) -> torch.Tensor:
+    """The head's whole weight. The fused loss does not call the head's forward, so FSDP2's hook that gathers
+    the weight does not run for it: a head sharded on its own (not grouped with the final norm, as accelerate
+    groups it) is still a DTensor shard here and is gathered the way TRL's fused head gathers it."""
+    weight = lm_head.weight
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 def causal_lm_loss(hidden, lm_head_weight, labels=None, shift_labels=None, num_items_in_batch=None, logits=None):
@@ -71,7 +85,7 @@ def make_causal_lm_forward(model):
 
         logits = loss = None
         if has_labels and torch.is_grad_enabled():
-            loss = causal_lm_loss(hidden, self.lm_head.weight, labels, shift_labels, num_items_in_batch)
+            loss = causal_lm_loss(hidden, _lm_head_weight(self.lm_head), labels, shift_labels, num_items_in_batch)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])

@@ -461,6 +461,22 @@ def test_attention_varlen_rejects_bad_input():
             attention_varlen(q, k, v, cu_seqlens, 6)
 
 
+def test_attention_varlen_checks_cu_seqlens_on_the_gpu_without_reading_them_back(monkeypatch):
+    """The GPU branch (run on CPU tensors here) checks a pack with a device-side assert instead of reading it back
+    (a host sync per forward); a bad pack still fails, a good one gives the reference result."""
+    monkeypatch.setattr(importlib.import_module("fastft.kernels._common"), "GPU_DEVICE_TYPES", {"cuda", "cpu"})
+    torch.manual_seed(0)
+    q, k, v = _randn(10, 4, 32).float(), _randn(10, 2, 32).float(), _randn(10, 2, 32).float()
+    for bad, max_seqlen in (([1, 4, 10], 6), ([0, 4, 9], 6), ([0, 6, 4, 10], 6), ([0, 4, 10], 5)):
+        with pytest.raises(RuntimeError, match=r"cu_seqlens: not from 0 to q's token count, decreasing, or a sequence"):
+            attention_varlen(q, k, v, torch.tensor(bad, dtype=torch.int32), max_seqlen)
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32)
+    out = attention_varlen(q, k, v, cu_seqlens, 6)
+    assert attention_module._check_cu_seqlens(cu_seqlens, 6, q, need_offsets=False) is None  # nothing read back
+    assert_close(out, reference_attention_varlen(q, k, v, cu_seqlens, True, 1 / math.sqrt(32), None).to(out.dtype),
+                 atol=1e-5, rtol=1e-5, name="out")
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_autograd_context_holds_no_input_outside_saved_tensors(varlen):
     """Under gradient checkpointing autograd drops what a Function saves with save_for_backward; anything the

@@ -199,6 +199,36 @@ def test_fsdp_shard_outside_its_unit_falls_back(linear4bit):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("head_unit", ["own", "with_norm"])
+def test_labels_loss_stays_fused_under_fsdp2(tmp_path, head_unit):
+    """FSDP2 makes the head an FSDPLinear; the labels loss still takes the fused lm-head path (no logits) and equals
+    the unsharded model's, whether the head is its own unit (resharded: a DTensor shard when the loss reads it) or
+    grouped with the final norm without resharding, as accelerate's FSDP2 plugin groups it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from fastft import FastModel
+
+    path = save_tiny_model("llama", tmp_path / "llama")
+    model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32, load_in_4bit=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids, labels=ids).loss
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        if head_unit == "own":
+            fully_shard(model.lm_head, mesh=mesh)
+        else:
+            fully_shard([model.model.norm, model.lm_head], mesh=mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh)
+        assert isinstance(model.lm_head, FSDPModule)
+        out = model(input_ids=ids, labels=ids)
+        assert out.logits is None  # the fused path: transformers' forward would return [2, 11, vocab] logits
+        torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training on 2 ranks against one process
 
