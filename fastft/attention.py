@@ -70,6 +70,24 @@ def remember(source: torch.Tensor, key, value) -> None:
     source.__dict__.setdefault("_fastft_memo", {})[key] = (source._version, value)
 
 
+def _has_cuda_nonzero_static(version: str) -> bool:
+    """``nonzero_static`` got its CUDA kernel in torch 2.6 (pytorch#141838); before, only CPU and meta have one."""
+    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 6)
+
+
+# device types without nonzero_static: there ``nonzero``, one more sync
+NO_NONZERO_STATIC = set() if _has_cuda_nonzero_static(torch.__version__) else {"cuda"}
+
+
+def true_indices(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` nonzero entries of 1-D ``flags``, with no sync where torch can size the result
+    from ``count``."""
+    if flags.device.type in NO_NONZERO_STATIC:
+        return flags.nonzero().flatten()
+    return flags.nonzero_static(size=count).flatten()
+
+
 def longest_sequence(cu_seqlens: torch.Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
@@ -79,12 +97,12 @@ def padding_metadata(attention_mask: torch.Tensor):
     boundaries of each row's real tokens once packed, the longest row; None when nothing is padded.
 
     One sync: the token count and the longest row are read together (``keep`` needs the count as its size,
-    the kernel's grid the longest row); ``nonzero_static`` then gathers the indices without another."""
+    the kernel's grid the longest row); :func:`true_indices` then gathers the indices without another."""
     lengths = attention_mask.sum(-1)
     total, longest = torch.stack([lengths.sum(), lengths.max()]).tolist()
     if total == attention_mask.numel():
         return None
-    keep = attention_mask.flatten().nonzero_static(size=total).flatten()
+    keep = true_indices(attention_mask.flatten(), total)
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     return keep, cu_seqlens, longest
 
@@ -104,7 +122,7 @@ def packing_metadata(position_ids: torch.Tensor) -> Packing:
     position does not follow the previous one by 1.
 
     One sync: the number of sequences (the size of ``cu_seqlens``), the longest one (the kernel's grid) and
-    the largest position are read together; ``nonzero_static`` then finds the starts without another."""
+    the largest position are read together; :func:`true_indices` then finds the starts without another."""
     if position_ids.numel() == 0:
         return Packing(None, 0, -1)
     starts = torch.ones_like(position_ids, dtype=torch.bool)
@@ -116,7 +134,7 @@ def packing_metadata(position_ids: torch.Tensor) -> Packing:
     n_seqs, longest, largest = torch.stack([starts.sum(), from_start.max() + 1, position_ids.max().long()]).tolist()
     if n_seqs == position_ids.shape[0]:
         return Packing(None, longest, largest)
-    start_idx = starts.nonzero_static(size=n_seqs).flatten()
+    start_idx = true_indices(starts, n_seqs)
     cu_seqlens = torch.cat([start_idx, start_idx.new_full((1,), starts.numel())]).to(torch.int32)
     return Packing(cu_seqlens, longest, largest)
 

@@ -147,6 +147,22 @@ def test_packing_metadata_is_derived_once_per_forward(tmp_path, monkeypatch):
     assert (in_place - packed).abs().max() > 1e-3
 
 
+def test_packing_metadata_without_nonzero_static(monkeypatch):
+    """CUDA has nonzero_static from torch 2.6 only (setup.py accepts 2.4): before, the metadata takes nonzero (one
+    more sync) and must be the same."""
+    import fastft.attention as glue
+
+    assert not glue._has_cuda_nonzero_static("2.5.1+cu124") and glue._has_cuda_nonzero_static("2.6.0")
+    _, mask, _ = padded_batch()
+    _, position_ids, _, _ = packed_batch()
+    static = glue.padding_metadata(mask), glue.packing_metadata(position_ids)
+    monkeypatch.setattr(glue, "NO_NONZERO_STATIC", {"cpu"})
+    dynamic = glue.padding_metadata(mask), glue.packing_metadata(position_ids)
+    assert static[0][0].numel() < mask.numel() and static[1].cu_seqlens.numel() > 2  # real padding and packing
+    for a, b in zip((*static[0], *static[1]), (*dynamic[0], *dynamic[1])):
+        assert (a == b).all() if torch.is_tensor(a) else a == b
+
+
 def test_disable_adapter_and_ref_adapter(arch_path):
     """DPO's reference pass: adapters disabled, or a second adapter made active, read at call time."""
     _, path = arch_path
