@@ -17,23 +17,19 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .kernels.cross_entropy import cross_entropy
 from .kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from .quant import is_dtensor, unsharded_class
 
 IGNORE_INDEX = -100
 
 
 def _lm_head_is_plain(lm_head) -> bool:
-    # A LoRA-wrapped or quantized head (user's choice) is left to transformers' own forward. FSDP2 gives a
-    # sharded nn.Linear the class FSDPLinear(FSDPModule, Linear): still a plain head.
-    cls = type(lm_head)
-    if isinstance(lm_head, FSDPModule):
-        cls = cls.__bases__[-1]
-    return cls is torch.nn.Linear and lm_head.bias is None
+    # A LoRA-wrapped or quantized head (user's choice) is left to transformers' own forward; one FSDP2 sharded
+    # is still a plain head.
+    return unsharded_class(lm_head) is torch.nn.Linear and lm_head.bias is None
 
 
 def _lm_head_weight(lm_head) -> torch.Tensor:
@@ -41,7 +37,7 @@ def _lm_head_weight(lm_head) -> torch.Tensor:
     the weight does not run for it: a head sharded on its own (not grouped with the final norm, as accelerate
     groups it) is still a DTensor shard here and is gathered the way TRL's fused head gathers it."""
     weight = lm_head.weight
-    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+    return weight.full_tensor() if is_dtensor(weight) else weight
 
 
 def causal_lm_loss(hidden, lm_head_weight, labels=None, shift_labels=None, num_items_in_batch=None, logits=None):
