@@ -162,12 +162,12 @@ def test_block_diagonal_from_position_ids():
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1],
                                  [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
     sequence = (position_ids == 0).flatten().cumsum(0)
-    bias = xfa._from_position_ids(position_ids)
+    bias = xfa._from_position_ids(position_ids, 2)
     assert torch.equal(allowed(bias, 26), causal_per_sequence(sequence, position_ids.flatten()))
     # no restart: one sequence per row
     plain = torch.arange(6).expand(3, 6)
     rows = torch.arange(3)[:, None].expand(3, 6).flatten()
-    assert torch.equal(allowed(xfa._from_position_ids(plain), 18), causal_per_sequence(rows, plain.flatten()))
+    assert torch.equal(allowed(xfa._from_position_ids(plain, 3), 18), causal_per_sequence(rows, plain.flatten()))
 
 
 # ---------------------------------------------------------------------------------------------------------
