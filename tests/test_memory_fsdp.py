@@ -95,13 +95,13 @@ def test_accounted_fsdp_rank_equals_live_bytes_of_a_real_2_rank_run(measured, na
     """Rank 0 accounted over a fake process group against each rank of the real gloo run: resident bytes equal;
     the peak equal (as observed in most runs) or above it by at most one layer's reduce-scatter input. gloo's
     worker thread drops its reference to a collective's tensors a moment after the caller's wait returns, so a
-    real rank now and then still holds the last reduce-scatter input when the next buffer is allocated (and, seen
-    once in five full-suite runs, with it one hidden-sized fp32 buffer of a norm's collective): a late free only
-    ever raises a measured peak. A gathered layer missed (larger than that slack here), a shard counted whole, or
-    anything counted that the real run does not hold (no slack downwards) fails this."""
+    real rank now and then still holds the last reduce-scatter input when the next buffer is allocated (once in
+    five full-suite runs 1 KiB more with it, a small buffer released late the same way, not identified): a late
+    free only ever raises a measured peak. A gathered layer missed (larger than that slack here), a shard counted
+    whole, or anything counted that the real run does not hold (no slack downwards) fails this."""
     config, kwargs = VALIDATED[name]
     accounted = account_step(CONFIGS[config], _setup(kwargs), sm_count=1, cuda_workspaces=False)
-    late_free = _layer_gradient_bytes(CONFIGS[config]) + 4 * CONFIGS[config].hidden_size
+    late_free = _layer_gradient_bytes(CONFIGS[config]) + 1024
     for rank in range(RANKS):  # FSDP pads every rank's shard to the same size: every rank holds the same bytes
         got = measured[rank][name]
         assert got["resident"] == accounted.resident
