@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .kernels._common import torch_at_least
 from .kernels.attention import attention, attention_varlen
 
 logger = logging.getLogger("fastft")
@@ -72,8 +73,7 @@ def remember(source: torch.Tensor, key, value) -> None:
 
 def _has_cuda_nonzero_static(version: str) -> bool:
     """``nonzero_static`` got its CUDA kernel in torch 2.6 (pytorch#141838); before, only CPU and meta have one."""
-    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
-    return (major, minor) >= (2, 6)
+    return torch_at_least(version, 2, 6)
 
 
 # device types without nonzero_static: there ``nonzero``, one more sync

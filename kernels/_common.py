@@ -52,6 +52,11 @@ def use_engine(engine: str):
         _forced_engine = previous
 
 
+def torch_at_least(version: str, major: int, minor: int) -> bool:
+    """Whether a torch version string (``"2.10.0a0+git1234"``, ``"2.5.1+cu124"``) is ``major.minor`` or later."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2]) >= (major, minor)
+
+
 def on_gpu(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` lives on a GPU (or on the GPU that ``fastft.memory`` simulates)."""
     return tensor.device.type in GPU_DEVICE_TYPES

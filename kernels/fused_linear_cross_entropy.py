@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import autocast_dtype, check_same_device, check_tensor, empty, on_gpu, use_triton
+from ._common import autocast_dtype, check_same_device, check_tensor, empty, on_gpu, torch_at_least, use_triton
 from .cross_entropy import ce_backward_rows, ce_forward_rows, check_reduction, grad_scale_for, reduce_loss
 from .vocab_rows import check_labels, rows_torch
 
@@ -52,8 +52,7 @@ def _torch_has_fp32_output_gemm(version: str) -> bool:
     """``torch.mm(a, b, out_dtype=torch.float32)`` from bf16/fp16 operands on CUDA: cuBLAS accumulates in fp32
     and writes fp32, with no 16-bit rounding between. torch 2.8 and 2.9 have the overload but their CUDA check
     rejects the mixed dtypes; from 2.10 it runs."""
-    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
-    return (major, minor) >= (2, 10)
+    return torch_at_least(version, 2, 10)
 
 
 FP32_OUTPUT_GEMM = _torch_has_fp32_output_gemm(torch.__version__)
