@@ -25,6 +25,13 @@ flag to upcast ``tl.dot`` operands to fp32: the interpreter's bf16 ``tl.dot`` is
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The names fastft's kernels go by wherever a user picks them out: ``FASTFT_DISABLE_KERNELS``,
+# ``FastModel.from_pretrained(disable_kernels=...)`` and ``fastft-doctor``'s report (one name per kernel file;
+# ``attention`` covers ``attention`` and ``attention_varlen``). Groups a user may name too: "lora", "all".
+KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs",
+                "nf4", "lora_linear", "lora_qkv", "lora_mlp", "attention")
+KERNEL_GROUPS = {"lora": ("lora_linear", "lora_qkv", "lora_mlp"), "all": KERNEL_NAMES}
+
 _forced_engine: str | None = None
 
 # Device types whose tensors take the GPU code path. ``fastft.memory`` adds "meta" while it accounts a
