@@ -19,14 +19,16 @@ CHUNKS = dict(token_chunk_size=16, vocab_chunk_size=8192)
 
 # Tolerances (reference: float64 math on the same, already rounded, inputs).
 # - log-probs: fp32 GEMM over H = 40 then fp32 log-sum-exp over 32k terms, ~1e-6 relative on values ~10,
-#   in every dtype (the logits are formed in fp32 from the stored operands).
+#   in every dtype (the logits are formed in fp32 from the stored operands). log p = z_y - lse subtracts two
+#   such values, so a log-prob near 0 keeps both errors: 2 x 1e-6 x 10 = 2e-5 absolute (the CPU BLAS's
+#   blocking, which varies with its thread count, moves the torch engine's error within that).
 # - grads, fp32: sums over V = 32k (dhidden) or N products, fp32 rounding ~ sqrt(V) * 2**-24 ~ 1e-5 of
 #   the summed magnitudes: 1e-5 relative + 1e-5 of the largest gradient (cancellation between the
 #   label term and sum_j p_j W_j leaves small elements with the large terms' absolute error).
 # - grads, bf16: dz is rounded to bf16 (< 2**-7, interpreter truncation) before the GEMMs, the result
 #   rounded to bf16 again (2**-8): 2**-6 relative, 2**-7 of the largest gradient absolute.
 GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2**-6, 2**-7), torch.float16: (2**-9, 2**-10)}
-LOGP_TOL = dict(atol=5e-6, rtol=2e-6)
+LOGP_TOL = dict(atol=2e-5, rtol=2e-6)
 
 
 def _inputs(dtype, seed=0, n=N, with_bias=True):
@@ -178,10 +180,11 @@ def test_empty_batch(engine):
 # ---- TRL's extra outputs: entropy, log_sum_sq_probs, mean_logits, is_top1 -------------------------------------
 # Tolerances of the statistics (fp32 one-pass sums over V = 32k terms against float64 on the same inputs):
 # - entropy = log s - sum(e (z - m)) / s, both terms ~10 and summed over 32k fp32 values: ~1e-6 relative, 1e-5 abs;
-# - log_sum_sq_probs ~ -1..-10, the same kind of sums: 1e-5 abs;
+# - log_sum_sq_probs ~ -1..-10 = lse(2z) - 2 lse(z): the same kind of sums, each carrying the logits' own fp32
+#   error (a few ulps of |z| ~ 10, ~4e-6 with an AVX2 BLAS), four times over: 3e-5 abs;
 # - mean_logits: an fp32 sum of 32k values ~3 (error ~ sqrt(V) * 2**-24 * 3 ~ 3e-5), then / V: ~1e-9; 1e-7 abs.
 ENTROPY_TOL = dict(atol=1e-5, rtol=2e-6)
-STATS_TOL = {"log_sum_sq_probs": dict(atol=1e-5, rtol=2e-6), "mean_logits": dict(atol=1e-7, rtol=1e-6)}
+STATS_TOL = {"log_sum_sq_probs": dict(atol=3e-5, rtol=2e-6), "mean_logits": dict(atol=1e-7, rtol=1e-6)}
 SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL's SFTTrainer asks for
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")  # DPOTrainer, use_weighting
 
