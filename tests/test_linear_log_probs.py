@@ -8,6 +8,7 @@ from kernel_testing import ENGINES, assert_close, check_grad, leaf
 from torch.utils._python_dispatch import TorchDispatchMode
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
+from fastft.doctor.references import linear_log_probs_reference
 from fastft.kernels._common import use_engine
 from fastft.kernels.linear_log_probs import OUTPUTS, linear_log_probs
 
@@ -43,16 +44,10 @@ def _inputs(dtype, seed=0, n=N, with_bias=True):
 
 
 def _reference(hidden, weight, bias, labels, grad_output):
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    b = bias.detach().double().requires_grad_() if bias is not None else None
-    z = h @ w.T + (b if b is not None else 0)
-    z = z * LOGIT_SCALE / TEMPERATURE
-    valid = labels != -100
-    logp = torch.log_softmax(z, dim=-1).gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-    logp = torch.where(valid, logp, 0.0)
-    logp.backward(grad_output.double())
-    return logp.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+    """The float64 log-probs and their gradients (dhidden, dweight, dbias) at the test's temperature and scale."""
+    (log_probs, *_), grads = linear_log_probs_reference(hidden, weight, bias, labels, grad_output,
+                                                        temperature=TEMPERATURE, logit_scale=LOGIT_SCALE)
+    return (log_probs, *grads)
 
 
 def _check_grad(actual, expected, dtype, name):
@@ -201,22 +196,8 @@ def _inputs_with_top1(dtype, seed, n=N):
 
 def _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent):
     """float64 autograd: the five outputs, and the gradients of (lp * grad_lp).sum() + (H * grad_ent).sum()."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    b = bias.detach().double().requires_grad_()
-    z = (h @ w.T + b) * LOGIT_SCALE / TEMPERATURE
-    valid = labels != -100
-    y = labels.clamp(min=0)
-    log_p = torch.log_softmax(z, dim=-1)
-    p = log_p.exp()
-    lp = torch.where(valid, log_p.gather(1, y.unsqueeze(1)).squeeze(1), 0.0)
-    ent = torch.where(valid, -(p * torch.where(p > 0, log_p, 0.0)).sum(-1), 0.0)  # 0 log 0 = 0 (-inf logits)
-    ((lp * grad_lp.double()).sum() + (ent * grad_ent.double()).sum()).backward()
-    with torch.no_grad():
-        lss = torch.where(valid, (p * p).sum(-1).log(), 0.0)
-        mean = torch.where(valid, z.mean(-1), 0.0)
-        top1 = (z.argmax(-1) == y) & valid  # torch.argmax returns the first maximum
-    return (lp.detach(), ent.detach(), lss, mean, top1), (h.grad, w.grad, b.grad)
+    return linear_log_probs_reference(hidden, weight, bias, labels, grad_lp, grad_ent, temperature=TEMPERATURE,
+                                      logit_scale=LOGIT_SCALE)
 
 
 def _check_outputs(results, expected, labels, name=""):

@@ -28,12 +28,13 @@ from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 from tiny_models import FixedDropoutMask, bnb_cpu_reference_ok, drawn_dropout_masks
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastft.doctor.references import lora_mlp_reference, lora_projection_reference, nf4_reference
 from fastft.kernels._common import use_engine
 from fastft.kernels.lora_linear import lora_linear
 from fastft.kernels.lora_mlp import lora_mlp
 from fastft.kernels.lora_qkv import lora_qkv
 from fastft.kernels.nf4 import NF4Weight
-from fastft.quant import UnsupportedLoraLayer, fused_linear_args, lora_args_of
+from fastft.quant import UnsupportedLoraLayer, fused_linear_args, lora_args_of, nf4_weight_of
 
 lora_projection = importlib.import_module("fastft.kernels.lora_projection")
 
@@ -367,6 +368,52 @@ def test_lora_mlp_backward_runs_once():
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once per forward"):
         y.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# fastft-doctor checks the fused layers against float64 references (fastft.doctor.references, torch only, as a GPU
+# user has no peft oracle at hand): they must be peft's math. fp32 on both sides, the same dequantized weights: a
+# summation-order difference only (1e-5, as in _tol); a missing bias, mask or scaling is O(1).
+
+
+def _float64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+def _reference_projection(layer, leaves, multipliers=None):
+    """The float64 reference arguments of a peft LoRA layer (its NF4 weight from the NF4 definition)."""
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return (nf4_reference(nf4_weight_of(layer.base_layer.weight)), _float64(layer.base_layer.bias), leaves[A],
+            leaves[B], layer.scaling["default"], multipliers)
+
+
+def test_the_doctors_float64_lora_references_are_peft():
+    x = torch.randn(13, 72)
+    gate = _lora(_nf4_base(72, 200, bias=True, seed=0), seed=1, lora_dropout=0.25)
+    up = _lora(_nf4_base(72, 200, seed=2), r=3, seed=3)
+    down = _lora(_nf4_base(200, 72, seed=4), r=5, alpha=5, seed=5)
+    mask = (torch.rand(13, 72, generator=torch.Generator().manual_seed(6)) >= 0.25).float() / 0.75
+    gate.lora_dropout["default"] = FixedDropoutMask(mask)
+    params = _trainable([gate, up, down])
+    grads_out = [torch.randn(13, 72)]
+    expected = _run(lambda x: down(F.silu(gate(x)) * up(x)), x, params, grads_out)
+    leaves = {p: _float64(p) for p in params}
+    x64 = x.double().requires_grad_()
+    y = lora_mlp_reference(x64, _reference_projection(gate, leaves, mask.double()), _reference_projection(up, leaves),
+                           _reference_projection(down, leaves))
+    y.backward(grads_out[0].double())
+    got = [y, x64.grad] + [leaves[p].grad for p in params]
+    for name, a, e in zip(["y", "dx"] + [f"param {i}" for i in range(len(params))], got, expected):
+        assert_close(a, e, name=name, **_tol(torch.float32, e))
+    # and one projection alone, with its bias and the mask
+    expected = _run(gate, x, _trainable([gate]), [torch.ones(13, 200)])
+    leaves = {p: _float64(p) for p in _trainable([gate])}
+    x64 = x.double().requires_grad_()
+    y = lora_projection_reference(x64, *_reference_projection(gate, leaves, mask.double()))
+    y.backward(torch.ones(13, 200, dtype=torch.float64))
+    got = [y, x64.grad] + [leaf.grad for leaf in leaves.values()]
+    for name, a, e in zip(["y", "dx", "dA", "dB"], got, expected):
+        assert_close(a, e, name=name, **_tol(torch.float32, e))
 
 
 # ---------------------------------------------------------------------------------------------

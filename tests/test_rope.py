@@ -1,9 +1,11 @@
-"""fastft.kernels.rope against transformers' apply_rotary_pos_emb run in float64."""
+"""fastft.kernels.rope against the float64 reference of fastft.doctor.references (itself checked against
+transformers' apply_rotary_pos_emb run in float64)."""
 import pytest
 import torch
 from kernel_testing import BF16, DTYPES, ENGINES, EPS, F32, assert_close
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from fastft.doctor.references import rope_reference, rope_tables
 from fastft.kernels import use_engine
 from fastft.kernels.rope import apply_rope
 
@@ -12,14 +14,6 @@ def _hf_views(B, T, H, D, dtype, gen):
     """q or k the way HF's attention makes them: proj(x).view(B, T, H, D).transpose(1, 2)."""
     proj_out = torch.randn(B, T, H * D, generator=gen).to(dtype)
     return proj_out.view(B, T, H, D).transpose(1, 2).detach().requires_grad_()
-
-
-def _rope_tables(position_ids, D, dtype, base=10000.0):
-    """cos/sin as LlamaRotaryEmbedding builds them: [B, T, D], halves equal."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-    freqs = position_ids[..., None].double() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _run(q, k, cos, sin, engine, seed):
@@ -33,10 +27,7 @@ def _run(q, k, cos, sin, engine, seed):
 
 
 def _check(q, k, cos, sin, q_embed, k_embed, dq_embed, dk_embed):
-    q64 = q.detach().double().requires_grad_()
-    k64 = k.detach().double().requires_grad_()
-    ref_q, ref_k = apply_rotary_pos_emb(q64, k64, cos.double(), sin.double())
-    torch.autograd.backward((ref_q, ref_k), (dq_embed.double(), dk_embed.double()))
+    ref_q, ref_k, ref_dq, ref_dk = rope_reference(q, k, cos, sin, dq_embed, dk_embed)
     assert q_embed.dtype == q.dtype and k_embed.dtype == k.dtype
     # Each output is a*c + b*s in fp32, rounded once to the dtype: 1 ulp relative covers
     # round-to-nearest and the interpreter's bf16 truncation; atol covers fp32 cancellation
@@ -46,11 +37,27 @@ def _check(q, k, cos, sin, q_embed, k_embed, dq_embed, dk_embed):
     for name, got, want, x in (
         ("q_embed", q_embed, ref_q, q),
         ("k_embed", k_embed, ref_k, k),
-        ("dq", q.grad, q64.grad, dq_embed),
-        ("dk", k.grad, k64.grad, dk_embed),
+        ("dq", q.grad, ref_dq, dq_embed),
+        ("dk", k.grad, ref_dk, dk_embed),
     ):
         atol = 1e-6 * x.double().abs().max().item() * table
         assert_close(got, want, atol=atol, rtol=rtol, name=name)
+
+
+def test_reference_equals_transformers_apply_rotary_pos_emb():
+    """The float64 reference (fastft-doctor's too) is HF's RoPE: per-batch tables, GQA, and general cos/sin whose
+    halves differ (so rotate_half's direction matters)."""
+    gen = torch.Generator().manual_seed(19)
+    q, k = torch.randn(2, 6, 5, 12, generator=gen), torch.randn(2, 2, 5, 12, generator=gen)
+    for cos, sin in (rope_tables(torch.arange(5)[None] + torch.tensor([[0], [9]]), 12, F32),
+                     (torch.randn(2, 5, 12, generator=gen), torch.randn(2, 5, 12, generator=gen))):
+        dq, dk = torch.randn(q.shape, generator=gen), torch.randn(k.shape, generator=gen)
+        got = rope_reference(q, k, cos, sin, dq, dk)
+        q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+        hf_q, hf_k = apply_rotary_pos_emb(q64, k64, cos.double(), sin.double())
+        torch.autograd.backward((hf_q, hf_k), (dq.double(), dk.double()))
+        for name, a, b in zip(("q_embed", "k_embed", "dq", "dk"), got, (hf_q, hf_k, q64.grad, k64.grad)):
+            assert torch.equal(a, b.detach()), name
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -64,7 +71,7 @@ def _check(q, k, cos, sin, q_embed, k_embed, dq_embed, dk_embed):
         (1, 3, 2, 1, 80, 1),  # HALF_D = 40, not a power of two
     ],
 )
-def test_matches_hf_apply_rotary_pos_emb(B, T, Hq, Hkv, D, table_batch, dtype, engine):
+def test_matches_float64_reference(B, T, Hq, Hkv, D, table_batch, dtype, engine):
     gen = torch.Generator().manual_seed(B * 100 + T)
     q, k = _hf_views(B, T, Hq, D, dtype, gen), _hf_views(B, T, Hkv, D, dtype, gen)
     if table_batch == 1:
@@ -72,7 +79,7 @@ def test_matches_hf_apply_rotary_pos_emb(B, T, Hq, Hkv, D, table_batch, dtype, e
     else:
         # each row packs several documents whose positions restart at 0
         position_ids = torch.stack([torch.arange(T) % p for p in (T, 4, 3)])[:B] + torch.arange(B)[:, None] * 17
-    cos, sin = _rope_tables(position_ids, D, dtype)
+    cos, sin = rope_tables(position_ids, D, dtype)
     q_embed, k_embed, dq_embed, dk_embed = _run(q, k, cos, sin, engine, seed=T)
     _check(q, k, cos, sin, q_embed, k_embed, dq_embed, dk_embed)
 
@@ -93,7 +100,7 @@ def test_general_tables_exercise_the_adjoint(dtype, engine):
 def test_layouts():
     gen = torch.Generator().manual_seed(13)
     B, T, Hq, Hkv, D = 2, 5, 4, 2, 16
-    cos, sin = _rope_tables(torch.arange(T)[None], D, F32)
+    cos, sin = rope_tables(torch.arange(T)[None], D, F32)
 
     # HF's transposed views: outputs and gradients keep the token-major layout
     q, k = _hf_views(B, T, Hq, D, F32, gen), _hf_views(B, T, Hkv, D, F32, gen)
@@ -113,7 +120,7 @@ def test_layouts():
     # a head-dim stride != 1 (copied once) and a cos/sin view with a row stride > D
     q = torch.randn(B, Hq, T, D * 2, generator=gen)[..., ::2].detach().requires_grad_()
     k = torch.randn(B, Hkv, T, D, generator=gen).requires_grad_()
-    wide_cos, wide_sin = _rope_tables(torch.arange(T)[None], D + 4, F32)
+    wide_cos, wide_sin = rope_tables(torch.arange(T)[None], D + 4, F32)
     cos, sin = wide_cos[..., :D], wide_sin[..., :D]
     _check(q, k, cos, sin, *_run(q, k, cos, sin, "triton", seed=16))
 
@@ -124,7 +131,7 @@ def test_only_q_embed_used(engine):
     # (plain autograd on the PyTorch path leaves k.grad None)
     gen = torch.Generator().manual_seed(17)
     q, k = _hf_views(1, 4, 2, 8, F32, gen), _hf_views(1, 4, 1, 8, F32, gen)
-    cos, sin = _rope_tables(torch.arange(4)[None], 8, F32)
+    cos, sin = rope_tables(torch.arange(4)[None], 8, F32)
     with use_engine(engine):
         q_embed, _ = apply_rope(q, k, cos, sin)
     q_embed.sum().backward()
@@ -140,7 +147,7 @@ def test_outputs_can_be_modified_in_place():
     # like HF's out-of-place math, the outputs are plain tensors (not views), so in-place ops work
     gen = torch.Generator().manual_seed(18)
     q, k = _hf_views(1, 3, 2, 8, F32, gen), _hf_views(1, 3, 1, 8, F32, gen)
-    cos, sin = _rope_tables(torch.arange(3)[None], 8, F32)
+    cos, sin = rope_tables(torch.arange(3)[None], 8, F32)
     q_embed, k_embed = apply_rope(q, k, cos, sin)
     q_embed.mul_(2)
     k_embed.add_(1)

@@ -11,6 +11,8 @@ import torch
 import transformers
 from tiny_tokenizer import tiny_tokenizer
 
+from fastft.doctor.numerics import drawn_dropout_masks  # noqa: F401  (the tests' and fastft-doctor's)
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -131,17 +133,6 @@ class FixedDropoutMask(torch.nn.Module):
 
     def forward(self, x):
         return (x.float() * self.multipliers.reshape(x.shape)).to(x.dtype)
-
-
-def drawn_dropout_masks(seed, draws):
-    """The multipliers fastft's fused LoRA calls drew after ``torch.manual_seed(seed)``: ``draws`` lists
-    ``(p, [T, in])`` in the order the calls drew their seeds (one per projection with an adapter and p > 0), on
-    the engine in use."""
-    from fastft.kernels.lora_dropout import DropoutMask, dropout_mask
-
-    torch.manual_seed(seed)
-    masks = [DropoutMask.draw(p, torch.device("cpu")) for p, _ in draws]
-    return [dropout_mask(mask, shape, "cpu") for mask, (_, shape) in zip(masks, draws)]
 
 
 def padded_batch(vocab=211, seed=0):
