@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_map_only
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from .architectures import MoESpec, UnsupportedModelError, spec_for
+from .architectures import SPECS, MoESpec, UnsupportedModelError
 from .kernels.moe_experts import ExpertLora, NF4Experts, moe_experts
 from .kernels.nf4 import dequantize_nf4
 from .quant import UnsupportedLoraLayer
@@ -416,7 +416,15 @@ def _wrapper_lora(wrapper) -> ExpertLora | None:
 
 
 def is_moe_config(config) -> bool:
-    return spec_for(config).moe is not None
+    spec = SPECS.get(getattr(config, "model_type", None))
+    return spec is not None and spec.moe is not None
+
+
+def refuse_moe(config, what: str) -> None:
+    """A clear error where a part of fastft does not serve mixture-of-experts models yet."""
+    if is_moe_config(config):
+        raise UnsupportedModelError(f"{what} does not support mixture-of-experts models ({config.model_type}) yet; "
+                                    "it is a later step of fastft's MoE support")
 
 
 def lora_targets(model, target_modules, default_modules, lora_dropout, lora_kwargs: dict):

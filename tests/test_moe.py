@@ -28,7 +28,7 @@ from test_trl import arithmetic_chats, assert_curves_match, losses, train_sft
 from tiny_models import check_bnb_cpu_reference, copy_lora, keep_bnb_standard_path, lora_grads, randomize_lora
 from tiny_tokenizer import tiny_tokenizer
 
-from fastft import FastModel
+from fastft import FastModel, estimate_memory
 from fastft.architectures import UnsupportedModelError, spec_for
 from fastft.kernels import use_engine
 from fastft.kernels.moe_experts import ExpertLora, NF4Experts, moe_experts
@@ -40,6 +40,7 @@ from fastft.moe import (
     quantize_experts,
     sparse_blocks,
 )
+from fastft.saving import save_merged
 
 BF16 = torch.bfloat16
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -550,6 +551,12 @@ def test_options_that_do_not_serve_moe_yet_are_errors(tmp_path):
         FastModel.get_peft_model(model, use_gradient_checkpointing="auto", memory_budget_gb=8)
     with pytest.raises(ValueError, match="mlp_chunk_tokens does not apply to mixture-of-experts"):
         FastModel.get_peft_model(model, mlp_chunk_tokens=16)
+    # the later steps: merged / GGUF export, memory accounting
+    with pytest.raises(UnsupportedModelError, match="save_merged / save_gguf .* does not support mixture-of-experts"):
+        save_merged(FastModel.get_peft_model(model), tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(UnsupportedModelError, match="memory accounting does not support mixture-of-experts"):
+        estimate_memory(model.config, max_seq_length=64)
 
 
 def test_unsupported_moe_layouts_are_clear_errors():
