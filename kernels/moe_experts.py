@@ -62,34 +62,32 @@ from .lora_projection import autocast_off, dequant_workspace
 from .nf4 import NF4Weight, dequantize_nf4
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class NF4Experts:
     """E frozen experts of one shape ``(out, in)``, each an NF4 weight in bitsandbytes' layout (see ``nf4.py``)
-    quantized on its own, stacked on dim 0.
+    quantized on its own, stacked on dim 0. Expert ``e`` is the :class:`~.nf4.NF4Weight` ``expert(e)``.
 
-    Attributes:
+    Per expert, stacked on dim 0:
         packed: uint8 ``[E, ceil(out * in / 2)]``.
         absmax: ``[E, n_blocks]``: uint8 codes (double quantization) or fp32 scales.
-        code: fp32 ``[16]``, the NF4 table (one for all experts).
-        blocksize: elements per quantization block.
-        shape: ``(out, in)`` of one expert.
-        dtype: dtype an expert dequantizes to by default.
         nested_absmax: fp32 ``[E, n_nested]`` (double quantization).
-        nested_code: fp32 ``[256]`` (double quantization; one for all experts).
-        nested_blocksize: ``absmax`` entries per nested block.
         offset: fp32 ``[E]``, each expert's double-quantization offset.
+    Shared by the experts:
+        code: fp32 ``[16]``, the NF4 table; nested_code: fp32 ``[256]`` (double quantization).
+        blocksize / nested_blocksize: elements per quantization block / ``absmax`` entries per nested block.
+        shape: ``(out, in)`` of one expert; dtype: what an expert dequantizes to by default.
     """
 
     packed: torch.Tensor
     absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
     code: torch.Tensor
+    nested_code: torch.Tensor | None = None
     blocksize: int
+    nested_blocksize: int | None = None
     shape: tuple
     dtype: torch.dtype
-    nested_absmax: torch.Tensor | None = None
-    nested_code: torch.Tensor | None = None
-    nested_blocksize: int | None = None
-    offset: torch.Tensor | None = None
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)

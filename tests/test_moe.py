@@ -24,9 +24,17 @@ import torch
 import transformers
 from kernel_testing import EPS, assert_close
 from memory_tracking import LiveTensorBytes
+from test_model_parity import packed_batch
 from test_trl import arithmetic_chats, assert_curves_match, losses, train_sft
-from tiny_models import check_bnb_cpu_reference, copy_lora, keep_bnb_standard_path, lora_grads, randomize_lora
-from tiny_tokenizer import tiny_tokenizer
+from tiny_models import (
+    check_bnb_cpu_reference,
+    copy_lora,
+    keep_bnb_standard_path,
+    lora_grads,
+    padded_batch,
+    randomize_lora,
+    save_random_model,
+)
 
 from fastft import FastModel, estimate_memory
 from fastft.architectures import UnsupportedModelError, spec_for
@@ -83,17 +91,7 @@ def moe_config(arch, **overrides):
 
 
 def save_tiny_moe(arch, path, dtype=torch.float32, max_shard_size="5GB", seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(moe_config(arch, **overrides), dtype=dtype)
-    with torch.no_grad():  # non-trivial norm weights and biases, so a dropped term shows
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0, 0.1)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_random_model(moe_config(arch, **overrides), path, seed, dtype, max_shard_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,27 +374,6 @@ def pair(request, tmp_path_factory):
     """(reference, fastft model) of one architecture, shared by the tests below (they only run steps)."""
     with use_engine("torch"):
         return load_pair(save_tiny_moe(request.param, tmp_path_factory.mktemp(request.param)))
-
-
-def padded_batch(vocab=211, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (3, 11), generator=gen)
-    mask = torch.ones(3, 11, dtype=torch.long)
-    mask[1, 8:] = 0
-    mask[2, :3] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :2] = -100
-    labels[2, 3] = -100
-    return ids, mask, labels
-
-
-def packed_batch(vocab=211, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (1, 13), generator=gen)
-    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1]])
-    labels = ids.clone()
-    labels[0, [0, 5, 11]] = -100
-    return ids, position_ids, labels, torch.tensor([0, 5, 11, 13], dtype=torch.int32)
 
 
 def assert_grads_match(got, expected):
