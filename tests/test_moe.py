@@ -22,7 +22,7 @@ import peft
 import pytest
 import torch
 import transformers
-from kernel_testing import EPS, assert_close
+from kernel_testing import EPS, assert_close, greedy_generate
 from memory_tracking import LiveTensorBytes
 from test_model_parity import packed_batch
 from test_trl import arithmetic_chats, assert_curves_match, losses, train_sft
@@ -35,6 +35,7 @@ from tiny_models import (
     randomize_lora,
     save_random_model,
 )
+from tiny_tokenizer import tiny_tokenizer
 
 from fastft import FastModel, estimate_memory
 from fastft.architectures import UnsupportedModelError, spec_for
@@ -430,6 +431,52 @@ def test_packed_batch_matches_hf(pair):
                       cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
     assert_close(out.loss, ref_out.loss, atol=1e-6, rtol=1e-6, name="loss")
     assert_grads_match(grads, ref_grads)
+
+
+def test_generate_matches_hf(pair):
+    """Greedy decoding with the KV cache: the MoE block on one new token at a time."""
+    reference, model = pair
+    ids, mask, _ = padded_batch()
+    ids, mask = ids[[0, 2]], mask[[0, 2]]  # a full row and a left-padded one (generation continues at the end)
+    reference.eval(), model.eval()
+    expected = greedy_generate(reference, ids, mask, new_tokens=3)
+    assert torch.equal(greedy_generate(model, ids, mask, new_tokens=3), expected)
+
+
+def test_16bit_experts_match_hf(tmp_path):
+    """load_in_4bit=False: the same op on the dense expert tensors, against transformers + peft in fp32."""
+    path = save_tiny_moe("qwen3_moe", tmp_path)
+    reference = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"), lora_config())
+    randomize_lora(reference)
+    model, _ = FastModel.from_pretrained(path, max_seq_length=64, load_in_4bit=False, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    copy_lora(reference, model)
+    assert not any(isinstance(p, NF4ExpertsTensor) for p in model.parameters())
+    ids, mask, labels = padded_batch()
+    ref_out, ref_grads = step(reference, input_ids=ids, attention_mask=mask, labels=labels)
+    out, grads = step(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.loss, ref_out.loss, atol=1e-6, rtol=1e-6, name="loss")
+    assert_grads_match(grads, ref_grads)
+
+
+def test_fused_expert_checkpoint_is_quantized_after_loading(tmp_path, caplog):
+    """A checkpoint that stores the experts already as 3-D tensors passes no per-expert conversion: its experts
+    load in 16 bits, and are quantized right after (with a warning), never left 16-bit in a 4-bit model."""
+    from safetensors.torch import save_file
+
+    config = moe_config("mixtral")
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    config.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    with caplog.at_level("WARNING", logger="fastft"):
+        loaded, _ = FastModel.from_pretrained(tmp_path, max_seq_length=64, dtype=torch.float32)
+    assert "4 expert tensors were loaded in 16 bits" in caplog.text
+    experts = sparse_blocks(loaded)[0].experts.gate_up_proj
+    assert isinstance(experts, NF4ExpertsTensor)
+    expected = quantize_experts(sparse_blocks(model)[0].experts.gate_up_proj.detach()).nf4
+    assert torch.equal(experts.nf4.packed, expected.packed) and torch.equal(experts.nf4.absmax, expected.absmax)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
