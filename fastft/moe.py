@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import sys
 
@@ -43,7 +44,6 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch.utils._pytree import tree_map_only
-from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .architectures import SPECS, MoESpec, UnsupportedModelError
@@ -193,49 +193,58 @@ def _frozen_parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
     return param
 
 
-class QuantizeExpertsNF4(ConversionOps):
-    """A transformers weight-conversion op: the checkpoint conversion of an expert parameter (e.g. ``[gate_proj,
-    up_proj]`` of each expert -> ``gate_up_proj``), run one expert at a time, each expert quantized (NF4) as soon
-    as it is assembled and its 16-bit checkpoint tensors dropped."""
+@functools.cache
+def _quantize_experts_op():
+    """The conversion op class (transformers' loading internals are imported only when an MoE model loads)."""
+    from transformers.core_model_loading import ConversionOps
 
-    def __init__(self, operations: list):
-        self.operations = operations
+    class QuantizeExpertsNF4(ConversionOps):
+        """A transformers weight-conversion op: the checkpoint conversion of an expert parameter (e.g. ``[gate_proj,
+        up_proj]`` of each expert -> ``gate_up_proj``), run one expert at a time, each expert quantized (NF4) as
+        soon as it is assembled and its 16-bit checkpoint tensors dropped."""
 
-    @torch.no_grad()
-    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-        lists = {pattern: tensors if isinstance(tensors, list) else [tensors]
-                 for pattern, tensors in input_dict.items()}
-        num_experts = len(next(iter(lists.values())))
-        quantizer, target = _ExpertsQuantizer(num_experts), None
-        for e in range(num_experts):
-            one = {pattern: [tensors[e]] for pattern, tensors in lists.items()}
-            for tensors in lists.values():
-                tensors[e] = None  # this expert's 16-bit checkpoint tensors die with `one`
-            for op in self.operations:
-                one = op.convert(one, source_patterns=source_patterns, target_patterns=target_patterns, **kwargs)
-            (target, value), = one.items()
-            value = value[0] if isinstance(value, list) else value
-            quantizer.add(e, value.reshape(value.shape[-2:]))
-        input_dict.clear()
-        return {target: _frozen_parameter(quantizer.result())}
+        def __init__(self, operations: list):
+            self.operations = operations
+
+        @torch.no_grad()
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            lists = {pattern: tensors if isinstance(tensors, list) else [tensors]
+                     for pattern, tensors in input_dict.items()}
+            num_experts = len(next(iter(lists.values())))
+            quantizer, target = _ExpertsQuantizer(num_experts), None
+            for e in range(num_experts):
+                one = {pattern: [tensors[e]] for pattern, tensors in lists.items()}
+                for tensors in lists.values():
+                    tensors[e] = None  # this expert's 16-bit checkpoint tensors die with `one`
+                for op in self.operations:
+                    one = op.convert(one, source_patterns=source_patterns, target_patterns=target_patterns, **kwargs)
+                (target, value), = one.items()
+                value = value[0] if isinstance(value, list) else value
+                quantizer.add(e, value.reshape(value.shape[-2:]))
+            input_dict.clear()
+            return {target: _frozen_parameter(quantizer.result())}
+
+    return QuantizeExpertsNF4
 
 
 def _quantizing(transform):
     """``transform`` itself, or for a conversion producing an expert tensor, a copy quantizing per expert."""
+    from transformers.core_model_loading import WeightConverter
+
     targets = getattr(transform, "target_patterns", [])
     if not isinstance(transform, WeightConverter) or not any(
             t.endswith(EXPERT_TARGET_PARAMETERS) for t in targets):
         return transform
     quantizing = copy.deepcopy(transform)
-    quantizing.operations = [QuantizeExpertsNF4(quantizing.operations)]
+    quantizing.operations = [_quantize_experts_op()(quantizing.operations)]
     return quantizing
 
 
 @contextlib.contextmanager
 def experts_quantized_while_loading(model_type: str):
     """Inside the block, ``from_pretrained`` of a ``model_type`` checkpoint quantizes its experts while loading
-    (see the module doc). transformers' public registry of checkpoint conversions is changed for the block only
-    (checked with transformers 5.17 - 5.23), restored afterwards."""
+    (see the module doc). transformers' public registry of checkpoint conversions (``transformers.conversion_mapping``,
+    checked with transformers 5.23) is changed for the block only, process-wide, and restored afterwards."""
     from transformers import conversion_mapping
 
     original = conversion_mapping.get_checkpoint_conversion_mapping(model_type)
