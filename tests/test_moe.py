@@ -37,7 +37,7 @@ from tiny_models import (
 )
 from tiny_tokenizer import tiny_tokenizer
 
-from fastft import FastModel, estimate_memory
+from fastft import FastModel, estimate_memory, unpatch_model
 from fastft.architectures import UnsupportedModelError, spec_for
 from fastft.kernels import use_engine
 from fastft.kernels.moe_experts import ExpertLora, NF4Experts, moe_experts
@@ -458,6 +458,18 @@ def test_16bit_experts_match_hf(tmp_path):
     out, grads = step(model, input_ids=ids, attention_mask=mask, labels=labels)
     assert_close(out.loss, ref_out.loss, atol=1e-6, rtol=1e-6, name="loss")
     assert_grads_match(grads, ref_grads)
+
+
+def test_unpatched_model_computes_with_the_dequantized_experts(tmp_path):
+    """After unpatch_model, transformers' own experts forward reads the 4-bit expert tensors (one expert at a time,
+    dequantized) and gives the patched model's logits."""
+    model, _ = FastModel.from_pretrained(save_tiny_moe("mixtral", tmp_path), max_seq_length=64, dtype=torch.float32)
+    ids, mask, _ = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        patched = model(input_ids=ids, attention_mask=mask).logits
+        unpatched = unpatch_model(model)(input_ids=ids, attention_mask=mask).logits
+    assert_close(unpatched[real], patched[real], atol=2e-5, rtol=1e-5, name="logits")
 
 
 def test_fused_expert_checkpoint_is_quantized_after_loading(tmp_path, caplog):
