@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import transformers
 from packaging.version import Version
 
 from . import attention as fastft_attention
-from . import trl_compat
+from . import moe, trl_compat
 from .architectures import spec_for
 from .loss import make_causal_lm_forward
 from .patch import patch_decoder, unpatch_modules
@@ -182,10 +183,16 @@ class FastModel:
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
             )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
-            attn_implementation="sdpa", **kwargs,
-        )
+        # mixture-of-experts: bitsandbytes quantizes nn.Linear only; fastft quantizes the experts as they load
+        quantizing_experts = (moe.experts_quantized_while_loading(config.model_type) if load_in_4bit and spec.moe
+                              else contextlib.nullcontext())
+        with quantizing_experts:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
+                attn_implementation="sdpa", **kwargs,
+            )
+        if spec.moe:
+            moe.finish_loading(model, load_in_4bit)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         patch_model(model, max_seq_length=max_seq_length, attn_implementation=attn_implementation, spec=spec)
@@ -215,6 +222,10 @@ class FastModel:
 
         if not getattr(model, "_fastft_patched", False):
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
+        # mixture-of-experts: the linear layers there are and the experts (target_parameters), by default
+        target_modules, lora_kwargs = moe.lora_targets(model, target_modules, DEFAULT_TARGET_MODULES, lora_dropout,
+                                                       lora_kwargs)
+        moe.check_training_options(model, use_gradient_checkpointing, mlp_chunk_tokens)
         target_modules = _check_lora_args(model, r, lora_alpha, target_modules)  # first: refuses a PeftModel
         mode = checkpointing.check_mode(use_gradient_checkpointing, len(model.model.layers))
         if bias != "none" or lora_kwargs.get("use_dora"):

@@ -12,7 +12,8 @@ Per decoder layer:
 * ``self_attn`` -> one attention forward for every architecture: fused q/k/v projection (NF4 + LoRA), RoPE
   kernel, the attention registered as "fastft" (or whatever ``config._attn_implementation`` names), fused o
   projection;
-* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA).
+* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA); a sparse mixture-of-experts block instead -> router,
+  experts op with LoRA per expert, fused shared expert (``moe.py``).
 
 The fused LoRA path reads the *active* adapter at every call (TRL's DPO switches to a ``ref`` adapter
 and disables adapters for reference log-probs), and whether its ``lora_dropout`` applies (training mode).
@@ -36,6 +37,7 @@ from .kernels.lora_qkv import lora_qkv
 from .kernels.rms_norm import rms_norm
 from .kernels.rope import apply_rope
 from .kernels.swiglu import swiglu
+from .moe import check_block, is_sparse_block, moe_block_forward
 from .quant import UnsupportedLoraLayer, fused_linear_args
 
 logger = logging.getLogger("fastft")
@@ -122,7 +124,14 @@ def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec) -> None:
         attn = layer.self_attn
         attn._fastft_spec = spec
         _bind(attn, attention_forward)
-        _bind(layer.mlp, mlp_forward)
+        if spec.moe is not None and is_sparse_block(layer.mlp):
+            check_block(layer.mlp, spec.moe)
+            layer.mlp._fastft_moe = spec.moe
+            _bind(layer.mlp, moe_block_forward)
+            if spec.moe.shared_expert:
+                _bind(layer.mlp.shared_expert, mlp_forward)
+        else:
+            _bind(layer.mlp, mlp_forward)
         _bind(layer.input_layernorm, rms_norm_forward)
         _bind(layer.post_attention_layernorm, rms_norm_forward)
         if spec.qk_norm:

@@ -43,16 +43,20 @@ def tiny_config(arch: str, **overrides):
 
 
 def save_tiny_model(arch: str, path, seed: int = 0, **overrides) -> str:
+    return save_random_model(tiny_config(arch, **overrides), path, seed)
+
+
+def save_random_model(config, path, seed: int = 0, dtype=torch.float32, max_shard_size="5GB") -> str:
+    """A random-weight checkpoint of ``config`` (with the tiny tokenizer) in ``path``."""
     torch.manual_seed(seed)
-    config = tiny_config(arch, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # non-trivial norm weights and biases, so a dropped term shows
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 param.normal_(0, 0.1)
-    model.save_pretrained(path)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     tiny_tokenizer().save_pretrained(path)
     return str(path)
 

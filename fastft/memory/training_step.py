@@ -120,6 +120,10 @@ def build_model(config, setup: StepSetup, device: torch.device):
     """The contender's model for ``setup`` on ``device`` (meta: accounted; cpu: measured)."""
     import transformers
 
+    from ..moe import refuse_moe
+
+    refuse_moe(config, "fastft's memory accounting")
+
     config = copy.deepcopy(config)  # quantization records itself in the config
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=setup.dtype, attn_implementation="sdpa")
