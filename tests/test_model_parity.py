@@ -1,4 +1,5 @@
-"""A patched tiny Llama / Qwen2 matches the unpatched Hugging Face + peft model: logits, loss, LoRA grads.
+"""A patched tiny Llama / Qwen2 / Mistral / Qwen3 / Phi-3 matches the unpatched Hugging Face + peft model: logits,
+loss, LoRA grads. (Phi-3's own paths beyond these: test_phi.py.)
 
 Tolerances: everything runs in fp32 on both sides; the 4-bit weights are dequantized to the same values
 (table look-ups), so differences come only from summation order in matmuls/softmax (~1e-6 relative).
@@ -11,6 +12,7 @@ import torch
 from kernel_testing import assert_close
 from tiny_models import (
     LORA_TARGETS,
+    PHI3_LORA_TARGETS,
     FixedDropoutMask,
     copy_lora,
     drawn_dropout_masks,
@@ -23,7 +25,9 @@ from tiny_models import (
 
 from fastft import FastModel
 
-ARCHS = ["llama", "qwen2", "llama31", "mistral", "qwen3"]
+# phi3_longrope: Phi-3's fused qkv_proj / gate_up_proj with Phi-4-mini's partial rotary + LongRoPE (short factors
+# here: these batches stay within its original 16 positions; test_phi.py crosses the switch, and tests plain Phi-3)
+ARCHS = ["llama", "qwen2", "llama31", "mistral", "qwen3", "phi3_longrope"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -180,9 +184,9 @@ def test_disable_adapter_and_ref_adapter(arch_path):
     assert (enabled - disabled)[real].abs().max() > 1e-3, "LoRA has no effect: the test would prove nothing"
 
     # A "ref" adapter (as TRL's DPOTrainer adds), with other weights, made active.
+    targets = PHI3_LORA_TARGETS if model.config.model_type == "phi3" else LORA_TARGETS
     for m in (baseline, model):
-        m.add_adapter("ref", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                                  "gate_proj", "up_proj", "down_proj"]))
+        m.add_adapter("ref", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with torch.no_grad():
         for (n1, p1), (n2, p2) in zip(baseline.named_parameters(), model.named_parameters()):
             if ".ref." in n1:
