@@ -235,7 +235,7 @@ def test_gradient_checkpointing_gives_same_grads(tmp_path, mode, lora_dropout):
     assert_grads_match(grads_ckpt, grads_plain)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
 def test_lora_dropout_matches_hf_with_the_same_masks(tmp_path, arch):
     """lora_dropout=0.1 on every projection, in training mode: fastft's fused path draws its masks inside its
     kernels; Hugging Face + peft, given those masks in place of its nn.Dropout modules, computes the same loss
@@ -252,7 +252,10 @@ def test_lora_dropout_matches_hf_with_the_same_masks(tmp_path, arch):
     shapes = {"q_proj": config.hidden_size, "k_proj": config.hidden_size, "v_proj": config.hidden_size,
               "o_proj": config.num_attention_heads * config.head_dim, "gate_proj": config.hidden_size,
               "up_proj": config.hidden_size, "down_proj": config.intermediate_size}
-    assert set(shapes) == set(LORA_TARGETS)
+    if arch == "phi3":  # one mask over x for the fused qkv_proj, one over x for the fused gate_up_proj
+        shapes = {"qkv_proj": shapes["q_proj"], "o_proj": shapes["o_proj"], "gate_up_proj": shapes["gate_proj"],
+                  "down_proj": shapes["down_proj"]}
+    assert set(shapes) == set(PHI3_LORA_TARGETS if arch == "phi3" else LORA_TARGETS)
     draws = [(0.1, (tokens, shapes[name])) for _ in range(config.num_hidden_layers) for name in shapes]
     masks = iter(drawn_dropout_masks(7, draws))
     for layer in baseline.get_base_model().model.layers:  # in the order fastft draws: attention, then MLP

@@ -1,7 +1,8 @@
 """Phi-3 / Phi-3.5 / Phi-4 / Phi-4-mini (transformers' ``phi3``) beyond the shared parity tests of
 test_model_parity.py (which run Phi-4-mini's RoPE, "phi3_longrope", there): plain Phi-3's fused q/k/v and gate/up
 layers on fastft's kernels, LongRoPE's switch from short to long factors (one batch, packed batches, generation with
-a cache across it), Phi-3-mini-4k's sliding window, bf16, and Phi's dropouts.
+a cache across it), Phi-3-mini-4k's sliding window, bf16, and Phi's own dropouts (LoRA dropout on its fused layers:
+test_model_parity.py).
 
 Tolerances (fp32) as in test_model_parity.py: both sides dequantize the same NF4 values and differ only in summation
 order (~1e-6 relative); a wrong RoPE factor, table or window moves the logits by > 1e-2. bf16: see
@@ -14,8 +15,6 @@ from kernel_testing import assert_close
 from test_model_parity import assert_grads_match, load_pair, packed_batch, train_step
 from tiny_models import (
     PHI3_LORA_TARGETS,
-    FixedDropoutMask,
-    drawn_dropout_masks,
     load_baseline,
     lora_grads,
     padded_batch,
@@ -236,28 +235,6 @@ def test_attention_dropout_routes_attention_to_sdpa(tmp_path, caplog):
     ids, mask, labels = padded_batch()
     with pytest.raises(ValueError, match="no attention dropout"):
         forced.train()(input_ids=ids, attention_mask=mask, labels=labels)
-
-
-def test_lora_dropout_matches_hf_with_the_same_masks(phi3_path):
-    """lora_dropout on Phi-3's four adapters: one mask over x for the fused qkv_proj (peft's one nn.Dropout), one for
-    o_proj, one over x for the fused gate_up_proj, one over h for down_proj; peft given those masks computes the same
-    loss and gradients."""
-    baseline, model = load_pair(phi3_path, lora_dropout=0.1)
-    ids, mask, labels = padded_batch()
-    torch.manual_seed(7)
-    loss, grads = train_step(model, ids, mask, labels)
-    config = model.config
-    widths = {"qkv_proj": config.hidden_size, "o_proj": config.num_attention_heads * config.head_dim,
-              "gate_up_proj": config.hidden_size, "down_proj": config.intermediate_size}
-    draws = [(0.1, (ids.numel(), widths[name])) for _ in range(config.num_hidden_layers) for name in widths]
-    masks = iter(drawn_dropout_masks(7, draws))
-    for layer in baseline.get_base_model().model.layers:  # in the order fastft draws: attention, then MLP
-        for name in widths:
-            module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
-            module.lora_dropout["default"] = FixedDropoutMask(next(masks))
-    ref_loss, ref_grads = train_step(baseline, ids, mask, labels)
-    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6, name="loss")
-    assert_grads_match(grads, ref_grads)
 
 
 def test_llama_names_and_other_activations_are_refused(phi3_path, tmp_path):
