@@ -3,7 +3,8 @@ from setuptools import setup
 setup(
     name="fastft",
     version="0.1.0",
-    description="Fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral and Qwen3 with hand-written Triton kernels",
+    description=("Fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral, Qwen3 and Phi-3/Phi-4 with hand-written "
+                 "Triton kernels"),
     python_requires=">=3.10",
     # The kernel library lives in ./kernels but installs as fastft.kernels: a top-level `kernels`
     # package would collide with Hugging Face's `kernels`, which transformers probes for.

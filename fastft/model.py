@@ -27,7 +27,6 @@ from .placement import default_device, device_of_map
 logger = logging.getLogger("fastft")
 
 SUPPORTED_TRANSFORMERS = (Version("5.17"), Version("6"))
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _check_transformers_version() -> None:
@@ -200,10 +199,13 @@ class FastModel:
 
     @staticmethod
     def get_peft_model(model, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0, bias: str = "none",
-                       target_modules=DEFAULT_TARGET_MODULES, use_gradient_checkpointing=True,
+                       target_modules=None, use_gradient_checkpointing=True,
                        random_state: int = 3407, use_rslora: bool = False, memory_budget_gb: float | None = None,
                        batch_size: int = 1, mlp_chunk_tokens: int | None = None, **lora_kwargs):
         """Wrap a patched model in peft LoRA adapters (a standard ``PeftModel``).
+
+        ``target_modules=None`` puts an adapter on every linear layer of the decoder: q/k/v/o and gate/up/down
+        (Phi-3: its fused ``qkv_proj``, ``o_proj``, its fused ``gate_up_proj``, ``down_proj``).
 
         The fused LoRA kernels serve adapters with ``bias="none"``, no DoRA, with or without
         ``lora_dropout`` (its mask drawn inside the kernels, see ``kernels/lora_dropout.py``); other
@@ -222,10 +224,11 @@ class FastModel:
 
         if not getattr(model, "_fastft_patched", False):
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
-        # mixture-of-experts: the linear layers there are and the experts (target_parameters), by default
-        target_modules, lora_kwargs = moe.lora_targets(model, target_modules, DEFAULT_TARGET_MODULES, lora_dropout,
-                                                       lora_kwargs)
+        # target_modules=None: the architecture's linear layers; mixture-of-experts models: attention and the experts
+        target_modules, lora_kwargs = moe.lora_targets(model, target_modules, lora_dropout, lora_kwargs)
         moe.check_training_options(model, use_gradient_checkpointing, mlp_chunk_tokens)
+        if target_modules is None:
+            target_modules = spec_for(model.config).linear_layers
         target_modules = _check_lora_args(model, r, lora_alpha, target_modules)  # first: refuses a PeftModel
         mode = checkpointing.check_mode(use_gradient_checkpointing, len(model.model.layers))
         if bias != "none" or lora_kwargs.get("use_dora"):

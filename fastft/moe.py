@@ -436,7 +436,7 @@ def refuse_moe(config, what: str) -> None:
                                     "it is a later step of fastft's MoE support")
 
 
-def lora_targets(model, target_modules, default_modules, lora_dropout, lora_kwargs: dict):
+def lora_targets(model, target_modules, lora_dropout, lora_kwargs: dict):
     """``(target_modules, lora_kwargs)`` for ``FastModel.get_peft_model`` on an MoE model; other models: unchanged.
 
     By default: LoRA on attention (``q/k/v/o_proj``) and on the routed experts (``target_parameters``), said in a
@@ -446,8 +446,8 @@ def lora_targets(model, target_modules, default_modules, lora_dropout, lora_kwar
     expert get no LoRA either way, so the default does not name them. Whatever peft builds, fastft computes."""
     if not sparse_blocks(model):
         return target_modules, lora_kwargs
-    if not isinstance(target_modules, str) and tuple(target_modules) == tuple(default_modules):
-        target_modules = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in default_modules]
+    if target_modules is None:  # the default
+        target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
         if "target_parameters" not in lora_kwargs:
             lora_kwargs = {**lora_kwargs, "target_parameters": list(EXPERT_TARGET_PARAMETERS)}
         logger.warning(f"fastft: LoRA on attention ({', '.join(target_modules)}) and on every routed expert "

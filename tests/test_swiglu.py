@@ -105,6 +105,32 @@ def test_forward_into_a_callers_buffer(engine, dtype):
     assert_close(out, ref, atol=1e-6 * scale, rtol=max(EPS[dtype], 1e-5), name="out")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_launchers_on_the_halves_of_a_fused_gate_up_output(engine, dtype):
+    """The fused gate/up MLP (Phi-3's gate_up_proj): gate and up are the column halves of one [T, 2I] tensor (rows
+    strided by 2I), read in place; the backward writes [d_gate | d_up] over them, the activation into a
+    contiguous buffer; columns not a multiple of the block, rows of another stride for the output."""
+    gen = torch.Generator().manual_seed(8)
+    T, inter = 6, 1100
+    gate_up = (4 * torch.randn(T, 2 * inter, generator=gen)).to(dtype)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    grad_out = torch.randn(T, inter, generator=gen).to(dtype)
+    ref_out, ref_dgate, ref_dup = swiglu_reference(gate, up, grad_out)
+    scale = (gate.double().abs().max() * up.double().abs().max() * grad_out.double().abs().max()).item()
+    rtol = max(EPS[dtype], 1e-5)
+    wide = torch.full((T, inter + 3), float("nan"), dtype=dtype)  # an output with strided rows, too
+    with use_engine(engine):
+        swiglu_forward_into(gate, up, wide[:, :inter])
+        assert_close(wide[:, :inter], ref_out, atol=1e-6 * scale, rtol=rtol, name="out")
+        assert wide[:, inter:].isnan().all()  # nothing written past the row
+        out = torch.full((T, inter), float("nan"), dtype=dtype)
+        swiglu_backward_into(grad_out, gate, up, gate, up, out=out)
+    assert_close(out, ref_out, atol=1e-6 * scale, rtol=rtol, name="recomputed out")
+    assert_close(gate_up[:, :inter], ref_dgate, atol=1e-6 * scale, rtol=rtol, name="d_gate")
+    assert_close(gate_up[:, inter:], ref_dup, atol=1e-6 * scale, rtol=rtol, name="d_up")
+
+
 def test_launchers_refuse_bad_buffers():
     gate, up, out = torch.randn(4, 6), torch.randn(4, 6), torch.empty(4, 6)
     with pytest.raises(ValueError, match=r"out is \(4, 5\) torch.float32 but gate is \(4, 6\)"):

@@ -45,11 +45,17 @@ def rotate_half(x):
 
 
 def rope_reference(q, k, cos, sin, dq_embed, dk_embed):
-    """RoPE of q ``[B, Hq, T, D]`` and k ``[B, Hkv, T, D]`` with ``cos``/``sin`` ``[B or 1, T, D]`` (broadcast over
-    heads): ``x * cos + rotate_half(x) * sin``. Returns ``(q_embed, k_embed, dq, dk)``."""
+    """RoPE of q ``[B, Hq, T, D]`` and k ``[B, Hkv, T, D]`` with ``cos``/``sin`` ``[B or 1, T, R]`` (broadcast over
+    heads): the first ``R <= D`` dims of each head become ``x * cos + rotate_half(x) * sin``, the other ``D - R``
+    (partial rotary, e.g. Phi-4-mini) pass through. Returns ``(q_embed, k_embed, dq, dk)``."""
     q64, k64 = _leaf(q), _leaf(k)
     c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
-    q_embed, k_embed = q64 * c + rotate_half(q64) * s, k64 * c + rotate_half(k64) * s
+    R = c.shape[-1]
+
+    def rotate(x):
+        return torch.cat((x[..., :R] * c + rotate_half(x[..., :R]) * s, x[..., R:]), dim=-1)
+
+    q_embed, k_embed = rotate(q64), rotate(k64)
     torch.autograd.backward((q_embed, k_embed), (dq_embed.double(), dk_embed.double()))
     return q_embed.detach(), k_embed.detach(), q64.grad, k64.grad
 
