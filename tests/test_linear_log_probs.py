@@ -174,11 +174,13 @@ def test_empty_batch(engine):
 
 # ---- TRL's extra outputs: entropy, log_sum_sq_probs, mean_logits, is_top1 -------------------------------------
 # Tolerances of the statistics (fp32 one-pass sums over V = 32k terms against float64 on the same inputs):
-# - entropy = log s - sum(e (z - m)) / s, both terms ~10 and summed over 32k fp32 values: ~1e-6 relative, 1e-5 abs;
+# - entropy = log s - sum(e (z - m)) / s, both terms ~10 and summed over 32k fp32 values (~1e-6 relative), each
+#   also carrying the logits' own fp32 error (a few ulps of |z| ~ 10 with an AVX2 BLAS; CI's CPU measured 2.2e-5
+#   in all): 4e-5 abs;
 # - log_sum_sq_probs ~ -1..-10 = lse(2z) - 2 lse(z): the same kind of sums, each carrying the logits' own fp32
 #   error (a few ulps of |z| ~ 10, ~4e-6 with an AVX2 BLAS), four times over: 3e-5 abs;
 # - mean_logits: an fp32 sum of 32k values ~3 (error ~ sqrt(V) * 2**-24 * 3 ~ 3e-5), then / V: ~1e-9; 1e-7 abs.
-ENTROPY_TOL = dict(atol=1e-5, rtol=2e-6)
+ENTROPY_TOL = dict(atol=4e-5, rtol=2e-6)
 STATS_TOL = {"log_sum_sq_probs": dict(atol=3e-5, rtol=2e-6), "mean_logits": dict(atol=1e-7, rtol=1e-6)}
 SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL's SFTTrainer asks for
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")  # DPOTrainer, use_weighting

@@ -39,6 +39,7 @@ from ..kernels import (
     linear_log_probs,
     lora_linear,
     lora_mlp,
+    lora_mlp_gate_up,
     lora_qkv,
     rms_norm,
     swiglu,
@@ -533,6 +534,34 @@ def _lora_mlp_case(s: Sizes, dropout: float) -> Case:
                 lc.make, run, reference, tol, lc.checks)
 
 
+def _lora_mlp_gate_up_case(s: Sizes, dropout: float) -> Case:
+    shapes = {"gate_up": (2 * s.intermediate, s.hidden), "down": (s.hidden, s.intermediate)}
+    lc = _LoraCase(s, shapes, dropout, 11)
+
+    def run(i):
+        y = lc.run_seeded(lambda: lora_mlp_gate_up(i.x, *(lc.args(i, n) for n in shapes)))
+        return _backward({"y": y}, {"y": i.dys["down"]}, lc.leaves(i))
+
+    def reference(i):
+        rows = s.batch * s.tokens
+        masks = lc.masks(i, {"gate_up": (rows, s.hidden), "down": (rows, s.intermediate)})
+        masks = {n: m.reshape(s.batch, s.tokens, -1) for n, m in masks.items()}
+
+        def forward(x, **adapters):
+            p = lc.reference_projections(i, {"x": x, **adapters}, masks)
+            return {"y": ref.lora_mlp_gate_up_reference(x, p["gate_up"], p["down"])}
+
+        return _reference_of(forward, lc.leaves(i), {"y": i.dys["down"]})
+
+    # as lora_mlp: two projections in a row with SwiGLU between them
+    tol = {name: (2 * r + 1, terms) for name, (r, terms) in _lora_tolerances(
+        ["y"], shapes, dropout, max(s.hidden, s.intermediate), s.intermediate, s.tokens * s.batch).items()}
+    case = f"NF4 + LoRA r={s.rank} on fused gate_up, down" + (f", dropout p={dropout}" if dropout else "")
+    return Case("lora_mlp_gate_up", "lora_mlp", case,
+                f"x [{s.batch}, {s.tokens}, {s.hidden}], gate_up 2 x {s.intermediate} (Phi-3)", lc.make, run,
+                reference, tol, lc.checks)
+
+
 # ---- Attention -------------------------------------------------------------------------------
 
 # out: P (fp32) rounded to the dtype for the P @ V tensor-core dot on a GPU, the result rounded (2); gradients:
@@ -616,6 +645,8 @@ def build_cases(s: Sizes) -> list[Case]:
         _lora_qkv_case(s, 0.1),
         _lora_mlp_case(s, 0.0),
         _lora_mlp_case(s, 0.1),
+        _lora_mlp_gate_up_case(s, 0.0),
+        _lora_mlp_gate_up_case(s, 0.1),
         _attention_case(s, None),
         _attention_case(s, s.window),
         _attention_varlen_case(s),

@@ -174,6 +174,13 @@ def lora_mlp_reference(x, gate, up, down):
     return lora_projection_reference(g / (1 + torch.exp(-g)) * u, *down)
 
 
+def lora_mlp_gate_up_reference(x, gate_up, down):
+    """Phi-3's MLP with LoRA on float64 tensors: ``[g | u] = gate_up(x)`` (the first half of the columns the gate),
+    then ``down(silu(g) * u)``."""
+    g, u = lora_projection_reference(x, *gate_up).chunk(2, dim=-1)
+    return lora_projection_reference(g / (1 + torch.exp(-g)) * u, *down)
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention
 
