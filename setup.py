@@ -25,11 +25,11 @@ setup(
     ],
     entry_points={"console_scripts": ["fastft-memory=fastft.memory.cli:main", "fastft-doctor=fastft.doctor.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "matplotlib"],  # the bench scripts' plots are checked too
+        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib"],  # the bench scripts' plots are checked too
         "bench": ["matplotlib"],
         # attention on GPUs below sm_80 (V100, T4) and for head sizes fastft's kernel does not serve; xformers
         # builds require a matching torch: pip may pick an older xformers, or change torch (install.sh does not)
         "xformers": ["xformers"],
-        "dev": ["pytest>=8", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "matplotlib"],
     },
 )

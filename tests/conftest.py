@@ -8,7 +8,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# Under pytest-xdist (-n N) the cores are shared between the N worker processes.
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 import pytest  # noqa: E402
 
