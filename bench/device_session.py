@@ -52,6 +52,7 @@ import _shared as shared  # noqa: E402
 DEFAULT_BUDGET_S = 540.0  # 9 minutes: a device call may last 10, and the reply's transfers need the rest
 RESERVE_S = 10.0  # kept back from every step for writing the manifest
 KILL_GRACE_S = 10.0  # between SIGTERM and SIGKILL of a step past its time
+SELF_STOP_S = 30.0  # a step that stops itself (bench/run.py) gets its time less this, to stop its workers and write
 MAX_RETURNED_FILES = 8  # the device tool brings back at most 8 files from $OUT
 # what the GPU image lacks (KINDS.md's package list): fastft needs bitsandbytes and trl; --loss trl imports
 # trl.trainer.utils, which imports datasets (whose dill and multiprocess the image lacks too)
@@ -62,6 +63,11 @@ LIBRARIES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "trl", "
 HEADLINE = ["--models", "llama3-8b", "--contenders", "hf,fastft", "--seq-lens", "2048", "--batch-sizes", "1,4",
             "--loss", "trl"]  # r=16, alpha 16, all seven linear layers: bench/training/config.py
 TIME_LEFT = "@time_left_s@"  # replaced in a step's command by the seconds it may run, when it starts
+# Estimates (not yet measured on a GPU), sized so that with the defaults the headline keeps its estimate even when
+# the doctor runs to its cap: 20 + 20 + 200 + 280 = 520 s <= 540 - RESERVE_S
+ESTIMATES_S = {"wheels": 20.0, "versions": 20.0, "doctor": 150.0, "headline": 280.0}
+DOCTOR_CAP_S = 200.0
+
 
 @dataclasses.dataclass
 class Step:
@@ -100,20 +106,20 @@ def plan_steps(args, folder: str, work: str) -> list[Step]:
     doctor_json = os.path.join(folder, "doctor.json")
     run_py = os.path.join(_BENCH_DIR, "run.py")
     steps = [
-        Step("wheels", f"install the carried wheels ({len(wheels)} in {args.wheels}) into {site}", install, 30.0,
-             stand_in=None,
+        Step("wheels", f"install the carried wheels ({len(wheels)} in {args.wheels}) into {site}", install,
+             ESTIMATES_S["wheels"], stand_in=None,
              skip_reason=None if wheels else f"no wheels in {args.wheels}: bitsandbytes and trl will be missing "
                                              "(python bench/device_session.py --download-wheels, on a machine "
                                              "with network)"),
         Step("versions", "import fastft from the copied tree; record the library versions",
-             probe, 30.0, stand_in=probe),
+             probe, ESTIMATES_S["versions"], stand_in=probe),
         Step("doctor", "fastft-doctor, all five sections", [python, "-m", "fastft.doctor", "--json", doctor_json],
-             180.0, cap_s=args.doctor_cap_s,
+             ESTIMATES_S["doctor"], cap_s=args.doctor_cap_s,
              stand_in=[python, "-m", "fastft.doctor", "--sections", "environment", "--json", doctor_json]),
         Step("headline", "fastft vs transformers + peft + bitsandbytes: Llama-3-8B shape, seq 2048, batch 1 and 4, "
                          "r=16, TRL's loss path", [python, run_py, *HEADLINE, "--out-dir", folder,
                                                    "--time-budget-s", TIME_LEFT],
-             300.0,
+             ESTIMATES_S["headline"],
              stand_in=[python, run_py, "--cpu-smoke", "--contenders", "hf,fastft", "--loss", "trl", "--no-plot",
                        "--out-dir", folder, "--cache-dir", os.path.join(work, "bench-cache"),
                        "--time-budget-s", TIME_LEFT]),
@@ -160,9 +166,7 @@ def run_steps(steps: list[Step], budget_s: float, log: Log, env: dict | None, cw
     for step in steps:
         left = budget_s - reserve_s - (time.monotonic() - started)
         timeout = left if step.cap_s is None else min(left, step.cap_s)
-        # the step's own limit, for a command that stops itself (bench/run.py's --time-budget-s): its time less
-        # what it needs to stop its workers and write its files
-        own_limit = f"{max(1.0, timeout - 30.0):.0f}"
+        own_limit = f"{max(1.0, timeout - SELF_STOP_S):.0f}"  # for bench/run.py's --time-budget-s
 
         def filled(command):
             return None if command is None else [own_limit if part == TIME_LEFT else part for part in command]
@@ -370,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs)")
     p.add_argument("--reserve-s", type=float, default=RESERVE_S,
                    help="seconds of the budget kept back for writing the manifest")
-    p.add_argument("--doctor-cap-s", type=float, default=240.0,
+    p.add_argument("--doctor-cap-s", type=float, default=DOCTOR_CAP_S,
                    help="the doctor is cut after this many seconds, leaving the headline its time")
     p.add_argument("--wheels", default=os.path.join(shared.REPO_ROOT, ".whl"),
                    help="the folder of carried wheels (the device tool's carry: [\".whl\"])")
