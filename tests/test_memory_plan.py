@@ -141,3 +141,46 @@ def test_adapters_of_a_16bit_model_take_its_dtype_and_the_step_makes_no_fp32_act
     with Fp32Activations() as mode:
         model(input_ids=ids, labels=ids).loss.backward()
     assert mode.found == []
+
+
+@pytest.mark.parametrize("use_gradient_checkpointing, checkpointed", [
+    ("auto", 0),  # the plan for a budget that holds every activation
+    (False, 0),
+    (1, 1),
+    (True, 3),  # what the trainer asks for: nothing to say
+])
+def test_trl_default_checkpointing_keeps_the_models_plan(llama3_path, tmp_path, caplog, use_gradient_checkpointing,
+                                                         checkpointed):
+    """TRL's default gradient_checkpointing=True must not re-enable checkpointing on layers the model's plan keeps
+    (the speed the plan exists for). A checkpointed layer runs its forward twice per step (forward, and again in the
+    backward), any other layer once: count them by its MLP's forwards (the layer's own hooks do not see the
+    recomputation: transformers checkpoints inside the layer's forward, so they run once)."""
+    import trl
+    from test_trl import arithmetic_chats
+    from tiny_tokenizer import tiny_tokenizer
+
+    from fastft.kernels import use_engine
+
+    budget = dict(memory_budget_gb=1000.0) if use_gradient_checkpointing == "auto" else {}
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        model = _model(llama3_path, max_seq_length=64, use_gradient_checkpointing=use_gradient_checkpointing, **budget)
+        forwards = [0] * 3
+
+        def count(index):
+            def hook(*_):
+                forwards[index] += 1
+            return hook
+
+        for index, layer in enumerate(model.get_base_model().model.layers):
+            layer.mlp.register_forward_pre_hook(count(index))
+        args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, max_length=64, save_strategy="no", disable_tqdm=True, bf16=False)
+        assert args.gradient_checkpointing  # TRL's default
+        with use_engine("torch"):
+            trl.SFTTrainer(model=model, args=args, train_dataset=arithmetic_chats(4),
+                           processing_class=tiny_tokenizer()).train()
+    assert forwards == [2 * (2 if index < checkpointed else 1) for index in range(3)]
+    notes = caplog.text.count("this model keeps its own plan")
+    assert notes == (0 if checkpointed == 3 else 1)
+    if notes:
+        assert f"keeps its own plan, {checkpointed} of 3 layers" in caplog.text
