@@ -10,8 +10,9 @@
   ``max_seq_length x batch_size`` tokens per step, decided by fastft's memory accounting
   (``fastft.memory.plan``): fewest checkpointed layers, then offloading, then the MLP in token chunks.
 
-The choice is kept on the model: trainers re-enable checkpointing with their own arguments (TRL does after
-each reference pass), and the model re-applies its own plan then.
+The choice is kept on the model: trainers enable checkpointing with their own arguments (the Trainer's
+``gradient_checkpointing=True``, TRL's default; TRL again after each reference pass), and the model re-applies its
+own plan then, for no checkpointed layer as for k.
 """
 from __future__ import annotations
 
