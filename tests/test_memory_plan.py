@@ -137,7 +137,7 @@ def test_adapters_of_a_16bit_model_and_the_step_makes_no_fp32_activation(llama3_
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in (out if isinstance(out, (tuple, list)) else [out]):
-                # [tokens, intermediate] (not the fp32 gradient of a master weight, e.g. down_proj's A [r, intermediate])
+                # [tokens, intermediate], not the fp32 gradient of a master weight (down_proj's A: [r, intermediate])
                 if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape[-1:] == (intermediate,)
                         and t.numel() >= ids.numel() * intermediate):
                     self.found.append((str(func), tuple(t.shape)))
