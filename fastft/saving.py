@@ -203,8 +203,9 @@ def _merge_plan(causal_lm, device: torch.device) -> list:
             merge = functools.partial(_float_weight, param, device)
         plan.append((name, _logical_shape(param), merge))
     if _unties_head(causal_lm, [name for name, _, _ in plan]):
-        logger.warning("fastft: this model ties lm_head to embed_tokens, but training made them differ (one of the "
-                       "pair in modules_to_save without the other); the export holds both, untied, as trained")
+        logger.warning("fastft: this model ties lm_head to embed_tokens, but training made them two tensors (one "
+                       "of the pair in modules_to_save without the other, or both without peft's "
+                       "ensure_weight_tying=True); the export holds both, untied, as trained")
     return plan
 
 

@@ -7,6 +7,8 @@ the same fp32 products from the same fp32 values (the merge is exact in fp32, an
 differ by summation order only (~1e-6 of the largest logit); 1e-4 of it fails on any wrong or missing tensor (an
 untrained head or a random embedding is O(1) off).
 """
+import logging
+
 import gguf
 import pytest
 import torch
@@ -119,7 +121,7 @@ def _train_copies_by_hand(model, seed=0):
     (["lm_head", "embed_tokens"], True, True),  # peft's ensure_weight_tying: one trained tensor, still tied
     (["embed_tokens"], True, True),  # peft adds the tied head to the pair itself
 ])
-def test_tied_pair_exports_as_trained(tmp_path, modules_to_save, tying, tied):
+def test_tied_pair_exports_as_trained(tmp_path, caplog, modules_to_save, tying, tied):
     """Qwen2's tied lm_head / embed_tokens with one or both in modules_to_save: the export is the trained model,
     whatever training did to the pair: still tied (one tensor, tie_word_embeddings kept, no output.weight in the
     GGUF, so llama.cpp reuses token_embd) or trained apart (both written, tie_word_embeddings=False)."""
@@ -131,7 +133,9 @@ def test_tied_pair_exports_as_trained(tmp_path, modules_to_save, tying, tied):
     model.eval()
     ours = logits(model)
 
-    save_merged(model, tmp_path / "merged", tokenizer, dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        save_merged(model, tmp_path / "merged", tokenizer, dtype=torch.float32)
+    assert ("the export holds both, untied" in caplog.text) == (not tied)
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert plain.config.tie_word_embeddings == tied
     assert_same_logits(logits(plain), ours, "plain transformers reload")
