@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -215,18 +216,22 @@ class FastModel:
 
         if not getattr(model, "_fastft_patched", False):
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
+        # Every argument is checked before the model changes: a refused call leaves it as it was.
         target_modules = _check_lora_args(model, r, lora_alpha, target_modules)  # first: refuses a PeftModel
-        mode = checkpointing.check_mode(use_gradient_checkpointing, len(model.model.layers))
-        if bias != "none" or lora_kwargs.get("use_dora"):
-            logger.warning("fastft: bias != 'none' or DoRA are served by peft's LoRA forward, "
-                           "not by fastft's fused kernels (slower)")
-        for param in model.parameters():
-            param.requires_grad_(False)
-        torch.manual_seed(random_state)
+        mode = checkpointing.check_settings(model, use_gradient_checkpointing, memory_budget_gb=memory_budget_gb,
+                                            mlp_chunk_tokens=mlp_chunk_tokens, batch_size=batch_size)
         config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
                                  target_modules=target_modules, use_rslora=use_rslora, task_type="CAUSAL_LM",
                                  **lora_kwargs)
-        peft_model = peft.get_peft_model(model, config)
+        if bias != "none" or lora_kwargs.get("use_dora"):
+            logger.warning("fastft: bias != 'none' or DoRA are served by peft's LoRA forward, "
+                           "not by fastft's fused kernels (slower)")
+        trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+        for param in model.parameters():
+            param.requires_grad_(False)
+        torch.manual_seed(random_state)
+        with _adapters_removed_on_error(model, trainable):  # peft's injection can fail part-way
+            peft_model = peft.get_peft_model(model, config)
         if model.dtype in (torch.bfloat16, torch.float16):
             # peft makes fp32 adapters; in a 16-bit model they would take the unfused path (fp32 copies of
             # every activation the adapters see). TRL casts them to bf16 for 4-bit models; do it here, in
@@ -239,10 +244,32 @@ class FastModel:
         targeted = sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules()
                            if isinstance(module, peft.tuners.lora.LoraLayer)})  # also for "all-linear" / a regex
         lora_settings = dict(r=r, lora_alpha=lora_alpha, target_modules=tuple(targeted), dtype=plan_dtype)
-        checkpointing.apply_mode(model, mode, max_seq_length=model.max_seq_length, batch_size=batch_size,
-                                 memory_budget_gb=memory_budget_gb, mlp_chunk_tokens=mlp_chunk_tokens,
-                                 lora_settings=lora_settings)
+        with _adapters_removed_on_error(model, trainable):  # the memory plan's accounting can still fail
+            checkpointing.apply_mode(model, mode, max_seq_length=model.max_seq_length, batch_size=batch_size,
+                                     memory_budget_gb=memory_budget_gb, mlp_chunk_tokens=mlp_chunk_tokens,
+                                     lora_settings=lora_settings)
         return peft_model
+
+
+@contextlib.contextmanager
+def _adapters_removed_on_error(model, trainable: dict):
+    """On an error, undo ``get_peft_model``'s changes to ``model``, so that a corrected call is not refused as a
+    second one: each LoRA layer replaced by its base layer (what peft's ``unload()`` does, here also after an
+    injection that failed part-way), peft's config removed, ``requires_grad`` of each parameter as in
+    ``trainable``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    try:
+        yield
+    except BaseException:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module.get_base_layer())
+        model.__dict__.pop("peft_config", None)
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable[name])
+        raise
 
 
 def _check_lora_args(model, r, lora_alpha, target_modules):
