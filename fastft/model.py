@@ -100,7 +100,8 @@ def _local_path_or_hub_id(model_name) -> str:
     """``model_name`` as transformers should get it: an existing local path (``~`` expanded) or a hub id. A
     name that can only be a local path (``./x``, ``../x``, ``~/x``, ``/x``, ``a/b/c``: hub ids are ``name`` or
     ``owner/name`` and never start with ``.``) but does not exist is an error now, not a hub lookup that
-    retries the network and then complains about repo ids."""
+    retries the network and then complains about repo ids. A file (the model's ``config.json``, say) is an error
+    that names its directory, not a tokenizer error later."""
     if isinstance(model_name, os.PathLike):
         model_name, only_local = os.fspath(model_name), True
     elif isinstance(model_name, str) and model_name:
@@ -109,6 +110,13 @@ def _local_path_or_hub_id(model_name) -> str:
     else:
         raise TypeError(f"model_name must be a local directory or a Hugging Face hub id, got {model_name!r}")
     path = os.path.expanduser(model_name)
+    if os.path.isfile(path):  # e.g. the config.json or a weights file inside the model's directory
+        directory, name = os.path.split(path)
+        directory = directory or "."
+        hint = (f"; for a GGUF file: FastModel.from_pretrained({directory!r}, gguf_file={name!r})"
+                if name.endswith(".gguf") else "")
+        raise NotADirectoryError(f"model path {model_name!r} is a file; FastModel.from_pretrained takes the model's "
+                                 f"directory (config.json, weights and tokenizer files): pass {directory!r}{hint}")
     if os.path.exists(path):
         return path
     if only_local:
