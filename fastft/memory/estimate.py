@@ -103,9 +103,9 @@ def _dtype(value) -> torch.dtype:
     return dtype
 
 
-# What one accounting simulates at most, in tokens per step (per rank): its time and the host memory of the
-# batch's token ids (real CPU tensors: their values steer the step) grow with the tokens, about a minute and
-# 100 MB per million tokens on a 2-core CPU. Shared by estimate_memory and max_context's search.
+# What one accounting simulates at most, in tokens per step (per rank): its time and the host memory of the batch's
+# token ids (real CPU tensors: their values steer the step) grow with the tokens, about 80 MB and, on a busy 2-core
+# machine, over a minute per million tokens. Shared by estimate_memory and max_context.
 MAX_ACCOUNTED_TOKENS = 1 << 21
 
 
