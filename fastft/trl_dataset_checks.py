@@ -5,10 +5,9 @@ without the columns it expects with ``KeyError: 'text'`` from inside ``datasets.
 tokenizer without a chat template with an error from deep inside the tokenization map, and an int or None where
 it reads text with ``AttributeError: 'NoneType' object has no attribute 'endswith'`` (a None message content
 passes, and becomes the text "None"). A sequence longer than the model's ``max_seq_length`` would only fail at
-the first training step. fastft therefore
-wraps the two trainers' ``__init__`` and ``_prepare_dataset`` (once per process, see :func:`install`) and,
-for fastft models only, checks the datasets before TRL prepares them and the sequence lengths of each
-dataset TRL prepares. Models fastft did not patch go through TRL unchanged.
+the first training step. fastft therefore wraps the two trainers' ``__init__`` and ``_prepare_dataset`` (once per
+process, see :func:`install`) and, for fastft models only, checks the datasets before TRL prepares them and the
+sequence lengths of each dataset TRL prepares. Models fastft did not patch go through TRL unchanged.
 """
 from __future__ import annotations
 
@@ -167,8 +166,13 @@ def check_text_columns(dataset, name: str, trainer: str, columns) -> None:
     import datasets
 
     if not isinstance(dataset, datasets.Dataset):
+        import pyarrow as pa
+
         example = next(iter(dataset))
-        dataset = datasets.Dataset.from_list([{c: example[c] for c in columns if c in example}])
+        try:
+            dataset = datasets.Dataset.from_list([{c: example[c] for c in columns if c in example}])
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # values of mixed types, which only a streaming dataset holds
+            return  # (TRL then reads them as they are)
     columns = [c for c in columns if c in dataset.column_names]
     fields = {}
     for column in columns:
