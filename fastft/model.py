@@ -284,8 +284,9 @@ def _adapters_removed_on_error(model, trainable: dict):
         yield
     except BaseException:
         for name, module in list(model.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                parent, _, child = name.rpartition(".")
+            parent, _, child = name.rpartition(".")
+            # a tuner layer inside another (peft nests one per expert tensor) went with the outer one
+            if isinstance(module, BaseTunerLayer) and getattr(model.get_submodule(parent), child, None) is module:
                 setattr(model.get_submodule(parent), child, module.get_base_layer())
         model.__dict__.pop("peft_config", None)
         for name, param in model.named_parameters():
