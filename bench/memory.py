@@ -126,7 +126,7 @@ def max_context_for(args) -> list[dict]:
                 t0 = time.perf_counter()
                 limits = max_context(model, list(args.vram), r=r, batch_size=1, loss=args.loss, contender=contender,
                                      use_gradient_checkpointing="offload", mlp_chunk_tokens=chunk,
-                                     fsdp_world_size=args.fsdp_world_size)
+                                     fsdp_world_size=args.fsdp_world_size, beyond_trained_context=True)
                 for vram, tokens in limits.items():
                     found.append({"contender": contender, "model": model, "r": r, "batch_size": 1,
                                   "checkpointing": "offload", "mlp_chunk_tokens": chunk, "loss": args.loss,
@@ -138,9 +138,9 @@ def max_context_for(args) -> list[dict]:
 
 
 def _context_cell(tokens: int) -> str:
-    from fastft.memory.estimate import MAX_CONTEXT_UPPER
+    from fastft.memory.estimate import MAX_ACCOUNTED_TOKENS
 
-    return f"≥ {tokens:,}" if tokens >= MAX_CONTEXT_UPPER else f"{tokens:,}"
+    return f"≥ {tokens:,}" if tokens >= MAX_ACCOUNTED_TOKENS else f"{tokens:,}"
 
 
 def markdown(data: dict) -> str:

@@ -27,7 +27,7 @@ from task_data import evaluate, load_split, to_prompt_completion
 from fastft import FastModel
 from fastft.bundled import bundled_model_path
 from fastft.gguf_export import quantizations
-from fastft.saving import save_gguf
+from fastft.saving import check_gguf_destination, save_gguf
 
 
 def parse_args(argv=None):
@@ -60,6 +60,11 @@ def main(argv=None):
     if args.gguf and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         raise SystemExit("--gguf needs the whole model in one process; FSDP shards it. Run examples/sft.py without "
                          "FSDP, or export later from the saved adapter with fastft.saving.save_gguf")
+    if args.gguf:  # a bad destination fails now, not after the training
+        try:
+            check_gguf_destination(args.gguf, overwrite=True)
+        except OSError as error:
+            raise SystemExit(f"--gguf: {error}") from None
     torch.manual_seed(args.seed)
     on_gpu = torch.cuda.is_available()
     # Under torchrun / accelerate launch every GPU runs this script: all ranks train and evaluate (an FSDP-sharded

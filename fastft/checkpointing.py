@@ -17,6 +17,7 @@ own plan then, for no checkpointed layer as for k.
 from __future__ import annotations
 
 import logging
+import math
 import types
 
 import torch
@@ -26,14 +27,38 @@ logger = logging.getLogger("fastft")
 MODES = (True, False, "offload", "auto")
 
 
-def check_mode(mode, num_layers: int):
-    """``mode`` if it is one of :data:`MODES` or a layer count in ``[0, num_layers]``, else a ValueError."""
-    if isinstance(mode, bool) or mode in ("offload", "auto"):
+def check_settings(model, mode, *, memory_budget_gb, mlp_chunk_tokens, batch_size):
+    """Check ``get_peft_model``'s checkpointing arguments for ``model`` before anything changes it (a refused call
+    must leave the model as it was, so that the corrected call works); returns ``mode``. ``mode``: one of
+    :data:`MODES` or a layer count in ``[0, num_layers]``."""
+    num_layers = len(model.model.layers)
+    if not (isinstance(mode, bool) or mode in ("offload", "auto") or isinstance(mode, int) and 0 <= mode <= num_layers):
+        raise ValueError(f"use_gradient_checkpointing must be True, False, 'offload', 'auto' or a number of layers "
+                         f"in [0, {num_layers}], got {mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if mode != "auto":
+        if memory_budget_gb is not None:
+            raise ValueError("memory_budget_gb is read only with use_gradient_checkpointing='auto'")
+        _check_mlp_chunk_tokens(mlp_chunk_tokens)
         return mode
-    if isinstance(mode, int) and 0 <= mode <= num_layers:
-        return mode
-    raise ValueError(f"use_gradient_checkpointing must be True, False, 'offload', 'auto' or a number of layers in "
-                     f"[0, {num_layers}], got {mode!r}")
+    from .memory.estimate import MAX_ACCOUNTED_TOKENS
+
+    if mlp_chunk_tokens is not None:
+        raise ValueError("mlp_chunk_tokens is chosen by the plan under use_gradient_checkpointing='auto'")
+    if memory_budget_gb is None:
+        if model.device.type != "cuda":
+            raise ValueError("use_gradient_checkpointing='auto' on a model without a GPU needs memory_budget_gb "
+                             "(the GPU memory to plan for, in GiB)")
+    elif isinstance(memory_budget_gb, bool) or not isinstance(memory_budget_gb, (int, float)) \
+            or not 0 < memory_budget_gb < math.inf:
+        raise ValueError(f"memory_budget_gb must be positive (GiB), got {memory_budget_gb!r}")
+    if model.max_seq_length * batch_size > MAX_ACCOUNTED_TOKENS:
+        raise ValueError(f"use_gradient_checkpointing='auto' plans with fastft's memory accounting, which simulates "
+                         f"at most {MAX_ACCOUNTED_TOKENS:,} tokens per step; max_seq_length x batch_size is "
+                         f"{model.max_seq_length:,} x {batch_size}. Pass use_gradient_checkpointing='offload' (with "
+                         "mlp_chunk_tokens) instead")
+    return mode
 
 
 def apply_checkpointing(model, layers: int, offload: bool = False) -> None:
@@ -79,11 +104,15 @@ def _describe(checkpointed: list[bool], offload: bool) -> str:
 
 def set_mlp_chunk_tokens(model, chunk_tokens: int | None) -> None:
     """Run every MLP of ``model`` in chunks of ``chunk_tokens`` tokens (None: whole sequences)."""
+    _check_mlp_chunk_tokens(chunk_tokens)
+    for layer in model.model.layers:
+        layer.mlp._fastft_mlp_chunk_tokens = chunk_tokens
+
+
+def _check_mlp_chunk_tokens(chunk_tokens) -> None:
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"mlp_chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
-    for layer in model.model.layers:
-        layer.mlp._fastft_mlp_chunk_tokens = chunk_tokens
 
 
 def gpu_budget_gb(device: torch.device) -> float:
@@ -95,12 +124,11 @@ def gpu_budget_gb(device: torch.device) -> float:
 
 def apply_mode(model, mode, *, max_seq_length: int, batch_size: int, memory_budget_gb, mlp_chunk_tokens,
                lora_settings: dict):
-    """Apply a checked ``use_gradient_checkpointing`` mode to ``model``; ``"auto"`` plans it first.
-    Returns the :class:`fastft.memory.plan.MemoryPlan` for ``"auto"``, else None."""
+    """Apply a ``use_gradient_checkpointing`` mode, checked with its arguments by :func:`check_settings`, to
+    ``model``; ``"auto"`` plans it first. Returns the :class:`fastft.memory.plan.MemoryPlan` for ``"auto"``, else
+    None."""
     num_layers = len(model.model.layers)
     if mode != "auto":
-        if memory_budget_gb is not None:
-            raise ValueError("memory_budget_gb is read only with use_gradient_checkpointing='auto'")
         if isinstance(mode, bool) or mode == "offload":  # a bool before an int: True == 1
             layers = num_layers if mode else 0
         else:
@@ -110,12 +138,7 @@ def apply_mode(model, mode, *, max_seq_length: int, batch_size: int, memory_budg
         return None
     from .memory.plan import plan_memory
 
-    if mlp_chunk_tokens is not None:
-        raise ValueError("mlp_chunk_tokens is chosen by the plan under use_gradient_checkpointing='auto'")
     if memory_budget_gb is None:
-        if model.device.type != "cuda":
-            raise ValueError("use_gradient_checkpointing='auto' on a model without a GPU needs memory_budget_gb "
-                             "(the GPU memory to plan for, in GiB)")
         memory_budget_gb = gpu_budget_gb(model.device)
     plan = plan_memory(model.config, max_seq_length, batch_size, memory_budget_gb, **lora_settings)
     logger.warning(f"fastft: {plan.describe()}")

@@ -99,7 +99,8 @@ def _local_path_or_hub_id(model_name) -> str:
     """``model_name`` as transformers should get it: an existing local path (``~`` expanded) or a hub id. A
     name that can only be a local path (``./x``, ``../x``, ``~/x``, ``/x``, ``a/b/c``: hub ids are ``name`` or
     ``owner/name`` and never start with ``.``) but does not exist is an error now, not a hub lookup that
-    retries the network and then complains about repo ids."""
+    retries the network and then complains about repo ids. A file (the model's ``config.json``, say) is an error
+    that names its directory, not a tokenizer error later."""
     if isinstance(model_name, os.PathLike):
         model_name, only_local = os.fspath(model_name), True
     elif isinstance(model_name, str) and model_name:
@@ -108,6 +109,13 @@ def _local_path_or_hub_id(model_name) -> str:
     else:
         raise TypeError(f"model_name must be a local directory or a Hugging Face hub id, got {model_name!r}")
     path = os.path.expanduser(model_name)
+    if os.path.isfile(path):  # e.g. the config.json or a weights file inside the model's directory
+        directory, name = os.path.split(path)
+        directory = directory or "."
+        hint = (f"; for a GGUF file: FastModel.from_pretrained({directory!r}, gguf_file={name!r})"
+                if name.endswith(".gguf") else "")
+        raise NotADirectoryError(f"model path {model_name!r} is a file; FastModel.from_pretrained takes the model's "
+                                 f"directory (config.json, weights and tokenizer files): pass {directory!r}{hint}")
     if os.path.exists(path):
         return path
     if only_local:
@@ -224,23 +232,27 @@ class FastModel:
 
         if not getattr(model, "_fastft_patched", False):
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
+        # Every argument is checked before the model changes: a refused call leaves it as it was.
         # target_modules=None: the architecture's linear layers; mixture-of-experts models: attention and the experts
         target_modules, lora_kwargs = moe.lora_targets(model, target_modules, lora_dropout, lora_kwargs)
         moe.check_training_options(model, use_gradient_checkpointing, mlp_chunk_tokens)
         if target_modules is None:
             target_modules = spec_for(model.config).linear_layers
         target_modules = _check_lora_args(model, r, lora_alpha, target_modules)  # first: refuses a PeftModel
-        mode = checkpointing.check_mode(use_gradient_checkpointing, len(model.model.layers))
-        if bias != "none" or lora_kwargs.get("use_dora"):
-            logger.warning("fastft: bias != 'none' or DoRA are served by peft's LoRA forward, "
-                           "not by fastft's fused kernels (slower)")
-        for param in model.parameters():
-            param.requires_grad_(False)
-        torch.manual_seed(random_state)
+        mode = checkpointing.check_settings(model, use_gradient_checkpointing, memory_budget_gb=memory_budget_gb,
+                                            mlp_chunk_tokens=mlp_chunk_tokens, batch_size=batch_size)
         config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
                                  target_modules=target_modules, use_rslora=use_rslora, task_type="CAUSAL_LM",
                                  **lora_kwargs)
-        peft_model = peft.get_peft_model(model, config)
+        if bias != "none" or lora_kwargs.get("use_dora"):
+            logger.warning("fastft: bias != 'none' or DoRA are served by peft's LoRA forward, "
+                           "not by fastft's fused kernels (slower)")
+        trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+        for param in model.parameters():
+            param.requires_grad_(False)
+        torch.manual_seed(random_state)
+        with _adapters_removed_on_error(model, trainable):  # peft's injection can fail part-way
+            peft_model = peft.get_peft_model(model, config)
         # peft makes fp32 adapters: bf16 in a bf16 model (the fused path reads them as they are; TRL casts them
         # so too), fp32 master weights in an fp16 one (fp16 updates underflow; the fused path reads fp16 copies)
         master_weights.set_trainable_dtypes(peft_model, model.dtype)
@@ -249,10 +261,33 @@ class FastModel:
         targeted = sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules()
                            if isinstance(module, peft.tuners.lora.LoraLayer)})  # also for "all-linear" / a regex
         lora_settings = dict(r=r, lora_alpha=lora_alpha, target_modules=tuple(targeted), dtype=plan_dtype)
-        checkpointing.apply_mode(model, mode, max_seq_length=model.max_seq_length, batch_size=batch_size,
-                                 memory_budget_gb=memory_budget_gb, mlp_chunk_tokens=mlp_chunk_tokens,
-                                 lora_settings=lora_settings)
+        with _adapters_removed_on_error(model, trainable):  # the memory plan's accounting can still fail
+            checkpointing.apply_mode(model, mode, max_seq_length=model.max_seq_length, batch_size=batch_size,
+                                     memory_budget_gb=memory_budget_gb, mlp_chunk_tokens=mlp_chunk_tokens,
+                                     lora_settings=lora_settings)
         return peft_model
+
+
+@contextlib.contextmanager
+def _adapters_removed_on_error(model, trainable: dict):
+    """On an error, undo ``get_peft_model``'s changes to ``model``, so that a corrected call is not refused as a
+    second one: each LoRA layer replaced by its base layer (what peft's ``unload()`` does, here also after an
+    injection that failed part-way), peft's config removed, ``requires_grad`` of each parameter as in
+    ``trainable``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    try:
+        yield
+    except BaseException:
+        for name, module in list(model.named_modules()):
+            parent, _, child = name.rpartition(".")
+            # a tuner layer inside another (peft nests one per expert tensor) went with the outer one
+            if isinstance(module, BaseTunerLayer) and getattr(model.get_submodule(parent), child, None) is module:
+                setattr(model.get_submodule(parent), child, module.get_base_layer())
+        model.__dict__.pop("peft_config", None)
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable[name])
+        raise
 
 
 def _check_lora_args(model, r, lora_alpha, target_modules):

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import glob
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -272,6 +274,43 @@ def _plain_config(causal_lm, dtype: torch.dtype):
     return config
 
 
+def _partial_path(path: Path) -> Path:
+    """A new hidden name beside ``path`` for an export in progress, naming its writer (host and process id) so that
+    a later export can tell a killed writer's leftover from a running export's (see :func:`_remove_stale_partials`)."""
+    return path.with_name(f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove what exports to ``path`` that were killed (SIGKILL, a lost machine) left beside it: the partial files
+    or directories whose writer, on this host, is no longer running. A partial of a running export, another host's
+    or one without a writer in its name (older fastft) is left, and named in a warning."""
+    prefix = f".{path.name}.partial-"
+    host = socket.gethostname()
+    for leftover in sorted(path.parent.glob(glob.escape(prefix) + "*")):
+        writer = leftover.name[len(prefix):].rsplit("-", 2)
+        if (os.name == "posix" and len(writer) == 3 and writer[0] == host and writer[1].isdigit()
+                and not _process_alive(int(writer[1]))):
+            logger.warning(f"fastft: removing {str(leftover)!r}, left by an export to {str(path)!r} that did not "
+                           "finish (its process is gone)")
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        else:
+            logger.warning(f"fastft: {str(leftover)!r} is an unfinished export to {str(path)!r}, by another process "
+                           "that may still be running; remove it once no export to that path runs")
+
+
 def _move_into_place(finished: Path, path: Path) -> None:
     """Rename the finished checkpoint directory to ``path``, replacing what ``_check_destination`` allowed
     (an empty directory, or a previous checkpoint under overwrite=True) only once the new one is complete."""
@@ -319,7 +358,9 @@ def save_merged(model, path, tokenizer=None, dtype=torch.bfloat16, *, device="cp
     causal_lm = _causal_lm(model)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    _remove_stale_partials(path)
+    partial = _partial_path(path)
+    partial.mkdir()  # mode 0o777 less the umask, as save_pretrained's directories (mkdtemp's would be 0o700)
     try:
         _write_shards(tensors, partial, shard_limit)
         _plain_config(causal_lm, dtype).save_pretrained(partial)
@@ -332,9 +373,14 @@ def save_merged(model, path, tokenizer=None, dtype=torch.bfloat16, *, device="cp
         shutil.rmtree(partial, ignore_errors=True)  # gone already after a successful rename
 
 
-def _check_gguf_destination(path: Path, overwrite: bool) -> None:
-    if path.is_dir():
-        raise FileExistsError(f"save_gguf writes one file, but {str(path)!r} is a directory; pass a file path such as "
+def check_gguf_destination(path, overwrite: bool = False) -> Path:
+    """The checks :func:`save_gguf` makes of its destination ``path`` (returned as a ``Path``, ``~`` expanded): a
+    script that exports after hours of training calls it first, so that a bad path fails before the training."""
+    text = os.fspath(path)
+    path = Path(os.path.expanduser(text))
+    if path.is_dir() or text.endswith(tuple(filter(None, ("/", os.sep, os.altsep)))):
+        named = "is a directory" if path.is_dir() else "ends with a path separator, so it names a directory"
+        raise FileExistsError(f"save_gguf writes one file, but {text!r} {named}; pass a file path such as "
                               f"{str(path / 'model.gguf')!r}")
     if path.exists():
         if not overwrite:
@@ -343,6 +389,12 @@ def _check_gguf_destination(path: Path, overwrite: bool) -> None:
             if f.read(4) != b"GGUF":
                 raise FileExistsError(f"overwrite=True replaces a GGUF file, but {str(path)!r} holds something else; "
                                       "pass another path")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())  # "/" at the latest
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write {str(path)!r}: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {str(path)!r}: no permission to write in {str(existing)!r}")
+    return path
 
 
 def save_gguf(model, path, tokenizer, quantization: str = "f16", *, device="cpu", overwrite: bool = False) -> None:
@@ -370,8 +422,7 @@ def save_gguf(model, path, tokenizer, quantization: str = "f16", *, device="cpu"
     if tokenizer is None:
         raise ValueError("save_gguf needs the model's tokenizer: llama.cpp reads the vocabulary, special tokens and "
                          "chat template from the GGUF file")
-    path = Path(os.path.expanduser(os.fspath(path)))
-    _check_gguf_destination(path, overwrite)
+    path = check_gguf_destination(path, overwrite)
     gguf_export.quantization(quantization)
     device = _export_device(device)
     causal_lm = _causal_lm(model)
@@ -381,7 +432,8 @@ def save_gguf(model, path, tokenizer, quantization: str = "f16", *, device="cpu"
                                     [(tensor, shape) for tensor, shape, _ in plan])
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex}")
+    _remove_stale_partials(path)
+    partial = _partial_path(path)
     try:
         export.write(partial, [merge for _, _, merge in plan])
         os.replace(partial, path)

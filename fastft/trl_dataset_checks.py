@@ -1,12 +1,13 @@
 """Clear errors for datasets that TRL's SFTTrainer / DPOTrainer would reject with a bare stack trace.
 
 TRL 1.16 answers an empty dataset with a bare ``StopIteration`` (``next(iter(train_dataset))``), a dataset
-without the columns it expects with ``KeyError: 'text'`` from inside ``datasets.map``, and a chat dataset
-for a tokenizer without a chat template with an error from deep inside the tokenization map. A sequence
-longer than the model's ``max_seq_length`` would only fail at the first training step. fastft therefore
-wraps the two trainers' ``__init__`` and ``_prepare_dataset`` (once per process, see :func:`install`) and,
-for fastft models only, checks the datasets before TRL prepares them and the sequence lengths of each
-dataset TRL prepares. Models fastft did not patch go through TRL unchanged.
+without the columns it expects with ``KeyError: 'text'`` from inside ``datasets.map``, a chat dataset for a
+tokenizer without a chat template with an error from deep inside the tokenization map, and an int or None where
+it reads text with ``AttributeError: 'NoneType' object has no attribute 'endswith'`` (a None message content
+passes, and becomes the text "None"). A sequence longer than the model's ``max_seq_length`` would only fail at
+the first training step. fastft therefore wraps the two trainers' ``__init__`` and ``_prepare_dataset`` (once per
+process, see :func:`install`) and, for fastft models only, checks the datasets before TRL prepares them and the
+sequence lengths of each dataset TRL prepares. Models fastft did not patch go through TRL unchanged.
 """
 from __future__ import annotations
 
@@ -70,6 +71,21 @@ def check_sft_dataset(dataset, name: str, tokenizer, text_field: str = "text", f
             )
         if is_conversational(first) or is_conversational_from_value(first):
             _check_chat_template(tokenizer, name, "SFTTrainer")
+        check_text_columns(dataset, name, "SFTTrainer", _sft_text_columns(first, text_field))
+
+
+def _sft_text_columns(first: dict, text_field: str) -> list[str]:
+    """The columns SFTTrainer reads as text or messages (trl 1.16, ``SFTTrainer._prepare_dataset``): the text
+    field (its EOS is checked with ``str.endswith``) and the prompt and completion, or the messages."""
+    from trl.data_utils import is_conversational, is_conversational_from_value
+
+    if is_conversational_from_value(first):
+        return ["conversations"]
+    conversational = is_conversational(first)
+    columns = [text_field] if not conversational and text_field in first else []
+    if "prompt" in first:
+        return columns + ["prompt", "completion"]
+    return columns or (["messages"] if conversational else [])
 
 
 def check_dpo_dataset(dataset, name: str, tokenizer) -> None:
@@ -84,6 +100,109 @@ def check_dpo_dataset(dataset, name: str, tokenizer) -> None:
         )
     if is_conversational(first):
         _check_chat_template(tokenizer, name, "DPOTrainer")
+    check_text_columns(dataset, name, "DPOTrainer", ["prompt", "chosen", "rejected"])
+
+
+def _is_list(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+
+
+def _message_text_field(arrow_type) -> str | None:
+    """The text field of chat messages (``content``; ``value`` in from/value conversations) when ``arrow_type`` is a
+    list of them, else None."""
+    import pyarrow as pa
+
+    if not _is_list(arrow_type) or not pa.types.is_struct(arrow_type.value_type):
+        return None
+    return next((field for field in ("content", "value") if arrow_type.value_type.get_field_index(field) >= 0), None)
+
+
+def _is_text(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _wrong_type(arrow_type) -> str | None:
+    """What a column of ``arrow_type`` holds when it is neither text nor chat messages with text, else None."""
+    import pyarrow as pa
+
+    field = _message_text_field(arrow_type)
+    if field is None:
+        return None if _is_text(arrow_type) else "only None" if pa.types.is_null(arrow_type) else f"{arrow_type} values"
+    content = arrow_type.value_type.field(field).type
+    if _is_text(content) or _is_list(content):  # text, or a list of content parts (multimodal messages)
+        return None
+    return f"messages whose {field!r} is {'always None' if pa.types.is_null(content) else content}"
+
+
+def _first_row_without_text(column, field: str | None) -> int:
+    """The first row of ``column`` (a pyarrow array of text, or of message lists with text in ``field``) that is None
+    or holds a message that is None or has None for text (but for a tool call: a message with ``tool_calls``);
+    -1 when there is none."""
+    import pyarrow.compute as pc
+
+    first = pc.index(pc.is_null(column), True).as_py()
+    if field is None or column.null_count == len(column):
+        return first
+    messages = pc.list_flatten(column)
+    no_text = pc.or_(pc.is_null(messages), pc.is_null(pc.struct_field(messages, field)))
+    if messages.type.get_field_index("tool_calls") >= 0:
+        no_text = pc.and_(no_text, pc.is_null(pc.struct_field(messages, "tool_calls")))
+    index = pc.index(no_text, True).as_py()
+    if index < 0:
+        return first
+    row = pc.list_parent_indices(column)[index].as_py()
+    return row if first < 0 else min(first, row)
+
+
+def check_text_columns(dataset, name: str, trainer: str, columns) -> None:
+    """Every row of each of ``columns`` that the dataset has must hold text (a ``str``) or chat messages with text,
+    else TRL fails deep inside its preparation (``'NoneType' object has no attribute 'endswith'``) or renders a
+    None message as the text "None". Reads the column types, then the columns a batch at a time, as pyarrow arrays
+    (of a streaming dataset only its first example: the rest cannot be read without consuming it)."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        import pyarrow as pa
+
+        example = next(iter(dataset))
+        try:
+            dataset = datasets.Dataset.from_list([{c: example[c] for c in columns if c in example}])
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # values of mixed types, which only a streaming dataset holds
+            return  # (TRL then reads them as they are)
+    columns = [c for c in columns if c in dataset.column_names]
+    fields = {}
+    for column in columns:
+        arrow_type = dataset.features.arrow_schema.field(column).type
+        wrong = _wrong_type(arrow_type)
+        if wrong is not None:
+            raise ValueError(f"fastft: column {column!r} of the {name} dataset holds {wrong} (row 0: "
+                             f"{dataset[0][column]!r}); {trainer} needs text (str) there, or chat messages with "
+                             "text content. Convert that column to text")
+        fields[column] = _message_text_field(arrow_type)
+    start = 0
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=65536) if columns else ():
+        for column in columns:
+            # one array per batch (the rows of a shuffled dataset come one chunk each)
+            row = _first_row_without_text(batch[column].combine_chunks(), fields[column])
+            if row >= 0:
+                _raise_without_text(dataset, name, trainer, column, fields[column], start + row)
+        start += batch.num_rows
+
+
+def _raise_without_text(dataset, name: str, trainer: str, column: str, field: str | None, row: int):
+    value = dataset[row][column]
+    if value is None:
+        what = f"None in column {column!r}"
+    else:
+        index, message = next((i, m) for i, m in enumerate(value)
+                              if m is None or m.get(field) is None and m.get("tool_calls") is None)
+        what = f"a message without text in column {column!r} (message {index}: {message!r})"
+    raise ValueError(f"fastft: row {row} of the {name} dataset has {what}; {trainer} needs text (str) there. "
+                     "Fill or drop such rows (dataset.filter)")
 
 
 def _sequence_lengths(dataset, max_length: int | None):

@@ -95,6 +95,22 @@ def test_example_runs(script, args, tmp_path):
             assert f.read(4) == b"GGUF"
 
 
+@pytest.mark.parametrize("destination, message", [
+    ("exports", "save_gguf writes one file, but 'exports' is a directory"),
+    ("new/", "save_gguf writes one file, but 'new/' ends with a path separator, so it names a directory"),
+    ("notes.txt/sft.gguf", "cannot write 'notes.txt/sft.gguf': '"),
+])
+def test_sft_checks_the_gguf_destination_before_loading_anything(destination, message, tmp_path):
+    """Issue 24.7: a bad --gguf path failed only after the training."""
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "notes.txt").write_text("a file")
+    out = run("sft.py", "--gguf", destination, "--steps", "1", "--eval-records", "1", "--output-dir",
+              str(tmp_path / "out"), cwd=tmp_path)
+    assert out.returncode == 1 and f"--gguf: {message}" in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().count("\n") == 0  # one line, no traceback
+    assert "held-out exact match" not in out.stdout  # nothing loaded, scored or trained
+
+
 BIN = os.path.dirname(sys.executable)  # the launchers installed beside this Python
 
 

@@ -215,6 +215,16 @@ def test_missing_local_path_is_refused_before_any_hub_lookup(name, monkeypatch, 
         FastModel.from_pretrained(name)
 
 
+def test_a_file_is_refused_naming_its_directory(qwen2_path, monkeypatch, tmp_path):
+    """Issue 24.7: the path of a model's config.json was reported as a tokenizer error."""
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", _no_loading)
+    with pytest.raises(NotADirectoryError, match=f"is a file; .*the model's directory.*pass '{qwen2_path}'"):
+        FastModel.from_pretrained(str(pathlib.Path(qwen2_path) / "config.json"))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(NotADirectoryError, match=rf"from_pretrained\('{tmp_path}', gguf_file='model.gguf'\)"):
+        FastModel.from_pretrained(tmp_path / "model.gguf")
+
+
 def test_home_relative_path_is_expanded(qwen2_path, monkeypatch):
     monkeypatch.setenv("HOME", str(pathlib.Path(qwen2_path).parent))
     model, tokenizer = FastModel.from_pretrained("~/" + pathlib.Path(qwen2_path).name, max_seq_length=64)

@@ -6,13 +6,17 @@ takes Qwen3's default of 128), rows that are multiples of 32 (the q4/q5/q8 block
 tokenizer of 400 tokens (llama.cpp pads the token list)."""
 import errno
 import gc
+import logging
+import signal
+import subprocess
+import sys
 
 import gguf
 import numpy as np
 import pytest
 import torch
 import transformers
-from kernel_testing import assert_close
+from kernel_testing import assert_close, env_without_interpreter
 from memory_tracking import LiveTensorBytes
 from tiny_models import randomize_lora, save_tiny_model
 from tiny_tokenizer import (
@@ -27,7 +31,7 @@ import fastft.gguf_export
 import fastft.saving
 from fastft import FastModel
 from fastft.kernels import use_engine
-from fastft.saving import iter_merged_tensors, save_gguf
+from fastft.saving import check_gguf_destination, iter_merged_tensors, save_gguf
 
 SHAPE = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64, intermediate_size=192,
              vocab_size=416)
@@ -301,6 +305,65 @@ def test_bad_arguments_are_refused_before_merging(llama, tmp_path, monkeypatch):
         save_gguf(model, tmp_path / "notes.gguf", tokenizer, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.gguf"]
     assert (tmp_path / "notes.gguf").read_text() == "keep me"
+
+
+def test_a_path_ending_in_a_separator_is_a_directory(llama, tmp_path, monkeypatch):
+    """Issue 24.7: save_gguf(model, "newdir/") wrote a file named newdir."""
+    model, tokenizer = llama
+    monkeypatch.setattr(fastft.saving, "_float_weight", _no_merging)
+    with pytest.raises(FileExistsError, match=r"'.*newdir/' ends with a path separator, so it names a directory; "
+                                              r"pass a file path such as '.*newdir/model.gguf'"):
+        save_gguf(model, f"{tmp_path}/newdir/", tokenizer)
+    (tmp_path / "notes").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="notes' is a file, not a directory"):
+        check_gguf_destination(tmp_path / "notes" / "model.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+import gguf, torch
+from fastft import FastModel
+from fastft.saving import save_gguf
+
+model, tokenizer = FastModel.from_pretrained(sys.argv[1], max_seq_length=64, dtype=torch.float32)
+write_tensor_data = gguf.GGUFWriter.write_tensor_data
+
+
+def killed_after_one_tensor(self, *args, **kwargs):
+    write_tensor_data(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+gguf.GGUFWriter.write_tensor_data = killed_after_one_tensor
+save_gguf(model, sys.argv[2], tokenizer)
+"""
+
+
+def test_the_partial_file_of_a_killed_export_is_removed_by_the_next_one(llama, tmp_path, caplog):
+    """Issue 24.7: an export killed outright left a hidden partial file (hundreds of MB) that nothing removed. The
+    next export to the same destination removes it (its writer is gone), not a running export's."""
+    model, tokenizer = llama
+    script = tmp_path / "killed_export.py"
+    script.write_text(KILLED_EXPORT)
+    destination = tmp_path / "out" / "model.gguf"
+    result = subprocess.run([sys.executable, str(script), model.get_base_model().config.name_or_path,
+                             str(destination)], capture_output=True, text=True, timeout=600,
+                            env=env_without_interpreter())
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    [killed] = destination.parent.iterdir()
+    assert killed.name.startswith(".model.gguf.partial-") and killed.stat().st_size > 0
+    running = fastft.saving._partial_path(destination)  # an export of this (running) process
+    running.write_bytes(b"GGUF, still being written")
+    other = destination.parent / killed.name.replace("model.gguf", "other.gguf")  # another destination's
+    killed.rename(other)
+    other.with_name(killed.name).write_bytes(other.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        save_gguf(model, destination, tokenizer, "q8_0")
+    assert sorted(p.name for p in destination.parent.iterdir()) == sorted([other.name, running.name, "model.gguf"])
+    assert f"removing '{destination.parent / killed.name}'" in caplog.text
+    assert f"'{running}' is an unfinished export to '{destination}', by another process that may still be running" \
+        in caplog.text
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):

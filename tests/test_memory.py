@@ -6,8 +6,10 @@ checks of the simulated GPU's bookkeeping.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import math
+import re
 
 import pytest
 import torch
@@ -383,6 +385,80 @@ def test_cli_answers_fits_does_not_fit_and_too_small(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--seq-len", "-5"])
+
+
+def _positions(config, positions: int):
+    config = copy.deepcopy(config)
+    config.max_position_embeddings = positions
+    return config
+
+
+def test_max_context_stops_at_the_trained_context_unless_asked():
+    """Issue 24.7: a model of 256 positions was reported to fit 1,920 tokens."""
+    short = _positions(TINY_LLAMA, 256)
+    vram = estimate_memory(short, 1024).peak_gb  # the accounting itself is not bound by the positions
+    assert max_context(short, vram) == 256
+    assert max_context(short, vram, beyond_trained_context=True) == 1024
+
+
+@pytest.mark.parametrize("vram", [-1, 0, "abc", float("nan"), True, [], [24, -1]])
+def test_max_context_refuses_what_is_not_a_size(vram):
+    with pytest.raises(ValueError, match="vram_gb must be a positive number of GiB"):
+        max_context(TINY_LLAMA, vram)
+
+
+def test_estimate_and_max_context_share_the_accounting_bound(monkeypatch):
+    import fastft.memory.estimate
+
+    monkeypatch.setattr(fastft.memory.estimate, "MAX_ACCOUNTED_TOKENS", 1024)
+    with pytest.raises(ValueError, match=r"simulates at most 1,024 tokens per step \(fastft.memory.estimate."
+                                         r"MAX_ACCOUNTED_TOKENS\); max_seq_length x batch_size is 512 x 4 = 2,048"):
+        estimate_memory(TINY_LLAMA, 512, batch_size=4)
+    assert max_context(TINY_LLAMA, 1000, batch_size=2) == 512  # the search stops at the bound, over the batch
+    with pytest.raises(ValueError, match="simulates at most 1,024 tokens per step"):
+        max_context(TINY_LLAMA, 1000, upper=2048)
+
+
+def test_cli_refuses_an_absurd_length_at_once_without_growing_host_memory(tmp_path):
+    """Issue 24.5: --seq-len 1000000000 grew host memory by a gigabyte every 4 s until the OOM killer struck."""
+    import subprocess
+    import sys
+
+    from kernel_testing import env_without_interpreter
+
+    script = tmp_path / "absurd.py"
+    script.write_text(
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a missing bound fails here, not the machine\n"
+        "from fastft.memory.cli import main\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "code = main(['qwen2.5-1.5b', '--seq-len', '1000000000'])\n"
+        "print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=env_without_interpreter())
+    assert result.returncode == 0, result.stderr[-3000:]
+    code, grown_kib = map(int, result.stdout.split())
+    assert code == 2
+    assert result.stderr.strip().count("\n") == 0  # one line, no traceback
+    assert "simulates at most 2,097,152 tokens per step" in result.stderr and "1,000,000,000" in result.stderr
+    assert grown_kib < 64 * 1024  # the refusal allocates nothing token-sized (a 10^9-token batch: over 20 GB)
+
+
+def test_cli_names_an_unsupported_architecture_in_one_line_and_the_trained_context(tmp_path, capsys):
+    from fastft.memory.cli import main
+
+    transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100).save_pretrained(tmp_path / "gpt2")
+    assert main([str(tmp_path / "gpt2"), "--vram", "24"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fastft does not support model_type='gpt2'; supported: llama" in err
+    short = _positions(TINY_LLAMA, 256)
+    short.save_pretrained(tmp_path / "short")
+    vram = estimate_memory(short, 1024).peak_gb
+    assert main([str(tmp_path / "short"), "--seq-len", "512", "--vram", f"{vram * 1.001:.6f}"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 512 tokens is beyond the model's trained context of 256 positions" in out
+    assert re.search(r"fits [0-9.]+ GiB at batch 1: 1,024 tokens of memory", out)
+    assert "beyond the model's trained context: it has 256 positions (max_position_embeddings)" in out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import peft
 import pytest
 import torch
 from kernel_testing import assert_close
@@ -111,10 +112,51 @@ def test_partial_checkpointing_and_mlp_chunks_give_the_gradients_of_full_checkpo
     (dict(use_gradient_checkpointing="sometimes"), "use_gradient_checkpointing must be"),
     (dict(mlp_chunk_tokens=0), "mlp_chunk_tokens must be a positive int"),
     (dict(use_gradient_checkpointing="auto", memory_budget_gb=-1), "memory_budget_gb must be positive"),
+    (dict(use_gradient_checkpointing="auto", memory_budget_gb=8, batch_size=1 << 20),
+     "simulates at most 2,097,152 tokens per step"),
+    (dict(batch_size=0), "batch_size must be a positive int"),
 ])
 def test_bad_memory_settings_are_clear_errors(llama_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _model(llama_path, **kwargs)
+
+
+def _state(model):
+    """What get_peft_model changes: the modules, which parameters train, peft's config on the model."""
+    return ({name: type(module) for name, module in model.named_modules()},
+            {name: param.requires_grad for name, param in model.named_parameters()}, hasattr(model, "peft_config"))
+
+
+def _fail_planning(*args, **kwargs):
+    raise RuntimeError("the accounting failed")
+
+
+@pytest.mark.parametrize("refused, error, corrected", [
+    (dict(use_gradient_checkpointing="auto"), "needs memory_budget_gb",  # on a CPU model
+     dict(use_gradient_checkpointing="auto", memory_budget_gb=8)),
+    (dict(use_gradient_checkpointing=True, memory_budget_gb=8), "memory_budget_gb is read only with",
+     dict(use_gradient_checkpointing=True)),
+    (dict(target_modules=["q_proj", "input_layernorm"]), "Target module .*RMSNorm.* is not supported",  # peft, part-way
+     dict(target_modules=["q_proj"])),
+    (dict(use_gradient_checkpointing="auto", memory_budget_gb=8), "the accounting failed",  # after the adapters
+     dict(use_gradient_checkpointing=False)),
+], ids=["auto-without-budget", "budget-without-auto", "peft-fails-part-way", "plan-fails"])
+def test_a_refused_call_leaves_the_model_as_it_was_and_the_corrected_call_works(llama3_path, monkeypatch, refused,
+                                                                                error, corrected):
+    """Issue 24.4: a refused get_peft_model used to leave the adapters in, and the corrected call was refused as a
+    second get_peft_model."""
+    model, _ = FastModel.from_pretrained(llama3_path, max_seq_length=64, dtype=torch.float32)
+    before = _state(model)
+    if error == "the accounting failed":
+        monkeypatch.setattr("fastft.memory.plan.plan_memory", _fail_planning)
+    with pytest.raises((ValueError, RuntimeError), match=error):
+        FastModel.get_peft_model(model, **LORA, **refused)
+    assert _state(model) == before
+    monkeypatch.undo()
+    peft_model = FastModel.get_peft_model(model, **LORA, **corrected)
+    assert isinstance(peft_model, peft.PeftModel) and peft_model.get_base_model() is model
+    lora = [name for name, param in peft_model.named_parameters() if param.requires_grad]
+    assert lora and all("lora_" in name for name in lora)
 
 
 @pytest.mark.parametrize("dtype, adapters", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])

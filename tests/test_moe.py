@@ -601,6 +601,25 @@ def test_options_that_do_not_serve_moe_yet_are_errors(tmp_path):
         estimate_memory(model.config, max_seq_length=64)
 
 
+def _fail(*args, **kwargs):
+    raise RuntimeError("the plan failed")
+
+
+def test_a_failed_get_peft_model_removes_the_nested_expert_adapters(tmp_path, monkeypatch):
+    """Issue 24.4 on MoE: peft wraps the experts once per targeted tensor (one tuner layer inside another); a
+    get_peft_model that fails after the injection removes both, and the corrected call works."""
+    path = save_tiny_moe("qwen2_moe", tmp_path)
+    model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32)
+    before = {name: type(module) for name, module in model.named_modules()}
+    monkeypatch.setattr("fastft.checkpointing.apply_mode", _fail)
+    with pytest.raises(RuntimeError, match="the plan failed"):
+        FastModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert {name: type(module) for name, module in model.named_modules()} == before
+    monkeypatch.undo()
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert any(".experts." in name for name, p in model.named_parameters() if p.requires_grad)
+
+
 def test_unsupported_moe_layouts_are_clear_errors():
     with pytest.raises(UnsupportedModelError, match="mixture-of-experts: Qwen3-MoE, Qwen2-MoE / Qwen1.5-MoE, Mixtral"):
         spec_for(transformers.OlmoeConfig())

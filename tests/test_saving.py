@@ -2,6 +2,11 @@
 import errno
 import gc
 import json
+import logging
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import safetensors
@@ -170,6 +175,34 @@ def test_full_disk_leaves_no_partial_checkpoint(llama_path, tmp_path, monkeypatc
         save_merged(model, tmp_path / "previous", max_shard_size=100_000, overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "previous").iterdir()} == before  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
+
+
+def test_the_checkpoint_takes_the_umask_and_a_killed_exports_leftover_goes(llama_path, tmp_path, caplog):
+    """Issue 24.7: save_merged made its directory with mode 0700 (tempfile.mkdtemp's), where save_pretrained's
+    follow the umask; and an export killed outright left its hidden partial directory behind for good."""
+    model, tokenizer = lora_model(llama_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its process id now names no process (a killed writer's)
+    real_getpid = os.getpid
+    os.getpid = lambda: dead.pid
+    try:
+        killed = fastft.saving._partial_path(tmp_path / "merged")
+    finally:
+        os.getpid = real_getpid
+    running = fastft.saving._partial_path(tmp_path / "merged")  # this (running) process's
+    for leftover in (killed, running):
+        leftover.mkdir()
+        (leftover / "model-00001-of-00003.safetensors").write_bytes(b"half a shard")
+    umask = os.umask(0o027)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastft"):
+            save_merged(model, tmp_path / "merged", tokenizer)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "merged" / "config.json").stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", running.name])
+    assert f"removing '{killed}'" in caplog.text and f"'{running}' is an unfinished export" in caplog.text
 
 
 @pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16),

@@ -85,6 +85,51 @@ def test_sft_chat_dataset_without_chat_template(model, tmp_path, data):
         sft(model, tmp_path, data, tokenizer=tiny_tokenizer(chat_template=False))
 
 
+TOOL_CALL = [{"role": "user", "content": "1+1=?", "tool_calls": None},
+             {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "add"}}]}]
+
+
+@pytest.mark.parametrize("data, message", [
+    (rows({"text": "1+1=2"}, {"text": None}), r"row 1 of the train dataset has None in column 'text'; SFTTrainer "
+                                              r"needs text \(str\) there"),
+    (rows({"text": 1}, {"text": 2}), r"column 'text' of the train dataset holds int64 values \(row 0: 1\)"),
+    (rows({"text": "1+1=2"}).to_iterable_dataset(), None),  # (a streaming dataset: its first example is read)
+    (rows({"text": 5}).to_iterable_dataset(), r"column 'text' of the train dataset holds int64 values"),
+    (rows({"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": None}),
+     r"row 1 of the train dataset has None in column 'completion'"),
+    (rows({"prompt": "1+1=", "completion": "2"}, {"prompt": None, "completion": "4"}),
+     r"row 1 of the train dataset has None in column 'prompt'"),
+    (rows({"messages": chat("1+1=", "2")}, {"messages": chat("2+2=", None)}),
+     r"row 1 of the train dataset has a message without text in column 'messages' \(message 1: "
+     r"\{'role': 'assistant', 'content': None\}\)"),
+    (rows({"messages": chat("1+1=", "2")}, {"messages": None}), r"row 1 .* has None in column 'messages'"),
+    (rows({"messages": chat(1, 2)}), r"column 'messages' .* holds messages whose 'content' is int64"),
+    (rows({"messages": TOOL_CALL}), None),  # an assistant message that calls a tool has no text
+    (rows({"text": None}, {"text": "1+1=2"}).filter(lambda row: row["text"] is not None), None),  # the rows it shows
+], ids=["text-None", "text-int", "streaming-text", "streaming-int", "completion-None", "prompt-None",
+        "message-content-None", "messages-None", "message-content-int", "tool-call", "filtered"])
+def test_sft_rows_without_text(model, tmp_path, data, message):
+    """Issue 24.6: an int or None where TRL reads text failed inside TRL ('NoneType' object has no attribute
+    'endswith'), or a None message content became the text "None"."""
+    if message is None:
+        sft(model, tmp_path, data)
+    else:
+        with pytest.raises(ValueError, match=message):
+            sft(model, tmp_path, data)
+
+
+@pytest.mark.parametrize("data, message", [
+    (rows({"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": None, "rejected": "5"}),
+     r"row 1 of the train dataset has None in column 'chosen'; DPOTrainer needs text"),
+    (rows({"prompt": 1, "chosen": "2", "rejected": "3"}), r"column 'prompt' .* holds int64 values"),
+    (rows({"chosen": chat("1+1=", "2"), "rejected": chat("1+1=", None)}),
+     r"row 0 .* a message without text in column 'rejected' \(message 1"),
+], ids=["chosen-None", "prompt-int", "rejected-content-None"])
+def test_dpo_rows_without_text(model, tmp_path, data, message):
+    with pytest.raises(ValueError, match=message):
+        dpo(model, tmp_path, data)
+
+
 def test_sft_sequences_longer_than_max_seq_length(model, tmp_path):
     long, short = {"text": "x" * 50}, {"text": "1+1=2"}  # 51 tokens with EOS; 6
     with pytest.raises(ValueError, match=r"1 of 2 sequences of the train dataset are longer than max_seq_length=32"

@@ -4,15 +4,16 @@
     fastft-memory ./my-model-dir --seq-len 4096 --batch-size 2 --r 32 --checkpointing offload --vram 16
     fastft-memory llama-3.1-70b --seq-len 4096 --fsdp-world-size 2 --vram 24   # per GPU of 2, FSDP2
 
-Exit status: 0 fits (or no --vram given), 1 does not fit, 2 bad input (unknown model, bad numbers).
+Exit status: 0 fits (or no --vram given), 1 does not fit, 2 bad input (unknown model or architecture, bad numbers,
+more than ``MAX_ACCOUNTED_TOKENS`` tokens per step).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .configs import KNOWN_MODELS, UnknownModelError
-from .estimate import estimate_memory, max_context
+from .configs import KNOWN_MODELS
+from .estimate import MAX_ACCOUNTED_TOKENS, estimate_memory, max_context, trained_context
 
 
 def _positive_int(text: str) -> int:
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "model's config. Not counted: the CUDA context (~0.3-0.6 GiB) and allocator fragmentation.")
     parser.add_argument("model", help=f"a known name ({', '.join(KNOWN_MODELS)}), a local directory with a "
                                       "config.json, or a hub id already in the offline cache")
-    parser.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--seq-len", type=_positive_int, default=2048,
+                        help="tokens per sequence (default 2048; the accounting simulates at most "
+                             f"{MAX_ACCOUNTED_TOKENS:,} tokens per step, seq-len x batch-size)")
     parser.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--r", type=_positive_int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--lora-alpha", type=_positive_int, default=16)
@@ -68,9 +71,10 @@ def main(argv=None) -> int:
                     use_gradient_checkpointing={"on": True, "off": False}.get(args.checkpointing, args.checkpointing),
                     loss=args.loss, contender=args.contender, dtype=args.dtype,
                     fsdp_world_size=args.fsdp_world_size)
-    try:
+    try:  # bad input (unknown model or architecture, more tokens than the accounting simulates): one line
         estimate = estimate_memory(args.model, args.seq_len, **settings)
-    except UnknownModelError as exc:
+        trained = trained_context(args.model)
+    except ValueError as exc:
         print(f"fastft-memory: {exc}", file=sys.stderr)
         return 2
     print(f"{args.model}: QLoRA (4-bit NF4) r={args.r}, batch {args.batch_size} x {args.seq_len:,} tokens, "
@@ -79,6 +83,9 @@ def main(argv=None) -> int:
         print(f"FSDP2 over {args.fsdp_world_size} GPUs: every figure is one GPU's "
               "(its shards, the layers FSDP gathers)")
     print("accounted on the CPU along the GPU code path (not measured on a GPU)")
+    if trained is not None and args.seq_len > trained:
+        print(f"note: {args.seq_len:,} tokens is beyond the model's trained context of {trained:,} positions "
+              "(max_position_embeddings): memory capacity only, quality degrades past it")
     print(estimate.breakdown())
     if args.vram is None:
         return 0
@@ -91,9 +98,17 @@ def main(argv=None) -> int:
     margin = ('%.2f GiB to spare' % (args.vram - estimate.peak_gb) if fits
               else '%.2f GiB over' % (estimate.peak_gb - args.vram))
     print(f"\n{verdict} {args.vram:g} GiB: peak {estimate.peak_gb:.2f} GiB ({margin})")
-    longest = max_context(args.model, args.vram, **settings)
-    print(f"longest sequence that fits {args.vram:g} GiB at batch {args.batch_size}: {longest:,} tokens "
-          "(a multiple of 128; the model's trained context may be shorter)")
+    # the raw capacity, then what the model can use of it
+    longest = max_context(args.model, args.vram, beyond_trained_context=True, **settings)
+    what = f"longest sequence that fits {args.vram:g} GiB at batch {args.batch_size}:"
+    if (longest + 128) * args.batch_size > MAX_ACCOUNTED_TOKENS:  # the search stopped at the accounting's bound
+        print(f"{what} at least {longest:,} tokens (the most fastft's accounting simulates: "
+              f"{MAX_ACCOUNTED_TOKENS:,} tokens per step)")
+    else:
+        print(f"{what} {longest:,} tokens of memory (a multiple of 128)")
+    if trained is not None and longest > trained:
+        print(f"beyond the model's trained context: it has {trained:,} positions (max_position_embeddings), so the "
+              f"longest sequence it was trained for is {trained:,} tokens; past that is memory capacity only")
     return 0 if fits else 1
 
 

@@ -11,9 +11,11 @@ some headroom on the card for those.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
+from ..architectures import spec_for
 from .accounting import GIB, StepMemory, account_step
 from .configs import load_config
 from .training_step import StepSetup
@@ -101,10 +103,26 @@ def _dtype(value) -> torch.dtype:
     return dtype
 
 
+# What one accounting simulates at most, in tokens per step (per rank): its time and the host memory of the batch's
+# token ids (real CPU tensors: their values steer the step) grow with the tokens, about 80 MB and, on a busy 2-core
+# machine, over a minute per million tokens. Shared by estimate_memory and max_context.
+MAX_ACCOUNTED_TOKENS = 1 << 21
+
+
+def _check_accounted_tokens(seq_len: int, batch_size: int) -> None:
+    if seq_len * batch_size > MAX_ACCOUNTED_TOKENS:
+        raise ValueError(
+            f"fastft's memory accounting simulates at most {MAX_ACCOUNTED_TOKENS:,} tokens per step "
+            f"(fastft.memory.estimate.MAX_ACCOUNTED_TOKENS); max_seq_length x batch_size is {seq_len:,} x "
+            f"{batch_size} = {seq_len * batch_size:,}. Ask for fewer tokens: beyond that bound a step takes minutes "
+            "and gigabytes of host memory to simulate")
+
+
 def step_setup(max_seq_length, batch_size=1, r=16, lora_alpha=16, target_modules=None,
                use_gradient_checkpointing=True, loss="trl", contender="fastft", dtype=torch.bfloat16,
                mlp_chunk_tokens=None, fsdp_world_size=1) -> StepSetup:
     """The :class:`StepSetup` for :func:`estimate_memory`'s arguments, checked."""
+    _check_accounted_tokens(_positive_int("max_seq_length", max_seq_length), _positive_int("batch_size", batch_size))
     return StepSetup(contender=contender, seq_len=_positive_int("max_seq_length", max_seq_length),
                      batch_size=_positive_int("batch_size", batch_size), r=_positive_int("r", r),
                      lora_alpha=lora_alpha, target_modules=None if target_modules is None else tuple(target_modules),
@@ -157,26 +175,58 @@ def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16
     setup = step_setup(max_seq_length, batch_size, r, lora_alpha, target_modules, use_gradient_checkpointing, loss,
                        contender, dtype, mlp_chunk_tokens, fsdp_world_size)
     config = _config_for(model, setup.seq_len)
+    if setup.contender == "fastft":
+        spec_for(config)  # an architecture fastft does not patch: its clear error, before the step is built
     return MemoryEstimate.from_step(_model_name(model), account_step(config, setup))
 
 
-MAX_CONTEXT_UPPER = 1 << 21  # the search stops here: 2M tokens is beyond any model fastft patches
+def _positive_gib(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"vram_gb must be a positive number of GiB (or a list of them), got {value!r}")
+    return value
 
 
-def max_context(model, vram_gb, granularity: int = 128, upper: int = MAX_CONTEXT_UPPER, **setup_kwargs):
-    """The longest ``max_seq_length`` (a multiple of ``granularity``, at most ``upper``) whose accounted peak
-    fits ``vram_gb`` GiB; 0 when not even ``granularity`` tokens fit. ``setup_kwargs``: as
-    :func:`estimate_memory`. Given a list of sizes, returns ``{vram_gb: tokens}``, the searches sharing
-    their evaluations."""
+def trained_context(model) -> int | None:
+    """The positions ``model`` (as :func:`estimate_memory` takes it) was trained on: its config's
+    ``max_position_embeddings`` (None when it has none)."""
+    config = load_config(model.config if hasattr(model, "config") and not isinstance(model, str) else model)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def max_context(model, vram_gb, granularity: int = 128, upper: int | None = None,
+                beyond_trained_context: bool = False, **setup_kwargs):
+    """The longest ``max_seq_length`` (a multiple of ``granularity``) whose accounted peak fits ``vram_gb`` GiB; 0
+    when not even ``granularity`` tokens fit. ``setup_kwargs``: as :func:`estimate_memory`. Given a list of sizes,
+    returns ``{vram_gb: tokens}``, the searches sharing their evaluations.
+
+    The search stops at ``upper`` (default: as far as the accounting goes, ``MAX_ACCOUNTED_TOKENS`` tokens per step
+    over ``batch_size``) and, unless ``beyond_trained_context``, at the model's trained context
+    (``max_position_embeddings``, see :func:`trained_context`): positions past it are memory capacity only, the
+    model was not trained on them. ``beyond_trained_context=True`` gives the raw capacity."""
     setup_kwargs.pop("max_seq_length", None)
+    sizes = [_positive_gib(v) for v in vram_gb] if isinstance(vram_gb, (list, tuple)) else [_positive_gib(vram_gb)]
+    if not sizes:
+        raise ValueError("vram_gb must be a positive number of GiB or a non-empty list of them, got []")
+    granularity = _positive_int("granularity", granularity)
+    bound = MAX_ACCOUNTED_TOKENS // _positive_int("batch_size", setup_kwargs.get("batch_size", 1))
+    if upper is None:
+        upper = bound
+    elif _positive_int("upper", upper) > bound:
+        _check_accounted_tokens(upper, setup_kwargs.get("batch_size", 1))
+    trained = None if beyond_trained_context else trained_context(model)
+    if trained is not None:
+        upper = min(upper, trained)
+    if upper < granularity:
+        raise ValueError(f"the search for the longest context stops at {upper:,} tokens (upper, or the model's trained "
+                         f"context), below granularity={granularity}; pass a smaller granularity")
     known: dict[int, float] = {}
 
     def peak(tokens: int) -> float:
         return estimate_memory(model, tokens, **setup_kwargs).peak_gb * GIB
 
     if isinstance(vram_gb, (list, tuple)):
-        return {v: largest_fitting(peak, v * GIB, granularity, upper, known) for v in sorted(vram_gb)}
-    return largest_fitting(peak, vram_gb * GIB, granularity, upper, known)
+        return {v: largest_fitting(peak, v * GIB, granularity, upper, known) for v in sorted(sizes)}
+    return largest_fitting(peak, sizes[0] * GIB, granularity, upper, known)
 
 
 def largest_fitting(peak, budget: float, granularity: int, upper: int, known: dict | None = None) -> int:
