@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from . import lora_projection as proj
-from ._common import check_tensor, empty
+from ._common import check_tensor, composite_op, disabled_kernels, disabled_scope, empty
 from .swiglu import swiglu_backward_into, swiglu_forward_into
 
 _N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
@@ -100,7 +100,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         gate, up, down = (flat[i:i + _N] for i in range(0, 3 * _N, _N))
         T = x2.shape[0]
         ctx.chunked = chunk_tokens is not None and chunk_tokens < T
-        masks = proj.draw_masks(x2.device, (gate, up, down))  # gate, up and down each their own dropout seed
+        masks = proj.draw_masks(x2.device, (gate, up, down), "lora_mlp")  # gate, up and down: a seed each
         if not ctx.chunked:
             y, g, u, *smalls = _mlp_forward(x2, gate, up, down, masks)
             ctx.save_for_backward(x2, g, u, *smalls, gate[2], gate[3], up[2], up[3], down[2], down[3])
@@ -120,6 +120,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         ctx.chunk_tokens = chunk_tokens
         ctx.frozen = [(p[0], p[1], p[4], p[5]) for p in (gate, up, down)]  # weight (a reference), bias, s, dtype
         ctx.masks = masks  # seeds, not tensors
+        ctx.disabled = disabled_kernels()  # the backward runs the engines the forward ran
         return y
 
     @staticmethod
@@ -137,7 +138,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         smalls, adapters = saved[:3], saved[3:]
         projections = [(W, b, adapters[2 * i], adapters[2 * i + 1], s, cd)
                        for i, (W, b, s, cd) in enumerate(ctx.frozen)]
-        with proj.autocast_off(dy.device.type):
+        with proj.autocast_off(dy.device.type), disabled_scope(ctx.disabled):
             if not ctx.chunked:
                 dx, grads = _mlp_backward(dy, x2, g, u, smalls, projections, need, None, ctx.masks)
             else:
@@ -207,6 +208,6 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
     x, (gate, up, down), out_dtypes = proj.prepare_projections(x, [gate, up, down])
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    with proj.autocast_off(x.device.type):
+    with proj.autocast_off(x.device.type), composite_op(x, "lora_mlp"):
         y = _LoraMLPFunction.apply(x2, chunk_tokens, *gate, *up, *down)
     return y.reshape(*lead_shape, y.shape[-1]).to(out_dtypes[2])

@@ -242,7 +242,7 @@ def dequantize_nf4(w: NF4Weight, out: torch.Tensor | None = None, dtype: torch.d
         if dtype is not None and dtype != out.dtype:
             raise TypeError(f"dtype {dtype} contradicts out's dtype {out.dtype}")
 
-    if not use_triton(w.packed):
+    if not use_triton(w.packed, "nf4"):
         return _dequantize_nf4_torch(w, out)
 
     n_bytes = w.packed.numel()

@@ -85,7 +85,7 @@ def swiglu_forward_into(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor)
     contiguous, of one shape, dtype and device (else a ValueError/TypeError). No autograd. Returns ``out``."""
     _check_buffers(gate=gate, up=up, out=out)
     n = gate.numel()
-    if use_triton(gate):
+    if use_triton(gate, "swiglu"):
         if n > 0:
             _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     else:
@@ -104,7 +104,7 @@ def swiglu_backward_into(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.T
     buffers = dict(grad_out=grad_out, gate=gate, up=up, grad_gate=grad_gate, grad_up=grad_up)
     _check_buffers(**buffers, **({} if out is None else dict(out=out)))
     n = gate.numel()
-    if use_triton(gate):
+    if use_triton(gate, "swiglu"):
         if n > 0:
             _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
                 grad_out, gate, up, grad_gate, grad_up, out if out is not None else grad_gate, n,
@@ -165,6 +165,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"up has dtype {up.dtype} but gate has dtype {gate.dtype}; they must match")
     if up.shape != gate.shape:
         raise ValueError(f"up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must match")
-    if not use_triton(gate):
+    if not use_triton(gate, "swiglu"):
         return _swiglu_torch(gate, up)
     return _SwiGLUFunction.apply(gate, up)
