@@ -171,8 +171,7 @@ class FastModel:
         _check_transformers_version()
         if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
-        kernel_names(disable_kernels, "disable_kernels")  # a wrong name fails before the weights load
-        env_disabled_kernels()
+        _disabled_for_model(disable_kernels)  # a wrong name (argument or environment) fails before the weights load
         model_name = _local_path_or_hub_id(model_name)
         config = transformers.AutoConfig.from_pretrained(model_name, **kwargs)
         spec = spec_for(config)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -39,7 +40,9 @@ KERNEL_GROUPS = {"lora": ("lora_linear", "lora_qkv", "lora_mlp"), "all": KERNEL_
 DISABLE_ENV = "FASTFT_DISABLE_KERNELS"
 
 _forced_engine: str | None = None
-_scoped_disabled: frozenset[str] = frozenset()  # names disabled by the enclosing `disabled` blocks
+# .names: the names disabled by this thread's enclosing `disabled` blocks. Per thread: autograd runs a CUDA backward
+# in a thread of its own, where the fused LoRA ops re-enter the names their forward ran under.
+_scope = threading.local()
 
 # Device types whose tensors take the GPU code path. ``fastft.memory`` adds "meta" while it accounts a
 # training step on meta tensors (the wrappers then allocate exactly what they would on a GPU; the
@@ -107,15 +110,20 @@ def env_disabled_kernels() -> frozenset[str]:
     return _parse_env(os.environ.get(DISABLE_ENV, ""))
 
 
+def _scoped() -> frozenset[str]:
+    return getattr(_scope, "names", frozenset())
+
+
 def disabled_kernels() -> frozenset[str]:
     """The names disabled now: ``FASTFT_DISABLE_KERNELS`` and every enclosing :func:`disabled` block."""
-    return env_disabled_kernels() | _scoped_disabled
+    return env_disabled_kernels() | _scoped()
 
 
 @contextlib.contextmanager
 def disabled(*names: str):
-    """Run the named ops (or groups: "lora", "all") on their PyTorch engine inside the block, on every device,
-    on top of ``FASTFT_DISABLE_KERNELS``. Process-wide, like :func:`use_engine` (which overrides it)::
+    """Run the named ops (or groups: "lora", "all") on their PyTorch engine inside the block (in this thread), on
+    every device, on top of ``FASTFT_DISABLE_KERNELS``; :func:`use_engine` overrides it. An op picks its engine
+    when its forward runs: a backward outside the block runs the engines of its forward::
 
         with fastft.kernels.disabled("attention", "rms_norm"):
             loss = model(**batch).loss
@@ -126,12 +134,12 @@ def disabled(*names: str):
 
 @contextlib.contextmanager
 def _disabled_scope(names: frozenset[str]):
-    global _scoped_disabled
-    previous, _scoped_disabled = _scoped_disabled, _scoped_disabled | names
+    previous = _scoped()
+    _scope.names = previous | names
     try:
         yield
     finally:
-        _scoped_disabled = previous
+        _scope.names = previous
 
 
 def disabled_scope(names: frozenset[str]):
@@ -211,7 +219,7 @@ def use_triton(tensor: torch.Tensor, op: str) -> bool:
         raise ValueError(f"use_triton: unknown op {op!r}; kernel names: {', '.join(KERNEL_NAMES)}")
     if _forced_engine == "torch":
         return False
-    if _forced_engine is None and (op in _scoped_disabled or op in env_disabled_kernels()):
+    if _forced_engine is None and (op in _scoped() or op in env_disabled_kernels()):
         return False
     if on_gpu(tensor):
         return True
