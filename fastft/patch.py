@@ -9,10 +9,11 @@ Per decoder layer:
 
 * ``input_layernorm`` / ``post_attention_layernorm`` (and the final norm, Qwen3's q/k norms) ->
   ``rms_norm`` kernel;
-* ``self_attn`` -> one attention forward for every architecture: fused q/k/v projection (NF4 + LoRA), RoPE
-  kernel, the attention registered as "fastft" (or whatever ``config._attn_implementation`` names), fused o
-  projection;
-* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA).
+* ``self_attn`` -> one attention forward for every architecture: fused q/k/v projection (NF4 + LoRA; Phi-3's
+  one ``qkv_proj`` is one ``lora_linear`` split into q, k, v), RoPE kernel, the attention registered as "fastft"
+  (or whatever ``config._attn_implementation`` names), fused o projection;
+* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA; Phi-3's ``gate_up_proj``: ``lora_mlp_gate_up``); a sparse
+  mixture-of-experts block instead -> router, experts op with LoRA per expert, fused shared expert (``moe.py``).
 
 The fused LoRA path reads the *active* adapter at every call (TRL's DPO switches to a ``ref`` adapter
 and disables adapters for reference log-probs), and whether its ``lora_dropout`` applies (training mode).
@@ -40,11 +41,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .architectures import ArchitectureSpec
 from .kernels._common import KERNEL_NAMES, disabled_scope
 from .kernels.lora_linear import lora_linear
-from .kernels.lora_mlp import lora_mlp
+from .kernels.lora_mlp import lora_mlp, lora_mlp_gate_up
 from .kernels.lora_qkv import lora_qkv
 from .kernels.rms_norm import rms_norm
 from .kernels.rope import apply_rope
 from .kernels.swiglu import swiglu
+from .moe import check_block, is_sparse_block, moe_block_forward
 from .quant import UnsupportedLoraLayer, fused_linear_args
 
 logger = logging.getLogger("fastft")
@@ -69,15 +71,22 @@ assert set(MODEL_ROUTES) == set(KERNEL_NAMES)
 # An attention / MLP module with all of these disabled keeps transformers' own forward.
 ATTENTION_OPS = frozenset({"lora_qkv", "lora_linear", "rope", "attention"})
 MLP_OPS = frozenset({"lora_mlp", "swiglu"})
+# Phi-3's fused qkv_proj runs the lora_linear kernel as the model's q/k/v projection: either name routes it to peft.
+FUSED_QKV_OPS = frozenset({"lora_qkv", "lora_linear"})
+
+
+def model_routes(disabled: frozenset[str]) -> dict[str, str]:
+    """Where each of the kernel names ``disabled`` runs in a model instead, in :data:`KERNEL_NAMES` order."""
+    route = dict(MODEL_ROUTES)
+    if "cross_entropy" in disabled:
+        route["fused_linear_cross_entropy"] = "full logits + transformers' loss function"
+    return {name: route[name] for name in KERNEL_NAMES if name in disabled}
 
 
 def describe_routes(disabled: frozenset[str], source: str) -> str:
     """The log line of a model with the kernels ``disabled`` (named by ``source``): where each disabled op runs,
     and which run fastft's kernels."""
-    route = dict(MODEL_ROUTES)
-    if "cross_entropy" in disabled:
-        route["fused_linear_cross_entropy"] = "full logits + transformers' loss function"
-    routes = ", ".join(f"{name} -> {route[name]}" for name in KERNEL_NAMES if name in disabled)
+    routes = ", ".join(f"{name} -> {where}" for name, where in model_routes(disabled).items())
     kept = [name for name in KERNEL_NAMES if name not in disabled]
     return (f"fastft: kernels disabled ({source}): {routes}; "
             f"fastft kernels: {', '.join(kept) if kept else 'none (plain transformers + peft)'}")
@@ -114,7 +123,38 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(gate) * up if "swiglu" in disabled else swiglu(gate, up))
 
 
+def gate_up_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Phi-3's MLP: ``gate, up = chunk(gate_up_proj(x), 2)``, ``down_proj(silu(gate) * up)``."""
+    disabled = self._fastft_disabled
+    if "lora_mlp" not in disabled:
+        gate_up, down = _fused_args(self.gate_up_proj), _fused_args(self.down_proj)
+        if gate_up is not None and down is not None:
+            with disabled_scope(disabled):
+                return lora_mlp_gate_up(x, gate_up, down,
+                                        chunk_tokens=getattr(self, "_fastft_mlp_chunk_tokens", None))
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(self.activation_fn(gate) * up if "swiglu" in disabled else swiglu(gate, up))
+
+
+def _project_fused_qkv(self, x):
+    """Phi-3's one ``qkv_proj``: one projection (one LoRA), its ``[q | k | v]`` columns split. The projection runs
+    the ``lora_linear`` kernel; disabling that or ``lora_qkv`` (it is the q/k/v projection) runs peft's forward."""
+    qkv = None if FUSED_QKV_OPS & self._fastft_disabled else _fused_args(self.qkv_proj)
+    if qkv is None:
+        y = self.qkv_proj(x)
+    else:
+        with disabled_scope(self._fastft_disabled):
+            y = lora_linear(x, *qkv)
+    kv_size = self.config.num_key_value_heads * self.head_dim
+    q, k, v = y.split([y.shape[-1] - 2 * kv_size, kv_size, kv_size], dim=-1)
+    # v gets its own storage: attention keeps v for its backward (a KV cache keeps it too), and a view would keep
+    # all of y alive with it; RoPE reads q and k into new tensors
+    return q, k, v.contiguous()
+
+
 def _project_qkv(self, x):
+    if self._fastft_spec.fused_projections:
+        return _project_fused_qkv(self, x)
     if "lora_qkv" not in self._fastft_disabled:
         q, k, v = _fused_args(self.q_proj), _fused_args(self.k_proj), _fused_args(self.v_proj)
         if q is not None and k is not None and v is not None:
@@ -187,9 +227,18 @@ def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec, disabled: frozens
                 transformers_rope(attn)  # fails now, not in the first forward, if there is none
             attn._fastft_spec, attn._fastft_disabled = spec, disabled
             _bind(attn, attention_forward)
-        if not MLP_OPS <= disabled:
+        if spec.moe is not None and is_sparse_block(mlp):
+            # always fastft's block: its experts op is PyTorch (NF4 dequantization inside honours "nf4"), and peft's
+            # forward cannot run on 4-bit experts
+            check_block(mlp, spec.moe)
+            mlp._fastft_moe, mlp._fastft_disabled = spec.moe, disabled
+            _bind(mlp, moe_block_forward)
+            if spec.moe.shared_expert and not MLP_OPS <= disabled:
+                mlp.shared_expert._fastft_disabled = disabled
+                _bind(mlp.shared_expert, mlp_forward)
+        elif not MLP_OPS <= disabled:
             mlp._fastft_disabled = disabled
-            _bind(mlp, mlp_forward)
+            _bind(mlp, gate_up_mlp_forward if spec.fused_projections else mlp_forward)
         norms += [layer.input_layernorm, layer.post_attention_layernorm]
         if spec.qk_norm:
             norms += [attn.q_norm, attn.k_norm]
