@@ -23,6 +23,7 @@ from tiny_models import copy_lora, load_baseline, lora_grads, padded_batch, rand
 from trl.trainer.utils import add_fused_lm_head
 
 import fastft.kernels as K
+import fastft.patch
 from fastft import FastModel
 from fastft.kernels import KERNEL_GROUPS, KERNEL_NAMES
 from fastft.kernels._common import DISABLE_ENV, _parse_env, disabled_kernels, kernel_names, use_engine
@@ -91,7 +92,9 @@ def _lora_case(op):
         if op == "lora_qkv":
             return list(K.lora_qkv(x, *(_projection(gen, n, 64, leaves) for n in (64, 32, 32)))), leaves
         gate, up = _projection(gen, 48, 64, leaves), _projection(gen, 48, 64, leaves)
-        return [K.lora_mlp(x, gate, up, _projection(gen, 64, 48, leaves))], leaves
+        gate_up = _projection(gen, 96, 64, leaves)  # Phi-3's fused MLP, the same switch's
+        return [K.lora_mlp(x, gate, up, _projection(gen, 64, 48, leaves)),
+                K.lora_mlp_gate_up(x, gate_up, _projection(gen, 64, 48, leaves))], leaves
     return case
 
 
@@ -401,6 +404,35 @@ def test_environment_and_argument_unite(qwen3_path, reference, caplog, monkeypat
     with interpret_only_what_is_watched("nf4"), spies(MODEL_SPIES["rope"][0] + MODEL_SPIES["lora_mlp"][0], {"nf4"}):
         results = model_step(model, "nf4")
     assert_matches_reference(results, reference[1], exact=False)
+
+
+@pytest.fixture(scope="module")
+def phi3_reference(tmp_path_factory):
+    path = save_tiny_model("phi3", tmp_path_factory.mktemp("phi3"))
+    model = load_baseline(path, attn_implementation="sdpa", fused_lm_head=True)
+    randomize_lora(model)
+    return path, model, model_step(model, "lora")
+
+
+@pytest.mark.parametrize("switch", ["lora_qkv", "lora_mlp"])
+def test_phi3_fused_projections_follow_the_switch(switch, phi3_reference, monkeypatch):
+    """Phi-3's qkv_proj (one lora_linear) runs peft's forward under "lora_qkv", its gate_up MLP (lora_mlp_gate_up)
+    under "lora_mlp", with fastft's SwiGLU on peft's two halves; the model still matches transformers + peft."""
+    path, baseline, expected = phi3_reference
+    model = load_fastft(path, baseline, disable_kernels=[switch])
+    calls = dict.fromkeys(["lora_linear", "lora_mlp_gate_up", "swiglu"], 0)
+    for name in calls:
+        def counted(*args, _real=getattr(fastft.patch, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(fastft.patch, name, counted)
+    with interpret_only_what_is_watched(switch):
+        results = model_step(model, switch)
+    forwards = 2 * model.config.num_hidden_layers  # model_step: an eval forward and a training one, per layer
+    mlp_routed = switch == "lora_mlp"
+    assert calls == {"lora_linear": forwards * (2 if mlp_routed else 1), "lora_mlp_gate_up": 0 if mlp_routed else
+                     forwards, "swiglu": forwards if mlp_routed else 0}
+    assert_matches_reference(results, expected, exact=False)
 
 
 def test_unknown_names_fail_before_loading(qwen3_path, monkeypatch):
