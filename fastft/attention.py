@@ -258,11 +258,16 @@ def choose_attention(config, device: torch.device, dtype: torch.dtype) -> tuple[
     return "sdpa", f"fastft: attention runs on PyTorch SDPA, not fastft's kernel: {reason}"
 
 
-def resolve_attention(config, device: torch.device, dtype: torch.dtype, attn_implementation: str | None) -> str:
+def resolve_attention(config, device: torch.device, dtype: torch.dtype, attn_implementation: str | None,
+                      disabled: bool = False) -> str:
     """``attn_implementation`` as given to ``patch_model``: None routes (:func:`choose_attention`, logged);
-    "fastft_xformers" is checked to run here, so a wrong choice fails at load time, not in the first forward."""
+    "fastft_xformers" is checked to run here, so a wrong choice fails at load time, not in the first forward.
+    ``disabled`` (the "attention" kernel name disabled): PyTorch SDPA instead of fastft's attention or its xformers
+    route; another implementation named explicitly (e.g. "eager") is kept."""
     from . import xformers_attention
 
+    if disabled and attn_implementation in (None, ATTENTION_NAME, xformers_attention.ATTENTION_NAME):
+        return "sdpa"
     if attn_implementation is None:
         attn_implementation, log_line = choose_attention(config, device, dtype)
         if log_line is not None:

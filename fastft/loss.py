@@ -10,6 +10,11 @@ The loss follows transformers' ``ForCausalLMLoss``: labels are shifted by one (o
 as given), ``-100`` is ignored, and with ``num_items_in_batch`` (sent by the Trainer under gradient
 accumulation) the summed loss is divided by it, so accumulated micro-batches give the gradient of one
 big batch.
+
+Disabled kernels (``disable_kernels`` / ``FASTFT_DISABLE_KERNELS``): without ``fused_linear_cross_entropy`` the
+logits are computed when training too and the loss comes from them; without ``cross_entropy`` a loss from logits
+is transformers' own (``self.loss_function``, as the unpatched forward computes it). With both disabled the
+model keeps transformers' forward (``patch_model`` does not bind this one).
 """
 from __future__ import annotations
 
@@ -60,10 +65,12 @@ def causal_lm_loss(hidden, lm_head_weight, labels=None, shift_labels=None, num_i
     return loss
 
 
-def make_causal_lm_forward(model):
+def make_causal_lm_forward(model, disabled: frozenset[str] = frozenset()):
     """A forward for ``model`` (a ``*ForCausalLM`` instance) with the original's signature, which
-    ``generate`` and the Trainer inspect."""
+    ``generate`` and the Trainer inspect; ``disabled``: the model's disabled kernel names (module docstring)."""
     original = type(model).forward
+    fused_loss = "fused_linear_cross_entropy" not in disabled
+    loss_kernel = "cross_entropy" not in disabled
     is_moe = is_moe_config(model.config)  # MoE: transformers' MoE output, with the router's auxiliary loss
 
     @functools.wraps(original)
@@ -83,13 +90,16 @@ def make_causal_lm_forward(model):
         has_labels = labels is not None or shift_labels is not None
 
         logits = loss = None
-        if has_labels and torch.is_grad_enabled():
+        if has_labels and torch.is_grad_enabled() and fused_loss:
             loss = causal_lm_loss(hidden, _lm_head_weight(self.lm_head), labels, shift_labels, num_items_in_batch)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
-            if has_labels:
+            if has_labels and loss_kernel:
                 loss = causal_lm_loss(hidden, None, labels, shift_labels, num_items_in_batch, logits=logits)
+            elif has_labels:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          num_items_in_batch=num_items_in_batch, shift_labels=shift_labels, **kwargs)
         if is_moe:
             return moe_causal_lm_output(self, outputs, loss, logits, attention_mask, router_logits)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,

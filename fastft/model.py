@@ -20,8 +20,9 @@ from packaging.version import Version
 from . import attention as fastft_attention
 from . import master_weights, moe, trl_compat
 from .architectures import spec_for
+from .kernels._common import DISABLE_ENV, env_disabled_kernels, kernel_names
 from .loss import make_causal_lm_forward
-from .patch import patch_decoder, unpatch_modules
+from .patch import describe_routes, patch_decoder, unpatch_modules
 from .placement import default_device, device_of_map
 
 logger = logging.getLogger("fastft")
@@ -157,18 +158,28 @@ class FastModel:
 
     @staticmethod
     def from_pretrained(model_name, max_seq_length: int = 2048, load_in_4bit: bool = True, dtype=None,
-                        device_map=None, attn_implementation: str | None = None, **kwargs):
+                        device_map=None, attn_implementation: str | None = None, disable_kernels=None, **kwargs):
         """Load model and tokenizer, patched with fastft's kernels.
 
         ``load_in_4bit``: bitsandbytes NF4 with double quantization (QLoRA); False loads 16-bit weights
         (``dtype``) served by the same fused kernels. ``attn_implementation=None`` picks fastft's
         attention where its kernel serves the model and GPU, else xformers' (``"fastft_xformers"``, when installed
         and able to run on the GPU), else PyTorch SDPA, with a warning saying which and why.
+
+        ``disable_kernels``: kernel names (``fastft.kernels.KERNEL_NAMES``, or the groups ``"lora"`` and ``"all"``;
+        a list or a comma-separated string) whose ops run the plain transformers / peft / SDPA path instead, e.g.
+        ``["attention", "lora_mlp"]`` when ``fastft-doctor`` reports those kernels failing on your GPU. The
+        names disabled for this model are these together with those of the ``FASTFT_DISABLE_KERNELS``
+        environment variable at load time (the union; one log line says where each op runs). ``"all"`` gives
+        the plain transformers + peft model. An unknown name is a ValueError. The environment variable is also
+        read at every kernel call, so setting it later still moves any kernel to its PyTorch engine.
+
         Extra ``kwargs`` go to ``from_pretrained`` of transformers (e.g. ``gguf_file``, ``revision``).
         """
         _check_transformers_version()
         if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+        _disabled_for_model(disable_kernels)  # a wrong name (argument or environment) fails before the weights load
         model_name = _local_path_or_hub_id(model_name)
         config = transformers.AutoConfig.from_pretrained(model_name, **kwargs)
         spec = spec_for(config)
@@ -202,7 +213,8 @@ class FastModel:
             moe.finish_loading(model, load_in_4bit)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        patch_model(model, max_seq_length=max_seq_length, attn_implementation=attn_implementation, spec=spec)
+        patch_model(model, max_seq_length=max_seq_length, attn_implementation=attn_implementation, spec=spec,
+                    disable_kernels=disable_kernels)
         return model, tokenizer
 
     @staticmethod
@@ -330,23 +342,42 @@ def _check_lora_args(model, r, lora_alpha, target_modules):
     return list(target_modules)
 
 
-def patch_model(model, max_seq_length: int = 2048, attn_implementation: str | None = None, spec=None):
-    """Patch a loaded ``*ForCausalLM`` instance in place (see ``patch.py``); returns it."""
+def _disabled_for_model(disable_kernels) -> tuple[frozenset[str], str | None]:
+    """The kernel names disabled for a model (``disable_kernels`` and ``FASTFT_DISABLE_KERNELS``, united) and the
+    sources that named them, for the log line (None when nothing is disabled)."""
+    from_argument = kernel_names(disable_kernels, "disable_kernels")
+    from_env = env_disabled_kernels()
+    sources = []
+    if from_env:
+        sources.append(f"{DISABLE_ENV}={os.environ[DISABLE_ENV].strip()}")
+    if from_argument:
+        sources.append(f"disable_kernels={disable_kernels!r}")
+    return from_argument | from_env, "; ".join(sources) or None
+
+
+def patch_model(model, max_seq_length: int = 2048, attn_implementation: str | None = None, spec=None,
+                disable_kernels=None):
+    """Patch a loaded ``*ForCausalLM`` instance in place (see ``patch.py``); returns it. ``disable_kernels``: as
+    in :meth:`FastModel.from_pretrained` (united with ``FASTFT_DISABLE_KERNELS``)."""
     spec = spec or spec_for(model.config)
+    disabled, source = _disabled_for_model(disable_kernels)
     fastft_attention.register()
     trl_compat.install()
     attn_implementation = fastft_attention.resolve_attention(model.config, model.device, model.dtype,
-                                                             attn_implementation)
+                                                             attn_implementation, disabled="attention" in disabled)
     model.set_attn_implementation(attn_implementation)
+    if source is not None:
+        logger.warning(describe_routes(disabled, source))
 
-    patch_decoder(model.model, spec)
+    patch_decoder(model.model, spec, disabled)
     for module in model.modules():
         # bitsandbytes' CPU backend would repack 4-bit weights into a CPU-only layout on the first eval-mode
         # forward of a layer that falls back to it; fastft reads the standard layout, so keep it.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    model.forward = types.MethodType(make_causal_lm_forward(model), model)
-    model._fastft_lm_head_hook = trl_compat.tag_lm_head(model)
+    if not {"cross_entropy", "fused_linear_cross_entropy"} <= disabled:
+        model.forward = types.MethodType(make_causal_lm_forward(model, disabled), model)
+    model._fastft_lm_head_hook = trl_compat.tag_lm_head(model, serve="linear_log_probs" not in disabled)
     model._fastft_length_hook = _install_length_check(model.model, max_seq_length)
     model._fastft_patched = True
     model.max_seq_length = max_seq_length

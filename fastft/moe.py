@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_map_only
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .architectures import SPECS, MoESpec, UnsupportedModelError
+from .kernels._common import disabled_scope
 from .kernels.moe_experts import ExpertLora, NF4Experts, moe_experts
 from .kernels.nf4 import dequantize_nf4
 from .quant import UnsupportedLoraLayer
@@ -335,7 +336,8 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if spec.router_jitter and self.training and self.jitter_noise > 0:
         x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
     _, top_k_weights, top_k_index = self.gate(x)  # the module: transformers records its logits
-    out = experts_forward(self.experts, x, top_k_index, top_k_weights)
+    with disabled_scope(self._fastft_disabled):  # the model's disabled names ("nf4": the experts' dequantization)
+        out = experts_forward(self.experts, x, top_k_index, top_k_weights)
     if spec.shared_expert:
         out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
     return out.reshape(shape)

@@ -8,7 +8,8 @@ dispatcher in place of that name in ``trl.trainer.utils``: calls whose ``lm_head
 fastft model (tagged by :func:`tag_lm_head`) run ``fastft.kernels.linear_log_probs``, which computes the
 same five per-token outputs (log-probs, entropy, log-sum of squared probs, mean logit, top-1 flag; SFT and
 DPO ask for log-probs plus metric fields); every other call (other models, logit soft-capping) goes to
-TRL's kernel unchanged, so models that fastft did not patch behave exactly as before.
+TRL's kernel unchanged, so models that fastft did not patch behave exactly as before, and so do fastft models
+with ``linear_log_probs`` disabled (``disable_kernels`` / ``FASTFT_DISABLE_KERNELS``).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ SUPPORTED_TRL = ">=1.16,<2"
 _TAG = "_fastft_lm_head"
 
 
-def tag_lm_head(model):
+def tag_lm_head(model, serve: bool = True):
     """Mark ``model.lm_head.weight`` as a fastft model's, at every forward of the backbone; returns the hook.
+    ``serve=False`` (``linear_log_probs`` disabled for this model) marks it as one TRL's own kernel serves.
 
     Tagging once is not enough under FSDP2: ``fully_shard`` replaces the weight by a sharded DTensor
     parameter, which TRL gathers with ``weight.full_tensor()`` into a new tensor at every call. So the tag is
@@ -32,11 +34,11 @@ def tag_lm_head(model):
 
     def tag(*_):
         weight = model.lm_head.weight
-        setattr(weight, _TAG, True)
+        setattr(weight, _TAG, serve)
         if is_dtensor(weight) and "full_tensor" not in weight.__dict__:
             def full_tensor(*args, **kwargs):
                 gathered = type(weight).full_tensor(weight, *args, **kwargs)
-                setattr(gathered, _TAG, True)
+                setattr(gathered, _TAG, serve)
                 return gathered
 
             weight.full_tensor = full_tensor

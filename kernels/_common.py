@@ -7,6 +7,11 @@ Every public op in ``fastft.kernels`` has three engines:
   Triton kernel in Triton's interpreter -- this is how the kernels are tested without a GPU;
 * a CPU tensor otherwise runs a plain PyTorch implementation, so fastft works everywhere.
 
+Any op can be switched to its PyTorch engine on every device by name (:data:`KERNEL_NAMES`): the environment
+variable ``FASTFT_DISABLE_KERNELS`` (read at every call, so it may be set after import) or a
+:func:`disabled` block. That PyTorch engine runs on CUDA tensors as on CPU ones: it is the way around a kernel
+that fails on a user's GPU.
+
 This module imports only torch and triton.
 """
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -31,8 +37,12 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs",
                 "nf4", "lora_linear", "lora_qkv", "lora_mlp", "attention")
 KERNEL_GROUPS = {"lora": ("lora_linear", "lora_qkv", "lora_mlp"), "all": KERNEL_NAMES}
+DISABLE_ENV = "FASTFT_DISABLE_KERNELS"
 
 _forced_engine: str | None = None
+# .names: the names disabled by this thread's enclosing `disabled` blocks. Per thread: autograd runs a CUDA backward
+# in a thread of its own, where the fused LoRA ops re-enter the names their forward ran under.
+_scope = threading.local()
 
 # Device types whose tensors take the GPU code path. ``fastft.memory`` adds "meta" while it accounts a
 # training step on meta tensors (the wrappers then allocate exactly what they would on a GPU; the
@@ -48,7 +58,7 @@ simulated_compute_capability = 90
 @contextlib.contextmanager
 def use_engine(engine: str):
     """Force every op to one engine (``"triton"`` or ``"torch"``) inside the block; for tests and
-    benchmarks that compare the two paths on the same machine."""
+    benchmarks that compare the two paths on the same machine (it overrides the disabled names too)."""
     global _forced_engine
     if engine not in ("triton", "torch"):
         raise ValueError(f"engine must be 'triton' or 'torch', got {engine!r}")
@@ -57,6 +67,91 @@ def use_engine(engine: str):
         yield
     finally:
         _forced_engine = previous
+
+
+def kernel_names(names, source: str) -> frozenset[str]:
+    """The kernel names ``names`` selects: a comma-separated string (whitespace and case ignored; empty: none) or
+    an iterable of names, each one of :data:`KERNEL_NAMES` or a group of :data:`KERNEL_GROUPS`. Anything else is a
+    ValueError naming ``source`` (where the names came from) and the valid names."""
+    if isinstance(names, str):
+        items = [name.strip().lower() for name in names.split(",")]
+        items = [name for name in items if name]
+    elif names is None:
+        items = []
+    else:
+        try:
+            items = list(names)
+        except TypeError:
+            raise TypeError(f"{source}: expected kernel names (a list of str or a comma-separated str), "
+                            f"got {type(names).__name__}") from None
+        for name in items:
+            if not isinstance(name, str):
+                raise TypeError(f"{source}: kernel names are strings, got {name!r}")
+        items = [name.strip().lower() for name in items]
+    selected = set()
+    for name in items:
+        if name in KERNEL_GROUPS:
+            selected.update(KERNEL_GROUPS[name])
+        elif name in KERNEL_NAMES:
+            selected.add(name)
+        else:
+            raise ValueError(f"{source}: unknown kernel name {name!r}; valid names: {', '.join(KERNEL_NAMES)}, "
+                             f"or the groups {', '.join(KERNEL_GROUPS)}")
+    return frozenset(selected)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_env(value: str) -> frozenset[str]:
+    return kernel_names(value, f"{DISABLE_ENV}={value!r}")
+
+
+def env_disabled_kernels() -> frozenset[str]:
+    """The names ``FASTFT_DISABLE_KERNELS`` disables now (parsed once per distinct value)."""
+    return _parse_env(os.environ.get(DISABLE_ENV, ""))
+
+
+def _scoped() -> frozenset[str]:
+    return getattr(_scope, "names", frozenset())
+
+
+def disabled_kernels() -> frozenset[str]:
+    """The names disabled now: ``FASTFT_DISABLE_KERNELS`` and every enclosing :func:`disabled` block."""
+    return env_disabled_kernels() | _scoped()
+
+
+@contextlib.contextmanager
+def disabled(*names: str):
+    """Run the named ops (or groups: "lora", "all") on their PyTorch engine inside the block (in this thread), on
+    every device, on top of ``FASTFT_DISABLE_KERNELS``; :func:`use_engine` overrides it. An op picks its engine
+    when its forward runs: a backward outside the block runs the engines of its forward::
+
+        with fastft.kernels.disabled("attention", "rms_norm"):
+            loss = model(**batch).loss
+    """
+    with _disabled_scope(kernel_names(names, "fastft.kernels.disabled")):
+        yield
+
+
+@contextlib.contextmanager
+def _disabled_scope(names: frozenset[str]):
+    previous = _scoped()
+    _scope.names = previous | names
+    try:
+        yield
+    finally:
+        _scope.names = previous
+
+
+def disabled_scope(names: frozenset[str]):
+    """:func:`disabled` for already checked names (a no-op context for none): how an autograd Function's backward
+    re-enters the names its forward ran under, so both run the same engines."""
+    return _disabled_scope(names) if names else contextlib.nullcontext()
+
+
+def composite_op(tensor: torch.Tensor, op: str):
+    """The context a composite op (the fused LoRA ops) runs in: when ``op`` itself is disabled, every kernel it
+    calls inside (NF4 dequantization, SwiGLU, the dropout kernels) takes its PyTorch engine."""
+    return contextlib.nullcontext() if use_triton(tensor, op) else _disabled_scope(frozenset(KERNEL_NAMES))
 
 
 def torch_at_least(version: str, major: int, minor: int) -> bool:
@@ -113,9 +208,18 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the op on ``tensor`` runs the Triton kernel (True) or the PyTorch path (False)."""
+_KERNEL_NAME_SET = frozenset(KERNEL_NAMES)
+
+
+def use_triton(tensor: torch.Tensor, op: str) -> bool:
+    """Whether the op ``op`` (one of :data:`KERNEL_NAMES`) on ``tensor`` runs its Triton kernel (True) or its
+    PyTorch engine (False). :func:`use_engine` decides first, then a disabled name (``FASTFT_DISABLE_KERNELS``,
+    :func:`disabled`), then the device."""
+    if op not in _KERNEL_NAME_SET:
+        raise ValueError(f"use_triton: unknown op {op!r}; kernel names: {', '.join(KERNEL_NAMES)}")
     if _forced_engine == "torch":
+        return False
+    if _forced_engine is None and (op in _scoped() or op in env_disabled_kernels()):
         return False
     if on_gpu(tensor):
         return True

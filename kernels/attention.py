@@ -756,7 +756,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     _check_qkv(q, k, v, False, causal, scale, sliding_window)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if not use_triton(q):
+    if not use_triton(q, "attention"):
         return _attention_torch(q, k, v, causal, scale, sliding_window)
     return FlashAttentionFunction.apply(q, k, v, None, None, causal, scale, sliding_window)
 
@@ -781,9 +781,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     The first call with a given ``cu_seqlens`` tensor validates it (on a GPU without a host sync).
     """
     _check_qkv(q, k, v, True, causal, scale, sliding_window)
-    offsets = _check_cu_seqlens(cu_seqlens, max_seqlen, q, need_offsets=not use_triton(q))
+    triton = use_triton(q, "attention")
+    offsets = _check_cu_seqlens(cu_seqlens, max_seqlen, q, need_offsets=not triton)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if not use_triton(q):
+    if not triton:
         outs = [
             _attention_torch(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
                              causal, scale, sliding_window)[0].transpose(0, 1)

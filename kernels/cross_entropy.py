@@ -136,7 +136,7 @@ def cross_entropy(
     if vocab == 0:
         raise ValueError("logits must have at least one column (V >= 1)")
     n_valid = check_labels(labels, n_rows, vocab, ignore_index, rows_name="logits")
-    if not use_triton(logits):
+    if not use_triton(logits, "cross_entropy"):
         return _cross_entropy_torch(logits, labels, ignore_index, reduction, n_valid)
     if logits.stride(1) != 1:
         logits = logits.contiguous()

@@ -291,7 +291,7 @@ def fused_linear_cross_entropy(
     else:
         chunk_rows = min(chunk_size, max(n_rows, 1))
 
-    if not use_triton(hidden):
+    if not use_triton(hidden, "fused_linear_cross_entropy"):
         log_probs = lm_head_rows_torch(hidden, weight, None, labels, z_scale=1.0, ignore_index=ignore_index,
                                        chunk_rows=max(chunk_rows, 1))[0]
         return reduce_loss(0.0 - log_probs, reduction, n_valid)  # 0 - x: +0, not -0, on ignored rows

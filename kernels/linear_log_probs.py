@@ -296,7 +296,7 @@ def linear_log_probs(
     check_labels(labels, n_rows, vocab, ignore_index, rows_name="hidden")
     z_scale = float(logit_scale) / float(temperature)
 
-    if not use_triton(hidden):
+    if not use_triton(hidden, "linear_log_probs"):
         results = lm_head_rows_torch(hidden, weight, bias, labels, z_scale=z_scale, ignore_index=ignore_index,
                                      chunk_rows=token_chunk, outputs=requested)
     else:

@@ -26,8 +26,9 @@ Kernels (small-N GEMMs: ``r`` columns): ``tl.dot`` over tiles, the mask drawn fo
 tile of ``x`` (or of ``dyB @ A``) and applied in registers. ``dA`` reduces over the tokens: its grid is
 ``in``-tiles x ``r``-tiles x token splits (enough programs to fill the GPU when ``in / BLOCK_K`` is small),
 the splits' fp32 partial sums added by PyTorch (deterministic, no atomics). The PyTorch engine (CPU tensors
-without the interpreter) draws its mask with a seeded ``torch.Generator`` per block of 64 rows; it draws
-other masks than the Triton kernels, but the same ones in forward, backward and recompute.
+without the interpreter, or the op disabled) draws its mask with a seeded ``torch.Generator`` per block of 64
+rows, on the tensors' device (CUDA) or the CPU (else); it draws other masks than the Triton kernels, but the same
+ones in forward, backward and recompute.
 """
 from __future__ import annotations
 
@@ -46,11 +47,14 @@ _GOLDEN = 0x9E3779B97F4A7C15  # mixes a row block's index into the seed (Weyl se
 
 class DropoutMask(NamedTuple):
     """The dropout mask of one call: element ``(t, k)`` of a ``[T, in]`` input is kept (times ``1 / (1 - p)``)
-    or zeroed by a draw keyed by ``seed`` at row ``row0 + t``, column ``k`` (the module docstring says how)."""
+    or zeroed by a draw keyed by ``seed`` at row ``row0 + t``, column ``k`` (the module docstring says how).
+    ``op``: the fused LoRA op that drew it; the kernels of this file are that op's, and run on its engine
+    (``use_triton(x, op)``: disabling the op disables them)."""
 
     p: float
     seed: int
     row0: int = 0
+    op: str = "lora_linear"
 
     @property
     def scale(self) -> float:
@@ -61,9 +65,9 @@ class DropoutMask(NamedTuple):
         return self._replace(row0=self.row0 + start)
 
     @classmethod
-    def draw(cls, p: float, device: torch.device) -> "DropoutMask":
-        """A mask with a fresh seed from torch's generator of ``device`` (see the module doc)."""
-        return cls(p, _draw_seed(device))
+    def draw(cls, p: float, device: torch.device, op: str = "lora_linear") -> "DropoutMask":
+        """A mask with a fresh seed from torch's generator of ``device`` (see the module doc), for the op ``op``."""
+        return cls(p, _draw_seed(device), op=op)
 
 
 def _draw_seed(device: torch.device) -> int:
@@ -223,13 +227,15 @@ def _unit_columns(t: torch.Tensor) -> torch.Tensor:
 
 def _torch_keep(mask: DropoutMask, n_rows: int, n_cols: int, device) -> torch.Tensor:
     """The PyTorch engine's keep decisions (bool ``[n_rows, n_cols]``) for rows ``mask.row0 ..``: one
-    ``torch.Generator`` per block of 64 global rows, seeded from the call's seed and the block's index."""
+    ``torch.Generator`` per block of 64 global rows, seeded from the call's seed and the block's index; on a CUDA
+    device there (drawing a [T, in] mask on the host would cost seconds per layer), else on the CPU."""
     first = mask.row0 // _TORCH_BLOCK_ROWS
     last = (mask.row0 + n_rows - 1) // _TORCH_BLOCK_ROWS
+    on = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
     draws = []
     for block in range(first, last + 1):
-        gen = torch.Generator().manual_seed((mask.seed + block * _GOLDEN) % 2**64)
-        draws.append(torch.rand(_TORCH_BLOCK_ROWS, n_cols, generator=gen))
+        gen = torch.Generator(on).manual_seed((mask.seed + block * _GOLDEN) % 2**64)
+        draws.append(torch.rand(_TORCH_BLOCK_ROWS, n_cols, generator=gen, device=on))
     start = mask.row0 - first * _TORCH_BLOCK_ROWS
     return (torch.cat(draws)[start:start + n_rows] >= mask.p).to(device)
 
@@ -245,7 +251,7 @@ def dropout_mask(mask: DropoutMask, shape, device, engine: str | None = None) ->
     ``"triton"`` or ``"torch"`` (default: the engine a tensor on ``device`` runs)."""
     T, K = shape
     if engine is None:
-        engine = "triton" if use_triton(torch.empty(0, device=device)) else "torch"
+        engine = "triton" if use_triton(torch.empty(0, device=device), mask.op) else "torch"
     if engine == "torch":
         return _torch_keep(mask, T, K, device).float() * mask.scale
     out = empty((T, K), dtype=torch.float32, device=device)
@@ -269,7 +275,7 @@ def dropout_lora_a(x: torch.Tensor, A: torch.Tensor, mask: DropoutMask) -> torch
     """
     T, K = x.shape
     R = A.shape[0]
-    if not use_triton(x):
+    if not use_triton(x, mask.op):
         return torch.mm(_torch_dropped(x, mask, A.dtype), A.t())
     x, A = _unit_columns(x), _unit_columns(A)
     xa = empty((T, R), dtype=A.dtype, device=x.device)
@@ -295,7 +301,7 @@ def dropout_lora_grad_a(dyB: torch.Tensor, x: torch.Tensor, mask: DropoutMask, a
     """
     T, K = x.shape
     R = dyB.shape[1]
-    if not use_triton(x):
+    if not use_triton(x, mask.op):
         return torch.mm(dyB.t(), _torch_dropped(x, mask, dyB.dtype)).mul_(alpha)
     x, dyB = _unit_columns(x), _unit_columns(dyB)
     blocks = _blocks(R, dyB.dtype, x.device)
@@ -333,7 +339,7 @@ def dropout_lora_grad_x_(dx: torch.Tensor, dyB: torch.Tensor, A: torch.Tensor, m
     """
     T, K = dx.shape
     R = A.shape[0]
-    if not use_triton(dx):
+    if not use_triton(dx, mask.op):
         term = torch.mm(dyB, A).float().mul_(alpha * mask.scale).masked_fill_(~_torch_keep(mask, T, K, dx.device), 0)
         return dx.add_(term)
     if dx.stride(-1) != 1:

@@ -11,25 +11,26 @@ from __future__ import annotations
 import torch
 
 from . import lora_projection as proj
-from ._common import check_tensor
+from ._common import check_tensor, composite_op, disabled_kernels, disabled_scope
 
 
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, A, B, s, compute_dtype, dropout):
-        (mask,) = proj.draw_masks(x2.device, [(weight, bias, A, B, s, compute_dtype, dropout)])
+        (mask,) = proj.draw_masks(x2.device, [(weight, bias, A, B, s, compute_dtype, dropout)], "lora_linear")
         y, xa = proj.project_forward(x2, weight, bias, A, B, s, compute_dtype, mask)
         ctx.save_for_backward(x2, A, B, xa)
         ctx.weight, ctx.s, ctx.compute_dtype = weight, s, compute_dtype  # weight: a reference, never a dequantized copy
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mask = mask  # a seed, not a tensor
+        ctx.disabled = disabled_kernels()  # the backward runs the engines the forward ran
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, A, B, xa = ctx.saved_tensors
         need_dx, _, need_dbias, need_dA, need_dB, _, _, _ = ctx.needs_input_grad
-        with proj.autocast_off(dy.device.type):
+        with proj.autocast_off(dy.device.type), disabled_scope(ctx.disabled):
             dx, dA, dB = proj.project_backward(dy, x2, ctx.weight, A, B, ctx.s, xa, ctx.compute_dtype,
                                           need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, mask=ctx.mask)
             dbias = proj.bias_grad(dy, ctx.bias_dtype) if need_dbias else None
@@ -66,6 +67,6 @@ def lora_linear(x: torch.Tensor, weight, bias, A, B, scaling, compute_dtype=None
     x, (params,), (out_dtype,) = proj.prepare_projections(x, [params])
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    with proj.autocast_off(x.device.type):
+    with proj.autocast_off(x.device.type), composite_op(x, "lora_linear"):
         y = _LoraLinearFunction.apply(x2, *params)
     return y.reshape(*lead_shape, y.shape[-1]).to(out_dtype)

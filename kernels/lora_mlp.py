@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 
 from . import lora_projection as proj
-from ._common import check_tensor, empty
+from ._common import check_tensor, composite_op, disabled_kernels, disabled_scope, empty
 from .swiglu import swiglu_backward_into, swiglu_forward_into
 
 _N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
@@ -124,7 +124,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         *ins, down = projections
         T = x2.shape[0]
         ctx.chunked = chunk_tokens is not None and chunk_tokens < T
-        masks = proj.draw_masks(x2.device, projections)  # each projection its own dropout seed
+        masks = proj.draw_masks(x2.device, projections, "lora_mlp")  # each projection its own dropout seed
         adapters = [t for p in projections for t in (p[2], p[3])]
         if not ctx.chunked:
             y, outs, smalls = _mlp_forward(x2, ins, down, masks)
@@ -146,6 +146,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         ctx.chunk_tokens = chunk_tokens
         ctx.frozen = [(p[0], p[1], p[4], p[5]) for p in projections]  # weight (a reference), bias, s, dtype
         ctx.masks = masks  # seeds, not tensors
+        ctx.disabled = disabled_kernels()  # the backward runs the engines the forward ran
         return y
 
     @staticmethod
@@ -164,7 +165,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         smalls, adapters = saved[:n], saved[n:]
         projections = [(W, b, adapters[2 * i], adapters[2 * i + 1], s, cd)
                        for i, (W, b, s, cd) in enumerate(ctx.frozen)]
-        with proj.autocast_off(dy.device.type):
+        with proj.autocast_off(dy.device.type), disabled_scope(ctx.disabled):
             if not ctx.chunked:
                 dx, grads = _mlp_backward(dy, x2, outs, smalls, projections, need, None, ctx.masks)
             else:
@@ -216,7 +217,7 @@ def _apply(x, ins, down, chunk_tokens):
     x, projections, out_dtypes = proj.prepare_projections(x, [*ins, down])
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    with proj.autocast_off(x.device.type):
+    with proj.autocast_off(x.device.type), composite_op(x, "lora_mlp"):  # lora_mlp_gate_up too
         y = _LoraMLPFunction.apply(x2, chunk_tokens, *(arg for p in projections for arg in p))
     return y.reshape(*lead_shape, y.shape[-1]).to(out_dtypes[-1])
 

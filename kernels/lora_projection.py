@@ -36,6 +36,10 @@ Dtypes follow peft 0.21's ``lora.Linear4bit`` (over bitsandbytes' ``Linear4bit``
 * under ``torch.autocast`` the matmuls run in the autocast dtype (A and B are cast, differentiably);
   an NF4 layer returns ``x.dtype`` (bitsandbytes casts back), a plain one the autocast dtype.
 
+Engines: each fused op (``lora_linear``, ``lora_qkv``, ``lora_mlp``) runs the kernels it calls (NF4
+dequantization, LoRA dropout, SwiGLU) on their PyTorch engines when the op is disabled by name
+(``_common.composite_op``), and its backward on the engines its forward ran (``_common.disabled_scope``).
+
 A projection is passed around as the tuple ``(weight, bias, A, B, scaling, compute_dtype, dropout)`` that
 :func:`check_projection` validates and :func:`prepare_projections` resolves.
 """
@@ -177,11 +181,11 @@ def autocast_off(device_type: str):
 # One projection, forward and backward
 
 
-def draw_masks(device: torch.device, projections) -> list:
+def draw_masks(device: torch.device, projections, op: str) -> list:
     """One :class:`DropoutMask` with a fresh seed per projection that has an adapter and dropout > 0 (in
-    projection order), None for the others. Called inside the forward, so a checkpointed recompute, with
-    the generators restored, draws the same seeds."""
-    return [DropoutMask.draw(p[6], device) if p[2] is not None and p[6] > 0 else None for p in projections]
+    projection order), None for the others; ``op``: the fused op drawing them. Called inside the forward, so a
+    checkpointed recompute, with the generators restored, draws the same seeds."""
+    return [DropoutMask.draw(p[6], device, op) if p[2] is not None and p[6] > 0 else None for p in projections]
 
 
 def project_forward(x2: torch.Tensor, weight, bias, A, B, s: float, compute_dtype: torch.dtype, mask=None):

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from . import lora_projection as proj
-from ._common import check_tensor
+from ._common import check_tensor, composite_op, disabled_kernels, disabled_scope
 from .lora_dropout import dropout_lora_a, dropout_lora_grad_a, dropout_lora_grad_x_
 from .lora_linear import lora_linear
 from .nf4 import NF4Weight, dequantize_nf4
@@ -78,7 +78,7 @@ class _LoraQKVFunction(torch.autograd.Function):
     def forward(ctx, x2, *flat):
         projections = [flat[i:i + _N] for i in range(0, 3 * _N, _N)]  # q, k, v
         weights, biases, As, Bs, scalings = ([p[j] for p in projections] for j in range(5))
-        masks = proj.draw_masks(x2.device, projections)  # each projection its own dropout seed, as in peft
+        masks = proj.draw_masks(x2.device, projections, "lora_qkv")  # each projection its own seed, as in peft
         dtype, cd = x2.dtype, projections[0][5]
         cols = _blocks(w.shape[0] for w in weights)
         W = _dense_qkv(weights, cd)
@@ -112,6 +112,7 @@ class _LoraQKVFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, *As, *Bs, *xas)
         ctx.weights, ctx.scalings, ctx.compute_dtype, ctx.masks = weights, scalings, cd, masks  # seeds, references
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        ctx.disabled = disabled_kernels()  # the backward runs the engines the forward ran
         return y
 
     @staticmethod
@@ -124,7 +125,7 @@ class _LoraQKVFunction(torch.autograd.Function):
         adapters = [i for i in range(3) if As[i] is not None]
         stacked = [i for i in adapters if masks[i] is None]
         grads = [None] * (3 * _N)
-        with proj.autocast_off(dy.device.type):
+        with proj.autocast_off(dy.device.type), disabled_scope(ctx.disabled):
             G = [None] * 3  # s_p * dY_p @ B_p, in the adapter's dtype
             if adapters:
                 ad = As[adapters[0]].dtype
@@ -191,10 +192,11 @@ def lora_qkv(x: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torc
     all_nf4 = all(isinstance(p[0], NF4Weight) for p in params)
     if not all_nf4 or len({p[5] for p in params}) > 1 or len(adapter_dtypes) > 1:
         # the one [q|k|v] matmul needs three NF4 weights, one compute dtype and one adapter dtype
-        return tuple(lora_linear(x, *p) for p in checked)
+        with composite_op(x, "lora_qkv"):
+            return tuple(lora_linear(x, *p) for p in checked)
     lead_shape = x_in.shape[:-1]
     x2 = x_in.reshape(-1, x_in.shape[-1])
-    with proj.autocast_off(x_in.device.type):
+    with proj.autocast_off(x_in.device.type), composite_op(x, "lora_qkv"):
         y = _LoraQKVFunction.apply(x2, *params[0], *params[1], *params[2])
     q, k, v = y.reshape(*lead_shape, y.shape[-1]).split([p[0].shape[0] for p in params], dim=-1)
     # v gets its own storage: attention keeps v for its backward (a KV cache keeps it too), and a view would

@@ -57,7 +57,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, autocast_dtype, check_tensor
+from ._common import FLOAT_DTYPES, autocast_dtype, check_tensor, disabled_kernels, disabled_scope
 from .lora_projection import autocast_off, dequant_workspace
 from .nf4 import NF4Weight, dequantize_nf4
 
@@ -231,10 +231,16 @@ class _MoEExperts(torch.autograd.Function):
             out.index_add_(0, tokens, (y * flat_weights[slots, None]).to(out_dtype).float())
         ctx.save_for_backward(x, top_k_weights, A_gu, B_gu, A_d, B_d)
         ctx.routing, ctx.gate_up, ctx.down, ctx.scalings = routing, gate_up, down, (s_gu, s_d)
+        ctx.disabled = disabled_kernels()  # the backward dequantizes on the engine the forward did
         return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dout):
+        with disabled_scope(ctx.disabled):
+            return _MoEExperts._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         x, top_k_weights, A_gu, B_gu, A_d, B_d = ctx.saved_tensors
         routing, (s_gu, s_d), dtype = ctx.routing, ctx.scalings, x.dtype
         lora_gu = None if A_gu is None else ExpertLora(A_gu, B_gu, s_gu)

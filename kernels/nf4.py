@@ -40,6 +40,7 @@ from ._common import FLOAT_DTYPES, INTERPRET, check_tensor, empty, on_gpu, use_t
 _BYTES_PER_PROGRAM = 1024  # -> 2048 outputs per program: 4 warps x 32 threads x 16 values
 _NUM_WARPS = 4
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
+_TORCH_CHUNK = 1 << 22  # elements per step of the PyTorch engine (a multiple of every blocksize)
 
 
 @dataclasses.dataclass
@@ -195,20 +196,24 @@ def _nf4_dequant_kernel(
 
 
 def _dequantize_nf4_torch(w: NF4Weight, out: torch.Tensor) -> torch.Tensor:
-    """The same math in PyTorch (the engine for CPU tensors without the Triton interpreter)."""
+    """The same math in PyTorch (the engine for CPU tensors without the Triton interpreter, and for any tensor with
+    "nf4" disabled), ``_TORCH_CHUNK`` elements at a time: the int64 / fp32 temporaries of a whole 8B-model MLP
+    weight would take a GiB of GPU memory."""
     n = w.numel
-    packed = w.packed.reshape(-1)
-    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
-    values = w.code[nibbles]  # fp32, element order
+    packed, flat = w.packed.reshape(-1), out.view(-1)
     if w.double_quant:
         nested = w.nested_absmax.repeat_interleave(w.nested_blocksize)[: w.absmax.numel()]
-        scale = w.nested_code[w.absmax.reshape(-1).long()] * nested
-        scale = scale + w.offset.reshape(())
+        scales = w.nested_code[w.absmax.reshape(-1).long()] * nested
+        scales = scales + w.offset.reshape(())
     else:
-        scale = w.absmax.reshape(-1)
-    scale = scale.repeat_interleave(w.blocksize)[:n]
-    torch.mul(values, scale, out=values)
-    out.view(-1).copy_(values)  # the one rounding to the output dtype
+        scales = w.absmax.reshape(-1)
+    for start in range(0, n, _TORCH_CHUNK):  # whole quantization blocks, whole bytes: _TORCH_CHUNK is a multiple
+        end = min(start + _TORCH_CHUNK, n)
+        chunk = packed[start // 2: (end + 1) // 2]
+        nibbles = torch.stack([chunk >> 4, chunk & 0xF], dim=1).reshape(-1)[: end - start].long()
+        values = w.code[nibbles]  # fp32, element order
+        scale = scales[start // w.blocksize: triton.cdiv(end, w.blocksize)].repeat_interleave(w.blocksize)
+        flat[start:end].copy_(values.mul_(scale[: end - start]))  # the one rounding to the output dtype
     return out
 
 
@@ -242,7 +247,7 @@ def dequantize_nf4(w: NF4Weight, out: torch.Tensor | None = None, dtype: torch.d
         if dtype is not None and dtype != out.dtype:
             raise TypeError(f"dtype {dtype} contradicts out's dtype {out.dtype}")
 
-    if not use_triton(w.packed):
+    if not use_triton(w.packed, "nf4"):
         return _dequantize_nf4_torch(w, out)
 
     n_bytes = w.packed.numel()

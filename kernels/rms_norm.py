@@ -198,6 +198,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         raise ValueError("x's last dim (H) must be at least 1")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if not use_triton(x):
+    if not use_triton(x, "rms_norm"):
         return _rms_norm_torch(x, weight, float(eps))
     return _RMSNormFunction.apply(x, weight.contiguous(), float(eps))

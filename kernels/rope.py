@@ -256,6 +256,6 @@ def apply_rope(
             raise ValueError(
                 f"{name} requires grad, but apply_rope gives no gradient for cos/sin; pass {name}.detach()"
             )
-    if not use_triton(q):
+    if not use_triton(q, "rope"):
         return _apply_rope_torch(q, k, cos, sin)
     return _RoPEFunction.apply(q, k, cos, sin)

@@ -109,7 +109,7 @@ def swiglu_forward_into(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor)
     shape, dtype and device, each contiguous or 2-D with strided rows, e.g. the two column halves of a fused
     ``[T, 2I]`` gate/up projection (else a ValueError/TypeError). No autograd. Returns ``out``."""
     gate2, up2, out2 = _check_buffers(gate=gate, up=up, out=out)
-    if use_triton(gate):
+    if use_triton(gate, "swiglu"):
         if gate.numel() > 0:
             grid, block = _grid(gate2)
             _swiglu_fwd_kernel[grid](gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0),
@@ -129,7 +129,7 @@ def swiglu_backward_into(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.T
     strided rows (else a ValueError/TypeError). No autograd."""
     buffers = dict(grad_out=grad_out, gate=gate, up=up, grad_gate=grad_gate, grad_up=grad_up)
     rows = _check_buffers(**buffers, **({} if out is None else dict(out=out)))
-    if use_triton(gate):
+    if use_triton(gate, "swiglu"):
         if gate.numel() > 0:
             out2 = rows[5] if out is not None else rows[3]
             grid, block = _grid(rows[1])
@@ -190,6 +190,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"up has dtype {up.dtype} but gate has dtype {gate.dtype}; they must match")
     if up.shape != gate.shape:
         raise ValueError(f"up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must match")
-    if not use_triton(gate):
+    if not use_triton(gate, "swiglu"):
         return _swiglu_torch(gate, up)
     return _SwiGLUFunction.apply(gate, up)

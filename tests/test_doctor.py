@@ -7,8 +7,10 @@ section 5 in-process in the interpreter (its measured step must take the GPU cod
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from kernel_testing import assert_help_documents, env_without_interpreter, scrip
 import fastft.kernels
 from fastft.doctor import cli, environment, numerics, speed
 from fastft.doctor.references import EPS
-from fastft.kernels._common import KERNEL_NAMES
+from fastft.kernels._common import DISABLE_ENV, KERNEL_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 DOCTOR = Path(sys.executable).parent / "fastft-doctor"  # the console script pip installed beside this Python
@@ -92,6 +94,38 @@ def test_a_broken_kernel_fails_and_the_last_lines_name_its_switch(tmp_path, monk
     assert all(r["status"] == "pass" for r in by_op["apply_rope"])  # checked after the failures
     assert report["disable_kernels"] == ["rms_norm", "swiglu"] and report["exit_code"] == 1
     assert "versions" in report and report["versions"]["device"]["type"] == "cpu"
+
+
+def test_with_the_disable_switch_set_the_doctor_checks_the_kernels_and_says_so(tmp_path, monkeypatch, capsys):
+    """FASTFT_DISABLE_KERNELS=rms_norm,attention: the doctor reports what training would route where, then checks the
+    Triton kernels themselves (here one broken on purpose, its PyTorch engine right: FAIL), with the variable unset
+    in every section (parity and memory build patched models, which would honour it)."""
+    rms_norm_module = importlib.import_module("fastft.kernels.rms_norm")
+    real = rms_norm_module._RMSNormFunction
+    monkeypatch.setattr(rms_norm_module, "_RMSNormFunction",
+                        SimpleNamespace(apply=lambda x, w, eps: real.apply(x, w, eps) * 1.1))
+    seen = []
+    real_numerics = cli.Doctor.numerics
+
+    def numerics_seeing_the_environment(self, number):
+        seen.append(os.environ.get(DISABLE_ENV))
+        return real_numerics(self, number)
+
+    monkeypatch.setattr(cli.Doctor, "numerics", numerics_seeing_the_environment)
+    monkeypatch.setenv(DISABLE_ENV, "rms_norm,attention")
+    path = tmp_path / "doctor.json"
+    assert cli.main(["--sections", "numerics", "--ops", "rms_norm", "--json", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert seen == [None] and os.environ[DISABLE_ENV] == "rms_norm,attention"  # unset inside, restored after
+    assert ("FASTFT_DISABLE_KERNELS=rms_norm,attention is set: training here routes rms_norm -> transformers' "
+            "RMSNorm forward, attention -> PyTorch SDPA; the doctor checks fastft's kernels themselves") in out
+    report = json.loads(path.read_text())
+    assert report["FASTFT_DISABLE_KERNELS"] == {
+        "value": "rms_norm,attention", "routes_around": ["rms_norm", "attention"], "problem": None,
+        "routes": {"rms_norm": "transformers' RMSNorm forward", "attention": "PyTorch SDPA"}}
+    rows = report["sections"]["numerics"]["rows"]
+    assert rows and all(r["status"] == "FAIL" and "> tolerance" in r["problem"] for r in rows)
+    assert report["disable_kernels"] == ["rms_norm"]
 
 
 def test_speed_and_training_parity_on_the_pytorch_engine(tmp_path):

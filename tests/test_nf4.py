@@ -54,6 +54,19 @@ def test_dequantize_equals_bitsandbytes(shape, blocksize, double_quant):
             _assert_equal(dequantize_nf4(w), expected, f"torch {dtype}")
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_pytorch_engine_in_chunks_equals_bitsandbytes(double_quant, monkeypatch):
+    """The PyTorch engine (a GPU with "nf4" disabled runs it) dequantizes a few blocks at a time to bound its
+    temporaries: chunk boundaries inside the weight, a last chunk that is partial and ends in a half-used byte."""
+    import fastft.kernels.nf4 as nf4
+
+    packed, qs = _quantize((41, 59), 64, double_quant)  # 2,419 elements: 37.8 blocks of 64, an odd count
+    expected = F.dequantize_4bit(packed, qs)
+    monkeypatch.setattr(nf4, "_TORCH_CHUNK", 256)  # 9 full chunks, then 115 elements
+    with use_engine("torch"):
+        _assert_equal(dequantize_nf4(_nf4_weight(packed, qs)), expected, "torch engine in chunks of 256")
+
+
 def _nf4_definition(packed, qs) -> torch.Tensor:
     """float64 NF4 from the definition (fastft.doctor.references.nf4_reference) of bitsandbytes' packed codes."""
     return nf4_reference(_nf4_weight(packed, qs))

@@ -112,13 +112,19 @@ def keep_bnb_standard_path(model):
     return model
 
 
-def load_baseline(path, load_in_4bit=True, dtype=torch.float32, r=4, lora_alpha=8, lora_dropout=0.0):
-    """Hugging Face + bitsandbytes + peft, eager attention: the reference fastft must match."""
+def load_baseline(path, load_in_4bit=True, dtype=torch.float32, r=4, lora_alpha=8, lora_dropout=0.0,
+                  attn_implementation="eager", fused_lm_head=False):
+    """Hugging Face + bitsandbytes + peft, eager attention: the reference fastft must match. ``fused_lm_head``: with
+    TRL's fused lm head (``model(..., fused_lm_head=True)``, as its trainers add it)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=bnb_config(dtype) if load_in_4bit else None,
-        device_map="cpu", attn_implementation="eager")
+        device_map="cpu", attn_implementation=attn_implementation)
     check_bnb_cpu_reference(model)
     keep_bnb_standard_path(model)
+    if fused_lm_head:
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)
     targets = PHI3_LORA_TARGETS if model.config.model_type == "phi3" else LORA_TARGETS
     config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                              task_type="CAUSAL_LM")

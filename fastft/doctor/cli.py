@@ -138,6 +138,7 @@ class Doctor:
         import torch
 
         from ..model import resolve_dtype
+        from . import environment
 
         self.args, self.sections, self.ops, self.device, self.config = args, sections, ops, device, config
         self.out = out
@@ -148,23 +149,26 @@ class Doctor:
         self.record = {"tool": "fastft-doctor", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "command": shlex.join(["fastft-doctor", *(args.argv or [])]), "model": args.model,
             "sections_run": sections, "ops": sorted(ops) if ops else "all", "engine": self.engine_text,
-            "FASTFT_DISABLE_KERNELS": os.environ.get("FASTFT_DISABLE_KERNELS"), "sections": {}}
+            "FASTFT_DISABLE_KERNELS": environment.disable_switch(), "sections": {}}
 
     def run(self) -> int:
         from ..kernels import use_engine
+        from ..kernels._common import DISABLE_ENV
+        from .report import switch_line
 
         self.out(f"fastft-doctor: {self.record['command']}  ({self.record['date']})")
         self.out(f"device {self.device}; kernels: {self.engine_text}")
-        if os.environ.get("FASTFT_DISABLE_KERNELS"):
-            self.out(f"FASTFT_DISABLE_KERNELS={os.environ['FASTFT_DISABLE_KERNELS']} is set (training would route "
-                     "those kernels to PyTorch); the doctor checks the kernels themselves")
+        switch = self.record["FASTFT_DISABLE_KERNELS"]
+        if switch is not None:
+            self.out(switch_line(switch))
         if "environment" not in self.sections:  # the versions and the device go into every report
             self.record["versions"] = self._versions()
         for number, name in enumerate(SECTIONS, 1):
             if name not in self.sections:
                 continue
             started = time.perf_counter()
-            with use_engine(self.engine), _on(self.device):
+            # the variable unset: the sections that build a patched model (parity, memory) must get fastft's kernels
+            with use_engine(self.engine), _on(self.device), _unset(DISABLE_ENV):
                 try:
                     getattr(self, name)(number)
                 except Exception as exc:  # noqa: BLE001 - a section that crashes is reported, the others still run
@@ -186,7 +190,7 @@ class Doctor:
         from .report import environment_lines, heading
 
         self.out(heading(number, TITLES["environment"], f"shapes of {self.args.model}"))
-        env = environment.collect(self.config, self.device, self.args.model)
+        env = environment.collect(self.config, self.device, self.args.model, self.record["FASTFT_DISABLE_KERNELS"])
         self.record["sections"]["environment"] = env
         self.record["versions"] = {"libraries": env["libraries"], "device": env["device"]}
         self.out(environment_lines(env))
@@ -308,6 +312,17 @@ class Doctor:
             lines.append(f"report written to {self.args.json}")
         self.out("\n".join(lines))
         return code
+
+
+@contextlib.contextmanager
+def _unset(variable: str):
+    """The environment without ``variable`` inside the block, as before it after."""
+    value = os.environ.pop(variable, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[variable] = value
 
 
 @contextlib.contextmanager

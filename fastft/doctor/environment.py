@@ -213,8 +213,26 @@ def fastft_choices(config, device: torch.device) -> dict:
             "attention_routes": routes}
 
 
-def collect(config, device: torch.device, model_name: str) -> dict:
-    """Everything section 1 reports."""
+def disable_switch() -> dict | None:
+    """``FASTFT_DISABLE_KERNELS`` as training here would read it (None when unset or empty): the ops it routes around
+    and where a model then runs each, or the problem with its value. The doctor itself runs with it unset (it checks
+    the kernels themselves)."""
+    from ..kernels._common import DISABLE_ENV, kernel_names
+    from ..patch import model_routes
+
+    value = os.environ.get(DISABLE_ENV, "")
+    if not value.strip():
+        return None
+    try:
+        names = kernel_names(value, f"{DISABLE_ENV}={value!r}")
+    except (TypeError, ValueError) as exc:
+        return {"value": value, "routes_around": [], "routes": {}, "problem": str(exc)}
+    routes = model_routes(names)
+    return {"value": value, "routes_around": list(routes), "routes": routes, "problem": None}
+
+
+def collect(config, device: torch.device, model_name: str, switch: dict | None = None) -> dict:
+    """Everything section 1 reports; ``switch``: :func:`disable_switch`'s report."""
     from .. import __version__ as fastft_version
     from ..attention import _head_dim
     from ..model import resolve_dtype
@@ -234,4 +252,5 @@ def collect(config, device: torch.device, model_name: str) -> dict:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE"),
         "triton_interpret": importlib.import_module("fastft.kernels._common").INTERPRET,
+        "FASTFT_DISABLE_KERNELS": switch,  # disable_switch(), read before the doctor unset it
     }

@@ -30,6 +30,16 @@ def heading(number: int, title: str, detail: str = "") -> str:
 # Sections
 
 
+def switch_line(switch: dict) -> str:
+    """The line about a set ``FASTFT_DISABLE_KERNELS`` (``environment.disable_switch``'s report)."""
+    if switch["problem"]:
+        return (f"  FASTFT_DISABLE_KERNELS={switch['value']} is set, but training would stop on it: {switch['problem']}"
+                "; the doctor checks fastft's kernels with it unset")
+    routes = ", ".join(f"{name} -> {where}" for name, where in switch["routes"].items())
+    return (f"  FASTFT_DISABLE_KERNELS={switch['value']} is set: training here routes {routes}; the doctor checks "
+            "fastft's kernels themselves, with it unset")
+
+
 def environment_lines(env: dict) -> str:
     rows = [["python", env["python"], env["python_verdict"], ""]]
     for lib in env["libraries"]:
@@ -64,6 +74,8 @@ def environment_lines(env: dict) -> str:
         lines.append(f"  fp32 matmuls may run in TF32 (torch.get_float32_matmul_precision() = "
                      f"{env['float32_matmul_precision']!r}, NVIDIA_TF32_OVERRIDE={env['NVIDIA_TF32_OVERRIDE']}): the "
                      "float32 rows of section 2 then show TF32's error")
+    if env["FASTFT_DISABLE_KERNELS"] is not None:
+        lines.append(switch_line(env["FASTFT_DISABLE_KERNELS"]))
     choices = env["choices"]
     lines.append(f"  dtype=None loads the model in {choices['dtype_none']}")
     for head_dim, route in choices["attention_routes"].items():
