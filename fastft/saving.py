@@ -33,6 +33,8 @@ import torch
 from transformers.utils.hub import convert_file_size_to_int
 
 from . import gguf_export
+from .architectures import spec_for
+from .moe import EXPERT_PARAMETERS, checkpoint_expert_tensors, is_moe_config, merged_experts_plan
 from .quant import _is_params4bit, dequantize_4bit, nf4_weight_of
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -62,10 +64,6 @@ def _causal_lm(model):
 def _lora_layers(causal_lm) -> dict:
     """name -> peft LoRA layer, for every LoRA-wrapped module; refuses adapters this export cannot merge."""
     from peft.tuners.lora import LoraLayer
-
-    from .moe import refuse_moe
-
-    refuse_moe(causal_lm.config, "merging LoRA for save_merged / save_gguf (model.save_pretrained saves the adapter)")
 
     layers = {name: module for name, module in causal_lm.named_modules() if isinstance(module, LoraLayer)}
     for name, layer in layers.items():
@@ -125,7 +123,11 @@ def iter_merged_tensors(model, dtype=torch.bfloat16, device="cpu") -> Iterator[t
         ``(name, tensor)`` in the model's parameter order, named as a plain transformers checkpoint (no
         ``base_model.model.`` prefix, no ``base_layer``), each tensor new (not sharing memory with the model)
         and in ``dtype``. A tied ``lm_head`` is not repeated. Merging is exact in fp32 before the final cast:
-        ``W = dequant(W4) + sum over active adapters of scaling * B @ A``.
+        ``W = dequant(W4) + sum over active adapters of scaling * B @ A``. Mixture-of-experts models (Qwen3-MoE,
+        Qwen2-MoE, Mixtral): each expert's ``W[e] = dequant(W4[e]) + scaling * B[e] @ A[e]`` (peft's
+        ``target_parameters`` LoRA), one tensor per expert and projection as the architecture's checkpoints
+        (and transformers' ``save_pretrained``) have them, e.g. ``model.layers.0.mlp.experts.3.gate_proj.weight``
+        or Mixtral's ``model.layers.0.block_sparse_moe.experts.3.w1.weight``; routers as they are.
 
     Arguments and adapters are checked when this is called (DoRA and embedding LoRAs are refused); the merge
     runs lazily, as the tensors are taken.
@@ -133,8 +135,12 @@ def iter_merged_tensors(model, dtype=torch.bfloat16, device="cpu") -> Iterator[t
     dtype, device = _export_dtype(dtype), _export_device(device)
     causal_lm = _causal_lm(model)
     plan = _merge_plan(causal_lm, _lora_layers(causal_lm), device)
-    # one expression per tensor: the fp32 merge result is freed as soon as the cast exists
-    return ((name, merge().to(dtype)) for name, _, merge in plan)
+    moe = spec_for(causal_lm.config).moe if is_moe_config(causal_lm.config) else None
+    if moe is None:
+        # one expression per tensor: the fp32 merge result is freed as soon as the cast exists
+        return ((name, merge().to(dtype)) for name, _, merge in plan)
+    return (pair for name, _, merge in plan
+            for pair in checkpoint_expert_tensors(moe, name, merge().to(dtype)))
 
 
 def _logical_shape(param) -> tuple[int, ...]:
@@ -146,11 +152,18 @@ def _merge_plan(causal_lm, lora_layers: dict, device: torch.device):
     """``(name, shape, merge)`` for each tensor of the merged checkpoint, in parameter order: ``merge()`` computes
     its fp32 value. Nothing is dequantized or merged until ``merge`` is called, so an exporter can lay out a file
     from the names and shapes first (GGUF puts its tensor table before the data)."""
+    experts_done = set()
     for name, param in causal_lm.named_parameters():  # deduplicated: a tied lm_head.weight is skipped
         parts = name.split(".")
         if any(part.startswith("lora_") for part in parts):
             continue  # the adapters themselves: merged into their base layer's weight
-        if "base_layer" in parts:
+        if parts[-1] in EXPERT_PARAMETERS and "experts" in parts:
+            # a 3-D expert tensor, its module maybe wrapped by peft's ParamWrapper (one per targeted parameter)
+            prefix = ".".join(part for part in parts[:-1] if part != "base_layer")
+            if prefix not in experts_done:
+                experts_done.add(prefix)
+                yield from merged_experts_plan(causal_lm.get_submodule(prefix), prefix, device)
+        elif "base_layer" in parts:
             at = parts.index("base_layer")
             layer = lora_layers[".".join(parts[:at])]
             yield (".".join(parts[:at] + parts[at + 1:]), _logical_shape(param),
@@ -294,7 +307,9 @@ def save_gguf(model, path, tokenizer, quantization: str = "f16", *, device="cpu"
 
     Args:
         model: a fastft model (a ``PeftModel`` from ``FastModel.get_peft_model``, or a model without LoRA) of an
-            architecture fastft patches: Llama (Llama 3.1 RoPE scaling included), Mistral, Qwen2, Qwen3.
+            architecture fastft patches: Llama (Llama 3.1 RoPE scaling included), Mistral, Qwen2, Qwen3, Phi-3, and
+            the mixture-of-experts Qwen3-MoE, Qwen2-MoE and Mixtral (llama.cpp's stacked expert tensors; see
+            ``fastft.gguf_export``).
         path: the ``.gguf`` file to create. An existing GGUF file there is replaced only with ``overwrite=True``.
         tokenizer: the model's (fast) tokenizer: its vocabulary, merges, special tokens and chat template go into
             the file, so that llama.cpp tokenizes as it does (see :func:`fastft.gguf_export.add_tokenizer`).
