@@ -98,11 +98,11 @@ def test_merged_checkpoint_reloads_in_plain_transformers(arch, tmp_path):
         assert (logits_of(model, ids, mask) - expected)[real].abs().max() > 1e-3
 
 
-def gguf_moe(arch, tmp_path, **overrides):
-    """A tiny MoE with LoRA, with a vocabulary for the BPE tokenizer llama.cpp runs (400 tokens), saved as f32 GGUF."""
+def gguf_moe(arch, tmp_path, quantization="f32", **overrides):
+    """A tiny MoE with LoRA, with a vocabulary for the BPE tokenizer llama.cpp runs (400 tokens), saved as GGUF."""
     path = save_tiny_moe(arch, tmp_path / f"tiny-{arch}", vocab_size=416, **overrides)
     model, tokenizer = lora_moe(path), tiny_bpe_tokenizer()
-    save_gguf(model, tmp_path / "model.gguf", tokenizer, "f32")
+    save_gguf(model, tmp_path / "model.gguf", tokenizer, quantization)
     return model, tokenizer, gguf.GGUFReader(tmp_path / "model.gguf")
 
 
@@ -144,6 +144,16 @@ def test_qwen_moe_gguf_reads_back_in_transformers(arch, tmp_path):
     assert_close(logits_of(theirs, ids), expected, atol=2e-5, rtol=1e-5, name=f"{arch} GGUF logits")
     with model.disable_adapter():
         assert (logits_of(model, ids) - expected).abs().max() > 1e-3
+
+    # quantized, as llama.cpp's converter and llama-quantize do it: routers (and the shared expert's gate) stay F32
+    save_gguf(model, tmp_path / "q8_0.gguf", tokenizer, "q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q8_0.gguf").tensors}
+    for layer in range(config.num_hidden_layers):
+        assert types[f"blk.{layer}.ffn_gate_inp.weight"] == Q.F32
+        assert all(types[f"blk.{layer}.ffn_{w}_exps.weight"] == Q.Q8_0 for w in ("gate", "up", "down"))
+        if arch == "qwen2_moe":
+            assert types[f"blk.{layer}.ffn_gate_inp_shexp.weight"] == Q.F32
+            assert all(types[f"blk.{layer}.ffn_{w}_shexp.weight"] == Q.Q8_0 for w in ("gate", "up", "down"))
 
 
 def test_mixtral_gguf_is_llama_with_experts(tmp_path):
