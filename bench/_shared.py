@@ -13,8 +13,10 @@ import datetime as _dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
@@ -169,6 +171,38 @@ def environment(device_name: str) -> dict:
 def command_line() -> str:
     return " ".join([os.path.relpath(sys.argv[0], REPO_ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0],
                      *sys.argv[1:]])
+
+
+def run_process_group(command: list[str], timeout: float | None, on_line, env: dict | None = None,
+                      cwd: str | None = None, grace_s: float = 0.0) -> tuple[int | None, bool]:
+    """Run ``command`` in a process group of its own, passing each line of its output (stdout and stderr) to
+    ``on_line``. Past ``timeout`` the group gets SIGTERM and, ``grace_s`` later, SIGKILL (at once when ``grace_s``
+    is 0). Returns (exit code, or None when it was stopped; whether it was stopped)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                            start_new_session=True, errors="replace")
+
+    def relay():
+        for line in proc.stdout:
+            on_line(line.rstrip())
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=None if timeout is None else max(0.0, timeout))
+        stopped = False
+    except subprocess.TimeoutExpired:
+        stopped = True
+        for sig in ((signal.SIGTERM, signal.SIGKILL) if grace_s > 0 else (signal.SIGKILL,)):
+            try:
+                os.killpg(proc.pid, sig)  # the process group this call started
+                proc.wait(timeout=grace_s if sig == signal.SIGTERM else None)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    reader.join(timeout=10)
+    return (None if stopped else proc.returncode), stopped
 
 
 def write_json_atomic(path: str, data) -> None:

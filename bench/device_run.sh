@@ -4,6 +4,10 @@
 #   bash bench/device_run.sh MODE [extra arguments for bench/run.py]
 #
 # MODE (each sized for one call of at most 10 minutes; set BUDGET_S to change the time budget):
+#   record    THE one call for a record: bench/device_session.py installs the carried wheels, runs fastft-doctor
+#             (all sections), then the headline comparison (hf vs fastft, Llama-3-8B shape, seq 2048, batch 1 and 4,
+#             r=16, --loss trl) into ONE folder $OUT/<stamp>-<gpu>/ with manifest.json, within --budget-s (default
+#             540 s); extra arguments go to it (--budget-s, --steps, --dry-run on CPU). carry [".whl"], timeout_s 600
 #   check     environment only: versions, imports, GPU; then a 1-step --quick run of hf and fastft (~2 min)
 #   quick     bench/run.py --quick (the ~0.5B 'small' model, seq 512/2048, batch 1, all contenders)
 #   kernels   bench/microbench.py (all micro-benchmarks)
@@ -40,8 +44,11 @@
 set -uo pipefail
 MODE=${1:-check}
 shift || true
-case "$MODE" in check|quick|kernels|llama|qwen|main|xformers|memory) ;; *) echo "unknown MODE $MODE (check, quick, kernels, llama, qwen, main, xformers, memory)"; exit 2 ;; esac
+case "$MODE" in record|check|quick|kernels|llama|qwen|main|xformers|memory) ;; *) echo "unknown MODE $MODE (record, check, quick, kernels, llama, qwen, main, xformers, memory)"; exit 2 ;; esac
 cd "$(dirname "$0")/.." || exit 1
+# record: the driver does every step itself (wheels, fastft's tree, budget, results folder); stdlib only
+# (PYTHON: another interpreter, e.g. .venv/bin/python for `record --dry-run` on a CPU machine)
+[ "$MODE" = record ] && PYTHONUNBUFFERED=1 exec "${PYTHON:-python3}" bench/device_session.py "$@"
 REPO=$PWD
 OUT=${OUT:-/tmp/fastft-bench-out}
 mkdir -p "$OUT" bench/results

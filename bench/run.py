@@ -50,11 +50,8 @@ import argparse
 import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 
@@ -166,26 +163,14 @@ def run_child(argv: list[str], prefix: str, timeout: float | None) -> tuple[int 
     """Run ``python bench/run.py <argv>`` in its own process group, relaying its output line by line.
     Returns (exit code or None when killed, last lines of output, timed_out)."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_child_env(),
-                            start_new_session=True, errors="replace")
     tail: deque[str] = deque(maxlen=40)
 
-    def relay():
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            print(f"  {prefix} | {line.rstrip()}", flush=True)
+    def relay(line: str) -> None:
+        tail.append(line)
+        print(f"  {prefix} | {line}", flush=True)
 
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)  # the process group this call started
-        proc.wait()
-    reader.join(timeout=10)
-    return (None if timed_out else proc.returncode), "\n".join(tail), timed_out
+    code, timed_out = shared.run_process_group(cmd, timeout, relay, env=_child_env())
+    return code, "\n".join(tail), timed_out
 
 
 def resolve_plan(args) -> dict:

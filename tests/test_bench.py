@@ -237,6 +237,11 @@ HELP = {  # per script: its description and, per option, words of the option's h
                        **DRY_RUN_OPTIONS}),
     "attention_backends.py": ("fastft's three attention backends side by side",
                               {"--dtype": "GPU dtype (V100/T4 have no bf16", **DRY_RUN_OPTIONS}),
+    "device_session.py": ("One device call: install the carried wheels, run fastft-doctor, then the headline", {
+        "--budget-s": "a step whose estimate does not fit the time left is skipped", "--dry-run": "tiny stand-ins",
+        "--steps": "wheels, doctor, headline", "--reserve-s": "writing the manifest",
+        "--doctor-cap-s": "leaving the headline its time", "--wheels": "carried wheels",
+        "--out-dir": "$OUT/<stamp>-<gpu>", "--work-dir": "fastft-src/", "--download-wheels": "needs network"}),
     "memory.py": ("Accounted GPU memory of QLoRA training, fastft against the Hugging Face baseline", {
         "--models": "known names", "--seq-lens": "SEQ_LENS", "--batch-sizes": "BATCH_SIZES",
         "--checkpointing": "CHECKPOINTING", "--r": "LoRA rank of the rows", "--loss": "{trl,labels}",

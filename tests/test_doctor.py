@@ -198,3 +198,25 @@ def test_peak_bandwidth_from_the_memory_clock_or_the_table(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name="Mystery GPU"))
     assert speed.peak_bandwidth(cuda)[0] is None
     assert speed.peak_bandwidth(torch.device("cpu"))[0] is None
+
+
+def test_numerics_table_wraps_a_long_case_within_its_column():
+    """A case name longer than its column (44) wraps onto continuation lines, never into the dtype column: every
+    line keeps each column's text at its header's offset, and the whole name survives."""
+    from fastft.doctor.report import NUMERICS_COLUMNS, numerics_header, numerics_line
+
+    case = "packed sequences (cu_seqlens), GQA 4:1, sliding window 13, odd length 37, padded batch of 3"
+    row = {"op": "attention_varlen", "case": case, "dtype": "bfloat16", "tensor": "dq", "error": 1.5e-3,
+           "tolerance": 7.9e-3, "first_call_s": 2.5, "switch": "attention", "status": "pass"}
+    header, lines = numerics_header(), numerics_line(row).split("\n")
+    assert len(lines) >= 3  # 92 characters in a 44-wide column
+    start = {name: header.index(name) for name, _ in NUMERICS_COLUMNS}
+    width = NUMERICS_COLUMNS[1][1]
+    case_cells = [line[start["case"]:start["case"] + width].strip() for line in lines]
+    assert " ".join(case_cells) == case
+    assert all(len(line) <= start["dtype"] or line[start["dtype"] - 1] == " " for line in lines)  # a gap before dtype
+    first = lines[0]
+    for name, value in (("op", "attention_varlen"), ("dtype", "bfloat16"), ("tensor", "dq"), ("error", "1.5e-03"),
+                        ("switch", "attention"), ("status", "pass")):
+        assert first[start[name]:].startswith(value), (name, first)
+    assert all(line[:start["case"]].strip() == "" and line[start["dtype"]:].strip() == "" for line in lines[1:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 
 
 def fmt(value, spec: str = ".3g") -> str:
@@ -71,14 +72,20 @@ def environment_lines(env: dict) -> str:
     return "\n".join(lines)
 
 
-# the numerics table is printed a row at a time (as each check completes): fixed column widths
+# the numerics table is printed a row at a time (as each check completes): fixed column widths; a longer cell
+# wraps onto continuation lines within its column (the last column, width 0, is never wrapped)
 NUMERICS_COLUMNS = (("op", 26), ("case", 44), ("dtype", 8), ("tensor", 9), ("error", 8), ("tolerance", 10),
                     ("1st call", 8), ("switch", 26), ("status", 0))
 
 
 def _fixed(cells) -> str:
-    return "  " + " ".join(str(cell)[:width].ljust(width) if width else str(cell)
-                           for cell, (_, width) in zip(cells, NUMERICS_COLUMNS)).rstrip()
+    wrapped = [textwrap.wrap(str(cell), width, break_on_hyphens=False) or [""] if width else [str(cell)]
+               for cell, (_, width) in zip(cells, NUMERICS_COLUMNS)]
+    lines = []
+    for line in range(max(len(parts) for parts in wrapped)):
+        parts = [part[line] if line < len(part) else "" for part in wrapped]
+        lines.append("  " + "  ".join(text.ljust(width) for text, (_, width) in zip(parts, NUMERICS_COLUMNS)).rstrip())
+    return "\n".join(lines)
 
 
 def numerics_header() -> str:
