@@ -39,9 +39,9 @@ def _pytorch_engine():
         yield
 
 
-def lora_moe(path):
-    """The fastft model of ``path`` with 4-bit experts and random LoRA on attention and every expert."""
-    model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32)
+def lora_moe(path, load_in_4bit=True):
+    """The fastft model of ``path`` with (4-bit) experts and random LoRA on attention and every expert."""
+    model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32, load_in_4bit=load_in_4bit)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     randomize_lora(model)
     return model.eval()
@@ -71,14 +71,12 @@ def wrapper_of(experts, parameter):
 def test_merged_checkpoint_reloads_in_plain_transformers(arch, tmp_path):
     path = save_tiny_moe(arch, tmp_path / "base")
     model = lora_moe(path)
-    save_merged(model, tmp_path / "merged", dtype=torch.float32)
+    reloaded = reload_merged(model, tmp_path / "merged")
 
     # the architecture's checkpoint layout: exactly the keys transformers' save_pretrained wrote for the base model
     # (one tensor per expert and projection; Mixtral's block_sparse_moe.experts.N.w1/w2/w3)
     assert checkpoint_keys(tmp_path / "merged") == checkpoint_keys(tmp_path / "base")
 
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
-                                                                 attn_implementation="eager").eval()
     # each expert: the NF4 codes decoded from their definition plus peft's own delta (its einsum, its transposition)
     for ours, theirs in zip(sparse_blocks(model), sparse_blocks(reloaded), strict=True):
         for parameter in ("gate_up_proj", "down_proj"):
@@ -90,12 +88,29 @@ def test_merged_checkpoint_reloads_in_plain_transformers(arch, tmp_path):
             got = getattr(theirs.experts, parameter).detach().double()
             assert_close(got, expected, atol=1e-6 * expected.abs().max().item(), rtol=0, name=parameter)
 
+    assert_same_logits(reloaded, model)
+
+
+def reload_merged(model, directory):
+    save_merged(model, directory, dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def assert_same_logits(reloaded, model):
+    """The reloaded merged checkpoint computes the fastft model's logits, which its LoRA visibly moves."""
     ids, mask, _ = padded_batch()
     real = mask.bool()
     expected = logits_of(model, ids, mask)
-    assert_close(logits_of(reloaded, ids, mask)[real], expected[real], atol=2e-5, rtol=1e-5, name=f"{arch} logits")
+    assert_close(logits_of(reloaded, ids, mask)[real], expected[real], atol=2e-5, rtol=1e-5, name="logits")
     with model.disable_adapter():
         assert (logits_of(model, ids, mask) - expected)[real].abs().max() > 1e-3
+
+
+def test_merged_16bit_experts(tmp_path):
+    """load_in_4bit=False: the experts are plain 16-bit (here fp32) tensors, merged the same way."""
+    model = lora_moe(save_tiny_moe("qwen2_moe", tmp_path / "base"), load_in_4bit=False)
+    assert_same_logits(reload_merged(model, tmp_path / "merged"), model)
 
 
 def gguf_moe(arch, tmp_path, quantization="f32", **overrides):
