@@ -10,8 +10,9 @@
   ``max_seq_length x batch_size`` tokens per step, decided by fastft's memory accounting
   (``fastft.memory.plan``): fewest checkpointed layers, then offloading, then the MLP in token chunks.
 
-The choice is kept on the model: trainers re-enable checkpointing with their own arguments (TRL does after
-each reference pass), and the model re-applies its own plan then.
+The choice is kept on the model: trainers enable checkpointing with their own arguments (the Trainer's
+``gradient_checkpointing=True``, TRL's default; TRL again after each reference pass), and the model re-applies its
+own plan then, for no checkpointed layer as for k.
 """
 from __future__ import annotations
 
@@ -37,25 +38,43 @@ def check_mode(mode, num_layers: int):
 
 def apply_checkpointing(model, layers: int, offload: bool = False) -> None:
     """Checkpoint the first ``layers`` decoder layers of ``model`` (a patched ``*ForCausalLM``), their
-    checkpoints offloaded to host memory when ``offload`` (all layers only). Kept through trainers'
-    re-enabling."""
+    checkpoints offloaded to host memory when ``offload`` (all layers only).
+
+    The plan holds whatever a trainer asks for later: the Trainer's ``gradient_checkpointing=True`` (TRL's
+    default) and TRL's re-enabling after each reference pass reach ``gradient_checkpointing_enable``, which this
+    replaces on the instance (for 0 layers too) by one that re-applies the plan, passing the trainer's
+    checkpoint arguments (``use_reentrant``, ...) on; the first request that differs from the plan is logged."""
     decoder_layers = model.model.layers
     if offload and model.device.type == "cpu":  # the activations are in host memory already
         logger.warning("fastft: use_gradient_checkpointing='offload' on a CPU model is plain checkpointing")
         offload = False
-    if layers == 0:
-        model.__dict__.pop("gradient_checkpointing_enable", None)
-        model.activation_checkpointing_disable()
-        return
+    plan = ([index < layers for index in range(len(decoder_layers))], offload)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, **_):
-        self._activation_checkpointing_enable(gradient_checkpointing_kwargs, 1, offload=offload)
-        for index, layer in enumerate(decoder_layers):
-            layer.gradient_checkpointing = index < layers
+    def keep_plan(checkpoint_kwargs=None):
+        if not layers:
+            model.activation_checkpointing_disable()
+            return
+        model._activation_checkpointing_enable(checkpoint_kwargs, 1, offload=offload)  # (+ input require grads)
+        for layer, checkpointed in zip(decoder_layers, plan[0]):
+            layer.gradient_checkpointing = checkpointed
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False, **_):
+        asked = ([index % every_n_layers == 0 for index in range(len(decoder_layers))], offload)
+        if asked != plan and not getattr(self, "_fastft_plan_kept_noted", False):
+            self._fastft_plan_kept_noted = True
+            logger.warning(f"fastft: the trainer asked for gradient checkpointing of {_describe(*asked)}; this model "
+                           f"keeps its own plan, {_describe(*plan)} (use_gradient_checkpointing of "
+                           "FastModel.get_peft_model)")
+        keep_plan(gradient_checkpointing_kwargs)
 
     model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
-    model.activation_checkpointing_enable(offload=offload)  # reaches the method above
-    model.enable_input_require_grads()
+    keep_plan()
+
+
+def _describe(checkpointed: list[bool], offload: bool) -> str:
+    count = sum(checkpointed)
+    layers = "every layer" if count == len(checkpointed) else f"{count} of {len(checkpointed)} layers"
+    return layers + (", offloaded" if offload and count else "")
 
 
 def set_mlp_chunk_tokens(model, chunk_tokens: int | None) -> None:

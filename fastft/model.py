@@ -18,7 +18,7 @@ import transformers
 from packaging.version import Version
 
 from . import attention as fastft_attention
-from . import moe, trl_compat
+from . import master_weights, moe, trl_compat
 from .architectures import spec_for
 from .loss import make_causal_lm_forward
 from .patch import patch_decoder, unpatch_modules
@@ -241,13 +241,9 @@ class FastModel:
                                  target_modules=target_modules, use_rslora=use_rslora, task_type="CAUSAL_LM",
                                  **lora_kwargs)
         peft_model = peft.get_peft_model(model, config)
-        if model.dtype in (torch.bfloat16, torch.float16):
-            # peft makes fp32 adapters; in a 16-bit model they would take the unfused path (fp32 copies of
-            # every activation the adapters see). TRL casts them to bf16 for 4-bit models; do it here, in
-            # the model's dtype, so plain training loops get the fused path too.
-            for param in peft_model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.to(model.dtype)
+        # peft makes fp32 adapters: bf16 in a bf16 model (the fused path reads them as they are; TRL casts them
+        # so too), fp32 master weights in an fp16 one (fp16 updates underflow; the fused path reads fp16 copies)
+        master_weights.set_trainable_dtypes(peft_model, model.dtype)
         # planned as the GPU step: a CPU model in fp32 stands for its bf16 training on a GPU
         plan_dtype = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         targeted = sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules()

@@ -6,7 +6,8 @@
   ``bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)`` on NF4 weights.
 * :func:`lora_args_of` / :func:`fused_linear_args` give ``(weight, bias, A, B, scaling,
   compute_dtype, dropout)`` of a projection for ``lora_linear`` / ``lora_qkv`` / ``lora_mlp``, reading
-  peft's *active* adapter (and whether its dropout applies now) at call time, or raise
+  peft's *active* adapter (and whether its dropout applies now) at call time (fp32 adapters of an fp16
+  model as fp16 copies), or raise
   :class:`UnsupportedLoraLayer` (a ``ValueError``) saying why the fused path cannot serve the layer
   exactly; the caller then runs peft's own forward.
 
@@ -256,7 +257,9 @@ def lora_args_of(layer: nn.Module) -> LoraArgs:
     adapter, now.
 
     Returns ``A = B = None`` (base layer only) when adapters are disabled, the layer is merged, or
-    no active adapter lives on this layer. ``dropout`` is the adapter's ``lora_dropout`` p when its
+    no active adapter lives on this layer. fp32 adapters over an fp16 base (fp16 training's master weights)
+    come as fp16 copies, differentiable: the LoRA branch then computes in fp16, as under fp16 autocast (peft's
+    forward would compute it in fp32). ``dropout`` is the adapter's ``lora_dropout`` p when its
     ``nn.Dropout`` is in training mode (peft's forward would drop then), else 0. Raises
     :class:`UnsupportedLoraLayer` naming the reason when the fused path would not reproduce peft's
     forward exactly: a weight that is not NF4 or 16/32-bit float (FP4, 8-bit), a trainable base weight,
@@ -292,7 +295,12 @@ def lora_args_of(layer: nn.Module) -> LoraArgs:
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
         raise UnsupportedLoraLayer(f"adapter {name!r} is not a plain linear LoRA ({type(lora_A).__name__})")
-    return LoraArgs(weight, bias, lora_A.weight, lora_B.weight, float(layer.scaling[name]), compute_dtype, dropout)
+    A, B = lora_A.weight, lora_B.weight
+    if A.dtype == torch.float32 and (compute_dtype if isinstance(weight, NF4Weight) else weight.dtype) == torch.float16:
+        # fp32 master weights of an fp16 model (fastft/master_weights.py): the kernels compute with fp16 copies,
+        # made now; the gradients flow back through the cast to the fp32 parameters
+        A, B = A.to(torch.float16), B.to(torch.float16)
+    return LoraArgs(weight, bias, A, B, float(layer.scaling[name]), compute_dtype, dropout)
 
 
 def _dropout_p(module: nn.Module, name: str) -> float:

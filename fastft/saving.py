@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from . import gguf_export
 from .architectures import spec_for
 from .moe import EXPERT_PARAMETERS, checkpoint_expert_tensors, is_moe_config, merged_experts_plan
 from .quant import _is_params4bit, dequantize_4bit, nf4_weight_of
+
+logger = logging.getLogger("fastft")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -61,8 +64,8 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _lora_layers(causal_lm) -> dict:
-    """name -> peft LoRA layer, for every LoRA-wrapped module; refuses adapters this export cannot merge."""
+def _check_lora_layers(causal_lm) -> None:
+    """Refuse adapters this export cannot merge."""
     from peft.tuners.lora import LoraLayer
 
     layers = {name: module for name, module in causal_lm.named_modules() if isinstance(module, LoraLayer)}
@@ -79,7 +82,6 @@ def _lora_layers(causal_lm) -> dict:
             layer is head and _merging_adapters(layer) for layer in layers.values()):
         raise ValueError("fastft cannot merge a LoRA on an lm_head tied to the input embeddings: the merged "
                          "head would no longer equal them")
-    return layers
 
 
 def _merging_adapters(layer) -> list[str]:
@@ -121,8 +123,10 @@ def iter_merged_tensors(model, dtype=torch.bfloat16, device="cpu") -> Iterator[t
 
     Yields:
         ``(name, tensor)`` in the model's parameter order, named as a plain transformers checkpoint (no
-        ``base_model.model.`` prefix, no ``base_layer``), each tensor new (not sharing memory with the model)
-        and in ``dtype``. A tied ``lm_head`` is not repeated. Merging is exact in fp32 before the final cast:
+        ``base_model.model.`` prefix, no ``base_layer``, a ``modules_to_save`` module such as ``lm_head`` or
+        ``embed_tokens`` as its trained copy under its own name), each tensor new (not sharing memory with the
+        model) and in ``dtype``. A head tied to the input embeddings is not repeated (one trained apart from
+        them is). Merging is exact in fp32 before the final cast:
         ``W = dequant(W4) + sum over active adapters of scaling * B @ A``. Mixture-of-experts models (Qwen3-MoE,
         Qwen2-MoE, Mixtral): each expert's ``W[e] = dequant(W4[e]) + scaling * B[e] @ A[e]`` (peft's
         ``target_parameters`` LoRA), one tensor per expert and projection as the architecture's checkpoints
@@ -134,7 +138,7 @@ def iter_merged_tensors(model, dtype=torch.bfloat16, device="cpu") -> Iterator[t
     """
     dtype, device = _export_dtype(dtype), _export_device(device)
     causal_lm = _causal_lm(model)
-    plan = _merge_plan(causal_lm, _lora_layers(causal_lm), device)
+    plan = _merge_plan(causal_lm, device)
     moe = spec_for(causal_lm.config).moe if is_moe_config(causal_lm.config) else None
     if moe is None:
         # one expression per tensor: the fp32 merge result is freed as soon as the cast exists
@@ -148,28 +152,77 @@ def _logical_shape(param) -> tuple[int, ...]:
     return tuple(nf4_weight_of(param).shape) if _is_params4bit(param) else tuple(param.shape)
 
 
-def _merge_plan(causal_lm, lora_layers: dict, device: torch.device):
+def _trained_module(wrapper, name: str) -> torch.nn.Module:
+    """The module a peft ``modules_to_save`` wrapper computes with, as its forward picks it: the active adapter's
+    trained copy, or the original module when adapters are disabled or the active adapter has no copy here."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if not isinstance(wrapper, ModulesToSaveWrapper):
+        raise ValueError(f"fastft cannot export {name}: it is wrapped by peft's {type(wrapper).__name__} (e.g. "
+                         "trainable_token_indices); merge it with peft (model.merge_and_unload()) on a 16-bit model, "
+                         "or train the whole module with modules_to_save instead")
+    active = wrapper.active_adapters
+    if wrapper.disable_adapters or not active or any(adapter not in wrapper.modules_to_save for adapter in active):
+        return wrapper.original_module
+    return wrapper.modules_to_save[active[0]]
+
+
+def _export_parameters(causal_lm) -> list:
+    """``(name, parameter, LoRA layer or None)`` for every tensor of the merged checkpoint, in the model's parameter
+    order, under plain transformers names: a LoRA layer's base weight and bias under the layer's name (the layer
+    merges its adapters into them), a ``modules_to_save`` module's trained copy (:func:`_trained_module`) under the
+    module's own name. A parameter reached twice (a head tied to the embeddings) is yielded once, first name first."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    seen: set[int] = set()
+
+    def walk(module, prefix):
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            module = _trained_module(module, prefix.rstrip("."))
+        layer = module if isinstance(module, LoraLayer) else None
+        owner = module.get_base_layer() if layer is not None else module
+        for name, param in owner.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield prefix + name, param, layer
+        if layer is None:
+            for name, child in module.named_children():
+                yield from walk(child, f"{prefix}{name}.")
+
+    return list(walk(causal_lm, ""))
+
+
+def _unties_head(causal_lm, names) -> bool:
+    """Whether an export with tensors ``names`` unties a head the config ties to the input embeddings: training
+    made them two tensors (only one of the pair in ``modules_to_save``, or peft's ``ensure_weight_tying=False``),
+    so the export holds both and must say so, or the loader would tie them again."""
+    return getattr(causal_lm.config, "tie_word_embeddings", False) and "lm_head.weight" in names
+
+
+def _merge_plan(causal_lm, device: torch.device) -> list:
     """``(name, shape, merge)`` for each tensor of the merged checkpoint, in parameter order: ``merge()`` computes
-    its fp32 value. Nothing is dequantized or merged until ``merge`` is called, so an exporter can lay out a file
-    from the names and shapes first (GGUF puts its tensor table before the data)."""
-    experts_done = set()
-    for name, param in causal_lm.named_parameters():  # deduplicated: a tied lm_head.weight is skipped
-        parts = name.split(".")
-        if any(part.startswith("lora_") for part in parts):
-            continue  # the adapters themselves: merged into their base layer's weight
-        if parts[-1] in EXPERT_PARAMETERS and "experts" in parts:
-            # a 3-D expert tensor, its module maybe wrapped by peft's ParamWrapper (one per targeted parameter)
-            prefix = ".".join(part for part in parts[:-1] if part != "base_layer")
-            if prefix not in experts_done:
-                experts_done.add(prefix)
-                yield from merged_experts_plan(causal_lm.get_submodule(prefix), prefix, device)
-        elif "base_layer" in parts:
-            at = parts.index("base_layer")
-            layer = lora_layers[".".join(parts[:at])]
-            yield (".".join(parts[:at] + parts[at + 1:]), _logical_shape(param),
-                   functools.partial(_merged_param, layer, parts[-1], device))
+    its fp32 value. The adapters are checked now; nothing is dequantized or merged until ``merge`` is called, so an
+    exporter can lay out a file from the names and shapes first (GGUF puts its tensor table before the data)."""
+    _check_lora_layers(causal_lm)
+    plan = []
+    for name, param, layer in _export_parameters(causal_lm):
+        prefix, _, param_name = name.rpartition(".")
+        if param_name in EXPERT_PARAMETERS and prefix.endswith("experts"):
+            # a 3-D expert tensor (both come once per experts module, maybe wrapped by peft's ParamWrapper)
+            if param_name == EXPERT_PARAMETERS[0]:
+                plan.extend(merged_experts_plan(causal_lm.get_submodule(prefix), prefix, device))
+            continue
+        if layer is not None:
+            merge = functools.partial(_merged_param, layer, param_name, device)
         else:
-            yield name, _logical_shape(param), functools.partial(_float_weight, param, device)
+            merge = functools.partial(_float_weight, param, device)
+        plan.append((name, _logical_shape(param), merge))
+    if _unties_head(causal_lm, [name for name, _, _ in plan]):
+        logger.warning("fastft: this model ties lm_head to embed_tokens, but training made them two tensors (one "
+                       "of the pair in modules_to_save without the other, or both without peft's "
+                       "ensure_weight_tying=True); the export holds both, untied, as trained")
+    return plan
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
@@ -225,6 +278,8 @@ def _plain_config(causal_lm, dtype: torch.dtype):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = str(dtype).removeprefix("torch.")
+    if _unties_head(causal_lm, [name for name, _, _ in _export_parameters(causal_lm)]):
+        config.tie_word_embeddings = False
     config.architectures = [type(causal_lm).__name__]
     return config
 
@@ -334,7 +389,7 @@ def save_gguf(model, path, tokenizer, quantization: str = "f16", *, device="cpu"
     gguf_export.quantization(quantization)
     device = _export_device(device)
     causal_lm = _causal_lm(model)
-    plan = list(_merge_plan(causal_lm, _lora_layers(causal_lm), device))  # names and shapes; nothing merged yet
+    plan = _merge_plan(causal_lm, device)  # names and shapes; nothing merged yet
     name = Path(causal_lm.config.name_or_path or causal_lm.config.model_type).name
     export = gguf_export.GGUFExport(causal_lm.config, tokenizer, quantization, name,
                                     [(tensor, shape) for tensor, shape, _ in plan])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import trl_dataset_checks
+from . import master_weights, trl_dataset_checks
 from .kernels.linear_log_probs import OUTPUTS, linear_log_probs  # OUTPUTS: TRL's per-token fields, its order
 from .quant import is_dtensor
 
@@ -85,5 +85,6 @@ def install() -> None:
             "Install a supported trl."
         )
     trl_dataset_checks.install()
+    master_weights.install()
     if not isinstance(current, FastftLogProbDispatch):
         trl_utils._ChunkedLogProbFunction = FastftLogProbDispatch(current)

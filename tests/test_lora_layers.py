@@ -136,6 +136,57 @@ def test_lora_linear_fp32_adapter_on_bf16_activations_matches_peft():
     _compare(lambda x: lora_linear(x, *lora_args_of(layer)), layer, x, [A, B], torch.bfloat16, ["y", "dx", "dA", "dB"])
 
 
+def _fp16_twin(layer):
+    """peft's layer over the same base with the adapters of ``layer`` rounded to fp16: what the fused path computes
+    for fp32 adapters on an fp16 base (fp16 training's master weights)."""
+    twin = _lora(layer.get_base_layer(), r=layer.r["default"], alpha=layer.lora_alpha["default"],
+                 lora_dtype=torch.float16)
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B"):
+            getattr(twin, name)["default"].weight.copy_(getattr(layer, name)["default"].weight)
+    return twin
+
+
+@pytest.mark.parametrize("op", ["linear-nf4", "linear-dense", "mlp-nf4"])
+def test_fp32_master_adapters_of_an_fp16_layer_run_fused_on_fp16_copies(op):
+    """fp16 training keeps fp32 adapters (fastft/master_weights.py): lora_args_of hands the kernels fp16 copies made
+    by a differentiable cast, so the fused path runs (no fp32 branch) and equals peft's layer with the adapters in
+    fp16; the gradients arrive in fp32 on the master weights, equal to the twin's fp16 ones."""
+    def base(out_f, in_f, seed):
+        if op.endswith("nf4"):
+            return _nf4_base(in_f, out_f, compute_dtype=torch.float16, seed=seed)
+        return _dense_base(in_f, out_f, dtype=torch.float16, seed=seed)
+
+    shapes = [(200, 72), (200, 72), (72, 200)] if op.startswith("mlp") else [(200, 72)]
+    layers = [_lora(base(out_f, in_f, seed=i), lora_dtype=torch.float32, seed=10 + i)
+              for i, (out_f, in_f) in enumerate(shapes)]
+    twins = [_fp16_twin(layer) for layer in layers]
+    args = [lora_args_of(layer) for layer in layers]
+    assert all(a.A.dtype == a.B.dtype == torch.float16 and a.A.requires_grad for a in args)
+    if op.startswith("mlp"):
+        def fused(x):
+            return lora_mlp(x, *(lora_args_of(layer) for layer in layers))
+
+        def reference(x):
+            return twins[2](F.silu(twins[0](x)) * twins[1](x))
+    else:
+        def fused(x):
+            return lora_linear(x, *lora_args_of(layers[0]))
+
+        reference = twins[0]
+    x = torch.randn(13, 72).to(torch.float16)
+    masters, copies = _trainable(layers), _trainable(twins)
+    torch.manual_seed(123)
+    dy = torch.randn(13, shapes[-1][0]).to(torch.float16)
+    expected = _run(reference, x, copies, [dy])
+    for engine in ENGINES:
+        with use_engine(engine):
+            actual = _run(fused, x, masters, [dy])
+        assert all(g.dtype == torch.float32 for g in actual[2:])
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, name=f"{engine} {op} output {i}", **_tol(torch.float16, e))
+
+
 def test_lora_linear_bitsandbytes_compute_dtype_matches_peft():
     # fp32 activations into a layer with bnb_4bit_compute_dtype=bf16: bitsandbytes runs the base
     # matmul in bf16 and casts back to fp32; the LoRA branch stays fp32.

@@ -100,17 +100,20 @@ def _linear_shapes(config):
             "gate_proj": (inter, H), "up_proj": (inter, H), "down_proj": (H, inter)}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", [TINY_LLAMA, TINY_QWEN2], ids=["llama", "qwen2-bias-tied"])
 @pytest.mark.parametrize("contender", ["fastft", "hf"])
-def test_resident_breakdown_matches_closed_form(config, contender):
+def test_resident_breakdown_matches_closed_form(config, contender, dtype):
     r = 8
-    setup = StepSetup(contender=contender, seq_len=32, r=r)
+    setup = StepSetup(contender=contender, seq_len=32, r=r, dtype=dtype)
     resident = account_step(config, setup).resident
     shapes, L, H, V = _linear_shapes(config), config.num_hidden_layers, config.hidden_size, config.vocab_size
     d = getattr(config, "head_dim", None) or H // config.num_attention_heads
     embeddings = V * H * 2 * (1 if config.tie_word_embeddings else 2)
     biases = L * (shapes["q_proj"][0] + 2 * shapes["k_proj"][0]) * 2 if config.model_type == "qwen2" else 0
-    lora = L * sum(r * (out_f + in_f) * 2 for out_f, in_f in shapes.values())  # bf16, as TRL casts them
+    # 16-bit, as TRL casts them, but fastft's fp32 master weights of an fp16 model (fastft/master_weights.py)
+    lora_bytes = 4 if (contender, dtype) == ("fastft", torch.float16) else 2
+    lora = L * sum(r * (out_f + in_f) * lora_bytes for out_f, in_f in shapes.values())
     lora_params = L * 2 * len(shapes)
     assert resident["weights_4bit"] == L * sum(_nf4_bytes(o * i) for o, i in shapes.values())
     rope_buffers = 2 * d // 2 * 4  # RoPE inv_freq and original_inv_freq, fp32
@@ -119,7 +122,7 @@ def test_resident_breakdown_matches_closed_form(config, contender):
     assert resident["optimizer_state"] == 2 * lora + 4 * lora_params  # fused AdamW: two moments + fp32 step
     qkv = (shapes["q_proj"][0] + 2 * shapes["k_proj"][0]) * H  # lora_qkv dequantizes [W_q; W_k; W_v] at once
     largest = max(qkv, *(o * i for o, i in shapes.values()))
-    assert resident["workspaces"] == (2 * largest if contender == "fastft" else 0)  # one bf16 dequant buffer
+    assert resident["workspaces"] == (2 * largest if contender == "fastft" else 0)  # one 16-bit dequant buffer
 
 
 # ---------------------------------------------------------------------------------------------

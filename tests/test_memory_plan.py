@@ -117,15 +117,19 @@ def test_bad_memory_settings_are_clear_errors(llama_path, kwargs, message):
         _model(llama_path, **kwargs)
 
 
-def test_adapters_of_a_16bit_model_take_its_dtype_and_the_step_makes_no_fp32_activation(llama3_path):
+@pytest.mark.parametrize("dtype, adapters", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_adapters_of_a_16bit_model_and_the_step_makes_no_fp32_activation(llama3_path, dtype, adapters):
     """peft makes fp32 adapters; on a bf16 model they would take the unfused path, with fp32 copies of the
-    [tokens, intermediate] activations (issue 12.3). get_peft_model casts them, as TRL does for 4-bit models."""
+    [tokens, intermediate] activations (issue 12.3). get_peft_model casts them, as TRL does for 4-bit models. An
+    fp16 model keeps them as fp32 master weights, and the fused path computes with fp16 copies of them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    model, _ = FastModel.from_pretrained(llama3_path, max_seq_length=64, dtype=torch.bfloat16)
+    model, _ = FastModel.from_pretrained(llama3_path, max_seq_length=64, dtype=dtype)
     model = FastModel.get_peft_model(model, **LORA, use_gradient_checkpointing=False)
-    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {adapters}
     intermediate = model.config.intermediate_size
+
+    ids = torch.randint(0, 211, (2, 13))
 
     class Fp32Activations(TorchDispatchMode):
         found = []
@@ -133,11 +137,55 @@ def test_adapters_of_a_16bit_model_take_its_dtype_and_the_step_makes_no_fp32_act
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape[-1:] == (intermediate,):
+                # [tokens, intermediate], not the fp32 gradient of a master weight (down_proj's A: [r, intermediate])
+                if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape[-1:] == (intermediate,)
+                        and t.numel() >= ids.numel() * intermediate):
                     self.found.append((str(func), tuple(t.shape)))
             return out
 
-    ids = torch.randint(0, 211, (2, 13))
     with Fp32Activations() as mode:
         model(input_ids=ids, labels=ids).loss.backward()
     assert mode.found == []
+
+
+@pytest.mark.parametrize("use_gradient_checkpointing, checkpointed", [
+    ("auto", 0),  # the plan for a budget that holds every activation
+    (False, 0),
+    (1, 1),
+    (True, 3),  # what the trainer asks for: nothing to say
+])
+def test_trl_default_checkpointing_keeps_the_models_plan(llama3_path, tmp_path, caplog, use_gradient_checkpointing,
+                                                         checkpointed):
+    """TRL's default gradient_checkpointing=True must not re-enable checkpointing on layers the model's plan keeps
+    (the speed the plan exists for). A checkpointed layer runs its forward twice per step (forward, and again in the
+    backward), any other layer once: count them by its MLP's forwards (the layer's own hooks do not see the
+    recomputation: transformers checkpoints inside the layer's forward, so they run once)."""
+    import trl
+    from test_trl import arithmetic_chats
+    from tiny_tokenizer import tiny_tokenizer
+
+    from fastft.kernels import use_engine
+
+    budget = dict(memory_budget_gb=1000.0) if use_gradient_checkpointing == "auto" else {}
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        model = _model(llama3_path, max_seq_length=64, use_gradient_checkpointing=use_gradient_checkpointing, **budget)
+        forwards = [0] * 3
+
+        def count(index):
+            def hook(*_):
+                forwards[index] += 1
+            return hook
+
+        for index, layer in enumerate(model.get_base_model().model.layers):
+            layer.mlp.register_forward_pre_hook(count(index))
+        args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, max_length=64, save_strategy="no", disable_tqdm=True, bf16=False)
+        assert args.gradient_checkpointing  # TRL's default
+        with use_engine("torch"):
+            trl.SFTTrainer(model=model, args=args, train_dataset=arithmetic_chats(4),
+                           processing_class=tiny_tokenizer()).train()
+    assert forwards == [2 * (2 if index < checkpointed else 1) for index in range(3)]
+    notes = caplog.text.count("this model keeps its own plan")
+    assert notes == (0 if checkpointed == 3 else 1)
+    if notes:
+        assert f"keeps its own plan, {checkpointed} of 3 layers" in caplog.text

@@ -10,8 +10,9 @@ A contender's model is built from a config the way its users build it:
   :meth:`fastft.FastModel.get_peft_model`.
 
 Both then get what TRL's ``SFTTrainer`` does to a 4-bit model: the trainable LoRA weights cast to bf16
-(``sft_trainer.py``: "the PEFT adapter weights are converted to bf16") when the compute dtype is 16-bit,
-and the Trainer's default optimizer, fused AdamW (``adamw_torch_fused``, no weight decay).
+(``sft_trainer.py``: "the PEFT adapter weights are converted to bf16") when the compute dtype is 16-bit, which
+fastft undoes for its models (``fastft/master_weights.py``: bf16 adapters in a bf16 model, fp32 master weights in
+an fp16 one), and the Trainer's default optimizer, fused AdamW (``adamw_torch_fused``, no weight decay).
 
 A step is ``loss = model(**batch).loss``, ``loss.backward()``, ``optimizer.step()``,
 ``optimizer.zero_grad(set_to_none=True)``. ``loss="labels"`` is the model's own forward with ``labels``
@@ -142,7 +143,7 @@ def build_model(config, setup: StepSetup, device: torch.device):
         from trl.trainer.utils import add_fused_lm_head
 
         add_fused_lm_head(model.get_base_model(), outputs=SFT_FUSED_OUTPUTS)
-    if setup.dtype != torch.float32:  # TRL's cast of the adapters on 4-bit models (see the module doc)
+    if setup.dtype != torch.float32 and setup.contender != "fastft":  # TRL's cast (see the module doc)
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(setup.dtype)
