@@ -33,6 +33,11 @@ class MoESpec:
     shared_expert: bool = False
     # Mixtral: while training, the block's input is multiplied by U(1 - eps, 1 + eps) noise (router_jitter_noise).
     router_jitter: bool = False
+    # The block's name in the architecture's checkpoints and its experts' projections, as (gate, up, down), there:
+    # ``{block}.experts.{e}.{gate}.weight`` (transformers' conversion mapping fuses them while loading and splits
+    # them again in ``save_pretrained``; Mixtral's block is ``block_sparse_moe`` with ``w1`` / ``w3`` / ``w2``).
+    checkpoint_block: str = "mlp"
+    checkpoint_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ SPECS = {
     "qwen2_moe": ArchitectureSpec("qwen2_moe", qk_norm=False, sliding_window=_module_window,
                                   moe=MoESpec(shared_expert=True)),
     "mixtral": ArchitectureSpec("mixtral", qk_norm=False, sliding_window=_config_window,
-                                moe=MoESpec(router_jitter=True)),
+                                moe=MoESpec(router_jitter=True, checkpoint_block="block_sparse_moe",
+                                            checkpoint_projections=("w1", "w3", "w2"))),
     # Phi-3 passes config.sliding_window to every layer, as Mistral does
     "phi3": ArchitectureSpec("phi3", qk_norm=False, sliding_window=_config_window, fused_projections=True),
 }

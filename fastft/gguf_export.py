@@ -22,6 +22,12 @@ What follows llama.cpp, and why:
   attention factor as ``rope.scaling.attn_factor``. llama.cpp picks the long factors when the context it runs with
   (``-c``) exceeds ``rope.scaling.original_context_length``, for every sequence; transformers picks them per forward
   by the sequence's length. llama.cpp also ignores Phi's sliding window (it disabled SWA for ``phi3``).
+* Mixture-of-experts models (Qwen3-MoE: ``qwen3moe``; Qwen2-MoE: ``qwen2moe``; Mixtral: ``llama``): each layer's
+  experts as three stacked tensors ``ffn_gate_exps`` / ``ffn_up_exps`` ``[E, I, H]`` and ``ffn_down_exps``
+  ``[E, H, I]`` (torch order; GGUF lists dims reversed), the router ``ffn_gate_inp`` (F32), Qwen2-MoE's shared
+  expert ``ffn_{gate,up,down}_shexp`` and its gate ``ffn_gate_inp_shexp`` (1-D, F32), with ``expert_count``,
+  ``expert_used_count`` and the expert widths as metadata. llama.cpp's qwen3moe graph always renormalizes the
+  top-k routing weights and qwen2moe's never does, and both have experts in every layer: other models are refused.
 * Which tensor gets which type: :func:`tensor_type`. The tokenizer: :func:`add_tokenizer`.
 """
 from __future__ import annotations
@@ -83,14 +89,15 @@ def quantization(name) -> tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]:
 def tensor_type(name: str, shape, quant: gguf.GGMLQuantizationType, tied: bool) -> gguf.GGMLQuantizationType:
     """The type llama.cpp stores GGUF tensor ``name`` in, in a file quantized to ``quant``.
 
-    * 1-D tensors (norms, biases, ``rope_freqs``) and norm weights stay F32: llama.cpp computes them in F32.
+    * 1-D tensors (norms, biases, ``rope_freqs``, a shared expert's gate), norm weights and the MoE routers
+      (``ffn_gate_inp``) stay F32: llama.cpp computes them in F32.
     * F32, F16, BF16 and Q8_0 (llama.cpp's converter) apply to every other weight, embedding and head included.
     * Q4_0, Q4_1, Q5_0 and Q5_1 (llama-quantize) spare the output head, or the token embedding when the head is tied
       to it: llama-quantize gives it Q6_K, which the ``gguf`` package cannot write, so it gets Q8_0, llama-quantize's
       own fallback for Q6_K.
     * A row length that is not a multiple of the type's block falls back to F16, as in llama.cpp's converter.
     """
-    if len(shape) < 2 or name.endswith("_norm.weight"):
+    if len(shape) < 2 or name.endswith(("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
         return _Q.F32
     qtype = quant
     if quant in _LLAMA_QUANTIZE_TYPES and (name == "output.weight" or (tied and name == "token_embd.weight")):
@@ -114,13 +121,45 @@ _ARCHITECTURES = {
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
     "phi3": (gguf.MODEL_ARCH.PHI3, False),
+    "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, False),
+    "qwen2_moe": (gguf.MODEL_ARCH.QWEN2MOE, False),
+    "mixtral": (gguf.MODEL_ARCH.LLAMA, True),  # llama.cpp's llama with experts
 }
+# Whether llama.cpp's graph of the architecture renormalizes the top-k routing weights (its build_moe_ffn's norm_w):
+# qwen3moe always, qwen2moe never; a model whose norm_topk_prob differs would compute something else there.
+_NORMALIZES_TOP_K = {"qwen3_moe": True, "qwen2_moe": False}
 
 
 def _architecture(config):
     if config.model_type not in _ARCHITECTURES:
         raise ValueError(f"save_gguf exports {', '.join(_ARCHITECTURES)} models; this one is {config.model_type!r}")
+    _check_moe(config)
     return _ARCHITECTURES[config.model_type]
+
+
+def _check_moe(config) -> None:
+    """Refuse a mixture-of-experts layout llama.cpp's graph of its architecture would compute differently."""
+    arch = config.model_type
+    if arch in _NORMALIZES_TOP_K and bool(getattr(config, "norm_topk_prob", False)) != _NORMALIZES_TOP_K[arch]:
+        raise ValueError(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[_ARCHITECTURES[arch][0]]} architecture "
+                         f"{'always' if _NORMALIZES_TOP_K[arch] else 'never'} renormalizes the top-k routing weights, "
+                         f"but this model has norm_topk_prob={config.norm_topk_prob}: save_gguf cannot express it")
+    if arch in _NORMALIZES_TOP_K and (getattr(config, "mlp_only_layers", None) or
+                                      getattr(config, "decoder_sparse_step", 1) != 1):
+        raise ValueError(f"llama.cpp's {arch.replace('_', '')} architecture has a sparse MoE block in every layer, but "
+                         f"this model has dense MLP layers (mlp_only_layers={config.mlp_only_layers}, "
+                         f"decoder_sparse_step={config.decoder_sparse_step}): save_gguf cannot express them")
+
+
+def _add_moe(writer: gguf.GGUFWriter, config) -> None:
+    """What llama.cpp's converter adds for experts: their count, how many a token uses, and (Qwen-MoE) the expert and
+    shared-expert MLP widths (Mixtral's experts are ``feed_forward_length`` wide)."""
+    writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None) is not None:
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None) is not None:
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
 
 
 def _head_dim(config) -> int:
@@ -170,7 +209,7 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict, permuted: bool) -> No
 
 def _warn_about_sliding_window(config, arch) -> None:
     window = getattr(config, "sliding_window", None)
-    if config.model_type not in ("mistral", "phi3") and not getattr(config, "use_sliding_window", False):
+    if config.model_type not in ("mistral", "phi3", "mixtral") and not getattr(config, "use_sliding_window", False):
         window = None  # Qwen2/Qwen3 only use it when asked to
     if window is not None and window < config.max_position_embeddings:
         warnings.warn(f"this {config.model_type} model attends within a sliding window of {window} tokens, which "
@@ -220,6 +259,8 @@ def add_model(writer: gguf.GGUFWriter, config, name: str, file_type: gguf.LlamaF
         writer.add_key_length(_head_dim(config))
         writer.add_value_length(_head_dim(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if config.model_type in ("qwen3_moe", "qwen2_moe", "mixtral"):
+        _add_moe(writer, config)
     writer.add_rope_freq_base(rope["rope_theta"])
     if arch == gguf.MODEL_ARCH.LLAMA:  # llama.cpp's LlamaModel adds these two
         writer.add_vocab_size(config.vocab_size)
@@ -431,6 +472,8 @@ class GGUFExport:
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise ValueError(f"save_gguf has no GGUF name for tensor {hf_name!r} of this {config.model_type} model")
+            # size-1 dims dropped, as llama.cpp's converter does (Qwen2-MoE's shared expert gate [1, H] is [H])
+            shape = tuple(n for n in shape if n != 1) or (1,)
             qtype = tensor_type(gguf_name, shape, quant, tied)
             # (F32 and F16 count as blocks of one value of 4 and 2 bytes)
             nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype)))
@@ -439,6 +482,7 @@ class GGUFExport:
 
     def _encode(self, hf_name: str, qtype, value: torch.Tensor) -> np.ndarray:
         value = value.detach().to("cpu", torch.float32)
+        value = value.reshape([n for n in value.shape if n != 1] or [1])
         if self.permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             value = llama_permute(value, self.n_head)
         elif self.permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -29,8 +29,12 @@ transformers 5 keeps a layer's experts as two 3-D parameters, ``experts.gate_up_
   loss of the patched causal-LM forward exactly as transformers' ``*MoeForCausalLM.forward`` does (its own
   ``load_balancing_loss_func``); TRL's fused lm-head path adds its own from the recorded router logits.
 
-Not yet here (later steps): a Triton grouped-GEMM expert kernel, memory accounting of MoE models, merged / GGUF
-export of MoE models, FSDP of 4-bit experts.
+* **Merged export** (``fastft.saving``): :func:`merged_experts_plan` dequantizes each expert and adds its LoRA in
+  fp32, as llama.cpp's stacked tensors; :func:`checkpoint_expert_tensors` writes them per expert, as transformers'
+  checkpoints have them.
+
+Not yet here (later steps): a Triton grouped-GEMM expert kernel, memory accounting of MoE models, FSDP of 4-bit
+experts.
 """
 from __future__ import annotations
 
@@ -399,27 +403,98 @@ def expert_lora(experts) -> tuple[torch.nn.Module, dict[str, ExpertLora | None]]
 
 
 def _wrapper_lora(wrapper) -> ExpertLora | None:
-    if wrapper.disable_adapters:
-        if wrapper.merged:
-            raise UnsupportedLoraLayer("expert adapters are disabled on merged experts (peft unmerges them first)")
-        return None
-    active = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
-    if wrapper.merged or not active:
-        return None
-    if len(active) > 1:
-        raise UnsupportedLoraLayer(f"{len(active)} active adapters on the experts ({', '.join(active)}); "
+    if wrapper.disable_adapters and wrapper.merged:
+        raise UnsupportedLoraLayer("expert adapters are disabled on merged experts (peft unmerges them first)")
+    loras = active_expert_loras(wrapper)
+    if len(loras) > 1:
+        raise UnsupportedLoraLayer(f"{len(loras)} active adapters on the experts ({', '.join(loras)}); "
                                    "fastft's expert op serves one")
-    name = active[0]
-    A, B = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
-    E, r = wrapper.num_experts, wrapper.r[name]
-    _, out_features, in_features = getattr(wrapper.get_base_layer(), wrapper.parameter_name).shape
-    if tuple(A.shape) != (E * r, in_features) or tuple(B.shape) != (out_features, r * E) or (
-            wrapper.lora_B[name].bias is not None):
-        raise UnsupportedLoraLayer(f"expert LoRA of {wrapper.parameter_name} with A {tuple(A.shape)}, "
-                                   f"B {tuple(B.shape)}: not peft's layout for [E, out, in] experts")
-    # peft's layout: rows of A expert-major, columns of B rank-major (see the module doc)
-    return ExpertLora(A.view(E, r, in_features), B.view(out_features, r, E).permute(2, 0, 1),
-                      float(wrapper.scaling[name]))
+    return next(iter(loras.values()), None)
+
+
+def active_expert_loras(wrapper) -> dict[str, ExpertLora]:
+    """``{adapter: ExpertLora}`` of the active adapters of a peft ``ParamWrapper``, read now (none when the adapters
+    are disabled or merged: the base tensor holds what applies). Raises :class:`UnsupportedLoraLayer` for factors
+    not in peft's layout."""
+    if wrapper.disable_adapters or wrapper.merged:
+        return {}
+    loras = {}
+    for name in wrapper.active_adapters:
+        if name not in wrapper.lora_A:
+            continue
+        A, B = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
+        E, r = wrapper.num_experts, wrapper.r[name]
+        _, out_features, in_features = getattr(wrapper.get_base_layer(), wrapper.parameter_name).shape
+        if tuple(A.shape) != (E * r, in_features) or tuple(B.shape) != (out_features, r * E) or (
+                wrapper.lora_B[name].bias is not None):
+            raise UnsupportedLoraLayer(f"expert LoRA of {wrapper.parameter_name} with A {tuple(A.shape)}, "
+                                       f"B {tuple(B.shape)}: not peft's layout for [E, out, in] experts")
+        # peft's layout: rows of A expert-major, columns of B rank-major (see the module doc)
+        loras[name] = ExpertLora(A.view(E, r, in_features), B.view(out_features, r, E).permute(2, 0, 1),
+                                 float(wrapper.scaling[name]))
+    return loras
+
+
+# ---------------------------------------------------------------------------------------------
+# Merged export
+
+
+def merged_experts_plan(experts, prefix: str, device: torch.device):
+    """``(name, shape, merge)`` of a (possibly peft-wrapped) experts module at ``prefix`` (``...mlp.experts``), for
+    ``fastft.saving``: its experts with their LoRA merged, stacked as llama.cpp's converter names them
+    (``{prefix}.gate_proj.weight`` / ``up_proj`` ``[E, I, H]``, ``down_proj`` ``[E, H, I]``: ``gate_up_proj``'s
+    halves). ``merge()`` computes the fp32 value then; :func:`checkpoint_expert_tensors` splits it per expert."""
+    ParamWrapper, loras, base = _param_wrapper(), {}, experts
+    while ParamWrapper is not None and isinstance(base, ParamWrapper):
+        loras.setdefault(base.parameter_name, []).append(base)
+        base = base.base_layer
+    if hasattr(base, "base_layer"):
+        raise ValueError(f"fastft merges LoRA into experts wrapped by peft's ParamWrapper (target_parameters); "
+                         f"{prefix} is wrapped by {type(base).__name__}")
+    E, two_inter, hidden = base.gate_up_proj.shape
+    inter = two_inter // 2
+    for name, parameter, rows in (("gate_proj", "gate_up_proj", slice(0, inter)),
+                                  ("up_proj", "gate_up_proj", slice(inter, two_inter)),
+                                  ("down_proj", "down_proj", slice(None))):
+        shape = (E, inter, hidden) if parameter == "gate_up_proj" else (E, hidden, inter)
+        yield (f"{prefix}.{name}.weight", shape,
+               functools.partial(_merged_experts, base, parameter, loras.get(parameter, []), rows, device))
+
+
+def _merged_experts(base, parameter: str, wrappers: list, rows: slice, device: torch.device) -> torch.Tensor:
+    """fp32 ``[E, rows, in]``: each expert ``W[e]`` (NF4 dequantized) plus, for every active adapter, peft's
+    ``scaling * B[e] @ A[e]`` (``ParamWrapper.get_delta_weight``: ``einsum("o r e, e r i -> e o i")``)."""
+    weights = getattr(base, parameter)
+    loras = [lora for wrapper in wrappers for lora in active_expert_loras(wrapper).values()]
+    merged = []
+    for e in range(weights.shape[0]):
+        if isinstance(weights, NF4ExpertsTensor):  # on the codes' device, straight into fp32
+            w = dequantize_nf4(weights.nf4.expert(e), dtype=torch.float32)[rows].to(device)
+        else:
+            w = weights[e, rows].detach().to(device=device, dtype=torch.float32, copy=True)
+        for lora in loras:
+            w.addmm_(lora.B[e, rows].detach().to(device, torch.float32), lora.A[e].detach().to(device, torch.float32),
+                     alpha=lora.scaling)
+        merged.append(w)
+    return torch.stack(merged)
+
+
+def checkpoint_expert_tensors(spec: MoESpec, name: str, value: torch.Tensor):
+    """``(name, tensor)`` in the architecture's checkpoint layout for a tensor of the merge plan: a stacked expert
+    tensor of :func:`merged_experts_plan` becomes one tensor per expert (``model.layers.0.mlp.experts.3.gate_proj
+    .weight``; Mixtral ``...block_sparse_moe.experts.3.w1.weight``), what transformers' ``save_pretrained`` writes
+    and its conversion mapping reads; the block's other tensors get the block's checkpoint name."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or parts[3] != "mlp":
+        yield name, value
+        return
+    parts[3] = spec.checkpoint_block
+    if parts[4:5] != ["experts"] or value.dim() != 3:
+        yield ".".join(parts), value
+        return
+    projection = spec.checkpoint_projections[("gate_proj", "up_proj", "down_proj").index(parts[5])]
+    for e in range(value.shape[0]):
+        yield ".".join([*parts[:5], str(e), projection, "weight"]), value[e].clone()  # no shared storage
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ import torch
 from transformers.utils.hub import convert_file_size_to_int
 
 from . import gguf_export
+from .architectures import spec_for
+from .moe import EXPERT_PARAMETERS, checkpoint_expert_tensors, is_moe_config, merged_experts_plan
 from .quant import _is_params4bit, dequantize_4bit, nf4_weight_of
 
 logger = logging.getLogger("fastft")
@@ -67,10 +69,6 @@ def _causal_lm(model):
 def _check_lora_layers(causal_lm) -> None:
     """Refuse adapters this export cannot merge."""
     from peft.tuners.lora import LoraLayer
-
-    from .moe import refuse_moe
-
-    refuse_moe(causal_lm.config, "merging LoRA for save_merged / save_gguf (model.save_pretrained saves the adapter)")
 
     layers = {name: module for name, module in causal_lm.named_modules() if isinstance(module, LoraLayer)}
     for name, layer in layers.items():
@@ -131,7 +129,11 @@ def iter_merged_tensors(model, dtype=torch.bfloat16, device="cpu") -> Iterator[t
         ``embed_tokens`` as its trained copy under its own name), each tensor new (not sharing memory with the
         model) and in ``dtype``. A head tied to the input embeddings is not repeated (one trained apart from
         them is). Merging is exact in fp32 before the final cast:
-        ``W = dequant(W4) + sum over active adapters of scaling * B @ A``.
+        ``W = dequant(W4) + sum over active adapters of scaling * B @ A``. Mixture-of-experts models (Qwen3-MoE,
+        Qwen2-MoE, Mixtral): each expert's ``W[e] = dequant(W4[e]) + scaling * B[e] @ A[e]`` (peft's
+        ``target_parameters`` LoRA), one tensor per expert and projection as the architecture's checkpoints
+        (and transformers' ``save_pretrained``) have them, e.g. ``model.layers.0.mlp.experts.3.gate_proj.weight``
+        or Mixtral's ``model.layers.0.block_sparse_moe.experts.3.w1.weight``; routers as they are.
 
     Arguments and adapters are checked when this is called (DoRA and embedding LoRAs are refused); the merge
     runs lazily, as the tensors are taken.
@@ -139,8 +141,12 @@ def iter_merged_tensors(model, dtype=torch.bfloat16, device="cpu") -> Iterator[t
     dtype, device = _export_dtype(dtype), _export_device(device)
     causal_lm = _causal_lm(model)
     plan = _merge_plan(causal_lm, device)
-    # one expression per tensor: the fp32 merge result is freed as soon as the cast exists
-    return ((name, merge().to(dtype)) for name, _, merge in plan)
+    moe = spec_for(causal_lm.config).moe if is_moe_config(causal_lm.config) else None
+    if moe is None:
+        # one expression per tensor: the fp32 merge result is freed as soon as the cast exists
+        return ((name, merge().to(dtype)) for name, _, merge in plan)
+    return (pair for name, _, merge in plan
+            for pair in checkpoint_expert_tensors(moe, name, merge().to(dtype)))
 
 
 def _logical_shape(param) -> tuple[int, ...]:
@@ -203,8 +209,14 @@ def _merge_plan(causal_lm, device: torch.device) -> list:
     _check_lora_layers(causal_lm)
     plan = []
     for name, param, layer in _export_parameters(causal_lm):
+        prefix, _, param_name = name.rpartition(".")
+        if param_name in EXPERT_PARAMETERS and prefix.endswith("experts"):
+            # a 3-D expert tensor (both come once per experts module, maybe wrapped by peft's ParamWrapper)
+            if param_name == EXPERT_PARAMETERS[0]:
+                plan.extend(merged_experts_plan(causal_lm.get_submodule(prefix), prefix, device))
+            continue
         if layer is not None:
-            merge = functools.partial(_merged_param, layer, name.rsplit(".", 1)[-1], device)
+            merge = functools.partial(_merged_param, layer, param_name, device)
         else:
             merge = functools.partial(_float_weight, param, device)
         plan.append((name, _logical_shape(param), merge))
@@ -402,7 +414,9 @@ def save_gguf(model, path, tokenizer, quantization: str = "f16", *, device="cpu"
 
     Args:
         model: a fastft model (a ``PeftModel`` from ``FastModel.get_peft_model``, or a model without LoRA) of an
-            architecture fastft patches: Llama (Llama 3.1 RoPE scaling included), Mistral, Qwen2, Qwen3.
+            architecture fastft patches: Llama (Llama 3.1 RoPE scaling included), Mistral, Qwen2, Qwen3, Phi-3, and
+            the mixture-of-experts Qwen3-MoE, Qwen2-MoE and Mixtral (llama.cpp's stacked expert tensors; see
+            ``fastft.gguf_export``).
         path: the ``.gguf`` file to create. An existing GGUF file there is replaced only with ``overwrite=True``.
         tokenizer: the model's (fast) tokenizer: its vocabulary, merges, special tokens and chat template go into
             the file, so that llama.cpp tokenizes as it does (see :func:`fastft.gguf_export.add_tokenizer`).

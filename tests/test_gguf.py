@@ -369,7 +369,8 @@ def test_the_partial_file_of_a_killed_export_is_removed_by_the_next_one(llama, t
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     config = transformers.GemmaConfig(vocab_size=416, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    with pytest.raises(ValueError, match="exports llama, mistral, qwen2, qwen3, phi3 models; this one is 'gemma'"):
+    with pytest.raises(ValueError, match="exports llama, mistral, qwen2, qwen3, phi3, qwen3_moe, qwen2_moe, mixtral "
+                                         "models; this one is 'gemma'"):
         save_gguf(transformers.GemmaForCausalLM(config), tmp_path / "model.gguf", tiny_bpe_tokenizer())
     assert not any(tmp_path.iterdir())
 
