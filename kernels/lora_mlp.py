@@ -1,5 +1,5 @@
-"""Llama's MLP, ``down(swiglu(gate(x), up(x)))``, with frozen (NF4 or 16/32-bit) weights and LoRA on
-all three projections, as one autograd Function.
+"""Llama's MLP, ``down(swiglu(gate(x), up(x)))`` (or Gemma's GeGLU, ``activation="gelu_tanh"``), with frozen
+(NF4 or 16/32-bit) weights and LoRA on all three projections, as one autograd Function.
 
 Forward (each ``proj(z) = z @ W.T (+ bias) + s * (z @ A.T) @ B.T``, see ``lora_projection.py``)::
 
@@ -38,7 +38,9 @@ from the kernels of ``lora_dropout.py``, which regenerate the mask from a seed (
 no mask is kept. A mask element belongs to a global row: in token chunks, rows ``c0 ..`` draw the part of
 the mask that the whole sequence would, in the forward and in the backward's recompute of ``g``, ``u``.
 
-The SwiGLU passes are the kernels of ``swiglu.py``; the PyTorch engine runs the same math in fp32.
+The SwiGLU passes are the kernels of ``swiglu.py``; the PyTorch engine runs the same math in fp32. With
+``activation="gelu_tanh"`` (Gemma's GeGLU) ``silu`` above is ``gelu_tanh`` and ``silu'`` its derivative (see
+``swiglu.py``); nothing else changes.
 Dtype rules as in ``lora_projection.py``.
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ import torch
 
 from . import lora_projection as proj
 from ._common import check_tensor, empty
-from .swiglu import swiglu_backward_into, swiglu_forward_into
+from .swiglu import check_activation, swiglu_backward_into, swiglu_forward_into
 
 _N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
 
@@ -57,16 +59,16 @@ def _rows_from(masks, start: int) -> list:
     return [None if m is None else m.rows_from(start) for m in masks]
 
 
-def _mlp_forward(x, gate, up, down, masks):
+def _mlp_forward(x, gate, up, down, masks, activation):
     """``(y, g, u, xa_g, xa_u, ha_d)`` of the MLP on the rows ``x``; ``masks``: gate's, up's, down's dropout."""
     g, xa_g = proj.project_forward(x, *gate[:6], masks[0])
     u, xa_u = proj.project_forward(x, *up[:6], masks[1])
-    h = swiglu_forward_into(g, u, empty(g.shape, dtype=g.dtype, device=g.device))
+    h = swiglu_forward_into(g, u, empty(g.shape, dtype=g.dtype, device=g.device), activation)
     y, ha_d = proj.project_forward(h, *down[:6], masks[2])
     return y, g, u, xa_g, xa_u, ha_d
 
 
-def _mlp_backward(dy, x, g, u, smalls, projections, need, dx, masks):
+def _mlp_backward(dy, x, g, u, smalls, projections, need, dx, masks, activation):
     """Gradients of the rows ``x`` (``dy`` their output gradient; ``g``, ``u`` their gate/up outputs, which
     are overwritten). ``smalls``: their ``(xa_g, xa_u, ha_d)``; ``need``: Function's needs_input_grad;
     ``masks``: the rows' dropout masks of gate, up, down (or None).
@@ -77,7 +79,7 @@ def _mlp_backward(dy, x, g, u, smalls, projections, need, dx, masks):
     buf = empty(g.shape, dtype=g.dtype, device=g.device)
     dh, _, dB_d = proj.project_backward(dy, None, W_d, A_d, B_d, s_d, ha_d, cd_d, need_dx=True, need_dA=False,
                                     need_dB=need[d + 3], dx_out=buf, mask=masks[2])
-    swiglu_backward_into(dh, g, u, g, u, out=buf)  # buf: h; g, u: dg, du
+    swiglu_backward_into(dh, g, u, g, u, out=buf, activation=activation)  # buf: h; g, u: dg, du
     dA_d = None
     if A_d is not None and need[d + 2]:  # dA_d = s_d * (dy @ B_d).T @ (M_d * h), now that buf holds h
         _, dA_d, _ = proj.project_backward(dy, buf, W_d, A_d, B_d, s_d, ha_d, cd_d, need_dx=False, need_dA=True,
@@ -96,13 +98,13 @@ def _mlp_backward(dy, x, g, u, smalls, projections, need, dx, masks):
 
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, chunk_tokens, *flat):
+    def forward(ctx, x2, chunk_tokens, activation, *flat):
         gate, up, down = (flat[i:i + _N] for i in range(0, 3 * _N, _N))
         T = x2.shape[0]
         ctx.chunked = chunk_tokens is not None and chunk_tokens < T
         masks = proj.draw_masks(x2.device, (gate, up, down))  # gate, up and down each their own dropout seed
         if not ctx.chunked:
-            y, g, u, *smalls = _mlp_forward(x2, gate, up, down, masks)
+            y, g, u, *smalls = _mlp_forward(x2, gate, up, down, masks, activation)
             ctx.save_for_backward(x2, g, u, *smalls, gate[2], gate[3], up[2], up[3], down[2], down[3])
         else:  # keep x and the [T, r] LoRA products; g and u are recomputed in the backward
             y = empty((T, down[0].shape[0]), dtype=x2.dtype, device=x2.device)
@@ -110,14 +112,14 @@ class _LoraMLPFunction(torch.autograd.Function):
                       for p in (gate, up, down)]
             for c0 in range(0, T, chunk_tokens):
                 rows = slice(c0, min(c0 + chunk_tokens, T))
-                y_c, _, _, *smalls_c = _mlp_forward(x2[rows], gate, up, down, _rows_from(masks, c0))
+                y_c, _, _, *smalls_c = _mlp_forward(x2[rows], gate, up, down, _rows_from(masks, c0), activation)
                 y[rows] = y_c
                 for kept, part in zip(smalls, smalls_c):
                     if kept is not None:
                         kept[rows] = part
                 del y_c, smalls_c
             ctx.save_for_backward(x2, *smalls, gate[2], gate[3], up[2], up[3], down[2], down[3])
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.activation = chunk_tokens, activation
         ctx.frozen = [(p[0], p[1], p[4], p[5]) for p in (gate, up, down)]  # weight (a reference), bias, s, dtype
         ctx.masks = masks  # seeds, not tensors
         return y
@@ -128,7 +130,8 @@ class _LoraMLPFunction(torch.autograd.Function):
             raise RuntimeError("lora_mlp's backward overwrites its saved gate/up activations with their gradients: "
                                "it runs once per forward (backward with retain_graph=True twice is not supported)")
         ctx.consumed = True
-        need = ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]  # x2, then _N per projection (no chunk_tokens)
+        need = ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:]  # x2, then _N per projection (no chunk_tokens,
+        # no activation)
         saved = list(ctx.saved_tensors)
         x2 = saved.pop(0)
         g = u = None
@@ -139,16 +142,17 @@ class _LoraMLPFunction(torch.autograd.Function):
                        for i, (W, b, s, cd) in enumerate(ctx.frozen)]
         with proj.autocast_off(dy.device.type):
             if not ctx.chunked:
-                dx, grads = _mlp_backward(dy, x2, g, u, smalls, projections, need, None, ctx.masks)
+                dx, grads = _mlp_backward(dy, x2, g, u, smalls, projections, need, None, ctx.masks, ctx.activation)
             else:
-                dx, grads = _chunked_backward(dy, x2, smalls, projections, need, ctx.chunk_tokens, ctx.masks)
+                dx, grads = _chunked_backward(dy, x2, smalls, projections, need, ctx.chunk_tokens, ctx.masks,
+                                              ctx.activation)
         out = [None] * (3 * _N)
         for i in range(3):
             out[_N * i + 1: _N * i + 4] = grads[3 * i: 3 * i + 3]
-        return (dx, None, *out)
+        return (dx, None, None, *out)
 
 
-def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks):
+def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks, activation):
     """:func:`_mlp_backward` chunk by chunk, ``g`` and ``u`` recomputed (with the forward's dropout masks);
     weight gradients summed in fp32."""
     T = x2.shape[0]
@@ -161,7 +165,7 @@ def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks):
         u_c, _ = proj.project_forward(x_c, *projections[1], masks_c[1])
         smalls_c = [None if t is None else t[rows] for t in smalls]
         _, grads = _mlp_backward(dy[rows], x_c, g_c, u_c, smalls_c, projections, need,
-                                 dx[rows] if dx is not None else None, masks_c)
+                                 dx[rows] if dx is not None else None, masks_c, activation)
         del g_c, u_c
         for k, grad in enumerate(grads):
             if grad is not None:
@@ -172,8 +176,10 @@ def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks):
     return dx, [None if total is None else total.to(dtype) for total, dtype in zip(sums, dtypes)]
 
 
-def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -> torch.Tensor:
-    """Llama/Qwen2 MLP with LoRA: ``down(silu(gate(x)) * up(x))`` in one autograd node.
+def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None, activation: str = "silu"
+             ) -> torch.Tensor:
+    """Llama/Qwen2 MLP with LoRA: ``down(silu(gate(x)) * up(x))`` in one autograd node (Gemma's GeGLU,
+    ``down(gelu_tanh(gate(x)) * up(x))``, with ``activation="gelu_tanh"``).
 
     Args:
         x: ``[..., H]`` fp32/fp16/bf16 hidden states (the base matmuls run in this dtype).
@@ -184,6 +190,7 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
             ``dropout > 0`` draws its own mask (down's over ``h``; see the module doc).
         chunk_tokens: process at most this many tokens at a time (see the module doc: bounded
             ``[C, I]`` buffers, ``g``/``u`` recomputed in the backward); None: all at once.
+        activation: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU; see ``swiglu.py``).
 
     Returns:
         ``[..., H]`` in ``x.dtype`` (autocast: see ``lora_projection.py``; g, u, h stay in ``x.dtype``).
@@ -196,6 +203,7 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    check_activation(activation)
     gate = proj.check_projection("gate", x.shape[-1], gate, x.device)
     up = proj.check_projection("up", x.shape[-1], up, x.device)
     intermediate = gate[0].shape[0]
@@ -208,5 +216,5 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     with proj.autocast_off(x.device.type):
-        y = _LoraMLPFunction.apply(x2, chunk_tokens, *gate, *up, *down)
+        y = _LoraMLPFunction.apply(x2, chunk_tokens, activation, *gate, *up, *down)
     return y.reshape(*lead_shape, y.shape[-1]).to(out_dtypes[2])

@@ -346,6 +346,22 @@ def test_lora_mlp_matches_peft(dtype):
              ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"])
 
 
+@pytest.mark.parametrize("chunk_tokens", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_mlp_geglu_matches_peft(dtype, chunk_tokens):
+    """Gemma's MLP: ``down(gelu_tanh(gate(x)) * up(x))`` (transformers' gelu_pytorch_tanh), whole and in token
+    chunks (g and u recomputed in the backward)."""
+    gate = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=6), lora_dtype=dtype, seed=7)
+    up = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=8), r=3, lora_dtype=dtype, seed=9)
+    down = _lora(_nf4_base(200, 72, compute_dtype=dtype, seed=10), r=5, alpha=5, lora_dtype=dtype, seed=11)
+    x = torch.randn(13, 72).to(dtype)
+    params = _trainable([gate, up, down])
+    _compare(lambda x: lora_mlp(x, lora_args_of(gate), lora_args_of(up), lora_args_of(down),
+                                chunk_tokens=chunk_tokens, activation="gelu_tanh"),
+             lambda x: down(F.gelu(gate(x), approximate="tanh") * up(x)), x, params, dtype,
+             ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"])
+
+
 def test_lora_mlp_mixed_adapters_and_dense_weights():
     # down has no adapter, gate/up are frozen bf16 nn.Linear with fp32 LoRA: the unfused dtype paths
     dtype = torch.bfloat16
