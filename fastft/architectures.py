@@ -3,6 +3,15 @@
 Llama, Mistral, Qwen2 and Qwen3 share the decoder shape fastft patches: pre-norm RMSNorm, attention
 with RoPE (optionally GQA, q/k/v bias, per-head q/k RMSNorm, sliding window), a SwiGLU MLP. What differs
 is captured here; everything else is read off the modules themselves (e.g. whether q_proj has a bias).
+
+Gemma 2 and Gemma 3 (text) are the same decoder with flags: RMSNorm ``x * (1 + w)`` (cast last), four norms per
+layer (pre/post attention, pre/post feed-forward), a GeGLU MLP (``gelu_pytorch_tanh``), embeddings scaled by
+``sqrt(hidden)`` (their own embedding module does it, in transformers' backbone forward, which fastft keeps),
+attention scaled by ``query_pre_attn_scalar**-0.5`` (the module's ``scaling``), sliding-window layers interleaved
+with global ones as ``config.layer_types`` says (each layer's window on its module; Gemma 3's local layers get their
+own RoPE base from the backbone, which hands each layer its cos/sin), Gemma 3's q/k norms, and Gemma 2's soft-capping
+of the attention scores (the module's ``attn_logit_softcapping``) and of the final logits
+(``config.final_logit_softcapping``, in ``loss.py`` and ``trl_compat.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +26,17 @@ class ArchitectureSpec:
     qk_norm: bool
     # The sliding window an attention module uses, or None for full attention.
     sliding_window: Callable[[object], int | None]
+    # The MLP's gated activation, as the kernels name it ("silu": SwiGLU, "gelu_tanh": GeGLU), and the name of
+    # the config attribute that must select it (transformers' names).
+    activation: str = "silu"
+    activation_config: tuple[str, str] = ("hidden_act", "silu")
+    # Gemma: RMSNorm weights are offsets from 1 (``x * (1 + w)``, cast last).
+    norm_unit_offset: bool = False
+    # The norms of a decoder layer (Gemma 2/3 add pre/post feed-forward norms around the MLP).
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # The attention transformers loads the model with, before fastft sets its own: Gemma 2's class refuses SDPA
+    # (it cannot soft-cap the scores).
+    load_attention: str = "sdpa"
 
 
 def _no_window(attention) -> None:
@@ -33,12 +53,20 @@ def _config_window(attention) -> int | None:
     return getattr(attention.config, "sliding_window", None)
 
 
+_GEMMA = dict(sliding_window=_module_window, activation="gelu_tanh",
+              activation_config=("hidden_activation", "gelu_pytorch_tanh"), norm_unit_offset=True,
+              layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                           "post_feedforward_layernorm"))
+
 SPECS = {
     "llama": ArchitectureSpec("llama", qk_norm=False, sliding_window=_no_window),
     "mistral": ArchitectureSpec("mistral", qk_norm=False, sliding_window=_config_window),
     "qwen2": ArchitectureSpec("qwen2", qk_norm=False, sliding_window=_module_window),
     "qwen3": ArchitectureSpec("qwen3", qk_norm=True, sliding_window=_module_window),
+    "gemma2": ArchitectureSpec("gemma2", qk_norm=False, load_attention="eager", **_GEMMA),
+    "gemma3_text": ArchitectureSpec("gemma3_text", qk_norm=True, **_GEMMA),
 }
+_FAMILIES = "Llama 2/3/3.1, Mistral, Qwen1.5/Qwen2/Qwen2.5, Qwen3, Gemma 2, Gemma 3 (text)"
 
 
 class UnsupportedModelError(ValueError):
@@ -48,15 +76,26 @@ class UnsupportedModelError(ValueError):
 def spec_for(config) -> ArchitectureSpec:
     """The spec of ``config``'s architecture; a clear error for anything fastft does not patch."""
     model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3":
+        raise UnsupportedModelError(
+            "this is a multimodal Gemma 3 checkpoint (model_type='gemma3', Gemma3ForConditionalGeneration with a "
+            "vision tower); fastft fine-tunes the text model only. Load a text-only Gemma 3 (model_type='gemma3_text', "
+            "e.g. google/gemma-3-1b-it), or save the language model of this one as its own checkpoint first: see "
+            "'Gemma 3' in fastft's README"
+        )
     if model_type not in SPECS:
         raise UnsupportedModelError(
-            f"fastft does not support model_type={model_type!r}; supported: {', '.join(sorted(SPECS))} "
-            "(Llama 2/3/3.1, Mistral, Qwen1.5/Qwen2/Qwen2.5, Qwen3)"
+            f"fastft does not support model_type={model_type!r}; supported: {', '.join(sorted(SPECS))} ({_FAMILIES})"
         )
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"fastft's MLP kernel is SwiGLU (hidden_act='silu'); "
-                                    f"this config has hidden_act={act!r}")
+    spec = SPECS[model_type]
+    attribute, expected = spec.activation_config
+    act = getattr(config, attribute, expected)
+    if act != expected:
+        raise UnsupportedModelError(f"fastft's {model_type} MLP kernel computes {attribute}={expected!r}; "
+                                    f"this config has {attribute}={act!r}")
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModelError("fastft's fused MLP has no bias; this config sets mlp_bias=True")
-    return SPECS[model_type]
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("fastft's attention is causal; this config sets use_bidirectional_attention=True "
+                                    "(an encoder-style model, not a causal LM to fine-tune)")
+    return spec

@@ -7,12 +7,13 @@ live side by side in one process, and :func:`unpatch_model` restores the origina
 
 Per decoder layer:
 
-* ``input_layernorm`` / ``post_attention_layernorm`` (and the final norm, Qwen3's q/k norms) ->
-  ``rms_norm`` kernel;
+* ``input_layernorm`` / ``post_attention_layernorm`` (Gemma: also ``pre_feedforward_layernorm`` /
+  ``post_feedforward_layernorm``; the final norm, Qwen3's and Gemma 3's q/k norms) -> ``rms_norm`` kernel (Gemma's
+  ``x * (1 + w)`` with ``unit_offset``);
 * ``self_attn`` -> one attention forward for every architecture: fused q/k/v projection (NF4 + LoRA), RoPE
   kernel, the attention registered as "fastft" (or whatever ``config._attn_implementation`` names), fused o
   projection;
-* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA).
+* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA); GeGLU for Gemma.
 
 The fused LoRA path reads the *active* adapter at every call (TRL's DPO switches to a ``ref`` adapter
 and disables adapters for reference log-probs), and whether its ``lora_dropout`` applies (training mode).
@@ -22,11 +23,11 @@ runs peft's own forward; a one-time warning says which and why.
 from __future__ import annotations
 
 import logging
+import sys
 import types
 
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .architectures import ArchitectureSpec
@@ -63,11 +64,18 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def unit_offset_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm (``Gemma2RMSNorm`` / ``Gemma3RMSNorm``: ``x * (1 + w)``, its epsilon named ``eps``)."""
+    return rms_norm(hidden_states, self.weight, self.eps, unit_offset=True)
+
+
 def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    activation = self._fastft_spec.activation
     gate, up, down = _fused_args(self.gate_proj), _fused_args(self.up_proj), _fused_args(self.down_proj)
     if gate is not None and up is not None and down is not None:
-        return lora_mlp(x, gate, up, down, chunk_tokens=getattr(self, "_fastft_mlp_chunk_tokens", None))
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return lora_mlp(x, gate, up, down, chunk_tokens=getattr(self, "_fastft_mlp_chunk_tokens", None),
+                        activation=activation)
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), activation))
 
 
 def _project_qkv(self, x):
@@ -100,12 +108,15 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
 
-    attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sdpa_attention_forward)
+    # "eager" is no registered function: the model's own eager attention (Gemma 2's soft-caps the scores)
+    attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._fastft_eager)
+    softcap = getattr(self, "attn_logit_softcapping", None)  # Gemma 2's soft-capped scores
     out, weights = attention_fn(
         self, q, k, v, attention_mask,
         dropout=self.attention_dropout if self.training else 0.0,
         scaling=self.scaling,
         sliding_window=spec.sliding_window(self),
+        **({} if softcap is None else dict(softcap=softcap)),
         **kwargs,
     )
     return _project_o(self, out.reshape(batch, seq_len, -1)), weights
@@ -116,19 +127,31 @@ def _bind(module: nn.Module, forward) -> None:
     setattr(module, _PATCHED_FORWARD, True)
 
 
+def _eager_attention(attention: nn.Module):
+    """The ``eager_attention_forward`` of the attention module's modeling file (transformers' fallback when
+    ``_attn_implementation`` is "eager"); checked once, at patch time."""
+    eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"fastft: {type(attention).__module__} has no eager_attention_forward (checked against "
+                           "transformers 5.17-5.23); this transformers version is not supported")
+    return eager
+
+
 def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec) -> None:
     """Bind fastft's forwards on the norms, attention and MLP modules of ``backbone`` (LlamaModel, ...)."""
+    norm_forward = unit_offset_rms_norm_forward if spec.norm_unit_offset else rms_norm_forward
     for layer in backbone.layers:
         attn = layer.self_attn
-        attn._fastft_spec = spec
+        attn._fastft_spec = layer.mlp._fastft_spec = spec
+        attn._fastft_eager = _eager_attention(attn)
         _bind(attn, attention_forward)
         _bind(layer.mlp, mlp_forward)
-        _bind(layer.input_layernorm, rms_norm_forward)
-        _bind(layer.post_attention_layernorm, rms_norm_forward)
+        for name in spec.layer_norms:
+            _bind(getattr(layer, name), norm_forward)
         if spec.qk_norm:
-            _bind(attn.q_norm, rms_norm_forward)
-            _bind(attn.k_norm, rms_norm_forward)
-    _bind(backbone.norm, rms_norm_forward)
+            _bind(attn.q_norm, norm_forward)
+            _bind(attn.k_norm, norm_forward)
+    _bind(backbone.norm, norm_forward)
 
 
 def unpatch_modules(root: nn.Module) -> None:

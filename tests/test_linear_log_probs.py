@@ -196,12 +196,16 @@ def _inputs_with_top1(dtype, seed, n=N):
     return hidden, weight, bias, labels
 
 
-def _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent):
-    """float64 autograd: the five outputs, and the gradients of (lp * grad_lp).sum() + (H * grad_ent).sum()."""
+def _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent, softcap=None):
+    """float64 autograd: the five outputs, and the gradients of (lp * grad_lp).sum() + (H * grad_ent).sum(). With a
+    soft-cap, TRL's order: ``c * tanh(x * logit_scale / c) / temperature``."""
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
     b = bias.detach().double().requires_grad_()
-    z = (h @ w.T + b) * LOGIT_SCALE / TEMPERATURE
+    if softcap is None:
+        z = (h @ w.T + b) * LOGIT_SCALE / TEMPERATURE
+    else:
+        z = softcap * torch.tanh((h @ w.T + b) * LOGIT_SCALE / softcap) / TEMPERATURE
     valid = labels != -100
     y = labels.clamp(min=0)
     log_p = torch.log_softmax(z, dim=-1)
@@ -569,3 +573,77 @@ def test_recompute_after_autocast_uses_the_forwards_dtype():
         grads.append((h.grad, w.grad, b.grad))
     for inside, outside, name in zip(*grads, ("dhidden", "dweight", "dbias")):
         assert torch.equal(inside, outside), f"{name}: max diff {(inside - outside).abs().max().item():.3e}"
+
+
+# ---- Gemma 2's soft-capped logits (TRL's final_logit_softcapping) ------------------------------------------------
+SOFTCAP = 4.0  # logits here are ~3 (times LOGIT_SCALE): a cap of 4 bends them; Gemma 2 uses 30 on larger logits
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_all_outputs_match_float64_reference(engine, dtype):
+    """Every output and every gradient (trainable head, log-probs and entropy both in the loss) of
+    ``c * tanh(x * logit_scale / c) / temperature``; tolerances as without the cap."""
+    hidden, weight, bias, labels = _inputs_with_top1(dtype, seed=40)
+    gen = torch.Generator().manual_seed(41)
+    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
+    with use_engine(engine):
+        results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                                   softcap=SOFTCAP, outputs=OUTPUTS, **CHUNKS)
+    ((results[0] * grad_lp).sum() + (results[1] * grad_ent).sum()).backward()
+    expected, (ref_dh, ref_dw, ref_db) = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent, SOFTCAP)
+    _check_outputs(results, expected, labels)
+    _check_grad(h.grad, ref_dh, dtype, "dhidden")
+    _check_grad(w.grad, ref_dw, dtype, "dweight")
+    _check_grad(b.grad, ref_db, dtype, "dbias")
+    uncapped, _ = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent)
+    assert (uncapped[0] - expected[0]).abs().max() > 0.1  # the cap matters at these logits
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_softcap_matches_trl_chunked_logprob_fp32(engine):
+    """TRL's own kernel with final_logit_softcapping (the call fastft's dispatcher now serves for Gemma 2)."""
+    hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=42)
+    gen = torch.Generator().manual_seed(43)
+    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    valid = labels != -100
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
+    with use_engine(engine):
+        ours = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
+                                softcap=SOFTCAP, outputs=OUTPUTS, token_chunk_size=16, vocab_chunk_size=5000)
+    ((ours[0] * grad_lp).sum() + (ours[1] * grad_ent).sum()).backward()
+    th, tw, tb = leaf(hidden), leaf(weight), leaf(bias)
+    trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, SOFTCAP, LOGIT_SCALE,
+                                       OUTPUTS)
+    trl = [x.masked_fill(~valid, 0) for x in trl]
+    ((trl[0] * grad_lp).sum() + (trl[1] * grad_ent).sum()).backward()
+    _check_outputs(ours, trl, labels, name=" vs TRL")
+    for mine, theirs, name in ((h.grad, th.grad, "dhidden"), (w.grad, tw.grad, "dweight"), (b.grad, tb.grad, "dbias")):
+        assert_close(mine, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=1e-5, name=f"{name} vs TRL")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_frozen_head_saves_the_gradient(dtype):
+    """QLoRA on Gemma 2: frozen head, soft-capped logits. The forward's saved direction carries every column's slope
+    (and the label's), so the backward still runs no GEMM and matches float64."""
+    hidden, weight, bias, labels = _inputs(dtype, seed=44)
+    hidden[2:5] *= 5  # confident rows, where the label's own term matters
+    labels[2:5] = (hidden[2:5].double() @ weight.double().T + bias.double()).argmax(-1)
+    h, w, b = leaf(hidden), leaf(weight, False), leaf(bias, False)
+    lp = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE, softcap=SOFTCAP,
+                          **CHUNKS)
+    grad_output = torch.randn(N, generator=torch.Generator().manual_seed(45))
+    with MatmulCounter() as gemms:
+        lp.backward(grad_output)
+    assert gemms.calls == 0
+    expected, (ref_dh, _, _) = _reference_all(hidden, weight, bias, labels, grad_output, torch.zeros(N), SOFTCAP)
+    assert_close(lp, expected[0], **LOGP_TOL, name="log_probs")
+    rtol, atol_rel = FROZEN_GRAD_TOL[dtype]
+    assert_close(h.grad, ref_dh, atol=atol_rel * ref_dh.abs().max().item(), rtol=rtol, name="dhidden")
+
+
+def test_bad_softcap_is_refused():
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=46, n=3)
+    with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+        linear_log_probs(hidden, weight, labels, softcap=-1.0)

@@ -8,7 +8,6 @@ from kernel_testing import BF16, ENGINES, EPS, F16, F32, assert_close
 from fastft.kernels import use_engine
 from fastft.kernels.swiglu import swiglu, swiglu_backward_into, swiglu_forward_into
 
-
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
