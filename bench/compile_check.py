@@ -199,11 +199,19 @@ def ops(model: str, dtype, with_attention: bool):
                 t(b * n, hidden), t(vocab, hidden), few_labels,
                 outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))[:2])),
         ]
-    if head_dim == 256:  # Gemma's flags: (1 + w) norm, GeGLU
+    if head_dim == 256:  # Gemma's flags: (1 + w) norm, GeGLU, soft-capped logits
         cases += [
             ("rms_norm unit_offset", lambda: backward(K.rms_norm(t(B, T, hidden), t(hidden), eps=1e-6,
                                                                  unit_offset=True))),
             ("swiglu gelu_tanh", lambda: backward(K.swiglu(t(B, T, inter), t(B, T, inter), "gelu_tanh"))),
+            ("lora_mlp gelu_tanh", lambda: backward(K.lora_mlp(
+                t(b, n, hidden), _lora_args(inter, hidden, dtype), _lora_args(inter, hidden, dtype),
+                _lora_args(hidden, inter, dtype), activation="gelu_tanh"))),
+            ("cross_entropy softcap", lambda: backward(K.cross_entropy(t(N, vocab), labels, softcap=30.0))),
+            ("fused_linear_cross_entropy softcap", lambda: backward(K.fused_linear_cross_entropy(
+                t(b * n, hidden), t(vocab, hidden), few_labels, softcap=30.0))),
+            ("linear_log_probs softcap", lambda: backward(K.linear_log_probs(
+                t(b * n, hidden), t(vocab, hidden, grad=False), few_labels, softcap=30.0))),  # frozen head
         ]
     if with_attention:
         cu = torch.tensor([0, 5, 30, N], dtype=torch.int32)  # sequences of 5, 25 and N - 30 tokens

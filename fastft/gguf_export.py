@@ -16,6 +16,10 @@ What follows llama.cpp, and why:
   NeoX rotation, which is Hugging Face's: no permutation.
 * Llama 3.1's RoPE scaling is a ``rope_freqs.weight`` tensor of per-frequency divisors; linear and YaRN scaling
   are metadata keys.
+* Gemma 2 / Gemma 3 (llama.cpp's ``gemma2`` / ``gemma3``): RMSNorm weights are stored as ``1 + w`` (llama.cpp
+  multiplies by the stored weight; transformers by ``1 + w``), every ``*norm.weight`` q/k norms included; the
+  soft-caps and the sliding window are metadata; Gemma 3's RoPE base is its global layers' (llama.cpp gives local
+  layers 10,000). llama.cpp fixes the rest by architecture (:func:`_warn_about_gemma`).
 * Which tensor gets which type: :func:`tensor_type`. The tokenizer: :func:`add_tokenizer`.
 """
 from __future__ import annotations
@@ -106,7 +110,10 @@ _ARCHITECTURES = {
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
+    "gemma2": (gguf.MODEL_ARCH.GEMMA2, False),
+    "gemma3_text": (gguf.MODEL_ARCH.GEMMA3, False),
 }
+_GEMMA = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 
 
 def _architecture(config):
@@ -121,6 +128,8 @@ def _head_dim(config) -> int:
 
 def _rope(config) -> dict:
     rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in rope:  # one set per layer type (Gemma 3): the global layers' is llama.cpp's RoPE
+        rope = dict(rope["full_attention"] or {})
     rope.setdefault("rope_type", "default")
     rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     return rope
@@ -160,7 +169,34 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict, permuted: bool) -> No
                          "default, linear and yarn scaling, and llama3 scaling for Llama models")
 
 
+def _warn_about_gemma(config, arch) -> None:
+    """llama.cpp fixes by architecture what transformers reads from a Gemma config: which layers attend locally
+    (every other one in ``gemma2``, five of six in ``gemma3``), the attention scale (1 / sqrt(hidden / heads) for
+    the 27B models, 1 / sqrt(head size) for the others) and Gemma 3's local RoPE (base 10,000, unscaled). Released
+    Gemma checkpoints follow these; a config that does not gets a warning (llama.cpp's outputs would differ)."""
+    period = 2 if arch == gguf.MODEL_ARCH.GEMMA2 else 6
+    pattern = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+               for i in range(config.num_hidden_layers)]
+    is_27b = config.num_hidden_layers == (46 if arch == gguf.MODEL_ARCH.GEMMA2 else 62)
+    scale = config.hidden_size // config.num_attention_heads if is_27b else _head_dim(config)
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    mismatches = []
+    if list(getattr(config, "layer_types", pattern)) != pattern:
+        mismatches.append(f"local/global layers {list(config.layer_types)} (llama.cpp: every {period}th global)")
+    if getattr(config, "query_pre_attn_scalar", scale) != scale:
+        mismatches.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp: {scale})")
+    if arch == gguf.MODEL_ARCH.GEMMA3 and (local.get("rope_type", "default") != "default"
+                                           or local.get("rope_theta", 10000.0) != 10000.0):
+        mismatches.append(f"local RoPE {local} (llama.cpp: default, base 10000)")
+    if mismatches:
+        warnings.warn(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} architecture assumes what released Gemma models "
+                      f"have; this config differs: {'; '.join(mismatches)}. llama.cpp's outputs will differ from "
+                      "transformers'", stacklevel=3)
+
+
 def _warn_about_sliding_window(config, arch) -> None:
+    if arch in _GEMMA:  # llama.cpp applies Gemma's windows
+        return _warn_about_gemma(config, arch)
     window = getattr(config, "sliding_window", None)
     if config.model_type != "mistral" and not getattr(config, "use_sliding_window", False):
         window = None  # Qwen2/Qwen3 only use it when asked to
@@ -189,6 +225,13 @@ def add_model(writer: gguf.GGUFWriter, config, name: str, file_type: gguf.LlamaF
     if arch == gguf.MODEL_ARCH.LLAMA:  # llama.cpp's LlamaModel adds these two
         writer.add_vocab_size(config.vocab_size)
         writer.add_rope_dimension_count(_head_dim(config))
+    if arch in _GEMMA:  # llama.cpp's Gemma2Model / Gemma3Model add these
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        if getattr(config, "sliding_window", None) is not None:
+            writer.add_sliding_window(config.sliding_window)
     _add_rope_scaling(writer, rope, permuted)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -367,6 +410,7 @@ class GGUFExport:
     def __init__(self, config, tokenizer, quantization_name, name: str, tensors: list[tuple[str, tuple[int, ...]]]):
         file_type, quant = quantization(quantization_name)
         arch, self.permuted = _architecture(config)
+        self.unit_offset_norms = arch in _GEMMA  # Gemma's norms multiply by 1 + w, llama.cpp's by the weight
         _warn_about_sliding_window(config, arch)
         self.n_head = config.num_attention_heads
         self.n_head_kv = getattr(config, "num_key_value_heads", None) or self.n_head
@@ -398,6 +442,8 @@ class GGUFExport:
 
     def _encode(self, hf_name: str, qtype, value: torch.Tensor) -> np.ndarray:
         value = value.detach().to("cpu", torch.float32)
+        if self.unit_offset_norms and hf_name.endswith("norm.weight"):
+            value = value + 1
         if self.permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             value = llama_permute(value, self.n_head)
         elif self.permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
