@@ -323,6 +323,19 @@ def test_attention_with_gpu_tiles(monkeypatch, arch, B, Hq, Hkv, T, S, D, causal
 
 
 @pytest.mark.parametrize("arch", [80, 90])
+def test_attention_head_256_softcap_with_gpu_tiles(monkeypatch, arch):
+    """Gemma's D=256 tiles (sm_90: 128x32 forward, 16x32 dK/dV, 128x16 dQ) over several blocks, soft-capped, GQA."""
+    _force_gpu_tiles(monkeypatch, arch)
+    torch.manual_seed(0)
+    q, k, v = _randn(1, 2, 45, 256), _randn(1, 1, 45, 256), _randn(1, 1, 45, 256)
+    _run_and_compare(
+        lambda q, k, v: attention(q, k, v, causal=True, scale=1 / 16, softcap=2.0, sliding_window=20),
+        lambda q, k, v: reference_attention(q, k, v, True, 1 / 16, 20, 2.0),
+        q, k, v, torch.float16,
+    )
+
+
+@pytest.mark.parametrize("arch", [80, 90])
 def test_attention_varlen_with_gpu_tiles(monkeypatch, arch):
     _force_gpu_tiles(monkeypatch, arch)
     _compare_causal_varlen([1, 130, 257, 16], 4, 1, 128, torch.float16)

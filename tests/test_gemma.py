@@ -12,11 +12,14 @@ import transformers
 from kernel_testing import assert_close, greedy_generate
 from test_model_parity import load_pair, train_step
 from tiny_models import copy_lora, load_baseline, padded_batch, randomize_lora, save_tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 import fastft.attention as fastft_attention
 from fastft import FastModel
 from fastft.architectures import UnsupportedModelError, spec_for
+from fastft.kernels import use_engine
 from fastft.patch import attention_forward, mlp_forward, unit_offset_rms_norm_forward
+from fastft.saving import save_merged
 
 ARCHS = ["gemma2", "gemma3"]
 
@@ -192,9 +195,59 @@ def test_multimodal_gemma3_checkpoint_is_refused(tmp_path):
         FastModel.from_pretrained(str(tmp_path))
 
 
+def test_documented_text_only_route_for_a_multimodal_gemma3(tmp_path):
+    """The README's recipe: the language model of a Gemma3ForConditionalGeneration saved as a Gemma3ForCausalLM
+    checkpoint computes the same text logits and loads in fastft."""
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=211),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "multimodal")
+    # -- the recipe --
+    multimodal = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "multimodal")
+    text = transformers.Gemma3ForCausalLM(multimodal.config.text_config)
+    text.model, text.lm_head = multimodal.model.language_model, multimodal.lm_head
+    text.save_pretrained(tmp_path / "text")
+    # --
+    tiny_tokenizer().save_pretrained(tmp_path / "text")
+    ids = padded_batch()[0]
+    with use_engine("torch"):
+        model, _ = FastModel.from_pretrained(tmp_path / "text", max_seq_length=64, dtype=torch.float32,
+                                             load_in_4bit=False)
+        with torch.no_grad():
+            assert_close(model(input_ids=ids).logits, multimodal(input_ids=ids).logits, atol=1e-5, rtol=1e-5,
+                         name="text logits")
+    assert model.config.model_type == "gemma3_text"
+
+
 def test_unsupported_gemma_options_are_refused():
     with pytest.raises(UnsupportedModelError, match="hidden_activation='gelu_pytorch_tanh'.*'gelu'"):
         spec_for(transformers.Gemma2Config(hidden_activation="gelu"))
     with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention"):
         spec_for(transformers.Gemma3TextConfig(use_bidirectional_attention=True))
     assert spec_for(transformers.Gemma3TextConfig()).qk_norm and not spec_for(transformers.Gemma2Config()).qk_norm
+
+
+def test_save_merged_loads_in_plain_transformers(arch_path, tmp_path):
+    """The merged 16-bit checkpoint (tied head, Gemma's config with its caps and layer types) loads without fastft and
+    computes the LoRA model's logits. (Export, not kernels, under test: PyTorch engine.)"""
+    _, path = arch_path
+    with use_engine("torch"):
+        model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32)
+        model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+        randomize_lora(model)
+        model.eval()
+        ids, mask, _ = padded_batch()
+        with torch.no_grad():
+            ours = model(input_ids=ids, attention_mask=mask).logits
+        save_merged(model, tmp_path / "merged", dtype=torch.float32)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(plain).__name__ == type(model.get_base_model()).__name__
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        theirs = plain(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    # the merge adds s*B@A to the dequantized weight in fp32: rounding of one extra add (~1e-7 relative)
+    assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4, name="merged logits")
