@@ -681,35 +681,34 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 
 # ---- PyTorch path (CPU without the interpreter) and argument checks -------------------------
+def _allowed(seqlen_q, seqlen_k, causal, window, device):
+    """Our mask convention as a boolean ``[T, S]`` tensor: True where query ``i`` may attend key ``j``."""
+    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    allowed = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= i - j < window
+    return allowed
+
+
 def _attention_torch(q, k, v, causal, scale, window, softcap=None):
     """SDPA on [B, H, T, D] with our mask convention; plain autograd. With a soft-cap, the same math written out
     (SDPA has no soft-cap): fp32 scores and softmax, as the kernel."""
     seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
-    mask, is_causal = None, False
     if softcap is not None:
         group = q.shape[1] // k.shape[1]
         kf, vf = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
         scores = softcap * torch.tanh(q.float() @ kf.transpose(-1, -2) * (scale / softcap))
-        i = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)
-        j = torch.arange(seqlen_k, device=q.device)[None, :]
-        allowed = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-        if causal:
-            allowed &= j <= i
-        if window is not None:
-            allowed &= i - j < window
+        scores = scores.masked_fill(~_allowed(seqlen_q, seqlen_k, causal, window, q.device), float("-inf"))
         # a row that sees no key gets 0 (as the kernel): softmax of all -inf would be NaN
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-        return (probs @ vf).to(q.dtype)
+        return (torch.softmax(scores, -1).nan_to_num(0.0) @ vf).to(q.dtype)
+    mask, is_causal = None, False
     if causal and window is None and seqlen_q == seqlen_k:
         is_causal = True  # SDPA's is_causal is top-left aligned: equal to ours only when T == S
     elif causal or window is not None:
-        i = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)
-        j = torch.arange(seqlen_k, device=q.device)[None, :]
-        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-        if causal:
-            mask &= j <= i
-        if window is not None:
-            mask &= i - j < window
+        mask = _allowed(seqlen_q, seqlen_k, causal, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 

@@ -184,6 +184,7 @@ ENTROPY_TOL = dict(atol=1e-5, rtol=2e-6)
 STATS_TOL = {"log_sum_sq_probs": dict(atol=1e-5, rtol=2e-6), "mean_logits": dict(atol=1e-7, rtol=1e-6)}
 SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL's SFTTrainer asks for
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")  # DPOTrainer, use_weighting
+SOFTCAP = 4.0  # logits here are ~3 (times LOGIT_SCALE): a cap of 4 bends them; Gemma 2 uses 30 on larger logits
 
 
 def _inputs_with_top1(dtype, seed, n=N):
@@ -232,35 +233,44 @@ def _check_outputs(results, expected, labels, name=""):
         assert value.dtype == torch.float32 and (value[ignored] == 0).all()
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_all_outputs_match_float64_reference(engine, dtype):
+def test_all_outputs_match_float64_reference(engine, dtype, softcap):
+    """Every output and every gradient (trainable head, log-probs and entropy both in the loss); with a soft-cap
+    (Gemma 2's, TRL's order: ``c * tanh(x * logit_scale / c) / temperature``; here logits of ~3 times LOGIT_SCALE, so a
+    cap of 4 bends them) to the same tolerances."""
     hidden, weight, bias, labels = _inputs_with_top1(dtype, seed=10)
     gen = torch.Generator().manual_seed(11)
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
-                                   outputs=OUTPUTS, **CHUNKS)
+                                   softcap=softcap, outputs=OUTPUTS, **CHUNKS)
     assert isinstance(results, tuple) and len(results) == 5
     lp, ent, lss, mean, top1 = results
     assert lp.requires_grad and ent.requires_grad
     assert not (lss.requires_grad or mean.requires_grad or top1.requires_grad)  # TRL: mark_non_differentiable
     ((lp * grad_lp).sum() + (ent * grad_ent).sum()).backward()
 
-    expected, (ref_dh, ref_dw, ref_db) = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent)
+    expected, (ref_dh, ref_dw, ref_db) = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent, softcap)
     assert expected[4][[2, 3, 4]].all() and expected[4].sum() == 3  # the test data has top-1 rows
     _check_outputs(results, expected, labels)
     _check_grad(h.grad, ref_dh, dtype, "dhidden")
     _check_grad(w.grad, ref_dw, dtype, "dweight")
     _check_grad(b.grad, ref_db, dtype, "dbias")
+    if softcap is not None:  # the cap matters at these logits
+        uncapped, _ = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent)
+        assert (uncapped[0] - expected[0]).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_all_outputs_match_trl_chunked_logprob_fp32(engine):
+def test_all_outputs_match_trl_chunked_logprob_fp32(engine, softcap):
     # TRL's op on the same inputs (its CPU path folds whole tiles in torch), every output and every gradient,
     # with a loss that uses both log-probs and entropy (TRL's entropy is differentiable). TRL takes no
-    # ignore_index: feed it clamped labels and mask afterwards, as its add_fused_lm_head does.
+    # ignore_index: feed it clamped labels and mask afterwards, as its add_fused_lm_head does. With a soft-cap:
+    # TRL's final_logit_softcapping (Gemma 2), the call fastft's dispatcher serves.
     hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=12)
     gen = torch.Generator().manual_seed(13)
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
@@ -269,11 +279,12 @@ def test_all_outputs_match_trl_chunked_logprob_fp32(engine):
     h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         ours = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
-                                outputs=OUTPUTS, token_chunk_size=16, vocab_chunk_size=5000)
+                                softcap=softcap, outputs=OUTPUTS, token_chunk_size=16, vocab_chunk_size=5000)
     ((ours[0] * grad_lp).sum() + (ours[1] * grad_ent).sum()).backward()
 
     th, tw, tb = leaf(hidden), leaf(weight), leaf(bias)
-    trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, None, LOGIT_SCALE, OUTPUTS)
+    trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, softcap, LOGIT_SCALE,
+                                       OUTPUTS)
     trl = [x.masked_fill(~valid, 0) for x in trl]
     ((trl[0] * grad_lp).sum() + (trl[1] * grad_ent).sum()).backward()
 
@@ -575,52 +586,8 @@ def test_recompute_after_autocast_uses_the_forwards_dtype():
         assert torch.equal(inside, outside), f"{name}: max diff {(inside - outside).abs().max().item():.3e}"
 
 
-# ---- Gemma 2's soft-capped logits (TRL's final_logit_softcapping) ------------------------------------------------
-SOFTCAP = 4.0  # logits here are ~3 (times LOGIT_SCALE): a cap of 4 bends them; Gemma 2 uses 30 on larger logits
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softcap_all_outputs_match_float64_reference(engine, dtype):
-    """Every output and every gradient (trainable head, log-probs and entropy both in the loss) of
-    ``c * tanh(x * logit_scale / c) / temperature``; tolerances as without the cap."""
-    hidden, weight, bias, labels = _inputs_with_top1(dtype, seed=40)
-    gen = torch.Generator().manual_seed(41)
-    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
-    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
-    with use_engine(engine):
-        results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
-                                   softcap=SOFTCAP, outputs=OUTPUTS, **CHUNKS)
-    ((results[0] * grad_lp).sum() + (results[1] * grad_ent).sum()).backward()
-    expected, (ref_dh, ref_dw, ref_db) = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent, SOFTCAP)
-    _check_outputs(results, expected, labels)
-    _check_grad(h.grad, ref_dh, dtype, "dhidden")
-    _check_grad(w.grad, ref_dw, dtype, "dweight")
-    _check_grad(b.grad, ref_db, dtype, "dbias")
-    uncapped, _ = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent)
-    assert (uncapped[0] - expected[0]).abs().max() > 0.1  # the cap matters at these logits
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_softcap_matches_trl_chunked_logprob_fp32(engine):
-    """TRL's own kernel with final_logit_softcapping (the call fastft's dispatcher now serves for Gemma 2)."""
-    hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=42)
-    gen = torch.Generator().manual_seed(43)
-    grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
-    valid = labels != -100
-    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
-    with use_engine(engine):
-        ours = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
-                                softcap=SOFTCAP, outputs=OUTPUTS, token_chunk_size=16, vocab_chunk_size=5000)
-    ((ours[0] * grad_lp).sum() + (ours[1] * grad_ent).sum()).backward()
-    th, tw, tb = leaf(hidden), leaf(weight), leaf(bias)
-    trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, SOFTCAP, LOGIT_SCALE,
-                                       OUTPUTS)
-    trl = [x.masked_fill(~valid, 0) for x in trl]
-    ((trl[0] * grad_lp).sum() + (trl[1] * grad_ent).sum()).backward()
-    _check_outputs(ours, trl, labels, name=" vs TRL")
-    for mine, theirs, name in ((h.grad, th.grad, "dhidden"), (w.grad, tw.grad, "dweight"), (b.grad, tb.grad, "dbias")):
-        assert_close(mine, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=1e-5, name=f"{name} vs TRL")
+# ---- Gemma 2's soft-capped logits (TRL's final_logit_softcapping; every output with the cap against float64 and
+# TRL's kernel: the "softcap" cases of the two test_all_outputs_* tests above) ------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
