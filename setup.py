@@ -3,11 +3,12 @@ from setuptools import setup
 setup(
     name="fastft",
     version="0.1.0",
-    description="Fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral and Qwen3 with hand-written Triton kernels",
+    description=("Fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral, Qwen3 and Phi-3/Phi-4 with hand-written "
+                 "Triton kernels"),
     python_requires=">=3.10",
     # The kernel library lives in ./kernels but installs as fastft.kernels: a top-level `kernels`
     # package would collide with Hugging Face's `kernels`, which transformers probes for.
-    packages=["fastft", "fastft.kernels", "fastft.memory"],
+    packages=["fastft", "fastft.kernels", "fastft.memory", "fastft.doctor"],
     package_dir={"fastft": "fastft", "fastft.kernels": "kernels"},
     install_requires=[
         # Any torch >= 2.4 is accepted, so a user's CUDA build stays; install.sh pins the CPU build.
@@ -22,7 +23,7 @@ setup(
         "gguf",
         "tqdm",
     ],
-    entry_points={"console_scripts": ["fastft-memory=fastft.memory.cli:main"]},
+    entry_points={"console_scripts": ["fastft-memory=fastft.memory.cli:main", "fastft-doctor=fastft.doctor.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "matplotlib"],  # the bench scripts' plots are checked too
         "bench": ["matplotlib"],

@@ -5,6 +5,7 @@ from kernel_testing import BF16, ENGINES, EPS, F16, F32, assert_close
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from fastft.doctor.references import rms_norm_reference
 from fastft.kernels import use_engine
 from fastft.kernels._common import INTERPRET
 from fastft.kernels.rms_norm import rms_norm
@@ -17,18 +18,8 @@ def _inputs(shape, x_dtype, w_dtype, seed=0, w_grad=True):
     return x, w
 
 
-def _reference(x, w, dy, eps):
-    """Exact float64 math (no intermediate rounding), gradients by float64 autograd."""
-    x64 = x.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    xhat = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
-    y = w64 * xhat
-    y.backward(dy.double())
-    return y.detach(), x64.grad, w64.grad, xhat.detach()
-
-
 def _check_against_float64(x, w, y, dy, eps, engine="triton"):
-    y_ref, dx_ref, dw_ref, xhat_ref = _reference(x, w, dy, eps)
+    y_ref, dx_ref, dw_ref, xhat_ref = rms_norm_reference(x, w, dy, eps)
     out_dtype = torch.promote_types(x.dtype, w.dtype)
     assert y.dtype == out_dtype
     # y rounds twice: xhat to x.dtype, then the product to the output dtype. Half an ulp each with
@@ -96,16 +87,6 @@ def test_matches_llama_rmsnorm_module(x_dtype, w_dtype, engine):
         assert same > 0.99, f"only {same:.2%} of elements equal LlamaRMSNorm's"
 
 
-def _gemma_reference(x, w, dy, eps):
-    """Gemma's norm in exact float64: ``xhat * (1 + w)``."""
-    x64 = x.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    xhat = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
-    y = xhat * (1 + w64)
-    y.backward(dy.double())
-    return y.detach(), x64.grad, w64.grad, xhat.detach()
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("x_dtype,w_dtype", [(F32, F32), (BF16, F32), (BF16, BF16), (F16, F16)])
 @pytest.mark.parametrize("shape", [(5, 123), (2, 3, 576)])
@@ -119,7 +100,7 @@ def test_unit_offset_matches_float64(shape, x_dtype, w_dtype, engine):
         y = rms_norm(x, w, eps, unit_offset=True)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(12)).to(y.dtype)
         y.backward(dy)
-    y_ref, dx_ref, dw_ref, xhat = _gemma_reference(x, w, dy, eps)
+    y_ref, dx_ref, dw_ref, xhat = rms_norm_reference(x, w, dy, eps, unit_offset=True)
     assert y.dtype == x_dtype
     # one rounding to x.dtype (the interpreter truncates: 1 ulp); fp32: the fp32 sum of H squares (~1e-6)
     assert_close(y, y_ref, atol=1e-6, rtol=max(EPS[x_dtype], 1e-5), name="y")
@@ -181,7 +162,7 @@ def test_frozen_weight_and_no_input_grad(engine):
         y = rms_norm(x, w)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(y.dtype)
         y.backward(dy)
-    y_ref, _, dw_ref, xhat = _reference(x, w, dy, 1e-6)
+    y_ref, _, dw_ref, xhat = rms_norm_reference(x, w, dy, 1e-6)
     assert_close(y, y_ref, atol=1e-6, rtol=2 * EPS[F16], name="y")
     bound = (dy.double() * xhat).abs().sum(0).max().item()
     assert_close(w.grad, dw_ref, atol=EPS[F16] * bound, rtol=1e-6, name="dweight")

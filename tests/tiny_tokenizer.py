@@ -92,6 +92,17 @@ def tiny_sentencepiece_tokenizer(vocab_size: int = 400):
     return fast
 
 
+def tiny_phi3_tokenizer(vocab_size: int = 400):
+    """:func:`tiny_sentencepiece_tokenizer` shaped as Phi-3's ``tokenizer.json``: spaces become "\u2581" and one is
+    prepended by its normalizer (no pre-tokenizer), so a text that starts with spaces keeps one more "\u2581"
+    than with Llama 2's Metaspace; transformers' GGUF reader rebuilds a ``phi3`` file's tokenizer that way."""
+    fast = tiny_sentencepiece_tokenizer(vocab_size)
+    fast.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(prepend="\u2581"), normalizers.Replace(pattern=" ", content="\u2581")])
+    fast.backend_tokenizer.pre_tokenizer = None
+    return fast
+
+
 GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == "
                   "'assistant' else message['role']) + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
                   "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
