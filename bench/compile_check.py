@@ -47,6 +47,7 @@ MODELS = {
     "llama3-8b": (4096, 14336, 32, 8, 128, 128256),
     "qwen2-7b": (3584, 18944, 28, 4, 128, 152064),
     "qwen2-0.5b": (896, 4864, 14, 2, 64, 151936),
+    "gemma2-9b": (3584, 14336, 16, 8, 256, 256000),  # head size 256, soft-capped attention and logits, GeGLU
 }
 # batch, sequence: small and odd. Tile sizes depend on the model dims, not on the token count; the ops whose
 # CPU-side matmuls (LoRA, lm head) would make this slow get fewer tokens.
@@ -206,6 +207,20 @@ def ops(model: str, dtype, with_attention: bool):
                 t(b * n, hidden), t(vocab, hidden), few_labels,
                 outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))[:2])),
         ]
+    if head_dim == 256:  # Gemma's flags: (1 + w) norm, GeGLU, soft-capped logits
+        cases += [
+            ("rms_norm unit_offset", lambda: backward(K.rms_norm(t(B, T, hidden), t(hidden), eps=1e-6,
+                                                                 unit_offset=True))),
+            ("swiglu gelu_tanh", lambda: backward(K.swiglu(t(B, T, inter), t(B, T, inter), "gelu_tanh"))),
+            ("lora_mlp gelu_tanh", lambda: backward(K.lora_mlp(
+                t(b, n, hidden), _lora_args(inter, hidden, dtype), _lora_args(inter, hidden, dtype),
+                _lora_args(hidden, inter, dtype), activation="gelu_tanh"))),
+            ("cross_entropy softcap", lambda: backward(K.cross_entropy(t(N, vocab), labels, softcap=30.0))),
+            ("fused_linear_cross_entropy softcap", lambda: backward(K.fused_linear_cross_entropy(
+                t(b * n, hidden), t(vocab, hidden), few_labels, softcap=30.0))),
+            ("linear_log_probs softcap", lambda: backward(K.linear_log_probs(
+                t(b * n, hidden), t(vocab, hidden, grad=False), few_labels, softcap=30.0))),  # frozen head
+        ]
     if with_attention:
         cu = torch.tensor([0, 5, 30, N], dtype=torch.int32)  # sequences of 5, 25 and N - 30 tokens
         cases += [
@@ -217,6 +232,15 @@ def ops(model: str, dtype, with_attention: bool):
             ("attention_varlen", lambda: backward(K.attention_varlen(
                 t(N, heads, head_dim), t(N, kv_heads, head_dim), t(N, kv_heads, head_dim), cu, max(25, N - 30)))),
         ]
+        if head_dim == 256:  # Gemma 2: soft-capped scores
+            cases += [
+                ("attention softcap", lambda: backward(K.attention(
+                    t(B, heads, T, head_dim), t(B, kv_heads, T, head_dim), t(B, kv_heads, T, head_dim),
+                    scale=head_dim ** -0.5, softcap=50.0))),
+                ("attention_varlen softcap sliding_window", lambda: backward(K.attention_varlen(
+                    t(N, heads, head_dim), t(N, kv_heads, head_dim), t(N, kv_heads, head_dim), cu, max(25, N - 30),
+                    sliding_window=16, softcap=50.0))),
+            ]
     return cases
 
 

@@ -12,6 +12,15 @@ in the model's rotary embedding module, whose cos/sin fastft takes as they are. 
 the decoder layer's own forward, which fastft does not replace (exact); ``embd_pdrop`` is not used by transformers;
 an ``attention_dropout`` routes attention to SDPA, as for every architecture (``fastft/attention.py``).
 
+Gemma 2 and Gemma 3 (text) are the same decoder with flags: RMSNorm ``x * (1 + w)`` (cast last), four norms per
+layer (pre/post attention, pre/post feed-forward), a GeGLU MLP (``gelu_pytorch_tanh``), embeddings scaled by
+``sqrt(hidden)`` (their own embedding module does it, in transformers' backbone forward, which fastft keeps),
+attention scaled by ``query_pre_attn_scalar**-0.5`` (the module's ``scaling``), sliding-window layers interleaved
+with global ones as ``config.layer_types`` says (each layer's window on its module; Gemma 3's local layers get their
+own RoPE base from the backbone, which hands each layer its cos/sin), Gemma 3's q/k norms, and Gemma 2's soft-capping
+of the attention scores (the module's ``attn_logit_softcapping``) and of the final logits
+(``config.final_logit_softcapping``, in ``loss.py`` and ``trl_compat.py``).
+
 The mixture-of-experts models (Qwen3-MoE, Qwen2-MoE, Mixtral) are the same decoder with a sparse MoE block in
 place of the MLP (in every layer, or every ``decoder_sparse_step``-th one outside ``mlp_only_layers``): a router,
 the routed experts as two 3-D tensors, and for Qwen2-MoE a shared expert; :class:`MoESpec` says which
@@ -47,6 +56,17 @@ class ArchitectureSpec:
     qk_norm: bool
     # The sliding window an attention module uses, or None for full attention.
     sliding_window: Callable[[object], int | None]
+    # The MLP's gated activation, as the kernels name it ("silu": SwiGLU, "gelu_tanh": GeGLU), and the name of
+    # the config attribute that must select it (transformers' names).
+    activation: str = "silu"
+    activation_config: tuple[str, str] = ("hidden_act", "silu")
+    # Gemma: RMSNorm weights are offsets from 1 (``x * (1 + w)``, cast last).
+    norm_unit_offset: bool = False
+    # The norms of a decoder layer (Gemma 2/3 add pre/post feed-forward norms around the MLP).
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # The attention transformers loads the model with, before fastft sets its own: Gemma 2's class refuses SDPA
+    # (it cannot soft-cap the scores).
+    load_attention: str = "sdpa"
     # The sparse mixture-of-experts block, for MoE models (None: every layer has a dense SwiGLU MLP).
     moe: MoESpec | None = None
     # Phi-3: q, k and v are one linear layer `qkv_proj`, gate and up one `gate_up_proj` (each with one LoRA).
@@ -74,6 +94,11 @@ def _config_window(attention) -> int | None:
     return getattr(attention.config, "sliding_window", None)
 
 
+_GEMMA = dict(sliding_window=_module_window, activation="gelu_tanh",
+              activation_config=("hidden_activation", "gelu_pytorch_tanh"), norm_unit_offset=True,
+              layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                           "post_feedforward_layernorm"))
+
 SPECS = {
     "llama": ArchitectureSpec("llama", qk_norm=False, sliding_window=_no_window),
     "mistral": ArchitectureSpec("mistral", qk_norm=False, sliding_window=_config_window),
@@ -87,7 +112,11 @@ SPECS = {
                                             checkpoint_projections=("w1", "w3", "w2"))),
     # Phi-3 passes config.sliding_window to every layer, as Mistral does
     "phi3": ArchitectureSpec("phi3", qk_norm=False, sliding_window=_config_window, fused_projections=True),
+    "gemma2": ArchitectureSpec("gemma2", qk_norm=False, load_attention="eager", **_GEMMA),
+    "gemma3_text": ArchitectureSpec("gemma3_text", qk_norm=True, **_GEMMA),
 }
+_FAMILIES = ("Llama 2/3/3.1, Mistral, Qwen1.5/Qwen2/Qwen2.5, Qwen3, Phi-3/3.5/4, Gemma 2, Gemma 3 (text); "
+             "mixture-of-experts: Qwen3-MoE, Qwen2-MoE / Qwen1.5-MoE, Mixtral")
 
 
 class UnsupportedModelError(ValueError):
@@ -97,16 +126,26 @@ class UnsupportedModelError(ValueError):
 def spec_for(config) -> ArchitectureSpec:
     """The spec of ``config``'s architecture; a clear error for anything fastft does not patch."""
     model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3":
+        raise UnsupportedModelError(
+            "this is a multimodal Gemma 3 checkpoint (model_type='gemma3', Gemma3ForConditionalGeneration with a "
+            "vision tower); fastft fine-tunes the text model only. Load a text-only Gemma 3 (model_type='gemma3_text', "
+            "e.g. google/gemma-3-1b-it), or save the language model of this one as its own checkpoint first: see "
+            "'Gemma 3' in fastft's README"
+        )
     if model_type not in SPECS:
         raise UnsupportedModelError(
-            f"fastft does not support model_type={model_type!r}; supported: {', '.join(sorted(SPECS))} "
-            "(Llama 2/3/3.1, Mistral, Qwen1.5/Qwen2/Qwen2.5, Qwen3, Phi-3/3.5/4; mixture-of-experts: Qwen3-MoE, "
-            "Qwen2-MoE / Qwen1.5-MoE, Mixtral)"
+            f"fastft does not support model_type={model_type!r}; supported: {', '.join(sorted(SPECS))} ({_FAMILIES})"
         )
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"fastft's MLP kernel is SwiGLU (hidden_act='silu'); "
-                                    f"this config has hidden_act={act!r}")
+    spec = SPECS[model_type]
+    attribute, expected = spec.activation_config
+    act = getattr(config, attribute, expected)
+    if act != expected:
+        raise UnsupportedModelError(f"fastft's {model_type} MLP kernel computes {attribute}={expected!r}; "
+                                    f"this config has {attribute}={act!r}")
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModelError("fastft's fused MLP has no bias; this config sets mlp_bias=True")
-    return SPECS[model_type]
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("fastft's attention is causal; this config sets use_bidirectional_attention=True "
+                                    "(an encoder-style model, not a causal LM to fine-tune)")
+    return spec

@@ -15,7 +15,8 @@ registers a function in each:
 Which attention a model gets (``patch_model(attn_implementation=None)``, :func:`choose_attention`): this
 kernel where it serves the model on the device; else, on a GPU (below sm_80, or a head size the kernel lacks),
 xformers' kernel ("fastft_xformers", ``xformers_attention.py``, same mask function) when it can run there;
-else PyTorch SDPA.
+else PyTorch SDPA. A model whose scores are soft-capped (Gemma 2) gets only attentions that cap them: this kernel,
+else transformers' "eager" one (neither SDPA nor xformers can).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from .kernels.attention import attention, attention_varlen
 
 logger = logging.getLogger("fastft")
 ATTENTION_NAME = "fastft"
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
 def fastft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
@@ -153,24 +154,40 @@ def plain_position_ids(batch_size: int, length: int, device) -> torch.Tensor:
     return position_ids
 
 
-def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling, sliding_window):
+def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling, sliding_window, softcap):
     # [B, H, T, D] -> [B*T, H, D] token-major, the layout of packed sequences.
     B, Hq, T, D = query.shape
     q = query.transpose(1, 2).reshape(B * T, Hq, D)
     k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)
-    out = attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scaling, sliding_window=sliding_window)
+    out = attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scaling, sliding_window=sliding_window,
+                           softcap=softcap)
     return out.view(B, T, Hq, D)
 
 
+def _softcapped_masked_attention(query, key, value, mask, scaling, softcap):
+    """Decoding with a cache under a soft-cap (SDPA has none): ``[B, H, T, D]`` in, ``[B, T, H, D]`` out, ``mask`` the
+    boolean 4D mask (True: attend). The math of transformers' eager attention: scores in the inputs' dtype, the
+    softmax in fp32."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = torch.tanh(query @ key.transpose(-1, -2) * scaling / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return (probs @ value).transpose(1, 2)
+
+
 def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                     **kwargs):
+                     softcap=None, **kwargs):
     """Attention interface entry. query ``[B, Hq, T, D]``, key/value ``[B, Hkv, S, D]``; returns
-    ``([B, T, Hq, D], None)`` like every transformers attention function."""
+    ``([B, T, Hq, D], None)`` like every transformers attention function. ``softcap``: Gemma 2's soft-capping of the
+    scores (``attn_logit_softcapping``)."""
     if dropout:
         raise ValueError(f"fastft's attention kernel has no attention dropout; "
                          f"the config sets attention_dropout={dropout}")
     if attention_mask is not None and attention_mask.dim() == 4:
+        if softcap is not None:
+            return _softcapped_masked_attention(query, key, value, attention_mask, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
 
     B, Hq, T, D = query.shape
@@ -187,7 +204,7 @@ def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)[keep]
         v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)[keep]
         packed = attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scaling,
-                                  sliding_window=sliding_window)
+                                  sliding_window=sliding_window, softcap=softcap)
         out = packed.new_zeros(B * T, Hq, D).index_copy(0, keep, packed)
         return out.view(B, T, Hq, D), None
 
@@ -196,14 +213,16 @@ def fastft_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         max_seqlen = kwargs.get("max_length_q")
         if max_seqlen is None:  # (the kernel's grid needs it on the host: one sync per forward)
             max_seqlen = once_per_forward(cu_seqlens, "max", longest_sequence, cu_seqlens)
-        return _varlen(query, key, value, cu_seqlens.to(torch.int32), int(max_seqlen), scaling, sliding_window), None
+        return _varlen(query, key, value, cu_seqlens.to(torch.int32), int(max_seqlen), scaling, sliding_window,
+                       softcap), None
     position_ids = kwargs.get("position_ids")
     if position_ids is not None:
         packing = batch_packing(position_ids, B)
         if packing.cu_seqlens is not None:
-            return _varlen(query, key, value, packing.cu_seqlens, packing.max_seqlen, scaling, sliding_window), None
+            return _varlen(query, key, value, packing.cu_seqlens, packing.max_seqlen, scaling, sliding_window,
+                           softcap), None
 
-    out = attention(query, key, value, causal=True, scale=scaling, sliding_window=sliding_window)
+    out = attention(query, key, value, causal=True, scale=scaling, sliding_window=sliding_window, softcap=softcap)
     return out.transpose(1, 2), None
 
 
@@ -246,6 +265,11 @@ def choose_attention(config, device: torch.device, dtype: torch.dtype) -> tuple[
     if reason is None:
         return ATTENTION_NAME, None
     dropout = getattr(config, "attention_dropout", 0.0)
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:  # only transformers' eager attention caps the scores too
+        return "eager", (f"fastft: attention runs on transformers' eager attention (the scores are soft-capped, "
+                         f"attn_logit_softcapping={softcap}, which SDPA and xformers cannot do), not fastft's kernel: "
+                         f"{reason}")
     if dropout:  # neither kernel has attention dropout
         reason = f"attention_dropout={dropout}"
     elif device.type == "cuda":
@@ -262,16 +286,20 @@ def resolve_attention(config, device: torch.device, dtype: torch.dtype, attn_imp
                       disabled: bool = False) -> str:
     """``attn_implementation`` as given to ``patch_model``: None routes (:func:`choose_attention`, logged);
     "fastft_xformers" is checked to run here, so a wrong choice fails at load time, not in the first forward.
-    ``disabled`` (the "attention" kernel name disabled): PyTorch SDPA instead of fastft's attention or its xformers
-    route; another implementation named explicitly (e.g. "eager") is kept."""
+    ``disabled`` (the "attention" kernel name disabled): PyTorch SDPA (eager for soft-capped scores) instead of
+    fastft's attention or its xformers route; another implementation named explicitly (e.g. "eager") is kept."""
     from . import xformers_attention
 
+    softcap = getattr(config, "attn_logit_softcapping", None)
     if disabled and attn_implementation in (None, ATTENTION_NAME, xformers_attention.ATTENTION_NAME):
-        return "sdpa"
+        return "sdpa" if softcap is None else "eager"  # only eager soft-caps the scores too
     if attn_implementation is None:
         attn_implementation, log_line = choose_attention(config, device, dtype)
         if log_line is not None:
             logger.warning(log_line)
+    elif softcap is not None and attn_implementation not in (ATTENTION_NAME, "eager"):
+        raise ValueError(f"attn_implementation={attn_implementation!r} cannot soft-cap the attention scores this model "
+                         f"needs (attn_logit_softcapping={softcap}); use attn_implementation=None, 'fastft' or 'eager'")
     elif attn_implementation == xformers_attention.ATTENTION_NAME:
         why_not = xformers_attention.unavailable_reason(device, dtype, _head_dim(config))
         if why_not is not None:

@@ -28,6 +28,10 @@ What follows llama.cpp, and why:
   expert ``ffn_{gate,up,down}_shexp`` and its gate ``ffn_gate_inp_shexp`` (1-D, F32), with ``expert_count``,
   ``expert_used_count`` and the expert widths as metadata. llama.cpp's qwen3moe graph always renormalizes the
   top-k routing weights and qwen2moe's never does, and both have experts in every layer: other models are refused.
+* Gemma 2 / Gemma 3 (llama.cpp's ``gemma2`` / ``gemma3``): RMSNorm weights are stored as ``1 + w`` (llama.cpp
+  multiplies by the stored weight; transformers by ``1 + w``), every ``*norm.weight`` q/k norms included; the
+  soft-caps and the sliding window are metadata; Gemma 3's RoPE base is its global layers' (llama.cpp gives local
+  layers 10,000). llama.cpp fixes the rest by architecture (:func:`_warn_about_gemma`).
 * Which tensor gets which type: :func:`tensor_type`. The tokenizer: :func:`add_tokenizer`.
 """
 from __future__ import annotations
@@ -124,10 +128,13 @@ _ARCHITECTURES = {
     "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, False),
     "qwen2_moe": (gguf.MODEL_ARCH.QWEN2MOE, False),
     "mixtral": (gguf.MODEL_ARCH.LLAMA, True),  # llama.cpp's llama with experts
+    "gemma2": (gguf.MODEL_ARCH.GEMMA2, False),
+    "gemma3_text": (gguf.MODEL_ARCH.GEMMA3, False),
 }
 # Whether llama.cpp's graph of the architecture renormalizes the top-k routing weights (its build_moe_ffn's norm_w):
 # qwen3moe always, qwen2moe never; a model whose norm_topk_prob differs would compute something else there.
 _NORMALIZES_TOP_K = {"qwen3_moe": True, "qwen2_moe": False}
+_GEMMA = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 
 
 def _architecture(config):
@@ -168,6 +175,8 @@ def _head_dim(config) -> int:
 
 def _rope(config) -> dict:
     rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in rope:  # one set per layer type (Gemma 3): the global layers' is llama.cpp's RoPE
+        rope = dict(rope["full_attention"] or {})
     rope.setdefault("rope_type", "default")
     rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     return rope
@@ -207,7 +216,34 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict, permuted: bool) -> No
                          "default, linear and yarn scaling, and llama3 scaling for Llama models")
 
 
+def _warn_about_gemma(config, arch) -> None:
+    """llama.cpp fixes by architecture what transformers reads from a Gemma config: which layers attend locally
+    (every other one in ``gemma2``, five of six in ``gemma3``), the attention scale (1 / sqrt(hidden / heads) for
+    the 27B models, 1 / sqrt(head size) for the others) and Gemma 3's local RoPE (base 10,000, unscaled). Released
+    Gemma checkpoints follow these; a config that does not gets a warning (llama.cpp's outputs would differ)."""
+    period = 2 if arch == gguf.MODEL_ARCH.GEMMA2 else 6
+    pattern = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+               for i in range(config.num_hidden_layers)]
+    is_27b = config.num_hidden_layers == (46 if arch == gguf.MODEL_ARCH.GEMMA2 else 62)
+    scale = config.hidden_size // config.num_attention_heads if is_27b else _head_dim(config)
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    mismatches = []
+    if list(getattr(config, "layer_types", pattern)) != pattern:
+        mismatches.append(f"local/global layers {list(config.layer_types)} (llama.cpp: every {period}th global)")
+    if getattr(config, "query_pre_attn_scalar", scale) != scale:
+        mismatches.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp: {scale})")
+    if arch == gguf.MODEL_ARCH.GEMMA3 and (local.get("rope_type", "default") != "default"
+                                           or local.get("rope_theta", 10000.0) != 10000.0):
+        mismatches.append(f"local RoPE {local} (llama.cpp: default, base 10000)")
+    if mismatches:
+        warnings.warn(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} architecture assumes what released Gemma models "
+                      f"have; this config differs: {'; '.join(mismatches)}. llama.cpp's outputs will differ from "
+                      "transformers'", stacklevel=3)
+
+
 def _warn_about_sliding_window(config, arch) -> None:
+    if arch in _GEMMA:  # llama.cpp applies Gemma's windows
+        return _warn_about_gemma(config, arch)
     window = getattr(config, "sliding_window", None)
     if config.model_type not in ("mistral", "phi3", "mixtral") and not getattr(config, "use_sliding_window", False):
         window = None  # Qwen2/Qwen3 only use it when asked to
@@ -265,6 +301,13 @@ def add_model(writer: gguf.GGUFWriter, config, name: str, file_type: gguf.LlamaF
     if arch == gguf.MODEL_ARCH.LLAMA:  # llama.cpp's LlamaModel adds these two
         writer.add_vocab_size(config.vocab_size)
         writer.add_rope_dimension_count(_head_dim(config))
+    if arch in _GEMMA:  # llama.cpp's Gemma2Model / Gemma3Model add these
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        if getattr(config, "sliding_window", None) is not None:
+            writer.add_sliding_window(config.sliding_window)
     if arch == gguf.MODEL_ARCH.PHI3:
         _add_phi3(writer, config, rope)
     else:
@@ -446,6 +489,7 @@ class GGUFExport:
     def __init__(self, config, tokenizer, quantization_name, name: str, tensors: list[tuple[str, tuple[int, ...]]]):
         file_type, quant = quantization(quantization_name)
         arch, self.permuted = _architecture(config)
+        self.unit_offset_norms = arch in _GEMMA  # Gemma's norms multiply by 1 + w, llama.cpp's by the weight
         _warn_about_sliding_window(config, arch)
         self.n_head = config.num_attention_heads
         self.n_head_kv = getattr(config, "num_key_value_heads", None) or self.n_head
@@ -483,6 +527,8 @@ class GGUFExport:
     def _encode(self, hf_name: str, qtype, value: torch.Tensor) -> np.ndarray:
         value = value.detach().to("cpu", torch.float32)
         value = value.reshape([n for n in value.shape if n != 1] or [1])
+        if self.unit_offset_norms and hf_name.endswith("norm.weight"):
+            value = value + 1
         if self.permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             value = llama_permute(value, self.n_head)
         elif self.permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):

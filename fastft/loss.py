@@ -15,6 +15,10 @@ Disabled kernels (``disable_kernels`` / ``FASTFT_DISABLE_KERNELS``): without ``f
 logits are computed when training too and the loss comes from them; without ``cross_entropy`` a loss from logits
 is transformers' own (``self.loss_function``, as the unpatched forward computes it). With both disabled the
 model keeps transformers' forward (``patch_model`` does not bind this one).
+
+Gemma 2 soft-caps its logits (``config.final_logit_softcapping`` = c): the returned logits are
+``c * tanh(logits / c)`` as transformers computes them, and both losses take the cap inside their kernels (in fp32,
+from the uncapped logits).
 """
 from __future__ import annotations
 
@@ -46,18 +50,19 @@ def _lm_head_weight(lm_head) -> torch.Tensor:
     return weight.full_tensor() if is_dtensor(weight) else weight
 
 
-def causal_lm_loss(hidden, lm_head_weight, labels=None, shift_labels=None, num_items_in_batch=None, logits=None):
+def causal_lm_loss(hidden, lm_head_weight, labels=None, shift_labels=None, num_items_in_batch=None, logits=None,
+                   softcap=None):
     """Mean (or sum / num_items_in_batch) next-token cross-entropy. From ``logits`` when given, else
-    fused with the lm-head matmul from ``hidden``."""
+    fused with the lm-head matmul from ``hidden``; of ``softcap * tanh(logits / softcap)`` with a soft-cap."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     shift_labels = shift_labels.reshape(-1).to(hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
     if logits is not None:
-        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels, reduction=reduction)
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels, reduction=reduction, softcap=softcap)
     else:
         loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, shift_labels,
-                                          reduction=reduction)
+                                          reduction=reduction, softcap=softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -88,16 +93,21 @@ def make_causal_lm_forward(model, disabled: frozenset[str] = frozenset()):
                              **kwargs)
         hidden = outputs.last_hidden_state
         has_labels = labels is not None or shift_labels is not None
+        softcap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2
 
         logits = loss = None
         if has_labels and torch.is_grad_enabled() and fused_loss:
-            loss = causal_lm_loss(hidden, _lm_head_weight(self.lm_head), labels, shift_labels, num_items_in_batch)
+            loss = causal_lm_loss(hidden, _lm_head_weight(self.lm_head), labels, shift_labels, num_items_in_batch,
+                                  softcap=softcap)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
             if has_labels and loss_kernel:
-                loss = causal_lm_loss(hidden, None, labels, shift_labels, num_items_in_batch, logits=logits)
-            elif has_labels:
+                loss = causal_lm_loss(hidden, None, labels, shift_labels, num_items_in_batch, logits=logits,
+                                      softcap=softcap)
+            if softcap is not None:  # transformers' soft-capping, in the logits' dtype
+                logits = torch.tanh(logits / softcap) * softcap
+            if has_labels and not loss_kernel:  # transformers' loss, on the capped logits as its forward does
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                           num_items_in_batch=num_items_in_batch, shift_labels=shift_labels, **kwargs)
         if is_moe:

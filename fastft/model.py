@@ -207,7 +207,7 @@ class FastModel:
         with quantizing_experts:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
-                attn_implementation="sdpa", **kwargs,
+                attn_implementation=spec.load_attention, **kwargs,
             )
         if spec.moe:
             moe.finish_loading(model, load_in_4bit)
@@ -392,5 +392,5 @@ def unpatch_model(model):
     model._fastft_length_hook.remove()
     model._fastft_lm_head_hook.remove()
     model._fastft_patched = False
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(spec_for(model.config).load_attention)
     return model

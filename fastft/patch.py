@@ -7,13 +7,15 @@ live side by side in one process, and :func:`unpatch_model` restores the origina
 
 Per decoder layer:
 
-* ``input_layernorm`` / ``post_attention_layernorm`` (and the final norm, Qwen3's q/k norms) ->
-  ``rms_norm`` kernel;
+* ``input_layernorm`` / ``post_attention_layernorm`` (Gemma: also ``pre_feedforward_layernorm`` /
+  ``post_feedforward_layernorm``; the final norm, Qwen3's and Gemma 3's q/k norms) -> ``rms_norm`` kernel (Gemma's
+  ``x * (1 + w)`` with ``unit_offset``);
 * ``self_attn`` -> one attention forward for every architecture: fused q/k/v projection (NF4 + LoRA; Phi-3's
   one ``qkv_proj`` is one ``lora_linear`` split into q, k, v), RoPE kernel, the attention registered as "fastft"
   (or whatever ``config._attn_implementation`` names), fused o projection;
-* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA; Phi-3's ``gate_up_proj``: ``lora_mlp_gate_up``); a sparse
-  mixture-of-experts block instead -> router, experts op with LoRA per expert, fused shared expert (``moe.py``).
+* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA; GeGLU for Gemma; Phi-3's ``gate_up_proj``:
+  ``lora_mlp_gate_up``); a sparse mixture-of-experts block instead -> router, experts op with LoRA per expert, fused
+  shared expert (``moe.py``).
 
 The fused LoRA path reads the *active* adapter at every call (TRL's DPO switches to a ``ref`` adapter
 and disables adapters for reference log-probs), and whether its ``lora_dropout`` applies (training mode).
@@ -35,7 +37,6 @@ import types
 
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .architectures import ArchitectureSpec
@@ -112,15 +113,21 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def unit_offset_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm (``Gemma2RMSNorm`` / ``Gemma3RMSNorm``: ``x * (1 + w)``, its epsilon named ``eps``)."""
+    return rms_norm(hidden_states, self.weight, self.eps, unit_offset=True)
+
+
 def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    disabled = self._fastft_disabled
+    activation, disabled = self._fastft_spec.activation, self._fastft_disabled
     if "lora_mlp" not in disabled:
         gate, up, down = _fused_args(self.gate_proj), _fused_args(self.up_proj), _fused_args(self.down_proj)
         if gate is not None and up is not None and down is not None:
             with disabled_scope(disabled):
-                return lora_mlp(x, gate, up, down, chunk_tokens=getattr(self, "_fastft_mlp_chunk_tokens", None))
+                return lora_mlp(x, gate, up, down, chunk_tokens=getattr(self, "_fastft_mlp_chunk_tokens", None),
+                                activation=activation)
     gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(self.act_fn(gate) * up if "swiglu" in disabled else swiglu(gate, up))
+    return self.down_proj(self.act_fn(gate) * up if "swiglu" in disabled else swiglu(gate, up, activation))
 
 
 def gate_up_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,12 +207,15 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
 
-    attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sdpa_attention_forward)
+    # "eager" is no registered function: the model's own eager attention (Gemma 2's soft-caps the scores)
+    attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._fastft_eager)
+    softcap = getattr(self, "attn_logit_softcapping", None)  # Gemma 2's soft-capped scores
     out, weights = attention_fn(
         self, q, k, v, attention_mask,
         dropout=self.attention_dropout if self.training else 0.0,
         scaling=self.scaling,
         sliding_window=spec.sliding_window(self),
+        **({} if softcap is None else dict(softcap=softcap)),
         **kwargs,
     )
     return _project_o(self, out.reshape(batch, seq_len, -1)), weights
@@ -216,9 +226,20 @@ def _bind(module: nn.Module, forward) -> None:
     setattr(module, _PATCHED_FORWARD, True)
 
 
+def _eager_attention(attention: nn.Module):
+    """The ``eager_attention_forward`` of the attention module's modeling file (transformers' fallback when
+    ``_attn_implementation`` is "eager"); checked once, at patch time."""
+    eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"fastft: {type(attention).__module__} has no eager_attention_forward (checked against "
+                           "transformers 5.17-5.23); this transformers version is not supported")
+    return eager
+
+
 def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec, disabled: frozenset[str] = frozenset()) -> None:
     """Bind fastft's forwards on the norms, attention and MLP modules of ``backbone`` (LlamaModel, ...), except
     where the kernel names ``disabled`` leave transformers' own (see the module docstring)."""
+    norm_forward = unit_offset_rms_norm_forward if spec.norm_unit_offset else rms_norm_forward
     norms = [backbone.norm]
     for layer in backbone.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -226,7 +247,9 @@ def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec, disabled: frozens
             if "rope" in disabled:
                 transformers_rope(attn)  # fails now, not in the first forward, if there is none
             attn._fastft_spec, attn._fastft_disabled = spec, disabled
+            attn._fastft_eager = _eager_attention(attn)
             _bind(attn, attention_forward)
+        mlp._fastft_spec = spec
         if spec.moe is not None and is_sparse_block(mlp):
             # always fastft's block: its experts op is PyTorch (NF4 dequantization inside honours "nf4"), and peft's
             # forward cannot run on 4-bit experts
@@ -234,17 +257,17 @@ def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec, disabled: frozens
             mlp._fastft_moe, mlp._fastft_disabled = spec.moe, disabled
             _bind(mlp, moe_block_forward)
             if spec.moe.shared_expert and not MLP_OPS <= disabled:
-                mlp.shared_expert._fastft_disabled = disabled
+                mlp.shared_expert._fastft_spec, mlp.shared_expert._fastft_disabled = spec, disabled
                 _bind(mlp.shared_expert, mlp_forward)
         elif not MLP_OPS <= disabled:
             mlp._fastft_disabled = disabled
             _bind(mlp, gate_up_mlp_forward if spec.fused_projections else mlp_forward)
-        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [getattr(layer, name) for name in spec.layer_norms]
         if spec.qk_norm:
             norms += [attn.q_norm, attn.k_norm]
     if "rms_norm" not in disabled:
         for norm in norms:
-            _bind(norm, rms_norm_forward)
+            _bind(norm, norm_forward)
 
 
 def unpatch_modules(root: nn.Module) -> None:

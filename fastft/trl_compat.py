@@ -7,9 +7,9 @@ patched into ``ForCausalLM.forward`` never runs there. fastft therefore installs
 dispatcher in place of that name in ``trl.trainer.utils``: calls whose ``lm_head.weight`` belongs to a
 fastft model (tagged by :func:`tag_lm_head`) run ``fastft.kernels.linear_log_probs``, which computes the
 same five per-token outputs (log-probs, entropy, log-sum of squared probs, mean logit, top-1 flag; SFT and
-DPO ask for log-probs plus metric fields); every other call (other models, logit soft-capping) goes to
-TRL's kernel unchanged, so models that fastft did not patch behave exactly as before, and so do fastft models
-with ``linear_log_probs`` disabled (``disable_kernels`` / ``FASTFT_DISABLE_KERNELS``).
+DPO ask for log-probs plus metric fields), Gemma 2's soft-capped logits included; every other call (other
+models) goes to TRL's kernel unchanged, so models that fastft did not patch behave exactly as before, and so do
+fastft models with ``linear_log_probs`` disabled (``disable_kernels`` / ``FASTFT_DISABLE_KERNELS``).
 """
 from __future__ import annotations
 
@@ -55,12 +55,12 @@ class FastftLogProbDispatch:
 
     def apply(self, hidden, weight, bias, labels, temperature, chunk_size, final_logit_softcapping, logit_scale,
               outputs):
-        served = getattr(weight, _TAG, False) and final_logit_softcapping is None and set(outputs) <= set(OUTPUTS)
+        served = getattr(weight, _TAG, False) and set(outputs) <= set(OUTPUTS)
         if not served:
             return self.trl_function.apply(hidden, weight, bias, labels, temperature, chunk_size,
                                            final_logit_softcapping, logit_scale, outputs)
         result = linear_log_probs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                  logit_scale=logit_scale, outputs=tuple(outputs))
+                                  logit_scale=logit_scale, softcap=final_logit_softcapping, outputs=tuple(outputs))
         # a lone tensor when only log-probs were asked for, else TRL's 5-tuple
         return (result, None, None, None, None) if isinstance(result, torch.Tensor) else result
 

@@ -111,6 +111,9 @@ def xformers_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if dropout:
         raise ValueError(f"{ATTENTION_NAME!r} runs without attention dropout; "
                          f"the config sets attention_dropout={dropout}")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{ATTENTION_NAME!r} cannot soft-cap the attention scores (softcap={kwargs['softcap']}); "
+                         "this model needs attn_implementation='fastft' or 'eager'")
     if attention_mask is not None and attention_mask.dim() == 4:  # decoding with a KV cache
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
 

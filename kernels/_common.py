@@ -277,3 +277,19 @@ def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
 
 def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+
+
+@triton.jit
+def tanh_and_slope(x):
+    """``(tanh(x), 1 - tanh(x)**2)`` of an fp32 ``x``, each to a few ulp (for logit soft-capping, ``c * tanh(s / c)``,
+    and its derivative). From ``e = exp(-2|x|)``: ``tanh|x| = (1 - e) / (1 + e)`` and ``1 - tanh^2 = 4e / (1 + e)^2``,
+    neither of which cancels, except ``1 - e`` near 0: there (``|x| < 1/8``) tanh is its Taylor series to x^9
+    (truncation < 1e-11 relative). ``2 sigmoid(2x) - 1`` would lose the relative precision of small values."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (-0.05396825396825397
+                                                                                      + a2 * 0.021869488536155203))))
+    t = tl.where(a < 0.125, series, t)
+    return tl.where(x < 0.0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))

@@ -1,8 +1,9 @@
 """Flash attention (FlashAttention-2 style) forward and backward in Triton.
 
 Causal or not, grouped-query attention (GQA) without repeating K/V in memory, an optional sliding
-window, dense batches ``[B, H, T, D]`` (any strides, e.g. Hugging Face's transposed views of
-``[B, T, H, D]``) and variable-length packed sequences ``[total_tokens, H, D]`` + ``cu_seqlens``.
+window, optional soft-capping of the scores (Gemma 2), dense batches ``[B, H, T, D]`` (any strides, e.g. Hugging
+Face's transposed views of ``[B, T, H, D]``) and variable-length packed sequences ``[total_tokens, H, D]`` +
+``cu_seqlens``.
 
 Math (one query head ``h`` reading kv head ``h // (Hq // Hkv)``; ``M`` is the mask below)::
 
@@ -13,6 +14,10 @@ Math (one query head ``h`` reading kv head ``h // (Hq // Hkv)``; ``M`` is the ma
                delta_i = sum_d dO_id O_id  (= sum_j P_ij dP_ij)
                dS = P * (dP - delta)       dQ = scale * dS K      dK = scale * dS^T Q
                for GQA, dK and dV of a kv head sum over the query heads of its group.
+
+Soft-capping ``c`` (Gemma 2's ``attn_logit_softcapping``): ``S = c * tanh(scale * Q K^T / c)`` before the mask;
+its derivative enters the backward as ``dS <- dS * (1 - tanh^2)`` (then ``dQ = scale * dS K``, ``dK = scale * dS^T Q``
+as above). tanh and its slope come from ``_common.tanh_and_slope`` (a few ulp, no cancellation).
 
 Mask, for query row ``i`` of ``T`` and key ``j`` of ``S`` (keys of one sequence only, in varlen):
 
@@ -49,10 +54,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_same_device, check_tensor, compute_capability, empty, on_gpu, use_triton
+from ._common import (
+    INTERPRET,
+    check_same_device,
+    check_tensor,
+    compute_capability,
+    empty,
+    on_gpu,
+    tanh_and_slope,
+    use_triton,
+)
 from ._common import mma_operand as _mma_operand
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 # exp(x) = exp2(x * log2(e)): the kernels work in base 2, exp2 is the fast instruction on GPUs
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -125,6 +139,18 @@ def _score_mask(q_idx, k_idx, seqlen_k, causal_offset, window, CAUSAL: tl.conste
 
 
 @triton.jit
+def _scores(qk, qk_scale, softcap_in, SOFTCAP: tl.constexpr):
+    """Scores in log2 units from the raw products ``qk = Q K^T``, and the soft-cap's slope ``1 - tanh^2`` (1.0
+    without it). Without SOFTCAP ``qk_scale = scale * log2(e)``; with it ``qk_scale = c * log2(e)`` and
+    ``softcap_in = scale / c``: ``c * tanh(scale * qk / c) * log2(e)``."""
+    if SOFTCAP:
+        t, slope = tanh_and_slope(qk * softcap_in)
+        return t * qk_scale, slope
+    else:
+        return qk * qk_scale, 1.0
+
+
+@triton.jit
 def _key_range(start_m, seqlen_k, causal_offset, window,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Key blocks the query rows [start_m, start_m + BLOCK_M) reach: [lo, hi). Inside it,
@@ -173,15 +199,16 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_ptrs, v_ptrs, stride_kt, stride_vt,
     offs_m, offs_n, d_mask, start, end,
-    seqlen_k, causal_offset, window, qk_scale,
+    seqlen_k, causal_offset, window, qk_scale, softcap_in,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = tl.load(k_ptrs + start_n * stride_kt, mask=(cols[None, :] < seqlen_k) & d_mask[:, None], other=0.0)
         # scores in log2 units: exp2(s * scale * log2e) == exp(s * scale)
-        qk = tl.dot(q, _mma_operand(k, INTERPRET), input_precision=DOT_PRECISION) * qk_scale
+        qk, _ = _scores(tl.dot(q, _mma_operand(k, INTERPRET), input_precision=DOT_PRECISION), qk_scale, softcap_in,
+                        SOFTCAP)
         if MASKED:
             valid = _score_mask(offs_m[:, None], cols[None, :], seqlen_k, causal_offset, window, CAUSAL, HAS_WINDOW)
             qk = tl.where(valid, qk, float("-inf"))
@@ -205,10 +232,10 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, qk_scale, window, n_heads, section,
+    seqlen_q, seqlen_k, group_size, qk_scale, softcap_in, window, n_heads, section,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr, HEAVY_LAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     start_m, head, batch, seq_start, seqlen_q, seqlen_k, q_base, k_base, v_base = _query_block_prologue(
         Q, K, V, CU_SEQLENS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -238,14 +265,14 @@ def _attn_fwd_kernel(
                                           BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # masked blocks left of the window edge / unmasked middle / masked diagonal and sequence end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
-                                    lo, full_lo, seqlen_k, causal_offset, window, qk_scale,
-                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                                    lo, full_lo, seqlen_k, causal_offset, window, qk_scale, softcap_in,
+                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION, INTERPRET)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
-                                    full_lo, full_hi, seqlen_k, causal_offset, window, qk_scale,
-                                    BLOCK_N, False, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                                    full_lo, full_hi, seqlen_k, causal_offset, window, qk_scale, softcap_in,
+                                    BLOCK_N, False, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION, INTERPRET)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
-                                    full_hi, hi, seqlen_k, causal_offset, window, qk_scale,
-                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                                    full_hi, hi, seqlen_k, causal_offset, window, qk_scale, softcap_in,
+                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION, INTERPRET)
 
     # a row that saw no key (causal with T > S) gets O = 0 and LSE = +inf, so the backward's
     # recomputed P = exp(s - LSE) is exactly 0 there
@@ -294,9 +321,9 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     qT_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
     offs_m, offs_n, d_mask, start, end,
-    seqlen_q, seqlen_k, causal_offset, window, qk_scale,
+    seqlen_q, seqlen_k, causal_offset, window, qk_scale, softcap_in,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # Works on transposed tiles ([keys, queries]) so dK and dV come out of tl.dot directly.
     for start_m in range(start, end, BLOCK_M):
@@ -306,7 +333,7 @@ def _attn_bwd_dkdv_inner(
         qT = _mma_operand(qT, INTERPRET)
         # rows past the end load LSE = +inf, so their P is exactly 0
         lse = tl.load(lse_ptrs + start_m, mask=row_mask, other=float("inf")) * LOG2E
-        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+        qkT, slopeT = _scores(tl.dot(k, qT, input_precision=DOT_PRECISION), qk_scale, softcap_in, SOFTCAP)
         pT = tl.exp2(qkT - lse[None, :])
         if MASKED:
             valid = _score_mask(rows[None, :], offs_n[:, None], seqlen_k, causal_offset, window, CAUSAL, HAS_WINDOW)
@@ -317,6 +344,8 @@ def _attn_bwd_dkdv_inner(
         delta = tl.load(delta_ptrs + start_m, mask=row_mask, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * slopeT  # through c * tanh(s / c)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)  # dK += dS^T Q
     return dk, dv
 
@@ -331,10 +360,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, sm_scale, window, n_heads, section,
+    seqlen_q, seqlen_k, group_size, sm_scale, qk_scale, softcap_in, window, n_heads, section,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr, HEAVY_LAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     block, head_kv, batch = _program_tile(tl.cdiv(seqlen_k, BLOCK_N), n_heads, section, HEAVY_LAST)
     start_n = block * BLOCK_N
@@ -356,7 +385,6 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seqlen_k - seqlen_q
-    qk_scale = sm_scale * LOG2E
     lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, causal_offset, window,
                                             BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # GQA: dK/dV of this kv head sum over its group's query heads, in registers (no atomics, no [B, Hq, S, D]
@@ -371,13 +399,16 @@ def _attn_bwd_dkdv_kernel(
         lse_g, delta_g = LSE + row_base + g * stride_lh + offs_m, DELTA + row_base + g * stride_lh + offs_m
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
                                       d_mask, lo, full_lo, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
-                                      BLOCK_M, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                                      softcap_in, BLOCK_M, True, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
+                                      INTERPRET)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
                                       d_mask, full_lo, full_hi, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
-                                      BLOCK_M, False, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                                      softcap_in, BLOCK_M, False, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
+                                      INTERPRET)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_g, do_g, lse_g, delta_g, stride_qt, stride_dot, offs_m, offs_n,
                                       d_mask, full_hi, hi, seqlen_q, seqlen_k, causal_offset, window, qk_scale,
-                                      BLOCK_M, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                                      softcap_in, BLOCK_M, True, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
+                                      INTERPRET)
     dk = dk * sm_scale
 
     tl.store(_tensor_base(DK, batch, head_kv, seq_start, stride_dkb, stride_dkh, stride_dkt)
@@ -391,15 +422,15 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,
     kT_ptrs, vT_ptrs, stride_kt, stride_vt,
     offs_m, offs_n, d_mask, start, end,
-    seqlen_k, causal_offset, window, qk_scale,
+    seqlen_k, causal_offset, window, qk_scale, softcap_in,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols[None, :] < seqlen_k) & d_mask[:, None]
         kT = _mma_operand(tl.load(kT_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0), INTERPRET)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        qk, slope = _scores(tl.dot(q, kT, input_precision=DOT_PRECISION), qk_scale, softcap_in, SOFTCAP)
         p = tl.exp2(qk - lse[:, None])
         if MASKED:
             valid = _score_mask(offs_m[:, None], cols[None, :], seqlen_k, causal_offset, window, CAUSAL, HAS_WINDOW)
@@ -407,6 +438,8 @@ def _attn_bwd_dq_inner(
         vT = _mma_operand(tl.load(vT_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0), INTERPRET)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * slope  # through c * tanh(s / c)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)  # dQ += dS K
     return dq
 
@@ -420,10 +453,10 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, sm_scale, window, n_heads, section,
+    seqlen_q, seqlen_k, group_size, sm_scale, qk_scale, softcap_in, window, n_heads, section,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, VARLEN: tl.constexpr, HEAVY_LAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     start_m, head, batch, seq_start, seqlen_q, seqlen_k, q_base, k_base, v_base = _query_block_prologue(
         Q, K, V, CU_SEQLENS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -449,18 +482,17 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seqlen_k - seqlen_q
-    qk_scale = sm_scale * LOG2E
     lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_k, causal_offset, window,
                                           BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
-                            lo, full_lo, seqlen_k, causal_offset, window, qk_scale,
-                            BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                            lo, full_lo, seqlen_k, causal_offset, window, qk_scale, softcap_in,
+                            BLOCK_N, True, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION, INTERPRET)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
-                            full_lo, full_hi, seqlen_k, causal_offset, window, qk_scale,
-                            BLOCK_N, False, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                            full_lo, full_hi, seqlen_k, causal_offset, window, qk_scale, softcap_in,
+                            BLOCK_N, False, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION, INTERPRET)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, offs_n, d_mask,
-                            full_hi, hi, seqlen_k, causal_offset, window, qk_scale,
-                            BLOCK_N, True, CAUSAL, HAS_WINDOW, DOT_PRECISION, INTERPRET)
+                            full_hi, hi, seqlen_k, causal_offset, window, qk_scale, softcap_in,
+                            BLOCK_N, True, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION, INTERPRET)
     dq = dq * sm_scale
     tl.store(_tensor_base(DQ, batch, head, seq_start, stride_dqb, stride_dqh, stride_dqt)
              + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -473,24 +505,29 @@ def _attn_bwd_dq_kernel(
 # spilled); dQ 64x64 (128x64 spilled); at D=64 and in the D=128 forward they still spill a few dozen bytes. sm_90,
 # all spill-free: dQ 128x64, 8 warps (m64n64 / m64n128 wgmma, was m64n32); dK/dV at D=128 16 queries x 128 keys
 # (dK, dV accumulate in m64n128 wgmma, was m64n64; 64x64, 32x128 and 64x128 spilled).
+# D=256 (Gemma), spill-free with and without soft-capping: sm_80 row within sm_86/89's 99 KiB: forward 64x32 (68 KiB;
+# 64x64 and 128x32 need 104 KiB), dK/dV and dQ 32x32, 8 warps (68 KiB; 4 warps or 16x64 spilled). sm_90: forward
+# 128x32 (wgmma m64n256 for P V; 128 KiB), dQ 128x16 (m64n256 for dS K; 128x32 spilled with the soft-cap), dK/dV
+# 16x32 (32x32 spilled with the soft-cap, every wider tile without).
 _TILES = {
-    80: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-         "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2)},
-         "dq": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}},
-    90: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-         "dkdv": {64: (32, 64, 4, 2), 128: (16, 128, 8, 3)},
-         "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}},
+    80: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+         "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 2)},
+         "dq": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 2)}},
+    90: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (128, 32, 8, 2)},
+         "dkdv": {64: (32, 64, 4, 2), 128: (16, 128, 8, 3), 256: (16, 32, 8, 2)},
+         "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (128, 16, 8, 2)}},
 }
 
 
 def _tile_config(capability: int, head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
     """Launch constants of ``kernel`` ("fwd", "dkdv", "dq") on compute ``capability`` (major * 10 + minor): only
     Hopper (90) has its own row; Blackwell (100+), not compile-checked, takes sm_80's. fp32 inputs (exact products
-    on CUDA cores, a slow accuracy path): 32x32 tiles on every arch, 8 warps for dK/dV (4 spilled at D=64)."""
+    on CUDA cores, a slow accuracy path): 32x32 tiles on every arch, 8 warps for dK/dV (4 spilled at D=64); at
+    D=256 one stage (two need 100 KiB in the forward, over sm_86/89's 99 KiB)."""
     block_d = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
         num_warps = 8 if kernel == "dkdv" or block_d > 64 else 4
-        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=num_warps, num_stages=2)
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=num_warps, num_stages=1 if block_d > 128 else 2)
     block_m, block_n, num_warps, num_stages = _TILES[90 if capability == 90 else 80][kernel][max(block_d, 64)]
     return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
@@ -523,7 +560,7 @@ def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
 class _Problem:
     """Geometry shared by the launches of one attention call."""
 
-    def __init__(self, q, k, cu_seqlens, max_seqlen, causal, scale, window):
+    def __init__(self, q, k, cu_seqlens, max_seqlen, causal, scale, window, softcap=None):
         self.varlen = cu_seqlens is not None
         if self.varlen:
             total, self.n_heads, self.head_dim = q.shape
@@ -540,9 +577,15 @@ class _Problem:
         self.group_size = self.n_heads // self.n_kv_heads
         self.causal, self.scale = causal, scale
         self.window = window if window is not None else 0
+        # the scores in log2 units are qk * qk_scale, or with a soft-cap tanh(qk * softcap_in) * qk_scale (_scores)
+        if softcap is None:
+            self.qk_scale, self.softcap_in = scale * math.log2(math.e), 0.0
+        else:
+            self.qk_scale, self.softcap_in = softcap * math.log2(math.e), scale / softcap
         self.cu_seqlens = cu_seqlens
         # fp32 inputs: exact fp32 products, not tf32 (fp32 is the accuracy path)
         self.consts = dict(CAUSAL=causal, HAS_WINDOW=window is not None, VARLEN=self.varlen,
+                           SOFTCAP=softcap is not None,
                            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET)
         self.element_size = q.element_size()
 
@@ -576,7 +619,7 @@ def _flash_forward(q, k, v, p: _Problem):
             q, k, v, o, lse, p.cu_seqlens_arg(q),
             *_strides(q, p.varlen), *_strides(k, p.varlen), *_strides(v, p.varlen), *_strides(o, p.varlen),
             *p.lse_strides,
-            p.seqlen_q, p.seqlen_k, p.group_size, p.scale * math.log2(math.e), p.window, p.n_heads, section,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.qk_scale, p.softcap_in, p.window, p.n_heads, section,
             HEAD_DIM=p.head_dim, HEAVY_LAST=heavy_last, **cfg, **p.consts,
         )
     return o, lse
@@ -602,7 +645,7 @@ def _flash_backward(do, q, k, v, o, lse, p: _Problem):
             q, k, v, do, lse, delta, dk, dv, p.cu_seqlens_arg(q),
             *strides["q"], *strides["k"], *strides["v"], *strides["do"],
             *_strides(dk, p.varlen), *_strides(dv, p.varlen), *p.lse_strides,
-            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window, p.n_kv_heads, section,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.qk_scale, p.softcap_in, p.window, p.n_kv_heads, section,
             HEAD_DIM=p.head_dim, HEAVY_LAST=heavy_last, **cfg, **p.consts,
         )
 
@@ -613,7 +656,7 @@ def _flash_backward(do, q, k, v, o, lse, p: _Problem):
             q, k, v, do, lse, delta, dq, p.cu_seqlens_arg(q),
             *strides["q"], *strides["k"], *strides["v"], *strides["do"], *_strides(dq, p.varlen),
             *p.lse_strides,
-            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.window, p.n_heads, section,
+            p.seqlen_q, p.seqlen_k, p.group_size, p.scale, p.qk_scale, p.softcap_in, p.window, p.n_heads, section,
             HEAD_DIM=p.head_dim, HEAVY_LAST=heavy_last, **cfg, **p.consts,
         )
     return dq, dk, dv
@@ -623,8 +666,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: the forward saves only O and the fp32 LSE; the backward recomputes P."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window):
-        problem = _Problem(q, k, cu_seqlens, max_seqlen, causal, scale, sliding_window)
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap):
+        problem = _Problem(q, k, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)
         o, lse = _flash_forward(q, k, v, problem)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.problem = problem
@@ -634,29 +677,43 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.problem)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ---- PyTorch path (CPU without the interpreter) and argument checks -------------------------
-def _attention_torch(q, k, v, causal, scale, window):
-    """SDPA on [B, H, T, D] with our mask convention; plain autograd."""
+def _allowed(seqlen_q, seqlen_k, causal, window, device):
+    """Our mask convention as a boolean ``[T, S]`` tensor: True where query ``i`` may attend key ``j``."""
+    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    allowed = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= i - j < window
+    return allowed
+
+
+def _attention_torch(q, k, v, causal, scale, window, softcap=None):
+    """SDPA on [B, H, T, D] with our mask convention; plain autograd. With a soft-cap, the same math written out
+    (SDPA has no soft-cap): fp32 scores and softmax, as the kernel."""
     seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
+    if softcap is not None:
+        group = q.shape[1] // k.shape[1]
+        kf, vf = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+        scores = softcap * torch.tanh(q.float() @ kf.transpose(-1, -2) * (scale / softcap))
+        scores = scores.masked_fill(~_allowed(seqlen_q, seqlen_k, causal, window, q.device), float("-inf"))
+        # a row that sees no key gets 0 (as the kernel): softmax of all -inf would be NaN
+        return (torch.softmax(scores, -1).nan_to_num(0.0) @ vf).to(q.dtype)
     mask, is_causal = None, False
     if causal and window is None and seqlen_q == seqlen_k:
         is_causal = True  # SDPA's is_causal is top-left aligned: equal to ours only when T == S
     elif causal or window is not None:
-        i = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)
-        j = torch.arange(seqlen_k, device=q.device)[None, :]
-        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-        if causal:
-            mask &= j <= i
-        if window is not None:
-            mask &= i - j < window
+        mask = _allowed(seqlen_q, seqlen_k, causal, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _check_qkv(q, k, v, varlen: bool, causal, scale, sliding_window) -> None:
+def _check_qkv(q, k, v, varlen: bool, causal, scale, sliding_window, softcap=None) -> None:
     layout = "[total_tokens, H, D]" if varlen else "[B, H, T, D]"
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
@@ -693,6 +750,9 @@ def _check_qkv(q, k, v, varlen: bool, causal, scale, sliding_window) -> None:
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                        or sliding_window < 1):
         raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
 
 
 def _check_cu_seqlens(cu_seqlens, max_seqlen, q, need_offsets: bool) -> list[int] | None:
@@ -732,19 +792,22 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q, need_offsets: bool) -> list[int
 
 # ---- Public API -----------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              scale: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
+              scale: float | None = None, sliding_window: int | None = None,
+              softcap: float | None = None) -> torch.Tensor:
     """Flash attention on dense batches.
 
     Args:
         q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, S, D]`` with ``Hq % Hkv == 0`` (query head ``h``
             reads kv head ``h // (Hq // Hkv)``; K/V are never repeated). Any strides (e.g. the
             ``transpose(1, 2)`` views Hugging Face passes). fp16/bf16/fp32, one dtype for all three.
-            Head dim D in 16, 32, 64, 80, 96, 128.
+            Head dim D in 16, 32, 64, 80, 96, 128, 256.
         causal: query ``i`` sees keys ``j <= i + S - T`` (bottom-right aligned, as flash-attn);
             rows that see no key (``T > S``) return 0.
         scale: softmax scale, default ``1 / sqrt(D)``.
         sliding_window: None, or ``w``: query ``i`` also needs ``(i + S - T) - j < w``
             (transformers' convention: itself plus ``w - 1`` earlier keys).
+        softcap: None, or ``c > 0``: the scores are ``c * tanh(scale * Q K^T / c)`` (Gemma 2's
+            ``attn_logit_softcapping``), before the mask.
 
     Returns:
         ``[B, Hq, T, D]`` in q's dtype (and q's memory layout on the Triton path).
@@ -752,18 +815,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     Math: ``O = softmax(scale * Q K^T + mask) V``; backward: ``dV = P^T dO``, ``dP = dO V^T``,
     ``dS = P * (dP - rowsum(dO * O))``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, with dK/dV
     summed over each kv head's query-head group. The forward keeps only O and the fp32
-    log-sum-exp per row; the backward recomputes P block by block (see the module docstring).
+    log-sum-exp per row; the backward recomputes P block by block (see the module docstring). With a soft-cap,
+    ``dS`` is multiplied by ``1 - tanh^2(scale * Q K^T / c)`` before dQ and dK.
     """
-    _check_qkv(q, k, v, False, causal, scale, sliding_window)
+    _check_qkv(q, k, v, False, causal, scale, sliding_window, softcap)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    softcap = float(softcap) if softcap is not None else None
     if not use_triton(q, "attention"):
-        return _attention_torch(q, k, v, causal, scale, sliding_window)
-    return FlashAttentionFunction.apply(q, k, v, None, None, causal, scale, sliding_window)
+        return _attention_torch(q, k, v, causal, scale, sliding_window, softcap)
+    return FlashAttentionFunction.apply(q, k, v, None, None, causal, scale, sliding_window, softcap)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                      causal: bool = True, scale: float | None = None,
-                     sliding_window: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Flash attention on variable-length sequences packed without padding.
 
     Args:
@@ -772,7 +837,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             ``cu_seqlens[s]:cu_seqlens[s + 1]``; starts at 0, ends at ``total_tokens``, one
             tensor for q and k. No token attends across a sequence boundary.
         max_seqlen: an int >= the longest sequence (sizes the launch grid).
-        causal, scale, sliding_window: as in :func:`attention`, positions counted from each
+        causal, scale, sliding_window, softcap: as in :func:`attention`, positions counted from each
             sequence's start.
 
     Returns:
@@ -780,15 +845,15 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     The first call with a given ``cu_seqlens`` tensor validates it (on a GPU without a host sync).
     """
-    _check_qkv(q, k, v, True, causal, scale, sliding_window)
-    triton = use_triton(q, "attention")
-    offsets = _check_cu_seqlens(cu_seqlens, max_seqlen, q, need_offsets=not triton)
+    _check_qkv(q, k, v, True, causal, scale, sliding_window, softcap)
+    offsets = _check_cu_seqlens(cu_seqlens, max_seqlen, q, need_offsets=not use_triton(q, "attention"))
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if not triton:
+    softcap = float(softcap) if softcap is not None else None
+    if not use_triton(q, "attention"):
         outs = [
             _attention_torch(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
-                             causal, scale, sliding_window)[0].transpose(0, 1)
+                             causal, scale, sliding_window, softcap)[0].transpose(0, 1)
             for a, b in zip(offsets[:-1], offsets[1:]) if b > a
         ]
         return torch.cat(outs) if outs else q.new_zeros(q.shape)
-    return FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window)
+    return FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)

@@ -29,6 +29,10 @@ bf16. A fixed budget, not Liger-Kernel's ``N / ceil(V / H)`` rows: that rule cut
 chunks of 64 rows, each re-reading the whole 1 GB head in a GEMM too thin to be fast, and lets the
 chunk grow with N (3 GB at 128k tokens), which is exactly when memory is short.
 
+``softcap=c`` (Gemma 2's ``final_logit_softcapping``): the loss of ``c * tanh(z / c)``, capped in fp32 inside the
+row kernels (``vocab_rows``), whose backward multiplies ``dz`` by the cap's slope ``1 - tanh^2``; the GEMMs are
+unchanged.
+
 For ``mean``/``sum`` the backward scales the gradients saved by the forward in place (a graph's
 backward runs once; a second one raises a RuntimeError).
 
@@ -42,8 +46,15 @@ from __future__ import annotations
 import torch
 
 from ._common import autocast_dtype, check_same_device, check_tensor, empty, on_gpu, torch_at_least, use_triton
-from .cross_entropy import ce_backward_rows, ce_forward_rows, check_reduction, grad_scale_for, reduce_loss
-from .vocab_rows import check_labels, rows_torch
+from .cross_entropy import (
+    ce_backward_rows,
+    ce_forward_rows,
+    check_reduction,
+    check_softcap,
+    grad_scale_for,
+    reduce_loss,
+)
+from .vocab_rows import check_labels, rows_torch, transform_torch
 
 CHUNK_BYTES = 256 << 20  # fp32 logits + their gradient, per chunk
 
@@ -119,7 +130,7 @@ def _default_chunk_rows(n_rows: int, vocab: int, compute_itemsize: int) -> int:
 class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, n_valid, chunk_rows, grad_hidden_needed,
-                grad_weight_needed):
+                grad_weight_needed, softcap):
         n_rows, hidden_size = hidden.shape
         vocab = weight.shape[0]
         device = hidden.device
@@ -146,18 +157,20 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             end = min(start + chunk_rows, n_rows)
             h_c, y_c = h[start:end], labels[start:end]
             logits = mm_fp32(h_c, w.t(), out=logits_buf[: (end - start) * vocab].view(end - start, vocab))
-            ce_forward_rows(logits, y_c, lse[start:end], loss_rows[start:end], ignore_index=ignore_index)
+            ce_forward_rows(logits, y_c, lse[start:end], loss_rows[start:end], ignore_index=ignore_index,
+                            softcap=softcap)
             if grads_now:
                 dlogits = dlogits_buf[: (end - start) * vocab].view(end - start, vocab)
                 # unscaled (softmax - onehot): the 1/n of "mean" joins grad_output in the backward. Folded in
                 # here, fp16 would flush p/n to zero (p ~ 1/V, n ~ 4k tokens) before GradScaler's scale arrives.
-                ce_backward_rows(logits, dlogits, y_c, lse[start:end], unit, ignore_index=ignore_index, grad_scale=1.0)
+                ce_backward_rows(logits, dlogits, y_c, lse[start:end], unit, ignore_index=ignore_index, grad_scale=1.0,
+                                 softcap=softcap)
                 if grad_h is not None:
                     torch.mm(dlogits, w, out=grad_h[start:end])
                 if grad_w is not None:
                     addmm_fp32(grad_w, dlogits.t(), h_c)
 
-        ctx.reduction, ctx.ignore_index, ctx.chunk_rows = reduction, ignore_index, chunk_rows
+        ctx.reduction, ctx.ignore_index, ctx.chunk_rows, ctx.softcap = reduction, ignore_index, chunk_rows, softcap
         ctx.compute_dtype = dtype  # the backward runs after autocast is left (AMP): recompute as the forward did
         ctx.grad_scale = grad_scale_for(reduction, n_valid)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
@@ -182,7 +195,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             return (
                 grad_h.mul_(g) if grad_h is not None else None,  # no second [N, H] tensor
                 grad_w.mul_(g) if grad_w is not None else None,
-                None, None, None, None, None, None, None,
+                None, None, None, None, None, None, None, None,
             )
 
         # "none": recompute each chunk's logits, then the same backward kernel with g per row.
@@ -203,7 +216,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             logits = mm_fp32(h_c, w.t(), out=logits_buf[: n * vocab].view(n, vocab))
             dlogits = dlogits_buf[: n * vocab].view(n, vocab)
             ce_backward_rows(logits, dlogits, labels[start:end], lse[start:end], g[start:end],
-                             ignore_index=ctx.ignore_index)
+                             ignore_index=ctx.ignore_index, softcap=ctx.softcap)
             if grad_h is not None:
                 torch.mm(dlogits, w, out=grad_h[start:end])
             if grad_w is not None:
@@ -211,24 +224,25 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return (
             grad_h.to(ctx.hidden_dtype) if grad_h is not None else None,
             grad_w.to(ctx.weight_dtype) if grad_w is not None else None,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
 
 
-def _lm_head_chunk_torch(h_c, weight, bias, y_c, dtype, z_scale, ignore_index, outputs):
+def _lm_head_chunk_torch(h_c, weight, bias, y_c, dtype, scales, ignore_index, outputs):
     # As the kernels: operands rounded to the compute dtype, fp32 logits and math. Autocast is off in here, else
     # it would run the matmul (and all that follows) in bf16 and round the logits.
     with torch.autocast(h_c.device.type, enabled=False):
         z = h_c.to(dtype).float() @ weight.to(dtype).float().t()
         if bias is not None:
             z = z + bias.float()
-        return rows_torch(z * z_scale, y_c, ignore_index, outputs)
+        return rows_torch(transform_torch(z, **scales), y_c, ignore_index, outputs)
 
 
 def lm_head_rows_torch(hidden, weight, bias, labels, *, z_scale: float, ignore_index: int, chunk_rows: int,
-                       outputs=frozenset({"log_probs"})) -> tuple:
+                       outputs=frozenset({"log_probs"}), softcap: float | None = None, x_scale: float = 1.0) -> tuple:
     """The PyTorch engine of the lm-head ops (this one and ``linear_log_probs``): ``vocab_rows.rows_torch`` of
-    ``z = (hidden @ weight.T + bias) * z_scale`` by plain autograd, ``chunk_rows`` tokens at a time and
+    ``z = (hidden @ weight.T + bias) * z_scale`` (with a soft-cap ``c``: ``c * tanh(x * x_scale / c) * z_scale`` of
+    those logits ``x``, see ``vocab_rows.transform_torch``) by plain autograd, ``chunk_rows`` tokens at a time and
     checkpointed, so that ``[N, V]`` logits are never kept. Numerics as the Triton engine's: the operands in
     ``compute_dtype_for(hidden, weight)`` (the autocast dtype under autocast), the logits and all that follows in
     fp32, under autocast too."""
@@ -236,7 +250,8 @@ def lm_head_rows_torch(hidden, weight, bias, labels, *, z_scale: float, ignore_i
     dtype = compute_dtype_for(hidden, weight)
     chunks = []
     for t0 in range(0, max(hidden.shape[0], 1), chunk_rows):  # N = 0: one empty chunk keeps the graph
-        args = (hidden[t0:t0 + chunk_rows], weight, bias, labels[t0:t0 + chunk_rows], dtype, z_scale, ignore_index,
+        scales = dict(z_scale=z_scale, x_scale=x_scale, softcap=softcap)
+        args = (hidden[t0:t0 + chunk_rows], weight, bias, labels[t0:t0 + chunk_rows], dtype, scales, ignore_index,
                 outputs)
         chunks.append(
             torch.utils.checkpoint.checkpoint(_lm_head_chunk_torch, *args, use_reentrant=False) if track
@@ -253,6 +268,7 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     *,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T, labels)`` computed chunk by chunk over the tokens, so the
     ``[N, V]`` logits never exist (see the module docstring for the memory layout).
@@ -266,6 +282,8 @@ def fused_linear_cross_entropy(
         ignore_index: label value that contributes 0 loss and 0 gradient.
         reduction: ``"mean"`` (over non-ignored labels; 0 if there are none), ``"sum"`` or ``"none"``.
         chunk_size: tokens per chunk; default: as many as fit ``CHUNK_BYTES`` (see the module docstring).
+        softcap: None, or ``c > 0``: the loss of ``c * tanh(hidden @ weight.T / c)`` (Gemma 2's
+            ``final_logit_softcapping``); ``dz`` is multiplied by ``1 - tanh^2`` before the gradient GEMMs.
 
     Returns:
         fp32 loss: scalar for mean/sum, ``[N]`` for none.
@@ -282,6 +300,7 @@ def fused_linear_cross_entropy(
     for none the backward recomputes each chunk's logits from the saved per-row ``lse``.
     """
     check_reduction(reduction)
+    softcap = check_softcap(softcap)
     n_rows, hidden_size, vocab = check_lm_head_args(hidden, weight, labels)
     n_valid = check_labels(labels, n_rows, vocab, ignore_index, rows_name="hidden")
     if chunk_size is None:
@@ -293,10 +312,10 @@ def fused_linear_cross_entropy(
 
     if not use_triton(hidden, "fused_linear_cross_entropy"):
         log_probs = lm_head_rows_torch(hidden, weight, None, labels, z_scale=1.0, ignore_index=ignore_index,
-                                       chunk_rows=max(chunk_rows, 1))[0]
+                                       chunk_rows=max(chunk_rows, 1), softcap=softcap)[0]
         return reduce_loss(0.0 - log_probs, reduction, n_valid)  # 0 - x: +0, not -0, on ignored rows
     grad_enabled = torch.is_grad_enabled()
     return _FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels.contiguous(), ignore_index, reduction, n_valid, max(chunk_rows, 1),
-        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
+        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad, softcap,
     )

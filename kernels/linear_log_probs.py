@@ -12,8 +12,10 @@ For ``z = (hidden @ weight.T + bias) * logit_scale / temperature`` (``[N, V]``, 
 
 each 0 (False) where ``y_i == ignore_index``. These are the five outputs of TRL 1.16's
 ``trl.kernels.chunked_logprob.ChunkedLogProbFunction`` (its fused LM head for SFT/DPO/GRPO), with the same
-definitions, dtypes and differentiability, for ``final_logit_softcapping=None``; here the logits tiles are
-fp32 (TRL keeps them in the compute dtype) and ignored labels are handled.
+definitions, dtypes and differentiability; here the logits tiles are fp32 (TRL keeps them in the compute dtype)
+and ignored labels are handled. With a soft-cap ``c`` (Gemma 2's ``final_logit_softcapping``, TRL's order):
+``z = c * tanh((hidden @ weight.T + bias) * logit_scale / c) / temperature``; every ``dz_j`` then carries the
+cap's slope ``1 - tanh_j^2`` (``vocab_rows``), in the frozen-head direction below as well.
 
 Masked vocabularies: -inf logits (e.g. a -inf bias) have ``p = 0`` and ``p log p = 0``. A row with NO finite
 logit is read as ``p = 0`` everywhere: log_probs -inf, entropy 0, log_sum_sq_probs -inf, is_top1 False,
@@ -51,9 +53,10 @@ Frozen head (QLoRA: weight and bias need no gradient, hidden does). The gradient
 
 so the forward saves ``D`` (``[N, H]``, hidden's dtype) and that backward is one in-place scaling: no
 recomputed logits, no GEMM. While it has each tile, the forward's kernel writes ``e_j = exp(z_j - m)`` against
-the chunk's final running max ``m`` (0 at the label and on ignored rows, compute dtype) and the factor
-``exp(m_before - m)``; the host keeps ``A = sum_{j != y} e_j W_j`` in fp32 per token chunk,
-``A <- A * exp(m_before - m) + e_tile @ W_v``, and after the last chunk ``D = -expm1(log p_y) W_y - A / s``.
+the chunk's final running max ``m`` (0 at the label and on ignored rows, compute dtype; times the cap's slope with a
+soft-cap, and the label's term then too) and the factor ``exp(m_before - m)``; the host keeps
+``A = sum_{j != y} e_j W_j`` in fp32 per token chunk, ``A <- A * exp(m_before - m) + e_tile @ W_v``, and after
+the last chunk ``D = -expm1(log p_y) W_y - A / s``.
 Cost: one ``[C, V_c] x [V_c, H]`` GEMM per tile in the forward instead of two (recompute, ``dh``) in the
 backward; memory: ``D`` lives from the forward to the backward, where it becomes ``dh`` (no other ``[N, H]``
 tensor then), plus a compute-dtype tile and an fp32 ``[C, H]`` accumulator during the forward. Keeping the
@@ -66,6 +69,7 @@ from __future__ import annotations
 import torch
 
 from ._common import empty, use_triton
+from .cross_entropy import check_softcap
 from .fused_linear_cross_entropy import (
     addmm_fp32,
     check_lm_head_args,
@@ -95,7 +99,8 @@ def _logits_tile(buf, h_c, w, b, v0, v1):
 
 class _LinearLogProbsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, z_scale, ignore_index, token_chunk, vocab_chunk, outputs):
+    def forward(ctx, hidden, weight, bias, labels, scales, ignore_index, token_chunk, vocab_chunk, outputs):
+        # scales: z = cap(x * x_scale) * z_scale (vocab_rows.forward_rows); dz/dx = x_scale * z_scale (* slope)
         # entropy is often only logged: without this, autograd would hand the backward a zero gradient for it
         # (and for log-probs when only the entropy is used), and the backward would do that work for nothing.
         ctx.set_materialize_grads(False)
@@ -125,6 +130,8 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             acc = torch.empty((min(token_chunk, n_rows), hidden.shape[1]), dtype=torch.float32, device=device)
             rescale = empty((min(token_chunk, n_rows),), dtype=torch.float32, device=device)
             inv_sum = empty((min(token_chunk, n_rows),), dtype=torch.float32, device=device)
+            label_slope = (torch.ones((min(token_chunk, n_rows),), dtype=torch.float32, device=device)
+                           if scales["softcap"] is not None else None)
         for t0, t1, vocab_chunks in _tiles(n_rows, vocab, token_chunk, vocab_chunk):
             stats = tuple(x[t0:t1] if x is not None else None for x in (entropy, log_sum_sq, mean_logits, is_top1))
             running = running_views(state[:, t0:t1]) if state is not None else None
@@ -132,9 +139,11 @@ class _LinearLogProbsFunction(torch.autograd.Function):
                 tile = _logits_tile(buf, h[t0:t1], w, b, v0, v1)
                 exp_tile = exp_buf[: tile.numel()].view(tile.shape) if direction is not None else None
                 forward_rows(tile, labels[t0:t1], log_probs[t0:t1], lse[t0:t1], ignore_index=ignore_index,
-                             z_scale=z_scale, vocab_start=v0, vocab=vocab, first=v0 == 0, last=v1 == vocab,
-                             running=running, stats=stats,
-                             saved_exp=(exp_tile, rescale, inv_sum) if direction is not None else None)
+                             vocab_start=v0, vocab=vocab, first=v0 == 0, last=v1 == vocab,
+                             running=running, stats=stats, **scales,
+                             saved_exp=None if direction is None else (
+                                 (exp_tile, rescale, inv_sum) if label_slope is None
+                                 else (exp_tile, rescale, inv_sum, label_slope[: t1 - t0])))
                 if direction is not None:  # acc = sum_{j != y} exp(z_j - m) W_j, m the running max
                     a = acc[: t1 - t0]
                     if v0 == 0:
@@ -144,9 +153,10 @@ class _LinearLogProbsFunction(torch.autograd.Function):
                         addmm_fp32(a, exp_tile, w[v0:v1])
             if direction is not None:
                 _store_direction(direction[t0:t1], acc[: t1 - t0], inv_sum[: t1 - t0], log_probs[t0:t1],
-                                 lse[t0:t1], labels[t0:t1], w, ignore_index)
+                                 lse[t0:t1], labels[t0:t1], w, ignore_index,
+                                 None if label_slope is None else label_slope[: t1 - t0])
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, direction)
-        ctx.z_scale, ctx.ignore_index = z_scale, ignore_index
+        ctx.scales, ctx.ignore_index = scales, ignore_index
         ctx.compute_dtype = dtype  # the backward runs after autocast is left (AMP): recompute as the forward did
         ctx.token_chunk, ctx.vocab_chunk = token_chunk, vocab_chunk
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
@@ -163,7 +173,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             # backward of the graph fails autograd's version check of the saved tensor)
             valid = (labels != ctx.ignore_index) & (lse != float("-inf"))
             # not g * 0 on ignored rows: a NaN/inf incoming gradient there stays out
-            g = torch.where(valid, grad_log_probs.float() * ctx.z_scale, 0.0)
+            g = torch.where(valid, grad_log_probs.float() * (ctx.scales["x_scale"] * ctx.scales["z_scale"]), 0.0)
             return (direction.mul_(g[:, None]),) + (None,) * 8
         n_rows, hidden_size = hidden.shape
         vocab, device = weight.shape[0], hidden.device
@@ -191,7 +201,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
                 tile = _logits_tile(buf, h_c, w, b, v0, v1)
                 dtile = dbuf[: tile.numel()].view(tile.shape)
                 backward_rows(tile, dtile, labels[t0:t1], lse[t0:t1], g_lp[t0:t1] if g_lp is not None else None,
-                              ignore_index=ctx.ignore_index, z_scale=ctx.z_scale, vocab_start=v0,
+                              ignore_index=ctx.ignore_index, **ctx.scales, vocab_start=v0,
                               entropy=entropy[t0:t1] if g_ent is not None else None,
                               grad_entropy=g_ent[t0:t1] if g_ent is not None else None)
                 if need_h:
@@ -210,14 +220,18 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         )
 
 
-def _store_direction(out, acc, inv_sum, log_probs, lse, labels, w, ignore_index):
+def _store_direction(out, acc, inv_sum, log_probs, lse, labels, w, ignore_index, label_slope=None):
     """``out = (1 - p_y) W_y - sum_{j != y} p_j W_j`` per row (0 on ignored rows and rows with no finite logit):
     the gradient of log p_y wrt hidden, up to the scale. ``acc`` holds ``sum_{j != y} e_j W_j`` with
     ``p_j = e_j * inv_sum``; ``1 - p_y = -expm1(log p_y)`` in fp32. Splitting off the label's own term keeps
-    ``W_y - sum_j p_j W_j`` from cancelling when p_y is close to 1: each term carries only its own rounding."""
+    ``W_y - sum_j p_j W_j`` from cancelling when p_y is close to 1: each term carries only its own rounding.
+    With a soft-cap, ``acc``'s terms carry their slopes and the label's term is multiplied by ``label_slope``."""
     valid = (labels != ignore_index) & (lse != float("-inf"))
     w_y = w[torch.where(valid, labels, 0)].float()
-    d = acc.mul_(-inv_sum[:, None]).addcmul_(w_y, torch.expm1(log_probs).neg_()[:, None])
+    label_weight = torch.expm1(log_probs).neg_()
+    if label_slope is not None:
+        label_weight = label_weight * label_slope
+    d = acc.mul_(-inv_sum[:, None]).addcmul_(w_y, label_weight[:, None])
     out.copy_(d.masked_fill_(~valid[:, None], 0.0))
 
 
@@ -245,6 +259,7 @@ def linear_log_probs(
     logit_scale: float = 1.0,
     ignore_index: int = -100,
     *,
+    softcap: float | None = None,
     outputs: tuple[str, ...] = ("log_probs",),
     token_chunk_size: int = TOKEN_CHUNK_SIZE,
     vocab_chunk_size: int = VOCAB_CHUNK_SIZE,
@@ -254,8 +269,8 @@ def linear_log_probs(
     module docstring for the tiling and the one-pass statistics).
 
     Serves TRL 1.16's ``ChunkedLogProbFunction.apply(hidden, weight, bias, labels, temperature, chunk_size,
-    None, logit_scale, outputs)`` (no logit soft-capping): asked for more than log-probs it returns the same
-    5-tuple; plus ``ignore_index`` handling.
+    final_logit_softcapping, logit_scale, outputs)`` (``softcap=final_logit_softcapping``): asked for more than
+    log-probs it returns the same 5-tuple; plus ``ignore_index`` handling.
 
     Args:
         hidden: ``[N, H]`` fp32/fp16/bf16.
@@ -266,6 +281,8 @@ def linear_log_probs(
         temperature: > 0; the logits are divided by it.
         logit_scale: the logits are multiplied by it (Cohere/Granite-style heads; 1.0 otherwise).
         ignore_index: label value whose outputs are 0 (False) with zero gradient.
+        softcap: None, or ``c > 0``: ``z = c * tanh((hidden @ weight.T + bias) * logit_scale / c) / temperature``
+            (TRL's order; Gemma 2's ``final_logit_softcapping``).
         outputs: any subset of ``OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits",
             "is_top1")`` (TRL's names; log-probs are always computed). Only the requested statistics cost work.
         token_chunk_size, vocab_chunk_size: tile shape (defaults 2048 x 8192).
@@ -294,13 +311,17 @@ def linear_log_probs(
     token_chunk = _positive_int("token_chunk_size", token_chunk_size)
     vocab_chunk = _positive_int("vocab_chunk_size", vocab_chunk_size)
     check_labels(labels, n_rows, vocab, ignore_index, rows_name="hidden")
-    z_scale = float(logit_scale) / float(temperature)
+    softcap = check_softcap(softcap)
+    if softcap is None:  # one factor, as the kernels always applied it
+        scales = dict(z_scale=float(logit_scale) / float(temperature), x_scale=1.0, softcap=None)
+    else:  # the logit scale before the cap, the temperature after it
+        scales = dict(z_scale=1.0 / float(temperature), x_scale=float(logit_scale), softcap=softcap)
 
     if not use_triton(hidden, "linear_log_probs"):
-        results = lm_head_rows_torch(hidden, weight, bias, labels, z_scale=z_scale, ignore_index=ignore_index,
-                                     chunk_rows=token_chunk, outputs=requested)
+        results = lm_head_rows_torch(hidden, weight, bias, labels, ignore_index=ignore_index,
+                                     chunk_rows=token_chunk, outputs=requested, **scales)
     else:
         results = _LinearLogProbsFunction.apply(
-            hidden, weight, bias, labels.contiguous(), z_scale, ignore_index, token_chunk, vocab_chunk, requested
+            hidden, weight, bias, labels.contiguous(), scales, ignore_index, token_chunk, vocab_chunk, requested
         )
     return results[0] if requested == {"log_probs"} else tuple(results)

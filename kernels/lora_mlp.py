@@ -1,5 +1,6 @@
-"""Llama's MLP, ``down(swiglu(gate(x), up(x)))``, with frozen (NF4 or 16/32-bit) weights and LoRA on
-all three projections, as one autograd Function; and Phi-3's, whose gate and up are one fused projection.
+"""Llama's MLP, ``down(swiglu(gate(x), up(x)))`` (or Gemma's GeGLU, ``activation="gelu_tanh"``), with frozen
+(NF4 or 16/32-bit) weights and LoRA on all three projections, as one autograd Function; and Phi-3's, whose gate
+and up are one fused projection.
 
 Forward (each ``proj(z) = z @ W.T (+ bias) + s * (z @ A.T) @ B.T``, see ``lora_projection.py``)::
 
@@ -49,7 +50,9 @@ and one LoRA ``A`` ``[r, H]``, ``B`` ``[2I, r]`` on it, as peft puts it there)::
 i.e. one projection's backward over ``[T, 2I]`` where Llama's has two over ``[T, I]``. The same memory is kept
 (``gu`` is ``g`` and ``u`` side by side), one dropout mask over ``x`` (peft's one ``nn.Dropout``), token chunks alike.
 
-The SwiGLU passes are the kernels of ``swiglu.py``; the PyTorch engine runs the same math in fp32.
+The SwiGLU passes are the kernels of ``swiglu.py``; the PyTorch engine runs the same math in fp32. With
+``activation="gelu_tanh"`` (Gemma's GeGLU) ``silu`` above is ``gelu_tanh`` and ``silu'`` its derivative (see
+``swiglu.py``); nothing else changes.
 Dtype rules as in ``lora_projection.py``.
 """
 from __future__ import annotations
@@ -58,7 +61,7 @@ import torch
 
 from . import lora_projection as proj
 from ._common import check_tensor, composite_op, disabled_kernels, disabled_scope, empty
-from .swiglu import swiglu_backward_into, swiglu_forward_into
+from .swiglu import check_activation, swiglu_backward_into, swiglu_forward_into
 
 _N = 7  # Function arguments per projection: weight, bias, A, B, scaling, compute_dtype, dropout
 
@@ -74,22 +77,22 @@ def _gate_and_up(outs):
     return outs if len(outs) == 2 else outs[0].chunk(2, dim=1)
 
 
-def _mlp_forward(x, ins, down, masks):
+def _mlp_forward(x, ins, down, masks, activation):
     """``(y, outs, smalls)`` of the MLP on the rows ``x``: ``outs`` the input projections' outputs (``[g, u]`` or
     ``[gu]``), ``smalls`` their ``x @ A.T`` and down's ``h @ A_d.T`` ([T, r] each, or None). ``ins``: ``(gate, up)``
-    or ``(gate_up,)``; ``masks``: their dropout masks, then down's."""
+    or ``(gate_up,)``; ``masks``: their dropout masks, then down's; ``activation``: see ``swiglu.py``."""
     outs, smalls = [], []
     for p, mask in zip(ins, masks):
         out, xa = proj.project_forward(x, *p[:6], mask)
         outs.append(out)
         smalls.append(xa)
     g, u = _gate_and_up(outs)
-    h = swiglu_forward_into(g, u, empty(g.shape, dtype=g.dtype, device=g.device))
+    h = swiglu_forward_into(g, u, empty(g.shape, dtype=g.dtype, device=g.device), activation)
     y, ha_d = proj.project_forward(h, *down[:6], masks[-1])
     return y, outs, smalls + [ha_d]
 
 
-def _mlp_backward(dy, x, outs, smalls, projections, need, dx, masks):
+def _mlp_backward(dy, x, outs, smalls, projections, need, dx, masks, activation):
     """Gradients of the rows ``x`` (``dy`` their output gradient; ``outs`` their input projections' outputs, which
     are overwritten by their gradients). ``smalls``: as :func:`_mlp_forward` returns them; ``projections``: the
     input projections then down, each ``(W, bias, A, B, s, compute_dtype)``; ``need``: Function's
@@ -101,7 +104,7 @@ def _mlp_backward(dy, x, outs, smalls, projections, need, dx, masks):
     buf = empty(g.shape, dtype=g.dtype, device=g.device)
     dh, _, dB_d = proj.project_backward(dy, None, W_d, A_d, B_d, s_d, smalls[-1], cd_d, need_dx=True,
                                         need_dA=False, need_dB=need[d + 3], dx_out=buf, mask=masks[-1])
-    swiglu_backward_into(dh, g, u, g, u, out=buf)  # buf: h; g, u (so outs): dg, du
+    swiglu_backward_into(dh, g, u, g, u, out=buf, activation=activation)  # buf: h; g, u (so outs): dg, du
     dA_d = None
     if A_d is not None and need[d + 2]:  # dA_d = s_d * (dy @ B_d).T @ (M_d * h), now that buf holds h
         _, dA_d, _ = proj.project_backward(dy, buf, W_d, A_d, B_d, s_d, smalls[-1], cd_d, need_dx=False,
@@ -119,7 +122,7 @@ def _mlp_backward(dy, x, outs, smalls, projections, need, dx, masks):
 
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, chunk_tokens, *flat):
+    def forward(ctx, x2, chunk_tokens, activation, *flat):
         projections = [flat[i:i + _N] for i in range(0, len(flat), _N)]  # (gate, up, down) or (gate_up, down)
         *ins, down = projections
         T = x2.shape[0]
@@ -127,7 +130,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         masks = proj.draw_masks(x2.device, projections, "lora_mlp")  # each projection its own dropout seed
         adapters = [t for p in projections for t in (p[2], p[3])]
         if not ctx.chunked:
-            y, outs, smalls = _mlp_forward(x2, ins, down, masks)
+            y, outs, smalls = _mlp_forward(x2, ins, down, masks, activation)
             ctx.save_for_backward(x2, *outs, *smalls, *adapters)
         else:  # keep x and the [T, r] LoRA products; the input projections are recomputed in the backward
             y = empty((T, down[0].shape[0]), dtype=x2.dtype, device=x2.device)
@@ -135,7 +138,7 @@ class _LoraMLPFunction(torch.autograd.Function):
                       for p in projections]
             for c0 in range(0, T, chunk_tokens):
                 rows = slice(c0, min(c0 + chunk_tokens, T))
-                y_c, _, smalls_c = _mlp_forward(x2[rows], ins, down, _rows_from(masks, c0))
+                y_c, _, smalls_c = _mlp_forward(x2[rows], ins, down, _rows_from(masks, c0), activation)
                 y[rows] = y_c
                 for kept, part in zip(smalls, smalls_c):
                     if kept is not None:
@@ -143,7 +146,7 @@ class _LoraMLPFunction(torch.autograd.Function):
                 del y_c, smalls_c
             ctx.save_for_backward(x2, *smalls, *adapters)
         ctx.n_projections = len(projections)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.activation = chunk_tokens, activation
         ctx.frozen = [(p[0], p[1], p[4], p[5]) for p in projections]  # weight (a reference), bias, s, dtype
         ctx.masks = masks  # seeds, not tensors
         ctx.disabled = disabled_kernels()  # the backward runs the engines the forward ran
@@ -155,7 +158,8 @@ class _LoraMLPFunction(torch.autograd.Function):
             raise RuntimeError("lora_mlp's backward overwrites its saved gate/up activations with their gradients: "
                                "it runs once per forward (backward with retain_graph=True twice is not supported)")
         ctx.consumed = True
-        need = ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]  # x2, then _N per projection (no chunk_tokens)
+        need = ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:]  # x2, then _N per projection (no chunk_tokens,
+        # no activation)
         n = ctx.n_projections
         saved = list(ctx.saved_tensors)
         x2 = saved.pop(0)
@@ -167,16 +171,17 @@ class _LoraMLPFunction(torch.autograd.Function):
                        for i, (W, b, s, cd) in enumerate(ctx.frozen)]
         with proj.autocast_off(dy.device.type), disabled_scope(ctx.disabled):
             if not ctx.chunked:
-                dx, grads = _mlp_backward(dy, x2, outs, smalls, projections, need, None, ctx.masks)
+                dx, grads = _mlp_backward(dy, x2, outs, smalls, projections, need, None, ctx.masks, ctx.activation)
             else:
-                dx, grads = _chunked_backward(dy, x2, smalls, projections, need, ctx.chunk_tokens, ctx.masks)
+                dx, grads = _chunked_backward(dy, x2, smalls, projections, need, ctx.chunk_tokens, ctx.masks,
+                                              ctx.activation)
         out = [None] * (n * _N)
         for i in range(n):
             out[_N * i + 1: _N * i + 4] = grads[3 * i: 3 * i + 3]
-        return (dx, None, *out)
+        return (dx, None, None, *out)
 
 
-def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks):
+def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks, activation):
     """:func:`_mlp_backward` chunk by chunk, the input projections recomputed (with the forward's dropout masks);
     weight gradients summed in fp32."""
     T = x2.shape[0]
@@ -188,7 +193,7 @@ def _chunked_backward(dy, x2, smalls, projections, need, chunk_tokens, masks):
         outs_c = [proj.project_forward(x_c, *p, m)[0] for p, m in zip(projections[:-1], masks_c)]
         smalls_c = [None if t is None else t[rows] for t in smalls]
         _, grads = _mlp_backward(dy[rows], x_c, outs_c, smalls_c, projections, need,
-                                 dx[rows] if dx is not None else None, masks_c)
+                                 dx[rows] if dx is not None else None, masks_c, activation)
         del outs_c
         for k, grad in enumerate(grads):
             if grad is not None:
@@ -212,18 +217,20 @@ def _check_down(x, intermediate, down):
     return down
 
 
-def _apply(x, ins, down, chunk_tokens):
+def _apply(x, ins, down, chunk_tokens, activation):
     """The checked projections through :class:`_LoraMLPFunction`, dtype rules applied."""
     x, projections, out_dtypes = proj.prepare_projections(x, [*ins, down])
     lead_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     with proj.autocast_off(x.device.type), composite_op(x, "lora_mlp"):  # lora_mlp_gate_up too
-        y = _LoraMLPFunction.apply(x2, chunk_tokens, *(arg for p in projections for arg in p))
+        y = _LoraMLPFunction.apply(x2, chunk_tokens, activation, *(arg for p in projections for arg in p))
     return y.reshape(*lead_shape, y.shape[-1]).to(out_dtypes[-1])
 
 
-def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -> torch.Tensor:
-    """Llama/Qwen2 MLP with LoRA: ``down(silu(gate(x)) * up(x))`` in one autograd node.
+def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None, activation: str = "silu"
+             ) -> torch.Tensor:
+    """Llama/Qwen2 MLP with LoRA: ``down(silu(gate(x)) * up(x))`` in one autograd node (Gemma's GeGLU,
+    ``down(gelu_tanh(gate(x)) * up(x))``, with ``activation="gelu_tanh"``).
 
     Args:
         x: ``[..., H]`` fp32/fp16/bf16 hidden states (the base matmuls run in this dtype).
@@ -234,6 +241,7 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
             ``dropout > 0`` draws its own mask (down's over ``h``; see the module doc).
         chunk_tokens: process at most this many tokens at a time (see the module doc: bounded
             ``[C, I]`` buffers, ``g``/``u`` recomputed in the backward); None: all at once.
+        activation: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU; see ``swiglu.py``).
 
     Returns:
         ``[..., H]`` in ``x.dtype`` (autocast: see ``lora_projection.py``; g, u, h stay in ``x.dtype``).
@@ -244,12 +252,13 @@ def lora_mlp(x: torch.Tensor, gate, up, down, chunk_tokens: int | None = None) -
     """
     check_tensor("x", x, min_ndim=1)
     _check_chunk_tokens(chunk_tokens)
+    check_activation(activation)
     gate = proj.check_projection("gate", x.shape[-1], gate, x.device)
     up = proj.check_projection("up", x.shape[-1], up, x.device)
     intermediate = gate[0].shape[0]
     if up[0].shape[0] != intermediate:
         raise ValueError(f"up weight has {up[0].shape[0]} output features but gate has {intermediate}")
-    return _apply(x, (gate, up), _check_down(x, intermediate, down), chunk_tokens)
+    return _apply(x, (gate, up), _check_down(x, intermediate, down), chunk_tokens, activation)
 
 
 def lora_mlp_gate_up(x: torch.Tensor, gate_up, down, chunk_tokens: int | None = None) -> torch.Tensor:
@@ -279,4 +288,4 @@ def lora_mlp_gate_up(x: torch.Tensor, gate_up, down, chunk_tokens: int | None = 
         raise ValueError(f"gate_up weight has {gate_up[0].shape[0]} output features; expected an even number "
                          "(the gate rows, then as many up rows)")
     intermediate = gate_up[0].shape[0] // 2
-    return _apply(x, (gate_up,), _check_down(x, intermediate, down), chunk_tokens)
+    return _apply(x, (gate_up,), _check_down(x, intermediate, down), chunk_tokens, "silu")

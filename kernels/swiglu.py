@@ -1,14 +1,20 @@
-"""SwiGLU activation of Llama's MLP, ``silu(gate) * up``: Triton forward and backward.
+"""The gated activation of Llama's MLP, ``silu(gate) * up`` (SwiGLU), or of Gemma's, ``gelu_tanh(gate) * up``
+(GeGLU): Triton forward and backward; ``activation`` picks one.
 
 Forward, elementwise in fp32, result rounded once to the input dtype::
 
-    sig = sigmoid(gate)
-    out = gate * sig * up                     # silu(gate) * up
+    silu:      sig = sigmoid(gate)                      act = gate * sig
+    gelu_tanh: u = sqrt(2/pi) * (gate + 0.044715 gate^3)  act = 0.5 gate (1 + tanh(u)) = gate * sig,
+               sig = sigmoid(2u)                        # 0.5 (1 + tanh(u)) == sigmoid(2u), no cancellation
+    out = act * up
 
 Backward recomputes ``sig`` from the saved ``gate`` (no fp32 activation is kept)::
 
-    d_gate = g_out * up * sig * (1 + gate * (1 - sig))     # silu'(x) = sig * (1 + x * (1 - sig))
-    d_up   = g_out * silu(gate)
+    silu:      act' = sig * (1 + gate * (1 - sig))
+    gelu_tanh: act' = sig + gate * sig * (1 - sig) * 2 u',   u' = sqrt(2/pi) (1 + 3 * 0.044715 gate^2)
+               (= 0.5 (1 + tanh u) + 0.5 gate (1 - tanh^2 u) u': PyTorch's gelu(approximate="tanh") and its gradient)
+    d_gate = g_out * up * act'
+    d_up   = g_out * act
 
 Both passes are memory bound: one program per row and BLOCK columns. Rows may be strided, so the gate and up
 halves of a fused ``[T, 2I]`` gate/up projection (Phi-3's ``gate_up_proj``) are read and written in place.
@@ -29,6 +35,22 @@ from ._common import check_same_device, check_tensor, empty, use_triton
 
 _BLOCK = 1024  # 4 warps x 32 threads x 8 elements: 16-byte vector accesses for 16-bit dtypes
 _NUM_WARPS = 4
+ACTIVATIONS = ("silu", "gelu_tanh")
+_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
+_GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _activation(gate, ACTIVATION: tl.constexpr):
+    """(act(gate), act'(gate)) in fp32, from one sigmoid (see the module docstring)."""
+    if ACTIVATION == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (gate + _GELU_KAPPA * gate * gate * gate)
+        sig = tl.sigmoid(2.0 * inner)
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_KAPPA * gate * gate)
+        return gate * sig, sig + gate * sig * (1.0 - sig) * 2.0 * d_inner
+    else:
+        sig = tl.sigmoid(gate)
+        return gate * sig, sig * (1.0 + gate * (1.0 - sig))
 
 
 @triton.jit
@@ -37,14 +59,15 @@ def _swiglu_fwd_kernel(
     stride_gate, stride_up, stride_out,  # row strides: a column half of a fused [rows, 2I] projection has 2I
     n_cols,
     BLOCK: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "silu" or "gelu_tanh"
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride may pass 2**31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(GATE + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(UP + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate * tl.sigmoid(gate) * up
-    tl.store(OUT + row * stride_out + cols, out.to(OUT.dtype.element_ty), mask=mask)
+    act, _ = _activation(gate, ACTIVATION)  # (the derivative is compiled out: unused)
+    tl.store(OUT + row * stride_out + cols, (act * up).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -54,6 +77,7 @@ def _swiglu_bwd_kernel(
     n_cols,
     BLOCK: tl.constexpr,
     STORE_OUT: tl.constexpr,  # also write the forward's output (recomputed): the fused MLP's backward needs it
+    ACTIVATION: tl.constexpr,
 ):
     # Each element is loaded and stored by the same program, so the outputs may overwrite the inputs.
     row = tl.program_id(0).to(tl.int64)
@@ -62,14 +86,13 @@ def _swiglu_bwd_kernel(
     grad_out = tl.load(GRAD_OUT + row * stride_grad_out + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(GATE + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(UP + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)  # recomputed: cheaper than storing it
-    silu = gate * sig
-    grad_gate = grad_out * up * sig * (1.0 + gate * (1.0 - sig))
-    grad_up = grad_out * silu
+    act, d_act = _activation(gate, ACTIVATION)  # recomputed: cheaper than storing it
+    grad_gate = grad_out * up * d_act
+    grad_up = grad_out * act
     tl.store(GRAD_GATE + row * stride_grad_gate + cols, grad_gate.to(GRAD_GATE.dtype.element_ty), mask=mask)
     tl.store(GRAD_UP + row * stride_grad_up + cols, grad_up.to(GRAD_UP.dtype.element_ty), mask=mask)
     if STORE_OUT:
-        tl.store(OUT + row * stride_out + cols, (silu * up).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + row * stride_out + cols, (act * up).to(OUT.dtype.element_ty), mask=mask)
 
 
 def _as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -104,54 +127,73 @@ def _grid(rows: torch.Tensor):
     return (n_rows, triton.cdiv(n_cols, block)), block
 
 
-def swiglu_forward_into(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = silu(gate) * up`` (fp32 math, one rounding) into the caller's buffer ``out``; all three of one
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _activation_torch(gate: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act, act') of an fp32 ``gate``: the kernels' formulas in PyTorch."""
+    if activation == "gelu_tanh":
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate.pow(3))
+        sig = torch.sigmoid(2 * inner)
+        d_inner = 0.7978845608028654 * (1 + 3 * 0.044715 * gate.square())
+        return gate * sig, sig + gate * sig * (1 - sig) * 2 * d_inner
+    sig = torch.sigmoid(gate)
+    return gate * sig, sig * (1 + gate * (1 - sig))
+
+
+def swiglu_forward_into(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, activation: str = "silu"
+                        ) -> torch.Tensor:
+    """``out = act(gate) * up`` (fp32 math, one rounding) into the caller's buffer ``out``; all three of one
     shape, dtype and device, each contiguous or 2-D with strided rows, e.g. the two column halves of a fused
     ``[T, 2I]`` gate/up projection (else a ValueError/TypeError). No autograd. Returns ``out``."""
     gate2, up2, out2 = _check_buffers(gate=gate, up=up, out=out)
+    check_activation(activation)
     if use_triton(gate, "swiglu"):
         if gate.numel() > 0:
             grid, block = _grid(gate2)
             _swiglu_fwd_kernel[grid](gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0),
-                                     gate2.shape[1], BLOCK=block, num_warps=_NUM_WARPS)
+                                     gate2.shape[1], BLOCK=block, ACTIVATION=activation, num_warps=_NUM_WARPS)
     else:
-        gf = gate.float()
-        out.copy_(gf * torch.sigmoid(gf) * up.float())
+        out.copy_(_activation_torch(gate.float(), activation)[0] * up.float())
     return out
 
 
 def swiglu_backward_into(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, grad_gate: torch.Tensor,
-                         grad_up: torch.Tensor, out: torch.Tensor | None = None) -> None:
-    """``grad_gate``, ``grad_up`` (and, given ``out``, the recomputed ``silu(gate) * up``) in one pass.
+                         grad_up: torch.Tensor, out: torch.Tensor | None = None, activation: str = "silu") -> None:
+    """``grad_gate``, ``grad_up`` (and, given ``out``, the recomputed ``act(gate) * up``) in one pass.
 
     Every output may be the storage of an input (``grad_gate=gate``, ``grad_up=up``, ``out=grad_out``):
     each element is read before it is written. All of one shape, dtype and device, each contiguous or 2-D with
     strided rows (else a ValueError/TypeError). No autograd."""
     buffers = dict(grad_out=grad_out, gate=gate, up=up, grad_gate=grad_gate, grad_up=grad_up)
     rows = _check_buffers(**buffers, **({} if out is None else dict(out=out)))
+    check_activation(activation)
     if use_triton(gate, "swiglu"):
         if gate.numel() > 0:
             out2 = rows[5] if out is not None else rows[3]
             grid, block = _grid(rows[1])
             _swiglu_bwd_kernel[grid](*rows[:5], out2, *(t.stride(0) for t in rows[:5]), out2.stride(0),
-                                     rows[1].shape[1], BLOCK=block, STORE_OUT=out is not None, num_warps=_NUM_WARPS)
+                                     rows[1].shape[1], BLOCK=block, STORE_OUT=out is not None,
+                                     ACTIVATION=activation, num_warps=_NUM_WARPS)
         return
     gf, uf, df = gate.float(), up.float(), grad_out.float()
-    sig = torch.sigmoid(gf)
-    silu = gf * sig
-    d_gate, d_up = df * uf * sig * (1 + gf * (1 - sig)), df * silu
+    act, d_act = _activation_torch(gf, activation)
+    d_gate, d_up = df * uf * d_act, df * act
     if out is not None:
-        out.copy_(silu * uf)
+        out.copy_(act * uf)
     grad_gate.copy_(d_gate)
     grad_up.copy_(d_up)
 
 
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str):
         gate, up = gate.contiguous(), up.contiguous()  # no-ops for the usual contiguous inputs
-        out = swiglu_forward_into(gate, up, empty(gate.shape, dtype=gate.dtype, device=gate.device))
+        out = swiglu_forward_into(gate, up, empty(gate.shape, dtype=gate.dtype, device=gate.device), activation)
         ctx.save_for_backward(gate, up)
+        ctx.activation = activation
         return out
 
     @staticmethod
@@ -159,30 +201,35 @@ class _SwiGLUFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad_gate = empty(gate.shape, dtype=gate.dtype, device=gate.device)
         grad_up = empty(up.shape, dtype=up.dtype, device=up.device)
-        swiglu_backward_into(grad_out.contiguous(), gate, up, grad_gate, grad_up)
-        return grad_gate, grad_up
+        swiglu_backward_into(grad_out.contiguous(), gate, up, grad_gate, grad_up, activation=ctx.activation)
+        return grad_gate, grad_up, None
 
 
-def _swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+def _swiglu_torch(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    gf = gate.float()
+    act = torch.nn.functional.silu(gf) if activation == "silu" else torch.nn.functional.gelu(gf, approximate="tanh")
+    return (act * up.float()).to(gate.dtype)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: ``silu(gate) * up``, computed in fp32 and rounded once to the input dtype.
+def swiglu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """SwiGLU ``silu(gate) * up`` (Llama), or GeGLU ``gelu_tanh(gate) * up`` (Gemma: ``activation="gelu_tanh"``,
+    transformers' ``gelu_pytorch_tanh``), computed in fp32 and rounded once to the input dtype.
 
     Args:
         gate: ``[...]`` fp32/fp16/bf16, any shape (read contiguously; a non-contiguous input is
             copied once).
         up: same shape, dtype and device as ``gate``.
+        activation: ``"silu"`` or ``"gelu_tanh"`` (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``).
 
     Returns:
-        ``[...]`` like ``gate``: ``gate * sigmoid(gate) * up``.
+        ``[...]`` like ``gate``: ``act(gate) * up``.
 
-    Forward: ``out = gate * sigmoid(gate) * up`` (fp32 math). Only ``gate`` and ``up`` are saved.
+    Forward: ``out = act(gate) * up`` (fp32 math). Only ``gate`` and ``up`` are saved.
 
-    Backward, with ``sig = sigmoid(gate)`` recomputed:
-    ``d_gate = g_out * up * sig * (1 + gate * (1 - sig))`` and ``d_up = g_out * gate * sig``.
+    Backward, with the activation recomputed: ``d_gate = g_out * up * act'(gate)`` and ``d_up = g_out * act(gate)``;
+    silu' = ``sig * (1 + gate * (1 - sig))``, gelu_tanh' in the module docstring.
     """
+    check_activation(activation)
     check_tensor("gate", gate)
     check_tensor("up", up)
     check_same_device(gate=gate, up=up)
@@ -191,5 +238,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if up.shape != gate.shape:
         raise ValueError(f"up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must match")
     if not use_triton(gate, "swiglu"):
-        return _swiglu_torch(gate, up)
-    return _SwiGLUFunction.apply(gate, up)
+        return _swiglu_torch(gate, up, activation)
+    return _SwiGLUFunction.apply(gate, up, activation)

@@ -4,7 +4,11 @@ the PyTorch engines. Each use is a few flags (after flash-attention's ``ops/trit
 
 A row holds the logits ``x`` of one token (fp32/fp16/bf16, columns contiguous), possibly only a vocabulary chunk
 ``[vocab_start, vocab_start + n_cols)`` of them, and its label ``y``. The kernels work on ``z = x * z_scale``
-(temperature / logit scale; 1 for cross-entropy), in fp32 whatever the logits' dtype.
+(temperature / logit scale; 1 for cross-entropy), in fp32 whatever the logits' dtype; with a soft-cap ``c``
+(Gemma 2's ``final_logit_softcapping``) on ``z = c * tanh(x * x_scale / c) * z_scale`` (``x_scale``: a logit scale
+applied before the cap, ``z_scale`` after it: TRL's order), whose derivative ``dz/dx = x_scale * z_scale *
+(1 - tanh^2)`` the backward applies per column (``_logits``; tanh from ``_common.tanh_and_slope``). A -inf logit is
+then capped to ``-c * z_scale``, as transformers' soft-capping does.
 
 Forward (``_fwd_kernel``, one program per row): ONE pass over the row, ``BLOCK_V`` columns at a time (the row
 never has to fit one block: V is 128k-152k for Llama-3/Qwen2), every statistic relative to the running max ``m``
@@ -27,14 +31,15 @@ The last chunk writes::
 
 (``xs`` is kept relative to the max: ``entropy = lse - sum_j e_j z_j / s`` would cancel two numbers of the logits'
 size ~10 to get an entropy that may be ~1e-2.) ``SAVE_EXP`` (``linear_log_probs``' frozen head) also writes the
-chunk's ``e_j = exp(z_j - m)`` against its final max (0 at the label), ``exp(m_before - m)`` and, last, ``1 / s``.
+chunk's ``e_j = exp(z_j - m)`` against its final max (0 at the label), ``exp(m_before - m)`` and, last, ``1 / s``;
+with a soft-cap ``e_j`` times the cap's slope ``1 - tanh_j^2``, and the label's slope (in the label's chunk).
 
 Backward (``_bwd_kernel``, one program per (row, ``BLOCK_V`` columns): a block needs only the row's saved ``lse``
 and entropy, so it is one embarrassingly parallel pass). With ``p = exp(z - lse)``, ``g`` the gradient of the
 log-prob (``-grad`` of a loss, NLL) and ``gH`` that of the entropy::
 
     dz = g * (onehot(y) - p) - gH * p * (log p + entropy)      # d entropy / dz_j = -p_j (log p_j + H)
-    dx = dz * z_scale                                          # in DLOGITS' dtype; DLOGITS may alias LOGITS
+    dx = dz * z_scale     (soft-cap: dz * dz/dx)               # in DLOGITS' dtype; DLOGITS may alias LOGITS
 
 Ignored rows (``y == ignore_index``) read no logit (prompt tokens are often most of a batch): every output is 0
 (False), the gradient 0. -inf logits (a masked vocabulary) have ``p = 0`` and ``p log p = 0``. A row with NO finite
@@ -49,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensor, on_gpu
+from ._common import check_tensor, on_gpu, tanh_and_slope
 
 _LABEL_DTYPES = (torch.int64, torch.int32)
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -67,19 +72,33 @@ RUNNING_ROWS = 7
 
 
 @triton.jit
+def _logits(x, z_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """``(z, slope)`` of fp32 raw logits ``x``: ``(x * z_scale, 1)``, or with SOFTCAP ``tanh(x * cap_in) * cap_out``
+    (``cap_in = x_scale / c``, ``cap_out = c * z_scale``) and the cap's slope ``1 - tanh^2``: ``dz/dx`` is
+    ``slope * z_scale``, with ``z_scale = x_scale * z_scale`` passed under SOFTCAP."""
+    if SOFTCAP:
+        t, slope = tanh_and_slope(x * cap_in)
+        return t * cap_out, slope
+    else:
+        return x * z_scale, 1.0
+
+
+@triton.jit
 def _fwd_kernel(
     LOGITS, LABELS,  # [rows, n_cols] logits; [rows] labels
     OUT, LSE, ENTROPY, LOG_SUM_SQ, MEAN_LOGITS, IS_TOP1,  # [rows] outputs, written by the LAST chunk
     RUN_MAX, RUN_SUM, RUN_TARGET, RUN_STATS,  # fp32 statistics between chunks: [rows] each, RUN_STATS [4, stride]
     EXP, RESCALE, INV_SUM,  # SAVE_EXP: [rows, n_cols] exp(z - m) (0 at the label), [rows] exp(m_old - m), 1 / s
+    LABEL_SLOPE,  # SAVE_EXP with SOFTCAP: [rows] the cap's slope at the label, written by the label's chunk
     stride_logits_row, stride_stats, stride_exp_row,  # columns are contiguous
     n_cols, vocab_start, vocab,  # this call sees vocabulary entries [vocab_start, vocab_start + n_cols) of V
-    z_scale, ignore_index,
+    z_scale, cap_in, cap_out, ignore_index,  # SOFTCAP: z_scale = dz/dx without the slope (see _logits)
     FIRST: tl.constexpr,  # first vocabulary chunk: start from empty statistics instead of reading the running ones
     LAST: tl.constexpr,  # last vocabulary chunk: write the outputs instead of the running statistics
     NLL: tl.constexpr,  # OUT = lse - z_y (cross-entropy's loss, +inf on a row with no finite logit), not z_y - lse
     HAS_ENTROPY: tl.constexpr, HAS_LOG_SUM_SQ: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_TOP1: tl.constexpr,
     SAVE_EXP: tl.constexpr,  # write what the host needs to sum p_j W_j (the frozen-head log-prob gradient)
+    SOFTCAP: tl.constexpr,  # z = tanh(x * cap_in) * cap_out instead of x * z_scale
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 for [N, 152k] logits
@@ -90,7 +109,8 @@ def _fwd_kernel(
         local = label - vocab_start  # the label's column in this chunk; may lie outside it
         in_chunk = (local >= 0) & (local < n_cols)
         # The label's logit: one scalar load, with exactly the arithmetic of the loop below (is_top1 compares it).
-        target = tl.load(row_ptr + local, mask=in_chunk, other=0.0).to(tl.float32) * z_scale
+        target, target_slope = _logits(tl.load(row_ptr + local, mask=in_chunk, other=0.0).to(tl.float32), z_scale,
+                                       cap_in, cap_out, SOFTCAP)
         m = tl.full([], float("-inf"), tl.float32)  # empty statistics: the state before the first chunk
         s = tl.zeros([], tl.float32)
         xs = tl.zeros([], tl.float32)
@@ -114,7 +134,8 @@ def _fwd_kernel(
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < n_cols
-            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * z_scale
+            z, _ = _logits(tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32), z_scale, cap_in, cap_out,
+                           SOFTCAP)
             if HAS_MEAN:
                 zs += tl.sum(z, axis=0)  # masked lanes were loaded as 0
             z = tl.where(mask, z, float("-inf"))
@@ -147,9 +168,14 @@ def _fwd_kernel(
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < n_cols
-                z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * z_scale
-                e = tl.where(mask & (cols != local), tl.exp(z - m_final), 0.0)  # a -inf logit gives 0
+                z, slope = _logits(tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32), z_scale, cap_in,
+                                   cap_out, SOFTCAP)
+                # a -inf logit gives 0; with a soft-cap d z_j / d x_j differs per column: its slope joins the weight
+                e = tl.where(mask & (cols != local), tl.exp(z - m_final) * slope, 0.0)
                 tl.store(exp_ptr + cols, e.to(EXP.dtype.element_ty), mask=mask)
+            if SOFTCAP:
+                if in_chunk:
+                    tl.store(LABEL_SLOPE + row, target_slope)
             if LAST:
                 tl.store(INV_SUM + row, tl.where(m == float("-inf"), 0.0, 1.0 / s))
 
@@ -209,8 +235,9 @@ def _bwd_kernel(
     LOGITS, DLOGITS, LABELS, LSE, ENTROPY, GRAD, GRAD_ENTROPY,  # DLOGITS may alias LOGITS; [rows] fp32
     stride_logits_row, stride_dlogits_row, stride_grad,  # stride_grad = 0: one GRAD for every row
     n_cols, vocab_start,
-    z_scale, grad_scale, ignore_index,  # g = GRAD * grad_scale (negative for a loss: NLL)
+    z_scale, cap_in, cap_out, grad_scale, ignore_index,  # g = GRAD * grad_scale (negative for a loss: NLL)
     HAS_GRAD: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,  # which outputs received a gradient
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -222,7 +249,8 @@ def _bwd_kernel(
 
     # Ignored rows read nothing (an empty load mask) and write zeros.
     load_mask = cols < tl.where(valid, n_cols, 0)
-    z = tl.load(LOGITS + row * stride_logits_row + cols, mask=load_mask, other=0.0).to(tl.float32) * z_scale
+    z, slope = _logits(tl.load(LOGITS + row * stride_logits_row + cols, mask=load_mask, other=0.0).to(tl.float32),
+                       z_scale, cap_in, cap_out, SOFTCAP)
     log_p = z - lse
     p = tl.exp(log_p)
     dz = tl.zeros([BLOCK_V], tl.float32)
@@ -236,6 +264,8 @@ def _bwd_kernel(
         # a -inf logit has p = 0 and log p = -inf: its gradient is 0, not 0 * -inf = NaN
         dz -= g_entropy * tl.where(p > 0.0, p * (log_p + tl.load(ENTROPY + row)), 0.0)
     dz = tl.where(valid, dz, 0.0)  # not dz * 0: a NaN/inf incoming gradient on an ignored row stays out
+    if SOFTCAP:
+        dz = dz * slope
     tl.store(DLOGITS + row * stride_dlogits_row + cols, (dz * z_scale).to(DLOGITS.dtype.element_ty), mask=mask)
 
 
@@ -245,6 +275,22 @@ def _block_v(n_cols: int) -> int:
 
 def _num_warps(block_v: int) -> int:
     return _NUM_WARPS if block_v >= 2048 else 4
+
+
+def _scales(z_scale: float, x_scale: float, softcap: float | None) -> tuple:
+    """The kernels' ``(z_scale, cap_in, cap_out)`` for ``z = cap(x * x_scale) * z_scale`` (see ``_logits``)."""
+    if softcap is None:
+        return float(x_scale) * float(z_scale), 1.0, 1.0
+    return float(x_scale) * float(z_scale), float(x_scale) / float(softcap), float(softcap) * float(z_scale)
+
+
+def transform_torch(x: torch.Tensor, *, z_scale: float = 1.0, x_scale: float = 1.0,
+                    softcap: float | None = None) -> torch.Tensor:
+    """The kernels' ``z`` by plain autograd, on fp32 ``x``: ``x * (x_scale * z_scale)``, or
+    ``c * tanh(x * x_scale / c) * z_scale`` with a soft-cap ``c``."""
+    if softcap is None:
+        return x * (float(x_scale) * float(z_scale))
+    return torch.tanh(x * (float(x_scale) / softcap)) * (float(softcap) * float(z_scale))
 
 
 def running_views(running: torch.Tensor) -> tuple:
@@ -257,7 +303,7 @@ def forward_rows(
     logits: torch.Tensor, labels: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, ignore_index: int,
     nll: bool = False, z_scale: float = 1.0, vocab_start: int = 0, vocab: int | None = None,
     first: bool = True, last: bool = True, running: tuple | None = None, stats: tuple = (None,) * 4,
-    saved_exp: tuple | None = None,
+    saved_exp: tuple | None = None, softcap: float | None = None, x_scale: float = 1.0,
 ) -> None:
     """Launch the forward kernel on ``logits`` ``[rows, n_cols]`` (columns contiguous), vocabulary entries
     ``[vocab_start, vocab_start + n_cols)`` of ``vocab`` (default: ``n_cols``); see the module docstring.
@@ -267,7 +313,9 @@ def forward_rows(
     each not wanted (its work is compiled out). ``running``: the ``(max, sum, label logit, others)`` buffers of
     ``running_views``, needed unless ``first`` and ``last``; max / sum / label logit may be any fp32 ``[rows]``
     buffers, e.g. ``lse`` and ``out`` themselves (both are read before they are written). ``saved_exp``:
-    ``(exp [rows, n_cols], rescale [rows], inv_sum [rows])`` for SAVE_EXP."""
+    ``(exp [rows, n_cols], rescale [rows], inv_sum [rows])`` for SAVE_EXP, plus ``label_slope [rows]`` with a
+    soft-cap. ``softcap``, ``x_scale``: ``z = c * tanh(x * x_scale / c) * z_scale`` (without a cap
+    ``z = x * x_scale * z_scale``)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
@@ -277,21 +325,23 @@ def forward_rows(
         raise ValueError("a vocabulary split into chunks needs running buffers (running=...) for the max, the sum, "
                          "the label's logit and, when any is requested, the other statistics")
     run_stats = run_stats if run_stats is not None else lse  # stand-ins are not touched by a single-chunk launch
-    exp, rescale, inv_sum = saved_exp if saved_exp is not None else (lse, lse, lse)
+    if saved_exp is not None and len(saved_exp) != (3 if softcap is None else 4):
+        raise ValueError("saved_exp is (exp, rescale, inv_sum), plus label_slope with a soft-cap")
+    exp, rescale, inv_sum, label_slope = (*saved_exp, lse)[:4] if saved_exp is not None else (lse, lse, lse, lse)
     entropy, log_sum_sq, mean_logits, is_top1 = stats
     block_v = _block_v(n_cols)
     _fwd_kernel[(n_rows,)](
         logits, labels,
         out, lse, *(x if x is not None else lse for x in stats),  # unrequested: a stand-in, its stores compiled out
         run_max, run_sum, run_target, run_stats,
-        exp, rescale, inv_sum,
+        exp, rescale, inv_sum, label_slope,
         logits.stride(0), run_stats.stride(0) if run_stats.dim() == 2 else 0, exp.stride(0),
         n_cols, vocab_start, n_cols if vocab is None else vocab,
-        float(z_scale), ignore_index,
+        *_scales(z_scale, x_scale, softcap), ignore_index,
         FIRST=first, LAST=last, NLL=nll,
         HAS_ENTROPY=entropy is not None, HAS_LOG_SUM_SQ=log_sum_sq is not None,
         HAS_MEAN=mean_logits is not None, HAS_TOP1=is_top1 is not None,
-        SAVE_EXP=saved_exp is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        SAVE_EXP=saved_exp is not None, SOFTCAP=softcap is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )
 
 
@@ -299,9 +349,10 @@ def backward_rows(
     logits: torch.Tensor, dlogits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
     grad: torch.Tensor | None, *, ignore_index: int, nll: bool = False, grad_scale: float = 1.0,
     z_scale: float = 1.0, vocab_start: int = 0, entropy: torch.Tensor | None = None,
-    grad_entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None, softcap: float | None = None, x_scale: float = 1.0,
 ) -> None:
-    """Launch the backward kernel: ``dlogits = (g (onehot - p) - gH p (log p + H)) * z_scale`` (0 on ignored rows
+    """Launch the backward kernel: ``dlogits = (g (onehot - p) - gH p (log p + H)) * dz/dx`` (``dz/dx = x_scale *
+    z_scale``, times the cap's slope ``1 - tanh^2`` with a soft-cap; 0 on ignored rows
     and rows with no finite logit), ``g = grad * grad_scale`` the gradient of the log-probs (``nll``: ``grad`` is
     the loss's, ``g = -grad * grad_scale``), ``gH = grad_entropy`` with the forward's ``entropy``. ``grad`` is fp32,
     either 0-d (the same for every row) or ``[rows]`` (any stride), or None; ``grad_entropy`` contiguous fp32
@@ -317,8 +368,8 @@ def backward_rows(
         grad_entropy if grad_entropy is not None else lse,
         logits.stride(0), dlogits.stride(0), grad.stride(0) if grad is not None and grad.dim() == 1 else 0,
         n_cols, vocab_start,
-        float(z_scale), -float(grad_scale) if nll else float(grad_scale), ignore_index,
-        HAS_GRAD=grad is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
+        *_scales(z_scale, x_scale, softcap), -float(grad_scale) if nll else float(grad_scale), ignore_index,
+        HAS_GRAD=grad is not None, HAS_ENTROPY_GRAD=grad_entropy is not None, SOFTCAP=softcap is not None,
         BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )
 

@@ -41,7 +41,7 @@ TOLERANCES = {
 }
 
 
-def _run_and_compare(fn, ref_fn, q, k, v, dtype):
+def _run_and_compare(fn, ref_fn, q, k, v, dtype, tol=None):
     """Forward + backward of `fn` in `dtype` vs `ref_fn` in float64 on the same (rounded) inputs."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     out = fn(*leaves)
@@ -52,7 +52,7 @@ def _run_and_compare(fn, ref_fn, q, k, v, dtype):
     ref_out = ref_fn(*ref_leaves)
     ref_out.backward(grad_out.double())
 
-    tol = TOLERANCES[dtype]
+    tol = tol or TOLERANCES[dtype]
     assert out.dtype == dtype
     assert_close(out, ref_out, name="out", **tol)
     for name, leaf, ref in zip(("dq", "dk", "dv"), leaves, ref_leaves):
@@ -94,6 +94,67 @@ def test_attention_matches_reference(B, Hq, Hkv, T, S, D, causal, window, dtype)
         lambda q, k, v: attention_reference(q, k, v, causal, scale, window),
         q, k, v, dtype,
     )
+
+
+# Gemma: head size 256 and soft-capped scores (Gemma 2: c = 50, scale = query_pre_attn_scalar**-0.5, not D**-0.5).
+# Inputs scaled so the scores reach the cap's bend (|scale * q.k| ~ c) and its flat part, where a missing
+# (1 - tanh^2) in the backward would show; few tokens: head 256 is slow in the interpreter.
+# fp32 tolerance: scores of size ~c carry an absolute fp32 error of ~c * 2^-23 * (a few ulp of tanh, the dot's
+# rounding): ~2e-5 at c = 50, which P = exp(s - lse) turns into a relative error of the same size in every output
+# and gradient; 1e-4 leaves 5x room (a missing slope or a wrong scale moves them by > 1e-2). 16-bit: as above.
+SOFTCAP_FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+SOFTCAP_CASES = [
+    # B, Hq, Hkv, T, S, D, causal, window, softcap, input std, dtype
+    pytest.param(1, 2, 1, 19, 19, 256, True, None, None, 1.0, torch.float32, id="D256"),
+    pytest.param(1, 4, 2, 21, 21, 256, True, 6, 50.0, 9.0, torch.float32, id="D256-window6-cap50"),
+    pytest.param(2, 2, 1, 13, 29, 64, True, None, 5.0, 3.0, torch.float32, id="T<S-cap5"),
+    pytest.param(1, 2, 2, 23, 17, 80, False, None, 2.0, 2.0, torch.float16, id="noncausal-cap2-fp16"),
+    # 16-bit: inputs of size 1 (larger ones make dS = P (dP - delta) cancel on the rounded O's delta, an error of
+    # the input scale that any flash attention has); a cap of 2 bends the scores at that size
+    pytest.param(1, 2, 1, 17, 17, 256, True, None, 2.0, 1.0, torch.bfloat16, id="D256-cap2-bf16"),
+    pytest.param(1, 4, 2, 18, 18, 256, True, 7, 2.0, 1.0, torch.float16, id="D256-window7-cap2-fp16"),
+]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, T, S, D, causal, window, softcap, std, dtype", SOFTCAP_CASES)
+def test_attention_softcap_and_head_256_match_reference(B, Hq, Hkv, T, S, D, causal, window, softcap, std, dtype):
+    torch.manual_seed(0)
+    q, k, v = std * _randn(B, Hq, T, D), std * _randn(B, Hkv, S, D), _randn(B, Hkv, S, D)
+    scale = 256 ** -0.5  # Gemma's query_pre_attn_scalar**-0.5
+    _run_and_compare(
+        lambda q, k, v: attention(q, k, v, causal=causal, scale=scale, sliding_window=window, softcap=softcap),
+        lambda q, k, v: attention_reference(q, k, v, causal, scale, window, softcap),
+        q, k, v, dtype, SOFTCAP_FP32_TOL if dtype == torch.float32 and softcap is not None else None,
+    )
+
+
+def test_attention_varlen_softcap_head_256():
+    torch.manual_seed(0)
+    lengths = [3, 17, 1, 9]
+    cu_seqlens, n = _cu_seqlens(lengths), sum(lengths)
+    q, k, v = 8 * _randn(n, 4, 256), 8 * _randn(n, 2, 256), _randn(n, 2, 256)
+    _run_and_compare(
+        lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, max(lengths), scale=1 / 16, sliding_window=5,
+                                         softcap=50.0),
+        lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, True, 1 / 16, 5, 50.0),
+        q, k, v, torch.float32, SOFTCAP_FP32_TOL,
+    )
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+def test_softcap_changes_the_result_and_is_checked(engine):
+    """The cap matters at these inputs (so the comparisons above can fail), and a bad cap is refused."""
+    torch.manual_seed(1)
+    q, k, v = 9 * torch.randn(1, 2, 11, 64), 9 * torch.randn(1, 1, 11, 64), torch.randn(1, 1, 11, 64)
+    with use_engine(engine):
+        capped = attention(q, k, v, scale=0.125, softcap=20.0)
+        plain = attention(q, k, v, scale=0.125)
+        assert (capped - plain).abs().max() > 0.1
+        assert_close(capped, attention_reference(q.double(), k.double(), v.double(), True, 0.125, None, 20.0).float(),
+                     name="capped", **TOLERANCES[torch.float32])
+        for bad in (0.0, -1.0, float("inf"), True):
+            with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+                attention(q, k, v, softcap=bad)
 
 
 def test_attention_small_blocks_multi_block_masking(monkeypatch):
@@ -206,6 +267,19 @@ def test_attention_with_gpu_tiles(monkeypatch, arch, B, Hq, Hkv, T, S, D, causal
         lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window),
         lambda q, k, v: attention_reference(q, k, v, causal, 1.0 / math.sqrt(D), window),
         q, k, v, dtype,
+    )
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_attention_head_256_softcap_with_gpu_tiles(monkeypatch, arch):
+    """Gemma's D=256 tiles (sm_90: 128x32 forward, 16x32 dK/dV, 128x16 dQ) over several blocks, soft-capped, GQA."""
+    _force_gpu_tiles(monkeypatch, arch)
+    torch.manual_seed(0)
+    q, k, v = _randn(1, 2, 45, 256), _randn(1, 1, 45, 256), _randn(1, 1, 45, 256)
+    _run_and_compare(
+        lambda q, k, v: attention(q, k, v, causal=True, scale=1 / 16, softcap=2.0, sliding_window=20),
+        lambda q, k, v: attention_reference(q, k, v, True, 1 / 16, 20, 2.0),
+        q, k, v, torch.float16,
     )
 
 

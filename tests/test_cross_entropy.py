@@ -210,3 +210,44 @@ def test_masked_vocabulary_chunks_fold_like_one_pass():
         assert_close(got[finite], ref[finite], **LOSS_TOL, name=f"lse ({name})")
     assert not loss.isnan().any() and torch.equal(loss.isinf(), whole_loss.isinf())
     assert_close(loss[loss.isfinite()], whole_loss[loss.isfinite()], **LOSS_TOL, name="chunked loss")
+
+
+# ---- Gemma 2's soft-capped logits: the loss of c * tanh(x / c) ---------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_matches_float64_reference(engine, dtype):
+    """Logits of +-60 around c = 30: the cap bends them and flattens the largest (whose gradient the slope
+    1 - tanh^2 nearly cancels). Tolerances as above: tanh costs the fp32 math a few more ulp of c (~1e-5)."""
+    n, vocab = 9, 5003
+    logits = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(11)) * 20).to(dtype)
+    labels = _labels(n, vocab, seed=12)
+    labels[1] = int(logits[1].float().argmax())  # a label on a capped logit
+    x, loss = _run(engine, logits, labels, reduction="none", softcap=30.0)
+    grad_output = torch.rand(n, generator=torch.Generator().manual_seed(13)) + 0.5
+    loss.backward(grad_output)
+    ref_loss, ref_grad = cross_entropy_reference(logits, labels, "none", grad_output, softcap=30.0)
+    assert_close(loss, ref_loss, atol=1e-5, rtol=4e-6, name="loss")
+    rtol, atol = GRAD_TOL[dtype]
+    assert_close(x.grad, ref_grad, atol=atol, rtol=rtol, name="dlogits")
+    # and the cap matters here: the uncapped loss is far off
+    assert (cross_entropy_reference(logits, labels, "none", grad_output)[0] - ref_loss).abs().max() > 1.0
+
+
+def test_softcap_at_gemma_vocabulary_width():
+    """Gemma 3's 262,208-wide rows (64 blocks of 4096 and a partial one) on 3 tokens, capped at 30: the online
+    log-sum-exp and the per-column slope over the whole width."""
+    n, vocab = 3, 262208
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(14)) * 15
+    labels = torch.tensor([vocab - 1, -100, 131071])
+    x, loss = _run("triton", logits, labels, reduction="sum", softcap=30.0)
+    loss.backward()
+    ref_loss, ref_grad = cross_entropy_reference(logits, labels, "sum", torch.tensor(1.0), softcap=30.0)
+    assert_close(loss, ref_loss, atol=1e-5, rtol=4e-6, name="loss")
+    assert_close(x.grad, ref_grad, atol=0.0, rtol=GRAD_TOL[torch.float32][0], name="dlogits")
+
+
+def test_bad_softcap_is_refused():
+    logits, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    for bad in (0.0, -30.0, float("nan"), float("inf"), True, "30"):
+        with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+            cross_entropy(logits, labels, softcap=bad)

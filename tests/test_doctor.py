@@ -71,10 +71,10 @@ def test_a_broken_kernel_fails_and_the_last_lines_name_its_switch(tmp_path, monk
     both FAIL with their reasons, the doctor goes on, exits 1 and ends with the switches that route the two around."""
     real_rms_norm = numerics.rms_norm
 
-    def ten_percent_off(x, w, eps):
-        return real_rms_norm(x, w, eps) * 1.1
+    def ten_percent_off(x, w, eps, **flags):  # (flags: Gemma's unit_offset)
+        return real_rms_norm(x, w, eps, **flags) * 1.1
 
-    def compile_error(gate, up):
+    def compile_error(gate, up, activation="silu"):
         raise RuntimeError("triton compilation failed: out of resources: shared memory")
 
     monkeypatch.setattr(numerics, "rms_norm", ten_percent_off)

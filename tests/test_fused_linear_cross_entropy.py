@@ -60,6 +60,29 @@ def test_matches_float64_reference(engine, dtype, reduction):
     assert (h.grad[labels == -100] == 0).all()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_matches_float64_reference(engine, dtype, reduction):
+    """Gemma 2's soft-capped logits, ``30 * tanh(z / 30)``, with logits of size ~20 (the cap bends them): the loss and
+    both gradients through the cap's slope, on the precomputed-gradient path (mean) and the recompute path (none).
+    Tolerances as above: the fp32 tanh adds a few ulp of c to the logits (~1e-5 of the loss)."""
+    hidden, weight, labels = _inputs(dtype, seed=5)
+    hidden = (hidden.float() * 8).to(dtype)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with use_engine(engine):
+        loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=16, softcap=30.0)
+    grad_output = torch.rand(loss.shape, generator=torch.Generator().manual_seed(6)) + 0.5
+    loss.backward(grad_output)
+    ref_loss, ref_dh, ref_dw = linear_cross_entropy_reference(hidden, weight, labels, reduction, grad_output,
+                                                              softcap=30.0)
+    assert_close(loss, ref_loss, atol=2e-5, rtol=2e-6, name="loss")
+    _check_grad(h.grad, ref_dh, dtype, "dhidden")
+    _check_grad(w.grad, ref_dw, dtype, "dweight")
+    uncapped = linear_cross_entropy_reference(hidden, weight, labels, reduction, grad_output)[0]
+    assert (uncapped - ref_loss).abs().max() > 0.1  # the cap matters at these logits
+
+
 def test_fp16_and_default_chunk_size():
     hidden, weight, labels = _inputs(torch.float16, seed=2)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

@@ -10,6 +10,7 @@ import logging
 import signal
 import subprocess
 import sys
+import warnings
 
 import gguf
 import numpy as np
@@ -22,6 +23,7 @@ from tiny_models import randomize_lora, save_tiny_model
 from tiny_tokenizer import (
     CORPUS,
     tiny_bpe_tokenizer,
+    tiny_gemma_tokenizer,
     tiny_phi3_tokenizer,
     tiny_sentencepiece_tokenizer,
     tiny_tokenizer,
@@ -36,6 +38,13 @@ from fastft.saving import check_gguf_destination, iter_merged_tensors, save_gguf
 SHAPE = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64, intermediate_size=192,
              vocab_size=416)
 QWEN3_SHAPE = dict(SHAPE, hidden_size=256, head_dim=128)
+# Gemma as llama.cpp (and transformers' GGUF reader, which reads neither) assume it: head size 256 =
+# query_pre_attn_scalar, Gemma 2's caps 50 and 30, Gemma 3's five local layers to one global (local RoPE base 10k)
+GEMMA_SHAPE = dict(SHAPE, head_dim=256, query_pre_attn_scalar=256)
+GEMMA2_SHAPE = dict(GEMMA_SHAPE, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+GEMMA3_SHAPE = dict(GEMMA_SHAPE, num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
 Q = gguf.GGMLQuantizationType
 CHAT = [{"role": "user", "content": "What is 2+2? It's 4, isn't it?"}, {"role": "assistant", "content": "Yes: 4."}]
 
@@ -366,11 +375,55 @@ def test_the_partial_file_of_a_killed_export_is_removed_by_the_next_one(llama, t
         in caplog.text
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_round_trip_matches_the_merged_model(arch, tmp_path_factory, tmp_path):
+    """llama.cpp's gemma2 / gemma3: norms stored as 1 + w, soft-caps and window as metadata, a Gemma (SentencePiece,
+    no space prefix) tokenizer; transformers' GGUF reader (which subtracts the 1 again) computes the merged model's
+    logits and tokenizes as the original."""
+    model, tokenizer = tiny(tmp_path_factory, arch, tiny_gemma_tokenizer(),
+                            **(GEMMA2_SHAPE if arch == "gemma2" else GEMMA3_SHAPE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a config llama.cpp runs as transformers does: no warning
+        save_gguf(model, tmp_path / "model.gguf", tokenizer, "f32")
+
+    theirs, their_tokenizer = load_gguf(tmp_path / "model.gguf")
+    expected = logits(merged_reference(model), tokenizer)
+    assert_close(logits(theirs, tokenizer), expected, atol=1e-5 * expected.abs().max().item(), rtol=0, name=arch)
+    assert_same_tokenizer(their_tokenizer, tokenizer)
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    fields, config = reader.fields, model.get_base_model().config
+    assert fields["general.architecture"].contents() == arch
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert not fields["tokenizer.ggml.add_space_prefix"].contents()
+    assert fields[f"{arch}.attention.sliding_window"].contents() == config.sliding_window
+    if arch == "gemma2":
+        assert fields["gemma2.attn_logit_softcapping"].contents() == 50.0
+        assert fields["gemma2.final_logit_softcapping"].contents() == 30.0
+    else:
+        assert fields["gemma3.rope.freq_base"].contents() == 1000000.0  # the global layers'
+    merged = dict(iter_merged_tensors(model, torch.float32))
+    stored = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    for hf_name, gguf_name in (("model.layers.0.pre_feedforward_layernorm.weight", "blk.0.ffn_norm.weight"),
+                               ("model.norm.weight", "output_norm.weight")):
+        assert torch.equal(stored[gguf_name], merged[hf_name] + 1), gguf_name  # llama.cpp multiplies by the weight
+
+
+def test_gemma_config_llama_cpp_would_run_differently_warns(tmp_path_factory, tmp_path):
+    """llama.cpp fixes the attention scale and the local/global pattern by architecture: a config that differs is
+    exported (the file is what it is) with a warning naming each difference."""
+    model, tokenizer = tiny(tmp_path_factory, "gemma3", tiny_gemma_tokenizer(), **dict(GEMMA_SHAPE,
+                            query_pre_attn_scalar=144, layer_types=["sliding_attention", "full_attention"]))
+    with pytest.warns(UserWarning, match=r"query_pre_attn_scalar=144 \(llama.cpp: 256\).*llama.cpp's outputs"):
+        save_gguf(model, tmp_path / "model.gguf", tokenizer, "f16")
+    with pytest.warns(UserWarning, match=r"local/global layers \['sliding_attention', 'full_attention'\]"):
+        save_gguf(model, tmp_path / "model.gguf", tokenizer, "f16", overwrite=True)
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     config = transformers.GemmaConfig(vocab_size=416, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    with pytest.raises(ValueError, match="exports llama, mistral, qwen2, qwen3, phi3, qwen3_moe, qwen2_moe, mixtral "
-                                         "models; this one is 'gemma'"):
+    with pytest.raises(ValueError, match="exports llama, mistral, qwen2, qwen3, phi3, qwen3_moe, qwen2_moe, mixtral, "
+                                         "gemma2, gemma3_text models; this one is 'gemma'"):
         save_gguf(transformers.GemmaForCausalLM(config), tmp_path / "model.gguf", tiny_bpe_tokenizer())
     assert not any(tmp_path.iterdir())
 

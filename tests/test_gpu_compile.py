@@ -139,7 +139,8 @@ def test_attention_tile_table_entries_per_architecture():
     for capability, row in ((70, 80), (75, 80), (80, 80), (86, 80), (89, 80), (90, 90), (100, 80), (120, 80)):
         for kernel in ("fwd", "dkdv", "dq"):
             # head dims run in power-of-two tiles; those up to 64 share the 64 column
-            for head_dim, block_d, column in ((16, 16, 64), (64, 64, 64), (80, 128, 128), (128, 128, 128)):
+            for head_dim, block_d, column in ((16, 16, 64), (64, 64, 64), (80, 128, 128), (128, 128, 128),
+                                              (256, 256, 256)):
                 for dtype in (torch.float16, torch.bfloat16):
                     cfg = _tile_config(capability, head_dim, kernel, dtype)
                     assert cfg["BLOCK_D"] == block_d
@@ -149,9 +150,10 @@ def test_attention_tile_table_entries_per_architecture():
     assert _tile_config(90, 128, "dq", torch.bfloat16)["BLOCK_M"] == 128
     assert _tile_config(80, 128, "dq", torch.bfloat16)["BLOCK_M"] == 64
     assert _tile_config(90, 128, "dkdv", torch.float16)["BLOCK_N"] == 128
-    # fp32 inputs (CUDA-core products) take 32 x 32 tiles on every architecture
+    # fp32 inputs (CUDA-core products) take 32 x 32 tiles on every architecture; one stage at D=256 (shared memory)
     for capability in (80, 90):
         assert {_tile_config(capability, 64, k, torch.float32)["BLOCK_M"] for k in ("fwd", "dkdv", "dq")} == {32}
+        assert _tile_config(capability, 256, "fwd", torch.float32)["num_stages"] == 1
 
 
 def test_a_kernel_that_does_not_fit_fails_the_check():
@@ -164,3 +166,29 @@ def test_refuses_to_run_under_the_interpreter():
     result = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, cwd="/",
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 2 and "run without TRITON_INTERPRET=1" in result.stderr
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_attention_head_256_compiles_spill_free_with_its_tiles(arch):
+    """Gemma's head size 256 (Gemma 2 2B/9B, Gemma 3 1B-12B), with and without the soft-capped scores of Gemma 2:
+    each kernel compiles with its architecture's D=256 entry of the tile table, within shared memory (the sm_80 row
+    also serves sm_86/89's 99 KiB: test_every_kernel_compiles_and_fits), with no register spills, on tensor cores."""
+    import torch
+
+    from fastft.kernels.attention import _tile_config
+
+    result = compile_check("--arch", str(arch), "--models", "gemma2-9b", "--dtypes", "bfloat16", "--ops", "attention",
+                           "--verbose")
+    assert result.returncode == 0 and "\n0 failure(s)" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]
+    for kernel, name in ATTENTION_KERNELS.items():
+        variants = verbose_variants(result.stdout, name)
+        # causal, sliding window, varlen, and the soft-capped causal and varlen + window
+        assert len(variants) == 5 and {v["constexprs"]["SOFTCAP"] for v in variants} == {"True", "False"}, name
+        entry = _tile_config(arch, 256, kernel, torch.bfloat16)
+        for variant in variants:
+            assert variant["constexprs"]["HEAD_DIM"] == "256"
+            compiled = dict(BLOCK_M=int(variant["constexprs"]["BLOCK_M"]), num_warps=variant["warps"],
+                            BLOCK_N=int(variant["constexprs"]["BLOCK_N"]), num_stages=variant["stages"])
+            assert compiled == {key: entry[key] for key in compiled}, (name, compiled, entry)
+            assert variant["spill_stores"] == variant["spill_loads"] == 0, (name, variant)
+            assert variant["mma"], (name, variant)  # tensor cores (mma.sync on sm_80, wgmma or mma.sync on sm_90)

@@ -184,6 +184,7 @@ ENTROPY_TOL = dict(atol=4e-5, rtol=2e-6)
 STATS_TOL = {"log_sum_sq_probs": dict(atol=3e-5, rtol=2e-6), "mean_logits": dict(atol=1e-7, rtol=1e-6)}
 SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL's SFTTrainer asks for
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")  # DPOTrainer, use_weighting
+SOFTCAP = 4.0  # logits here are ~3 (times LOGIT_SCALE): a cap of 4 bends them; Gemma 2 uses 30 on larger logits
 
 
 def _inputs_with_top1(dtype, seed, n=N):
@@ -196,10 +197,11 @@ def _inputs_with_top1(dtype, seed, n=N):
     return hidden, weight, bias, labels
 
 
-def _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent):
-    """float64 autograd: the five outputs, and the gradients of (lp * grad_lp).sum() + (H * grad_ent).sum()."""
+def _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent, softcap=None):
+    """float64 autograd: the five outputs, and the gradients of (lp * grad_lp).sum() + (H * grad_ent).sum(). With a
+    soft-cap, TRL's order: ``c * tanh(x * logit_scale / c) / temperature``."""
     return linear_log_probs_reference(hidden, weight, bias, labels, grad_lp, grad_ent, temperature=TEMPERATURE,
-                                      logit_scale=LOGIT_SCALE)
+                                      logit_scale=LOGIT_SCALE, softcap=softcap)
 
 
 def _check_outputs(results, expected, labels, name=""):
@@ -214,35 +216,44 @@ def _check_outputs(results, expected, labels, name=""):
         assert value.dtype == torch.float32 and (value[ignored] == 0).all()
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_all_outputs_match_float64_reference(engine, dtype):
+def test_all_outputs_match_float64_reference(engine, dtype, softcap):
+    """Every output and every gradient (trainable head, log-probs and entropy both in the loss); with a soft-cap
+    (Gemma 2's, TRL's order: ``c * tanh(x * logit_scale / c) / temperature``; here logits of ~3 times LOGIT_SCALE, so a
+    cap of 4 bends them) to the same tolerances."""
     hidden, weight, bias, labels = _inputs_with_top1(dtype, seed=10)
     gen = torch.Generator().manual_seed(11)
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         results = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
-                                   outputs=OUTPUTS, **CHUNKS)
+                                   softcap=softcap, outputs=OUTPUTS, **CHUNKS)
     assert isinstance(results, tuple) and len(results) == 5
     lp, ent, lss, mean, top1 = results
     assert lp.requires_grad and ent.requires_grad
     assert not (lss.requires_grad or mean.requires_grad or top1.requires_grad)  # TRL: mark_non_differentiable
     ((lp * grad_lp).sum() + (ent * grad_ent).sum()).backward()
 
-    expected, (ref_dh, ref_dw, ref_db) = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent)
+    expected, (ref_dh, ref_dw, ref_db) = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent, softcap)
     assert expected[4][[2, 3, 4]].all() and expected[4].sum() == 3  # the test data has top-1 rows
     _check_outputs(results, expected, labels)
     _check_grad(h.grad, ref_dh, dtype, "dhidden")
     _check_grad(w.grad, ref_dw, dtype, "dweight")
     _check_grad(b.grad, ref_db, dtype, "dbias")
+    if softcap is not None:  # the cap matters at these logits
+        uncapped, _ = _reference_all(hidden, weight, bias, labels, grad_lp, grad_ent)
+        assert (uncapped[0] - expected[0]).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_all_outputs_match_trl_chunked_logprob_fp32(engine):
+def test_all_outputs_match_trl_chunked_logprob_fp32(engine, softcap):
     # TRL's op on the same inputs (its CPU path folds whole tiles in torch), every output and every gradient,
     # with a loss that uses both log-probs and entropy (TRL's entropy is differentiable). TRL takes no
-    # ignore_index: feed it clamped labels and mask afterwards, as its add_fused_lm_head does.
+    # ignore_index: feed it clamped labels and mask afterwards, as its add_fused_lm_head does. With a soft-cap:
+    # TRL's final_logit_softcapping (Gemma 2), the call fastft's dispatcher serves.
     hidden, weight, bias, labels = _inputs_with_top1(torch.float32, seed=12)
     gen = torch.Generator().manual_seed(13)
     grad_lp, grad_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
@@ -251,11 +262,12 @@ def test_all_outputs_match_trl_chunked_logprob_fp32(engine):
     h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with use_engine(engine):
         ours = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE,
-                                outputs=OUTPUTS, token_chunk_size=16, vocab_chunk_size=5000)
+                                softcap=softcap, outputs=OUTPUTS, token_chunk_size=16, vocab_chunk_size=5000)
     ((ours[0] * grad_lp).sum() + (ours[1] * grad_ent).sum()).backward()
 
     th, tw, tb = leaf(hidden), leaf(weight), leaf(bias)
-    trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, None, LOGIT_SCALE, OUTPUTS)
+    trl = ChunkedLogProbFunction.apply(th, tw, tb, labels.clamp(min=0), TEMPERATURE, 8192, softcap, LOGIT_SCALE,
+                                       OUTPUTS)
     trl = [x.masked_fill(~valid, 0) for x in trl]
     ((trl[0] * grad_lp).sum() + (trl[1] * grad_ent).sum()).backward()
 
@@ -555,3 +567,33 @@ def test_recompute_after_autocast_uses_the_forwards_dtype():
         grads.append((h.grad, w.grad, b.grad))
     for inside, outside, name in zip(*grads, ("dhidden", "dweight", "dbias")):
         assert torch.equal(inside, outside), f"{name}: max diff {(inside - outside).abs().max().item():.3e}"
+
+
+# ---- Gemma 2's soft-capped logits (TRL's final_logit_softcapping; every output with the cap against float64 and
+# TRL's kernel: the "softcap" cases of the two test_all_outputs_* tests above) ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_frozen_head_saves_the_gradient(dtype):
+    """QLoRA on Gemma 2: frozen head, soft-capped logits. The forward's saved direction carries every column's slope
+    (and the label's), so the backward still runs no GEMM and matches float64."""
+    hidden, weight, bias, labels = _inputs(dtype, seed=44)
+    hidden[2:5] *= 5  # confident rows, where the label's own term matters
+    labels[2:5] = (hidden[2:5].double() @ weight.double().T + bias.double()).argmax(-1)
+    h, w, b = leaf(hidden), leaf(weight, False), leaf(bias, False)
+    lp = linear_log_probs(h, w, labels, bias=b, temperature=TEMPERATURE, logit_scale=LOGIT_SCALE, softcap=SOFTCAP,
+                          **CHUNKS)
+    grad_output = torch.randn(N, generator=torch.Generator().manual_seed(45))
+    with MatmulCounter() as gemms:
+        lp.backward(grad_output)
+    assert gemms.calls == 0
+    expected, (ref_dh, _, _) = _reference_all(hidden, weight, bias, labels, grad_output, torch.zeros(N), SOFTCAP)
+    assert_close(lp, expected[0], **LOGP_TOL, name="log_probs")
+    rtol, atol_rel = FROZEN_GRAD_TOL[dtype]
+    assert_close(h.grad, ref_dh, atol=atol_rel * ref_dh.abs().max().item(), rtol=rtol, name="dhidden")
+
+
+def test_bad_softcap_is_refused():
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=46, n=3)
+    with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+        linear_log_probs(hidden, weight, labels, softcap=-1.0)

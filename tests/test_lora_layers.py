@@ -398,6 +398,22 @@ def test_lora_mlp_matches_peft(dtype):
              ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"])
 
 
+@pytest.mark.parametrize("chunk_tokens", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_mlp_geglu_matches_peft(dtype, chunk_tokens):
+    """Gemma's MLP: ``down(gelu_tanh(gate(x)) * up(x))`` (transformers' gelu_pytorch_tanh), whole and in token
+    chunks (g and u recomputed in the backward)."""
+    gate = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=6), lora_dtype=dtype, seed=7)
+    up = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=8), r=3, lora_dtype=dtype, seed=9)
+    down = _lora(_nf4_base(200, 72, compute_dtype=dtype, seed=10), r=5, alpha=5, lora_dtype=dtype, seed=11)
+    x = torch.randn(13, 72).to(dtype)
+    params = _trainable([gate, up, down])
+    _compare(lambda x: lora_mlp(x, lora_args_of(gate), lora_args_of(up), lora_args_of(down),
+                                chunk_tokens=chunk_tokens, activation="gelu_tanh"),
+             lambda x: down(F.gelu(gate(x), approximate="tanh") * up(x)), x, params, dtype,
+             ["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"])
+
+
 def test_lora_mlp_mixed_adapters_and_dense_weights():
     # down has no adapter, gate/up are frozen bf16 nn.Linear with fp32 LoRA: the unfused dtype paths
     dtype = torch.bfloat16
@@ -438,7 +454,9 @@ def _reference_projection(layer, leaves, multipliers=None):
             leaves[B], layer.scaling["default"], multipliers)
 
 
-def test_the_doctors_float64_lora_references_are_peft():
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])  # SwiGLU; Gemma's GeGLU (gelu_pytorch_tanh)
+def test_the_doctors_float64_lora_references_are_peft(activation):
+    act = F.silu if activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
     x = torch.randn(13, 72)
     gate = _lora(_nf4_base(72, 200, bias=True, seed=0), seed=1, lora_dropout=0.25)
     up = _lora(_nf4_base(72, 200, seed=2), r=3, seed=3)
@@ -447,11 +465,11 @@ def test_the_doctors_float64_lora_references_are_peft():
     gate.lora_dropout["default"] = FixedDropoutMask(mask)
     params = _trainable([gate, up, down])
     grads_out = [torch.randn(13, 72)]
-    expected = _run(lambda x: down(F.silu(gate(x)) * up(x)), x, params, grads_out)
+    expected = _run(lambda x: down(act(gate(x)) * up(x)), x, params, grads_out)
     leaves = {p: _float64(p) for p in params}
     x64 = x.double().requires_grad_()
     y = lora_mlp_reference(x64, _reference_projection(gate, leaves, mask.double()), _reference_projection(up, leaves),
-                           _reference_projection(down, leaves))
+                           _reference_projection(down, leaves), activation=activation)
     y.backward(grads_out[0].double())
     got = [y, x64.grad] + [leaves[p].grad for p in params]
     for name, a, e in zip(["y", "dx"] + [f"param {i}" for i in range(len(params))], got, expected):

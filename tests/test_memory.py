@@ -318,6 +318,20 @@ def test_phi4_preset_adapts_its_four_fused_layers():
     assert estimate.peak_gb > estimate.resident_gb
 
 
+def test_gemma2_9b_preset_adapts_seven_layers_at_head_size_256():
+    """fastft-memory's gemma-2-9b: adapters on the seven linear layers with q/k/v sized by the head size 256 (not
+    hidden / heads = 224), bf16, r=16; the dequantization buffer sized for the largest weight, [I, H]; the tied
+    256k-entry embedding counted once among the 16-bit tensors."""
+    estimate = estimate_memory("google/gemma-2-9b", 2048, r=16)
+    L, H, inter, q, kv, vocab = 42, 3584, 14336, 16 * 256, 8 * 256, 256000
+    shapes = [(q, H), (kv, H), (kv, H), (H, q), (inter, H), (inter, H), (H, inter)]
+    assert estimate.resident["lora_weights"] * GIB == L * sum(16 * (o + i) * 2 for o, i in shapes)
+    assert estimate.resident["workspaces"] * GIB == inter * H * 2
+    sixteen_bit = estimate.resident["weights_16bit"] * GIB
+    assert vocab * H * 2 <= sixteen_bit < 2 * vocab * H * 2  # one embedding, tied to the head
+    assert estimate.peak_gb > estimate.resident_gb
+
+
 # ---------------------------------------------------------------------------------------------
 # The user-facing answers
 

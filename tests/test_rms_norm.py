@@ -2,6 +2,7 @@
 import pytest
 import torch
 from kernel_testing import BF16, ENGINES, EPS, F16, F32, assert_close
+from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from fastft.doctor.references import rms_norm_reference
@@ -84,6 +85,65 @@ def test_matches_llama_rmsnorm_module(x_dtype, w_dtype, engine):
         # large fraction of the elements would differ; a few rare flips are allowed.
         same = (y == expected).double().mean().item()
         assert same > 0.99, f"only {same:.2%} of elements equal LlamaRMSNorm's"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(F32, F32), (BF16, F32), (BF16, BF16), (F16, F16)])
+@pytest.mark.parametrize("shape", [(5, 123), (2, 3, 576)])
+def test_unit_offset_matches_float64(shape, x_dtype, w_dtype, engine):
+    """Gemma's (1 + w) norm: y in x's dtype, rounded once (from fp32); dweight from the unrounded xhat."""
+    x, w = _inputs(shape, x_dtype, w_dtype, seed=11)
+    with torch.no_grad():
+        w.sub_(1)  # Gemma stores w - 1: weights around 0
+    eps = 1e-6
+    with use_engine(engine):
+        y = rms_norm(x, w, eps, unit_offset=True)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(12)).to(y.dtype)
+        y.backward(dy)
+    y_ref, dx_ref, dw_ref, xhat = rms_norm_reference(x, w, dy, eps, unit_offset=True)
+    assert y.dtype == x_dtype
+    # one rounding to x.dtype (the interpreter truncates: 1 ulp); fp32: the fp32 sum of H squares (~1e-6)
+    assert_close(y, y_ref, atol=1e-6, rtol=max(EPS[x_dtype], 1e-5), name="y")
+    # dx: fp32 math, one rounding; atol for the fp32 cancellation in g - xhat * mean(g * xhat)
+    assert_close(x.grad, dx_ref, atol=1e-5 * dx_ref.abs().max().item(), rtol=max(EPS[x_dtype], 1e-5), name="dx")
+    # dweight: an fp32 sum over the rows of exact-to-fp32 terms, which may cancel (bound: 1e-6 * sum |dy xhat|),
+    # then one rounding to w.dtype
+    bound = (dy.double() * xhat).reshape(-1, shape[-1]).abs().sum(0).max().item()
+    assert w.grad.dtype == w_dtype
+    assert_close(w.grad, dw_ref, atol=1e-6 * bound, rtol=EPS[w_dtype], name="dweight")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(BF16, BF16), (F16, F32), (F32, F32)])
+def test_unit_offset_matches_gemma_rmsnorm_module(x_dtype, w_dtype, engine):
+    """Against transformers' Gemma2RMSNorm (Gemma3's is the same code): the cast comes after the (1 + w) product.
+    Llama's order (cast, then multiply) would differ in about half the elements of a 16-bit output."""
+    x, w = _inputs((3, 7, 1000), x_dtype, w_dtype, seed=13)
+    module = Gemma2RMSNorm(1000, eps=1e-6).to(w_dtype)
+    with torch.no_grad():
+        module.weight.copy_(w - 1)
+    xm = x.detach().clone().requires_grad_()
+    expected = module(xm)
+    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(14)).to(expected.dtype)
+    expected.backward(dy)
+    w_kernel = module.weight.detach().clone().requires_grad_()
+    xk = x.detach().clone().requires_grad_()
+    with use_engine(engine):
+        y = rms_norm(xk, w_kernel, eps=module.eps, unit_offset=True)
+        y.backward(dy)
+    assert y.dtype == expected.dtype == x_dtype
+    # 16-bit: the same fp32 math rounded once (1 ulp covers a flip where the sum of squares rounds differently from
+    # PyTorch's); fp32: the sum of squares in another order moves rstd by ~1e-7 (1e-6 allowed)
+    ulp = EPS[x_dtype] if x_dtype != F32 else 1e-6
+    interpreted_bf16 = x_dtype == BF16 and INTERPRET and engine == "triton"  # truncating cast: 1 ulp, often
+    assert_close(y, expected, atol=0, rtol=ulp, name="y vs Gemma2RMSNorm")
+    if x_dtype != F32 and not interpreted_bf16:
+        same = (y == expected).double().mean().item()
+        assert same > 0.99, f"only {same:.2%} of elements equal Gemma2RMSNorm's"
+    # gradients: both fp32 math from the same dy, one rounding each
+    assert_close(xk.grad, xm.grad, atol=1e-5 * xm.grad.abs().max().item(), rtol=max(ulp, 1e-5), name="dx")
+    assert_close(w_kernel.grad, module.weight.grad, atol=1e-5 * module.weight.grad.abs().max().item(),
+                 rtol=max(EPS[w_dtype], 1e-5), name="dweight")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -174,3 +234,5 @@ def test_bad_inputs():
         rms_norm(x, w, eps=torch.tensor(1e-6))
     with pytest.raises(ValueError, match="x on cpu, weight on meta"):
         rms_norm(x, torch.ones(8, device="meta"))
+    with pytest.raises(TypeError, match="unit_offset must be a bool"):
+        rms_norm(x, w, unit_offset=1.0)

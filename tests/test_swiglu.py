@@ -1,4 +1,5 @@
-"""fastft.kernels.swiglu against float64 math."""
+"""fastft.kernels.swiglu (SwiGLU, and Gemma's GeGLU with activation="gelu_tanh") against float64 math."""
+
 import pytest
 import torch
 from kernel_testing import BF16, ENGINES, EPS, F16, F32, assert_close
@@ -7,17 +8,21 @@ from fastft.doctor.references import swiglu_reference
 from fastft.kernels import use_engine
 from fastft.kernels.swiglu import swiglu, swiglu_backward_into, swiglu_forward_into
 
+ACTIVATIONS = ("silu", "gelu_tanh")
 
-def _run_and_check(gate, up, engine, seed):
+
+def _run_and_check(gate, up, engine, seed, activation="silu"):
     with use_engine(engine):
-        out = swiglu(gate, up)
+        out = swiglu(gate, up, activation)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
     out.backward(grad_out)
-    ref, ref_dgate, ref_dup = swiglu_reference(gate, up, grad_out)
+    ref, ref_dgate, ref_dup = swiglu_reference(gate, up, grad_out, activation)
     assert out.dtype == gate.dtype and out.shape == gate.shape
     # Everything is computed in fp32 from the exact inputs and rounded once to the dtype: 1 ulp
     # relative covers round-to-nearest and the interpreter's truncating bf16 casts. fp32: a few ulps
-    # from sigmoid/exp; atol for values near the zeros of silu and silu' (gate = 0, gate ~ -1.28).
+    # from sigmoid/exp; atol for values near the zeros of silu and silu' (gate = 0, gate ~ -1.28; gelu's near
+    # 0 and -0.75), and for PyTorch's gelu(approximate="tanh") (the torch engine's forward), whose 1 + tanh(u)
+    # cancels in fp32 for negative gate: an absolute error of ~1e-7 |gate|.
     rtol = max(EPS[gate.dtype], 1e-5)
     scale = (gate.double().abs().max() * up.double().abs().max() * grad_out.double().abs().max()).item()
     assert_close(out, ref, atol=1e-6 * scale, rtol=rtol, name="out")
@@ -25,15 +30,40 @@ def _run_and_check(gate, up, engine, seed):
     assert_close(up.grad, ref_dup, atol=1e-6 * scale, rtol=rtol, name="d_up")
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("shape", [(5, 123), (3, 7, 1000), (1,)])
-def test_matches_float64(shape, dtype, engine):
+def test_matches_float64(shape, dtype, engine, activation):
     gen = torch.Generator().manual_seed(len(shape))
-    # spread of +-12 reaches sigmoid's flat tails and silu's minimum near -1.28
+    # spread of +-12 reaches sigmoid's flat tails and silu's minimum near -1.28 (gelu's near -0.75)
     gate = (4 * torch.randn(shape, generator=gen)).to(dtype).requires_grad_()
     up = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
-    _run_and_check(gate, up, engine, seed=3)
+    _run_and_check(gate, up, engine, seed=3, activation=activation)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gelu_tanh_matches_pytorch_gelu(engine, dtype):
+    """GeGLU's activation is transformers' ``gelu_pytorch_tanh``, i.e. ``F.gelu(x, approximate="tanh")``: forward
+    and gradient match it (to the rounding of one fp32 evaluation each; the exact erf gelu differs by up to 5e-4,
+    which these tolerances catch)."""
+    gen = torch.Generator().manual_seed(9)
+    gate = (3 * torch.randn(4, 517, generator=gen)).to(dtype).requires_grad_()
+    up = torch.ones(4, 517, dtype=dtype)
+    with use_engine(engine):
+        out = swiglu(gate, up, "gelu_tanh")
+    out.backward(torch.ones_like(out))
+    g = gate.detach().float().requires_grad_()
+    ref = torch.nn.functional.gelu(g, approximate="tanh")
+    ref.backward(torch.ones_like(ref))
+    # PyTorch's 1 + tanh(u) cancels for negative gate (its gradient flushes to 0 where the exact one is ~1e-6): atol
+    rtol, atol = max(EPS[dtype], 1e-5), 1e-5
+    assert_close(out, ref.to(dtype), atol=atol, rtol=rtol, name="gelu_tanh")
+    assert_close(gate.grad, g.grad.to(dtype), atol=atol, rtol=rtol, name="gelu_tanh'")
+    if dtype == F32:  # the comparison can fail: erf's gelu is outside it
+        with pytest.raises(AssertionError):
+            assert_close(out, torch.nn.functional.gelu(g.detach(), approximate="none"), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -68,30 +98,34 @@ def test_bad_inputs():
         swiglu(gate, 1.0)
     with pytest.raises(ValueError, match="gate on cpu, up on meta"):
         swiglu(gate, up.to("meta"))
+    with pytest.raises(ValueError, match=r"activation must be one of \('silu', 'gelu_tanh'\), got 'gelu'"):
+        swiglu(gate, up, "gelu")
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_backward_into_its_inputs_with_the_activation(engine, dtype):
+def test_backward_into_its_inputs_with_the_activation(engine, dtype, activation):
     """The fused MLP's one pass: reads g_out, gate, up; writes the activation over g_out, d_gate over gate and
     d_up over up (every output aliases an input)."""
     gen = torch.Generator().manual_seed(6)
     gate = (4 * torch.randn(7, 333, generator=gen)).to(dtype)
     up = torch.randn(7, 333, generator=gen).to(dtype)
     grad_out = torch.randn(7, 333, generator=gen).to(dtype)
-    ref_out, ref_dgate, ref_dup = swiglu_reference(gate, up, grad_out)
+    ref_out, ref_dgate, ref_dup = swiglu_reference(gate, up, grad_out, activation)
     scale = (gate.double().abs().max() * up.double().abs().max() * grad_out.double().abs().max()).item()
     with use_engine(engine):
-        swiglu_backward_into(grad_out, gate, up, gate, up, out=grad_out)
+        swiglu_backward_into(grad_out, gate, up, gate, up, out=grad_out, activation=activation)
     rtol = max(EPS[dtype], 1e-5)
     assert_close(grad_out, ref_out, atol=1e-6 * scale, rtol=rtol, name="out")
     assert_close(gate, ref_dgate, atol=1e-6 * scale, rtol=rtol, name="d_gate")
     assert_close(up, ref_dup, atol=1e-6 * scale, rtol=rtol, name="d_up")
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [F32, F16])
-def test_forward_into_a_callers_buffer(engine, dtype):
+def test_forward_into_a_callers_buffer(engine, dtype, activation):
     """The public forward launcher writes every element of the caller's buffer (poisoned with NaN first) and
     returns it."""
     gen = torch.Generator().manual_seed(7)
@@ -99,8 +133,8 @@ def test_forward_into_a_callers_buffer(engine, dtype):
     up = torch.randn(5, 1111, generator=gen).to(dtype)
     out = torch.full_like(gate, float("nan"))
     with use_engine(engine):
-        assert swiglu_forward_into(gate, up, out) is out
-    ref, _, _ = swiglu_reference(gate, up, torch.zeros_like(gate))
+        assert swiglu_forward_into(gate, up, out, activation) is out
+    ref, _, _ = swiglu_reference(gate, up, torch.zeros_like(gate), activation)
     scale = (gate.double().abs().max() * up.double().abs().max()).item()
     assert_close(out, ref, atol=1e-6 * scale, rtol=max(EPS[dtype], 1e-5), name="out")
 

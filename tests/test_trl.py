@@ -319,3 +319,30 @@ def test_sft_and_dpo_on_interpreted_triton_kernels(tmp_path, monkeypatch):
     for key in ("rewards/chosen", "rewards/rejected"):
         assert_curves_match(losses(ours, key), losses(ref, key), rtol=5e-3, atol=REWARD_ATOL)
     assert spy.calls > 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_sft_and_dpo_curves_match_baseline(arch, tmp_path, monkeypatch):
+    """Gemma 2 (soft-capped logits: TRL hands final_logit_softcapping to the fused lm-head path, which fastft now
+    serves) and Gemma 3 (text), SFT on chats and DPO with the `ref` adapter, against the baseline step by step.
+    fp32 compute (bf16=False; TRL's default is bf16 autocast even on the CPU, where bitsandbytes keeps the baseline's
+    4-bit matmuls in fp32 while fastft's fused projections give autocast's bf16, as on a GPU: Gemma 3's q/k norms
+    then see differently rounded inputs, and the curves drift apart by ~4e-3 by step 4)."""
+    path = save_tiny_model(arch, tmp_path / "m")
+    calls = []
+    real = fastft.trl_compat.linear_log_probs
+    monkeypatch.setattr(fastft.trl_compat, "linear_log_probs",
+                        lambda *args, **kwargs: calls.append(kwargs.get("softcap")) or real(*args, **kwargs))
+    baseline, model = models(path)
+    ref = train_sft(baseline, arithmetic_chats(48), tmp_path / "hf", max_steps=10, bf16=False)
+    ours = train_sft(model, arithmetic_chats(48), tmp_path / "fastft", max_steps=10, bf16=False)
+    assert_curves_match(losses(ours), losses(ref))
+    assert losses(ours)[-1] < losses(ours)[0] - 0.1, "training did not learn: the comparison proves little"
+    assert calls and set(calls) == {3.0 if arch == "gemma2" else None}  # the tiny Gemma 2's final cap
+
+    baseline, model = models(path)
+    ref = train_dpo(baseline, preference_pairs(24), tmp_path / "hf-dpo", max_steps=6, bf16=False)
+    ours = train_dpo(model, preference_pairs(24), tmp_path / "fastft-dpo", max_steps=6, bf16=False)
+    assert_curves_match(losses(ours), losses(ref), rtol=5e-3)
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert_curves_match(losses(ours, key), losses(ref, key), rtol=5e-3, atol=REWARD_ATOL)

@@ -51,6 +51,7 @@ def test_routing_by_compute_capability_and_head_size(monkeypatch):
     # sm_80+, a head size the kernel serves: fastft's kernel, nothing logged, xformers not asked
     assert route(monkeypatch, (8, 0)) == ("fastft", None, [])
     assert route(monkeypatch, (9, 0), head_dim=128) == ("fastft", None, [])
+    assert route(monkeypatch, (8, 6), head_dim=256) == ("fastft", None, [])  # Gemma's head size
 
     # V100 / T4: xformers when it can run, asked for this device, dtype and head size
     name, log_line, probed = route(monkeypatch, (7, 0))
@@ -60,8 +61,8 @@ def test_routing_by_compute_capability_and_head_size(monkeypatch):
     assert name == "fastft_xformers" and "(7, 5)" in log_line
 
     # a head size fastft's kernel cannot serve, on any GPU
-    name, log_line, _ = route(monkeypatch, (9, 0), head_dim=256)
-    assert name == "fastft_xformers" and "head_dim=256" in log_line
+    name, log_line, _ = route(monkeypatch, (9, 0), head_dim=160)
+    assert name == "fastft_xformers" and "head_dim=160" in log_line
 
     # xformers missing or unable: SDPA, and the log line says why not xformers
     name, log_line, _ = route(monkeypatch, (7, 0), xformers_reason="xformers is not installed (pip install ...)")

@@ -1,8 +1,9 @@
-"""Tiny random Llama / Qwen2 / Mistral / Qwen3 / Phi-3 checkpoints for model-level tests, and the Hugging Face + peft
-baseline.
+"""Tiny random Llama / Qwen2 / Mistral / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 checkpoints for model-level tests, and the
+Hugging Face + peft baseline.
 
 Shapes are chosen to be awkward (hidden 72, intermediate 136, GQA 4:2, vocab 211) but keep head_dim=64,
-a head size fastft's attention kernel serves, so the fastft path is exercised rather than SDPA.
+a head size fastft's attention kernel serves, so the fastft path is exercised rather than SDPA. The Gemma configs
+use multiples of 64 (bitsandbytes' CPU path) and Gemma 2 the head size 256 of Gemma 2 2B/9B and Gemma 3 1B-12B.
 """
 from __future__ import annotations
 
@@ -54,11 +55,33 @@ def tiny_config(arch: str, **overrides):
                                                 max_position_embeddings=64), original_max_position_embeddings=16,
                                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3,
                                          rope_parameters=dict(PHI3_LONGROPE))
+    elif arch in ("gemma2", "gemma3"):
+        config = gemma_config(arch)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+def gemma_config(arch: str):
+    """Gemma 2: head size 256, local (window 5) and global layers alternating, soft-capped scores and logits (caps
+    small enough to bend a tiny model's values), ``query_pre_attn_scalar`` unlike the head size. Gemma 3 (text): a
+    local layer (window 4, RoPE base 10k) and a global one (base 1M, linear scaling 2), q/k norms, head size 64.
+    Both: GeGLU, (1 + w) norms, four per layer, embeddings scaled by sqrt(hidden), tied head."""
+    common = dict(vocab_size=211, hidden_size=128, intermediate_size=192, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    if arch == "gemma2":
+        return transformers.Gemma2Config(**common, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         head_dim=256, query_pre_attn_scalar=144, sliding_window=5,
+                                         attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return transformers.Gemma3TextConfig(
+        **common, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+        query_pre_attn_scalar=48, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
 
 
 def save_tiny_model(arch: str, path, seed: int = 0, **overrides) -> str:

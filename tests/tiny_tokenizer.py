@@ -101,3 +101,29 @@ def tiny_phi3_tokenizer(vocab_size: int = 400):
         [normalizers.Prepend(prepend="\u2581"), normalizers.Replace(pattern=" ", content="\u2581")])
     fast.backend_tokenizer.pre_tokenizer = None
     return fast
+
+
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == "
+                  "'assistant' else message['role']) + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+def tiny_gemma_tokenizer(vocab_size: int = 400):
+    """A Gemma-style tokenizer (transformers' ``GemmaTokenizer``: SentencePiece BPE with byte fallback, no space
+    prefix, ``<pad> <eos> <bos> <unk>`` first, turn markers, Gemma's chat template), trained on CORPUS. Pieces come in
+    training order, the order Gemma's vocabulary has and transformers' GGUF reader rebuilds its merges from."""
+    from tokenizers import trainers
+    from transformers import GemmaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    trainer = Tokenizer(models.BPE())
+    trainer.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=vocab_size - len(specials) - 256,
+                                                                show_progress=False))
+    pieces = sorted(trainer.get_vocab(), key=trainer.get_vocab().get)
+    vocab = {token: i for i, token in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    merges = generate_merges(vocab, {token: -float(i) for token, i in vocab.items()})
+    fast = GemmaTokenizer(vocab=vocab, merges=merges, additional_special_tokens=specials[5:], add_bos_token=True)
+    fast.chat_template = GEMMA_TEMPLATE
+    return fast

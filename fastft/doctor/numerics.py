@@ -20,6 +20,7 @@ interpreted runs have errors well inside these tolerances, GPU runs closer to th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import traceback
@@ -216,22 +217,25 @@ class _Namespace(dict):
     __getattr__ = dict.__getitem__
 
 
-def _rms_norm_case(s: Sizes, rows: int, hidden: int, case: str) -> Case:
+def _rms_norm_case(s: Sizes, rows: int, hidden: int, case: str, unit_offset: bool = False) -> Case:
     def make(dtype, device):
         r = Inputs(device, 1)
         x = r.randn(rows, hidden, dtype=dtype, scale=3.0, grad=True)
-        w = (1 + r.randn(hidden, scale=0.5)).to(dtype).requires_grad_()
+        # Gemma (unit_offset) stores the weight as an offset from 1: values around 0
+        w = ((0 if unit_offset else 1) + r.randn(hidden, scale=0.5)).to(dtype).requires_grad_()
         return _Namespace(x=x, w=w, dy=r.randn(rows, hidden, dtype=dtype))
 
     def run(i):
-        return _backward({"y": rms_norm(i.x, i.w, 1e-5)}, {"y": i.dy}, {"x": i.x, "w": i.w})
+        y = rms_norm(i.x, i.w, 1e-5, unit_offset=True) if unit_offset else rms_norm(i.x, i.w, 1e-5)
+        return _backward({"y": y}, {"y": i.dy}, {"x": i.x, "w": i.w})
 
     def reference(i):
-        y, dx, dw, _ = ref.rms_norm_reference(i.x, i.w, i.dy, 1e-5)
+        y, dx, dw, _ = ref.rms_norm_reference(i.x, i.w, i.dy, 1e-5, unit_offset=unit_offset)
         return {"y": y, "dx": dx, "dw": dw}
 
-    # y: xhat rounded to the dtype, then the product (2); dx: one rounding after fp32 math; dw: rows of
-    # dy * rounded xhat summed in fp32, rounded (2). fp32: sums of squares over the hidden size, of dw over rows.
+    # y: xhat rounded to the dtype, then the product (2; Gemma's: the fp32 product rounded once, within it); dx:
+    # one rounding after fp32 math; dw: rows of dy * rounded xhat summed in fp32, rounded (2). fp32: sums of
+    # squares over the hidden size, of dw over rows.
     return Case("rms_norm", "rms_norm", case, f"x [{rows}, {hidden}]", make, run, reference,
                 {"y": (2, hidden), "dx": (2, hidden), "dw": (2, rows)})
 
@@ -267,23 +271,26 @@ def _rope_case(s: Sizes, packed: bool) -> Case:
                 make, run, reference, {name: (1, 2) for name in ("q_embed", "k_embed", "dq", "dk")})
 
 
-def _swiglu_case(rows: int, width: int, case: str) -> Case:
+def _swiglu_case(rows: int, width: int, case: str, activation: str = "silu") -> Case:
     def make(dtype, device):
         r = Inputs(device, 3)
-        # a spread of +-12 reaches sigmoid's flat tails and silu's minimum near -1.28
+        # a spread of +-12 reaches sigmoid's flat tails and silu's minimum near -1.28 (gelu_tanh's near -0.75)
         return _Namespace(gate=r.randn(rows, width, dtype=dtype, scale=4.0, grad=True),
                           up=r.randn(rows, width, dtype=dtype, grad=True), dy=r.randn(rows, width, dtype=dtype))
 
     def run(i):
-        return _backward({"y": swiglu(i.gate, i.up)}, {"y": i.dy}, {"gate": i.gate, "up": i.up})
+        y = swiglu(i.gate, i.up) if activation == "silu" else swiglu(i.gate, i.up, activation)
+        return _backward({"y": y}, {"y": i.dy}, {"gate": i.gate, "up": i.up})
 
     def reference(i):
-        y, dgate, dup = ref.swiglu_reference(i.gate, i.up, i.dy)
+        y, dgate, dup = ref.swiglu_reference(i.gate, i.up, i.dy, activation)
         return {"y": y, "dgate": dgate, "dup": dup}
 
-    # fp32 math (a few ulps of fp32 from exp and the division, 4 terms) rounded once to the dtype
+    # fp32 math rounded once to the dtype: a few ulps of fp32 from exp and the division (4 terms); gelu_tanh
+    # computes a cubic, its derivative and a sigmoid of it, about four times the fp32 operations (16)
+    terms = 4 if activation == "silu" else 16
     return Case("swiglu", "swiglu", case, f"gate, up [{rows}, {width}]", make, run, reference,
-                {name: (1, 4) for name in ("y", "dgate", "dup")})
+                {name: (1, terms) for name in ("y", "dgate", "dup")})
 
 
 def _cross_entropy_case(s: Sizes) -> Case:
@@ -506,12 +513,13 @@ def _lora_qkv_case(s: Sizes, dropout: float) -> Case:
                 tol, lc.checks)
 
 
-def _lora_mlp_case(s: Sizes, dropout: float) -> Case:
+def _lora_mlp_case(s: Sizes, dropout: float, activation: str = "silu") -> Case:
     shapes = {"gate": (s.intermediate, s.hidden), "up": (s.intermediate, s.hidden), "down": (s.hidden, s.intermediate)}
     lc = _LoraCase(s, shapes, dropout, 10)
+    gelu = {} if activation == "silu" else {"activation": activation}
 
     def run(i):
-        y = lc.run_seeded(lambda: lora_mlp(i.x, *(lc.args(i, n) for n in shapes)))
+        y = lc.run_seeded(lambda: lora_mlp(i.x, *(lc.args(i, n) for n in shapes), **gelu))
         return _backward({"y": y}, {"y": i.dys["down"]}, lc.leaves(i))
 
     def reference(i):
@@ -521,7 +529,7 @@ def _lora_mlp_case(s: Sizes, dropout: float) -> Case:
 
         def forward(x, **adapters):
             p = lc.reference_projections(i, {"x": x, **adapters}, masks)
-            return {"y": ref.lora_mlp_reference(x, p["gate"], p["up"], p["down"])}
+            return {"y": ref.lora_mlp_reference(x, p["gate"], p["up"], p["down"], activation)}
 
         return _reference_of(forward, lc.leaves(i), {"y": i.dys["down"]})
 
@@ -530,6 +538,8 @@ def _lora_mlp_case(s: Sizes, dropout: float) -> Case:
     tol = {name: (2 * r + 1, terms) for name, (r, terms) in _lora_tolerances(
         ["y"], shapes, dropout, max(s.hidden, s.intermediate), s.intermediate, s.tokens * s.batch).items()}
     case = f"NF4 + LoRA r={s.rank} on gate, up, down" + (f", dropout p={dropout}" if dropout else "")
+    if gelu:
+        case += ", GeGLU (gelu_tanh: Gemma)"
     return Case("lora_mlp", "lora_mlp", case, f"x [{s.batch}, {s.tokens}, {s.hidden}], intermediate {s.intermediate}",
                 lc.make, run, reference, tol, lc.checks)
 
@@ -572,7 +582,7 @@ def _attention_tolerances(keys: int, head_dim: int) -> dict:
     return {"out": (2, terms), "dq": (4, terms), "dk": (4, terms), "dv": (4, terms)}
 
 
-def _attention_case(s: Sizes, window: int | None) -> Case:
+def _attention_case(s: Sizes, window: int | None, softcap: float | None = None) -> Case:
     B, T, D = s.batch, s.tokens, s.head_dim
 
     def make(dtype, device):
@@ -583,16 +593,19 @@ def _attention_case(s: Sizes, window: int | None) -> Case:
                           dout=r.randn(B, s.q_heads, T, D, dtype=dtype))
 
     def run(i):
-        out = attention(i.q, i.k, i.v, causal=True, sliding_window=window)
+        capped = {} if softcap is None else {"softcap": softcap}
+        out = attention(i.q, i.k, i.v, causal=True, sliding_window=window, **capped)
         return _backward({"out": out}, {"out": i.dout}, {"q": i.q, "k": i.k, "v": i.v})
 
     def reference(i):
         def forward(q, k, v):
-            return {"out": ref.attention_reference(q, k, v, True, 1 / math.sqrt(D), window)}
+            return {"out": ref.attention_reference(q, k, v, True, 1 / math.sqrt(D), window, softcap)}
         return _reference_of(forward, {"q": i.q, "k": i.k, "v": i.v}, {"out": i.dout})
 
     group = f"GQA {s.q_heads}:{s.kv_heads}"
     case = f"causal, {group}" + (f", sliding window {window}" if window else "")
+    if softcap is not None:
+        case += f", scores soft-capped at {softcap} (Gemma 2)"
     return Case("attention", "attention", case, f"q [{B}, {s.q_heads}, {T}, {D}], k/v [{B}, {s.kv_heads}, {T}, {D}]",
                 make, run, reference, _attention_tolerances(T, D))
 
@@ -623,16 +636,30 @@ def _attention_varlen_case(s: Sizes) -> Case:
                 _attention_tolerances(max(lengths), D))
 
 
+# Gemma's attention on a GPU: head size 256 (its own tiles) with soft-capped scores. The cap is far below Gemma 2's
+# 50 because these scores are O(1): at 50 the cap would change nothing a wrong cap could show.
+GEMMA_ATTENTION = dict(tokens=13, batch=1, q_heads=2, kv_heads=1, head_dim=256)
+SCORE_SOFTCAP = 1.5
+
+
+def gemma_attention_sizes(s: Sizes) -> Sizes:
+    """A small attention shape with Gemma's head size 256 (the model's other sizes kept)."""
+    return dataclasses.replace(s, label=f"{s.label}, Gemma's head size 256", **GEMMA_ATTENTION)
+
+
 def build_cases(s: Sizes) -> list[Case]:
-    """Every public op of ``fastft.kernels`` on the model's shapes, plus awkward ones."""
+    """Every public op of ``fastft.kernels`` on the model's shapes, plus awkward ones, plus the variants Gemma
+    models run (small shapes: ``(1 + w)`` norm, GeGLU, soft-capped attention scores at head size 256)."""
     rows = s.batch * s.tokens
     return [
         _rms_norm_case(s, rows, s.hidden, "rows of the hidden size"),
         _rms_norm_case(s, 5, 123, "awkward: 5 rows of 123"),
+        _rms_norm_case(s, 5, 123, "Gemma's (1 + w) norm (unit_offset), 5 rows of 123", unit_offset=True),
         _rope_case(s, packed=False),
         _rope_case(s, packed=True),
         _swiglu_case(rows, s.intermediate, "rows of the intermediate size"),
         _swiglu_case(7, 333, "awkward: 7 rows of 333"),
+        _swiglu_case(7, 333, "GeGLU (gelu_tanh: Gemma), 7 rows of 333", activation="gelu_tanh"),
         _cross_entropy_case(s),
         _fused_linear_cross_entropy_case(s),
         _linear_log_probs_case(s, frozen_head=True),
@@ -645,10 +672,12 @@ def build_cases(s: Sizes) -> list[Case]:
         _lora_qkv_case(s, 0.1),
         _lora_mlp_case(s, 0.0),
         _lora_mlp_case(s, 0.1),
+        _lora_mlp_case(s, 0.0, activation="gelu_tanh"),
         _lora_mlp_gate_up_case(s, 0.0),
         _lora_mlp_gate_up_case(s, 0.1),
         _attention_case(s, None),
         _attention_case(s, s.window),
+        _attention_case(gemma_attention_sizes(s), None, softcap=SCORE_SOFTCAP),
         _attention_varlen_case(s),
     ]
 

@@ -29,11 +29,18 @@ def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
 # Elementwise and row-wise ops
 
 
-def rms_norm_reference(x, weight, dy, eps):
-    """RMSNorm ``y = w * x / sqrt(mean(x^2) + eps)`` without intermediate rounding; returns ``(y, dx, dw, xhat)``."""
+def soft_cap(x, softcap):
+    """Gemma 2's soft-capping ``c * tanh(x / c)`` of attention scores and final logits, as transformers writes it
+    (None: no cap)."""
+    return x if softcap is None else torch.tanh(x / softcap) * softcap
+
+
+def rms_norm_reference(x, weight, dy, eps, unit_offset=False):
+    """RMSNorm ``y = w * x / sqrt(mean(x^2) + eps)`` (Gemma's, ``unit_offset``: ``(1 + w) * ...``) without
+    intermediate rounding; returns ``(y, dx, dw, xhat)``."""
     x64, w64 = _leaf(x), _leaf(weight)
     xhat = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
-    y = w64 * xhat
+    y = (1 + w64 if unit_offset else w64) * xhat
     y.backward(dy.double())
     return y.detach(), x64.grad, w64.grad, xhat.detach()
 
@@ -69,10 +76,20 @@ def rope_tables(position_ids, head_dim, dtype, base=10000.0):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def swiglu_reference(gate, up, grad_out):
-    """``silu(gate) * up`` with silu written out; returns ``(out, d_gate, d_up)``."""
+def gated_activation(gate, activation="silu"):
+    """The MLP's gate activation written out: ``"silu"`` ``g / (1 + exp(-g))`` (SwiGLU), ``"gelu_tanh"``
+    ``0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))`` (GeGLU: transformers' ``gelu_pytorch_tanh``, Gemma)."""
+    if activation == "silu":
+        return gate / (1 + torch.exp(-gate))
+    if activation == "gelu_tanh":
+        return 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate ** 3)))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def swiglu_reference(gate, up, grad_out, activation="silu"):
+    """``act(gate) * up`` (:func:`gated_activation`); returns ``(out, d_gate, d_up)``."""
     g64, u64 = _leaf(gate), _leaf(up)
-    out = g64 / (1 + torch.exp(-g64)) * u64
+    out = gated_activation(g64, activation) * u64
     out.backward(grad_out.double())
     return out.detach(), g64.grad, u64.grad
 
@@ -81,31 +98,34 @@ def swiglu_reference(gate, up, grad_out):
 # Losses over the vocabulary
 
 
-def cross_entropy_reference(logits, labels, reduction, grad_output, ignore_index=-100):
-    """Cross-entropy of ``[N, V]`` logits, ``ignore_index`` labels ignored; with ``reduction="mean"`` and every label
-    ignored the loss is 0 (fastft's convention; PyTorch gives NaN). Returns ``(loss, dlogits)``."""
+def cross_entropy_reference(logits, labels, reduction, grad_output, ignore_index=-100, softcap=None):
+    """Cross-entropy of ``[N, V]`` logits (with ``softcap``: of :func:`soft_cap`'s ``c * tanh(logits / c)``, Gemma 2's
+    final logits), ``ignore_index`` labels ignored; with ``reduction="mean"`` and every label ignored the loss is 0
+    (fastft's convention; PyTorch gives NaN). Returns ``(loss, dlogits)``."""
     x = _leaf(logits)
     n_valid = int((labels != ignore_index).sum())
     if reduction == "mean" and n_valid == 0:
         loss = (x * 0).sum()
     else:
-        loss = F.cross_entropy(x, labels.long(), ignore_index=ignore_index, reduction=reduction)
+        loss = F.cross_entropy(soft_cap(x, softcap), labels.long(), ignore_index=ignore_index, reduction=reduction)
     loss.backward(grad_output.double())
     return loss.detach(), x.grad
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, reduction, grad_output):
-    """``cross_entropy(hidden @ weight.T, labels)`` (-100 ignored), the logits materialised in float64. Returns
-    ``(loss, dhidden, dweight)``."""
+def linear_cross_entropy_reference(hidden, weight, labels, reduction, grad_output, softcap=None):
+    """``cross_entropy(hidden @ weight.T, labels)`` (-100 ignored; with ``softcap``, of the capped logits), the
+    logits materialised in float64. Returns ``(loss, dhidden, dweight)``."""
     h, w = _leaf(hidden), _leaf(weight)
-    loss = F.cross_entropy(h @ w.T, labels, ignore_index=-100, reduction=reduction)
+    loss = F.cross_entropy(soft_cap(h @ w.T, softcap), labels, ignore_index=-100, reduction=reduction)
     loss.backward(grad_output.double())
     return loss.detach(), h.grad, w.grad
 
 
 def linear_log_probs_reference(hidden, weight, bias, labels, grad_log_probs, grad_entropy=None, *,
-                               temperature=1.0, logit_scale=1.0, ignore_index=-100):
-    """TRL's per-token statistics of ``z = (hidden @ weight.T + bias) * logit_scale / temperature``: the label's
+                               temperature=1.0, logit_scale=1.0, softcap=None, ignore_index=-100):
+    """TRL's per-token statistics of ``z = (hidden @ weight.T + bias) * logit_scale / temperature`` (with a
+    ``softcap`` c, TRL's order for Gemma 2: ``z = c * tanh((hidden @ weight.T + bias) * logit_scale / c) /
+    temperature``): the label's
     log-probability, the entropy, ``log sum p^2``, the mean logit and whether the label is the (first) argmax;
     ignored rows are 0 (False). Returns ``((log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1),
     (dhidden, dweight, dbias))`` for the loss ``sum(log_probs * grad_log_probs) + sum(entropy * grad_entropy)``
@@ -114,7 +134,10 @@ def linear_log_probs_reference(hidden, weight, bias, labels, grad_log_probs, gra
     z = h @ w.T
     if b is not None:
         z = z + b
-    z = z * logit_scale / temperature
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     valid = labels != ignore_index
     y = labels.clamp(min=0)
     log_p = torch.log_softmax(z, dim=-1)
@@ -167,18 +190,19 @@ def lora_projection_reference(x, weight, bias, A, B, scaling, multipliers=None):
     return y
 
 
-def lora_mlp_reference(x, gate, up, down):
-    """Llama's MLP with LoRA on float64 tensors: ``down(silu(gate(x)) * up(x))``, each projection a tuple of
-    :func:`lora_projection_reference`'s arguments after ``x``."""
+def lora_mlp_reference(x, gate, up, down, activation="silu"):
+    """Llama's MLP with LoRA on float64 tensors: ``down(silu(gate(x)) * up(x))`` (Gemma's GeGLU with
+    ``activation="gelu_tanh"``), each projection a tuple of :func:`lora_projection_reference`'s arguments after
+    ``x``."""
     g, u = lora_projection_reference(x, *gate), lora_projection_reference(x, *up)
-    return lora_projection_reference(g / (1 + torch.exp(-g)) * u, *down)
+    return lora_projection_reference(gated_activation(g, activation) * u, *down)
 
 
 def lora_mlp_gate_up_reference(x, gate_up, down):
     """Phi-3's MLP with LoRA on float64 tensors: ``[g | u] = gate_up(x)`` (the first half of the columns the gate),
     then ``down(silu(g) * u)``."""
     g, u = lora_projection_reference(x, *gate_up).chunk(2, dim=-1)
-    return lora_projection_reference(g / (1 + torch.exp(-g)) * u, *down)
+    return lora_projection_reference(gated_activation(g) * u, *down)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,17 +233,18 @@ def dense_mask(seqlen_q, seqlen_k, causal, window, device=None):
     return allowed
 
 
-def attention_reference(q, k, v, causal, scale, window):
-    """Attention on float64 q ``[B, Hq, T, D]``, k/v ``[B, Hkv, S, D]``: the full score matrix, an explicit mask and
-    softmax; grouped-query attention by repeating k/v (query head ``h`` reads kv head ``h // (Hq // Hkv)``)."""
+def attention_reference(q, k, v, causal, scale, window, softcap=None):
+    """Attention on float64 q ``[B, Hq, T, D]``, k/v ``[B, Hkv, S, D]``: the full score matrix (soft-capped after the
+    scale, with ``softcap``), an explicit mask and softmax; grouped-query attention by repeating k/v (query head
+    ``h`` reads kv head ``h // (Hq // Hkv)``)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = soft_cap((q @ k.transpose(-1, -2)) * scale, softcap)
     p = softmax_with_empty_rows(scores, dense_mask(q.shape[2], k.shape[2], causal, window, q.device))
     return p @ v
 
 
-def attention_varlen_reference(q, k, v, cu_seqlens, causal, scale, window):
+def attention_varlen_reference(q, k, v, cu_seqlens, causal, scale, window, softcap=None):
     """Attention over packed sequences on float64 q ``[N, Hq, D]``, k/v ``[N, Hkv, D]``: the whole pack with a
     block-diagonal mask from ``cu_seqlens`` (int32 boundaries), positions restarting in each sequence."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -234,5 +259,5 @@ def attention_varlen_reference(q, k, v, cu_seqlens, causal, scale, window):
     qh = q.transpose(0, 1)  # [Hq, N, D]
     kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
     vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
-    p = softmax_with_empty_rows((qh @ kh.transpose(-1, -2)) * scale, allowed)
+    p = softmax_with_empty_rows(soft_cap((qh @ kh.transpose(-1, -2)) * scale, softcap), allowed)
     return (p @ vh).transpose(0, 1)

@@ -36,13 +36,35 @@ KNOWN_MODELS = {
                            original_max_position_embeddings=16384, rms_norm_eps=1e-5, tie_word_embeddings=False,
                            sliding_window=None, bos_token_id=100257, eos_token_id=100265, pad_token_id=100349,
                            rope_parameters={"rope_type": "default", "rope_theta": 250000.0})),
+    # google/gemma-2-9b: head size 256, soft-capped attention (50) and logits (30), 4k sliding window on every other
+    # layer, tied 256k-entry head
+    "gemma-2-9b": ("gemma2", dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                  num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                  query_pre_attn_scalar=256, max_position_embeddings=8192, rms_norm_eps=1e-6,
+                                  sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                  hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                  pad_token_id=0, bos_token_id=2, eos_token_id=1,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # google/gemma-3-12b-it's language model (text_config): 5 of 6 layers local (1k window, RoPE base 10k), global
+    # layers RoPE base 1M with linear scaling 8, q/k norms, tied 262k-entry head
+    "gemma-3-12b": ("gemma3_text", dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360,
+                                        num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8,
+                                        head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131072,
+                                        rms_norm_eps=1e-6, sliding_window=1024, hidden_activation="gelu_pytorch_tanh",
+                                        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+                                        rope_parameters={
+                                            "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                               "rope_theta": 1000000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
 }
 ALIASES = {"meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
            "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
            "meta-llama/meta-llama-3.1-70b": "llama-3.1-70b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
            "qwen/qwen2-7b": "qwen2-7b",
            "qwen/qwen2-7b-instruct": "qwen2-7b", "qwen/qwen2.5-1.5b": "qwen2.5-1.5b",
-           "qwen/qwen2.5-1.5b-instruct": "qwen2.5-1.5b", "microsoft/phi-4": "phi-4"}
+           "qwen/qwen2.5-1.5b-instruct": "qwen2.5-1.5b", "microsoft/phi-4": "phi-4", "google/gemma-2-9b": "gemma-2-9b",
+           "google/gemma-2-9b-it": "gemma-2-9b", "google/gemma-3-12b-it": "gemma-3-12b",
+           "google/gemma-3-12b-pt": "gemma-3-12b"}
 
 
 class UnknownModelError(ValueError):

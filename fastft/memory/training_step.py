@@ -126,8 +126,11 @@ def build_model(config, setup: StepSetup, device: torch.device):
     refuse_moe(config, "fastft's memory accounting")
 
     config = copy.deepcopy(config)  # quantization records itself in the config
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=setup.dtype, attn_implementation="sdpa")
+    from ..architectures import spec_for
+
+    with torch.device(device):  # SDPA, or eager where the model's class refuses SDPA (Gemma 2)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=setup.dtype,
+                                                              attn_implementation=spec_for(config).load_attention)
     model.config.use_cache = False
     if setup.load_in_4bit:
         # FSDP shards floating-point parameters only: the codes stored in the compute dtype, as FastModel stores them
