@@ -45,17 +45,28 @@ def apply_checkpointing(model, layers: int, offload: bool = False) -> None:
         offload = False
     if layers == 0:
         model.__dict__.pop("gradient_checkpointing_enable", None)
-        model.activation_checkpointing_disable()
+        transformers_method(model, "disable")()
         return
+    # transformers' own "checkpoint every layer" (not the public method: the override below is reached through it)
+    enable_every_layer = (getattr(type(model), "_activation_checkpointing_enable", None)
+                          or type(model).gradient_checkpointing_enable)  # transformers < 5.23
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, **_):
-        self._activation_checkpointing_enable(gradient_checkpointing_kwargs, 1, offload=offload)
+        enable_every_layer(self, gradient_checkpointing_kwargs, 1, offload=offload)
         for index, layer in enumerate(decoder_layers):
             layer.gradient_checkpointing = index < layers
 
+    # the name trainers call (transformers >= 5.23 reach it through activation_checkpointing_enable)
     model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
-    model.activation_checkpointing_enable(offload=offload)  # reaches the method above
+    model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
+
+
+def transformers_method(model, action: str):
+    """``model``'s checkpointing ``action`` ("enable" or "disable") under its current name: transformers 5.23
+    renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*`` (the old names warn)."""
+    current = getattr(model, f"activation_checkpointing_{action}", None)
+    return current or getattr(model, f"gradient_checkpointing_{action}")
 
 
 def set_mlp_chunk_tokens(model, chunk_tokens: int | None) -> None:
