@@ -83,6 +83,7 @@ def converted(tmp_path_factory):
     return root, bundled.bundled_model_path(root)
 
 
+@pytest.mark.compat
 def test_real_conversion_is_a_plain_bf16_llama_checkpoint(converted, capsys):
     root, path = converted
     assert path == os.path.join(str(root), bundled._CACHE_NAME)
@@ -103,6 +104,7 @@ def test_real_conversion_is_a_plain_bf16_llama_checkpoint(converted, capsys):
     assert len(names) == 30 * 9 + 2  # 7 projections + 2 norms per layer, embedding, final norm (lm_head tied)
 
 
+@pytest.mark.compat
 def test_real_conversion_chats(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,7 +115,7 @@ def test_real_conversion_chats(converted):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.model_max_length == 8192
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.model_max_length == 8192
 
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
