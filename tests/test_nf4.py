@@ -9,7 +9,6 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from kernel_testing import DTYPES, ENGINES, assert_close
 from tiny_models import bnb_cpu_reference_ok
 
@@ -89,6 +88,7 @@ def test_dequantize_equals_nf4_definition_where_bitsandbytes_cpu_is_wrong(shape,
             assert_close(got, expected, atol=0, rtol=DEFINITION_RTOL[dtype], name=f"{engine} {dtype}")
 
 
+@pytest.mark.compat
 def test_bitsandbytes_cpu_reference_rule():
     """tiny_models.bnb_cpu_reference_ok, which guards every test whose reference is bitsandbytes' CPU path, holds
     for the installed bitsandbytes: wherever it says ok, bitsandbytes equals the NF4 definition (even in_features:
@@ -104,7 +104,10 @@ def test_bitsandbytes_cpu_reference_rule():
 def test_dequantize_equals_bitsandbytes_reference_backend(double_quant):
     # bitsandbytes 0.50.2's CPU C kernel mis-dequantizes some layouts where blocks straddle rows
     # (e.g. 5x48, blocksize 32); its device-independent PyTorch backend (the CUDA semantics) is
-    # the reference there. (__wrapped__: the function without its torch.compile wrapper.)
+    # the reference there. (__wrapped__: the function without its torch.compile wrapper; imported here: older
+    # bitsandbytes, which the rest of this file runs on, has no such function.)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
     packed, qs = _quantize((5, 48), 32, double_quant)
     absmax = qs.absmax
     if qs.nested:
@@ -134,6 +137,7 @@ def test_out_buffer_and_result_dtype():
                 _assert_equal(out, expected32.to(dtype), f"{engine} out={dtype}")
 
 
+@pytest.mark.compat
 def test_dequantize_4bit_of_linear4bit_layer():
     assert bnb_cpu_reference_ok(72)
     torch.manual_seed(0)
@@ -173,6 +177,7 @@ def test_cpu_packed_layout_is_detected_and_unpacked():
     assert nf4_weight_of(param) is nf4_weight_of(param)  # converted once, cached
 
 
+@pytest.mark.compat
 def test_cpu_packed_layout_after_eval_forward():
     # A real Linear4bit in eval mode under no_grad: repacked on CPUs with AVX512-BF16 (this test
     # checks whichever happens on this CPU), and fastft reads the right weights either way.
