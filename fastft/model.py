@@ -14,10 +14,9 @@ import warnings
 
 import torch
 import transformers
-from packaging.version import Version
 
 from . import attention as fastft_attention
-from . import trl_compat
+from . import trl_compat, versions
 from .architectures import spec_for
 from .loss import make_causal_lm_forward
 from .patch import patch_decoder, unpatch_modules
@@ -25,18 +24,7 @@ from .placement import default_device, device_of_map
 
 logger = logging.getLogger("fastft")
 
-SUPPORTED_TRANSFORMERS = (Version("5.17"), Version("6"))
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _check_transformers_version() -> None:
-    current = Version(transformers.__version__)
-    low, high = SUPPORTED_TRANSFORMERS
-    if not low <= current < high:
-        raise ImportError(
-            f"fastft patches transformers>={low},<{high} (attention/mask interfaces, checkpointing layers); "
-            f"found transformers {current}"
-        )
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -158,7 +146,7 @@ class FastModel:
         and able to run on the GPU), else PyTorch SDPA, with a warning saying which and why.
         Extra ``kwargs`` go to ``from_pretrained`` of transformers (e.g. ``gguf_file``, ``revision``).
         """
-        _check_transformers_version()
+        versions.check_installed()
         if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         model_name = _local_path_or_hub_id(model_name)
