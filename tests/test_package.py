@@ -5,6 +5,7 @@ import sys
 import pytest
 
 
+@pytest.mark.compat
 def test_kernel_library_imports_only_torch_and_triton():
     code = (
         "import sys, fastft.kernels; "

@@ -64,6 +64,7 @@ def _check(q, k, cos, sin, q_embed, k_embed, dq_embed, dk_embed):
         (1, 3, 2, 1, 80, 1),  # HALF_D = 40, not a power of two
     ],
 )
+@pytest.mark.compat
 def test_matches_hf_apply_rotary_pos_emb(B, T, Hq, Hkv, D, table_batch, dtype, engine):
     gen = torch.Generator().manual_seed(B * 100 + T)
     q, k = _hf_views(B, T, Hq, D, dtype, gen), _hf_views(B, T, Hkv, D, dtype, gen)
