@@ -10,15 +10,16 @@ versions = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)
 setup(
     name="fastft",
     version="0.1.0",
-    description="Fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral and Qwen3 with hand-written Triton kernels",
+    description=("Fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral, Qwen3 and Phi-3/Phi-4 with hand-written "
+                 "Triton kernels"),
     python_requires=versions["PYTHON"],
     # The kernel library lives in ./kernels but installs as fastft.kernels: a top-level `kernels`
     # package would collide with Hugging Face's `kernels`, which transformers probes for.
-    packages=["fastft", "fastft.kernels", "fastft.memory"],
+    packages=["fastft", "fastft.kernels", "fastft.memory", "fastft.doctor"],
     package_dir={"fastft": "fastft", "fastft.kernels": "kernels"},
     # A range, not pins, so a user's CUDA torch stays (install.sh pins the CPU build on machines without a GPU).
     install_requires=versions["install_requires"](),
-    entry_points={"console_scripts": ["fastft-memory=fastft.memory.cli:main"]},
+    entry_points={"console_scripts": ["fastft-memory=fastft.memory.cli:main", "fastft-doctor=fastft.doctor.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "matplotlib"],  # the bench scripts' plots are checked too
         "bench": ["matplotlib"],

@@ -160,6 +160,7 @@ def ops(model: str, dtype, with_attention: bool):
     from fastft import kernels as K
 
     hidden, inter, heads, kv_heads, head_dim, vocab = MODELS[model]
+    rotary = head_dim * 3 // 4
     B, T = TOKENS
     N = B * T
     b, n = MATMUL_TOKENS
@@ -177,6 +178,10 @@ def ops(model: str, dtype, with_attention: bool):
         ("rms_norm", lambda: backward(K.rms_norm(t(B, T, hidden), t(hidden), eps=1e-5))),
         ("apply_rope", lambda: backward(*K.apply_rope(t(B, heads, T, head_dim), t(B, kv_heads, T, head_dim),
                                                       t(1, T, head_dim, grad=False), t(1, T, head_dim, grad=False)))),
+        # Phi-4-mini's partial rotary: the first 3/4 of each head rotated (96 of 128 dims), the rest passed through
+        ("apply_rope partial_rotary", lambda: backward(*K.apply_rope(
+            t(B, heads, T, head_dim), t(B, kv_heads, T, head_dim),
+            t(1, T, rotary, grad=False), t(1, T, rotary, grad=False)))),
         ("swiglu", lambda: backward(K.swiglu(t(B, T, inter), t(B, T, inter)))),
         ("cross_entropy", lambda: backward(K.cross_entropy(t(N, vocab), labels))),
         ("dequantize_nf4", lambda: K.dequantize_nf4(_nf4(inter, hidden, dtype))),
@@ -186,6 +191,9 @@ def ops(model: str, dtype, with_attention: bool):
                                                   _lora_args(kv_heads * head_dim, hidden, dtype)))),
         ("lora_mlp", lambda: backward(K.lora_mlp(t(b, n, hidden), _lora_args(inter, hidden, dtype),
                                                  _lora_args(inter, hidden, dtype), _lora_args(hidden, inter, dtype)))),
+        # Phi-3's MLP: one LoRA on the fused [2I, H] gate_up weight, SwiGLU over the strided halves of its output
+        ("lora_mlp_gate_up", lambda: backward(K.lora_mlp_gate_up(t(b, n, hidden), _lora_args(2 * inter, hidden, dtype),
+                                                                 _lora_args(hidden, inter, dtype)))),
         ("lora_linear lora_dropout", lambda: backward(K.lora_linear(t(b, n, hidden), *_lora_args(hidden, hidden, dtype),
                                                                      None, 0.05))),
         ("lora_dropout", lambda: _lora_dropout_launches(hidden, dtype)),

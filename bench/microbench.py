@@ -45,7 +45,8 @@ _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 if _BENCH_DIR not in sys.path:
     sys.path.insert(0, _BENCH_DIR)
 import _shared as shared  # noqa: E402
-from microbench_cases import CASES, OPS, TARGETS, Case, Run, dtype_name, shapes  # noqa: E402
+
+from fastft.microbench_cases import CASES, OPS, TARGETS, Case, Run, dtype_name, measure, shapes  # noqa: E402
 
 _DROPPED_FROM_PATH: list[str] = []
 KEY = ("op", "shape", "impl", "device_kind")
@@ -104,31 +105,6 @@ def _free():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def measure(bench: Bench, forward, grads, dys=None, *, backward=True, memory=False) -> dict:
-    """Time ``forward()`` alone and (``backward``) ``forward()`` + backward; optionally the peak memory of
-    fwd+bwd. Backward runs ``sum(out_i * dys_i)`` with fixed random ``dys``, or ``out.backward()`` for a
-    scalar output (``dys`` None)."""
-    def fwd_bwd():
-        out = forward()
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        torch.autograd.backward(outs, None if dys is None else list(dys))
-
-    f = bench.time_ms(forward, grad_to_none=grads)
-    result = {"fwd_ms": f["median"], "fwd_ms_p20_p80": [f["p20"], f["p80"]]}
-    if not backward:
-        return result
-    fb = bench.time_ms(fwd_bwd, grad_to_none=grads)
-    result.update(fwdbwd_ms=fb["median"], fwdbwd_ms_p20_p80=[fb["p20"], fb["p80"]],
-                  bwd_ms=max(fb["median"] - f["median"], 0.0))
-    if memory:
-        for t in grads:
-            t.grad = None
-        result["peak_extra_gb"] = bench.peak_extra_gb(fwd_bwd)
-        for t in grads:
-            t.grad = None
-    return result
 
 
 def _rate(row: dict, amounts: tuple[float, float], unit: str, scale: float, ceiling: float | None,

@@ -1,4 +1,4 @@
-"""fastft: fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral and Qwen3 models on one GPU.
+"""fastft: fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral, Qwen3 and Phi-3/Phi-4 models on one GPU.
 
 The Hugging Face integration is imported on first use, so ``import fastft.kernels`` (the kernel
 library) pulls in only torch and triton.

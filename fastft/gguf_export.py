@@ -16,11 +16,18 @@ What follows llama.cpp, and why:
   NeoX rotation, which is Hugging Face's: no permutation.
 * Llama 3.1's RoPE scaling is a ``rope_freqs.weight`` tensor of per-frequency divisors; linear and YaRN scaling
   are metadata keys.
+* Phi-3 (llama.cpp's ``phi3``) keeps its fused ``qkv_proj`` (``attn_qkv``) and ``gate_up_proj`` (``ffn_up``, whose
+  ``[gate; up]`` halves llama.cpp's SwiGLU splits as transformers does), rotates the first ``rope.dimension_count``
+  dims of each head (partial rotary), and stores LongRoPE's factors as ``rope_factors_long/short.weight`` with the
+  attention factor as ``rope.scaling.attn_factor``. llama.cpp picks the long factors when the context it runs with
+  (``-c``) exceeds ``rope.scaling.original_context_length``, for every sequence; transformers picks them per forward
+  by the sequence's length. llama.cpp also ignores Phi's sliding window (it disabled SWA for ``phi3``).
 * Which tensor gets which type: :func:`tensor_type`. The tokenizer: :func:`add_tokenizer`.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from functools import cache
@@ -106,6 +113,7 @@ _ARCHITECTURES = {
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
+    "phi3": (gguf.MODEL_ARCH.PHI3, False),
 }
 
 
@@ -162,12 +170,38 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict, permuted: bool) -> No
 
 def _warn_about_sliding_window(config, arch) -> None:
     window = getattr(config, "sliding_window", None)
-    if config.model_type != "mistral" and not getattr(config, "use_sliding_window", False):
+    if config.model_type not in ("mistral", "phi3") and not getattr(config, "use_sliding_window", False):
         window = None  # Qwen2/Qwen3 only use it when asked to
     if window is not None and window < config.max_position_embeddings:
         warnings.warn(f"this {config.model_type} model attends within a sliding window of {window} tokens, which "
                       f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} architecture does not apply: in llama.cpp its "
                       f"outputs differ from transformers' for sequences longer than {window} tokens", stacklevel=3)
+
+
+def longrope_attention_factor(config, rope: dict) -> float:
+    """The factor LongRoPE scales cos and sin by, as transformers computes it (``_compute_longrope_parameters``):
+    ``attention_factor`` when given, else ``sqrt(1 + ln(factor) / ln(original context))`` with ``factor`` (default:
+    the context over the original one), 1 when ``factor <= 1``. (llama.cpp's converter computes the default.)"""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _add_phi3(writer: gguf.GGUFWriter, config, rope: dict) -> None:
+    """What llama.cpp's ``Phi3MiniModel`` converter adds: the original context, the rotated dims per head, the
+    sliding window (0 for none), LongRoPE's attention factor (its factors are tensors: :class:`GGUFExport`)."""
+    original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
+                                                                      config.max_position_embeddings)
+    writer.add_rope_scaling_orig_ctx_len(original)
+    writer.add_rope_dimension_count(int(_head_dim(config) * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+    if rope["rope_type"] == "longrope":
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(config, rope))
+    elif rope["rope_type"] != "default":
+        raise ValueError(f"save_gguf cannot express RoPE scaling {rope['rope_type']!r} for a phi3 model in GGUF; it "
+                         "writes default and longrope")
 
 
 def add_model(writer: gguf.GGUFWriter, config, name: str, file_type: gguf.LlamaFileType) -> None:
@@ -182,14 +216,18 @@ def add_model(writer: gguf.GGUFWriter, config, name: str, file_type: gguf.LlamaF
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    writer.add_key_length(_head_dim(config))
-    writer.add_value_length(_head_dim(config))
+    if arch != gguf.MODEL_ARCH.PHI3:  # (llama.cpp's phi3 converter derives the head size)
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(rope["rope_theta"])
     if arch == gguf.MODEL_ARCH.LLAMA:  # llama.cpp's LlamaModel adds these two
         writer.add_vocab_size(config.vocab_size)
         writer.add_rope_dimension_count(_head_dim(config))
-    _add_rope_scaling(writer, rope, permuted)
+    if arch == gguf.MODEL_ARCH.PHI3:
+        _add_phi3(writer, config, rope)
+    else:
+        _add_rope_scaling(writer, rope, permuted)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -382,6 +420,9 @@ class GGUFExport:
         self.extra = {}  # tensors llama.cpp needs that the checkpoint has no counterpart of
         if rope["rope_type"] == "llama3":
             self.extra["rope_freqs.weight"] = llama3_rope_divisors(rope, _head_dim(config))
+        if rope["rope_type"] == "longrope":  # Phi-3: the per-frequency divisors of each regime
+            for kind in ("long", "short"):
+                self.extra[f"rope_factors_{kind}.weight"] = np.asarray(rope[f"{kind}_factor"], dtype=np.float32)
         for gguf_name, array in self.extra.items():
             self.writer.add_tensor_info(gguf_name, array.shape, array.dtype, array.nbytes, raw_dtype=_Q.F32)
 

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .kernels.cross_entropy import cross_entropy
 from .kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from .moe import is_moe_config, moe_causal_lm_output, router_logits_requested
 from .quant import is_dtensor, unsharded_class
 
 IGNORE_INDEX = -100
@@ -63,6 +64,7 @@ def make_causal_lm_forward(model):
     """A forward for ``model`` (a ``*ForCausalLM`` instance) with the original's signature, which
     ``generate`` and the Trainer inspect."""
     original = type(model).forward
+    is_moe = is_moe_config(model.config)  # MoE: transformers' MoE output, with the router's auxiliary loss
 
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -73,6 +75,7 @@ def make_causal_lm_forward(model):
                             use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
+        router_logits = is_moe and router_logits_requested(self.config, kwargs)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              **kwargs)
@@ -87,6 +90,8 @@ def make_causal_lm_forward(model):
             logits = self.lm_head(hidden[:, keep, :])
             if has_labels:
                 loss = causal_lm_loss(hidden, None, labels, shift_labels, num_items_in_batch, logits=logits)
+        if is_moe:
+            return moe_causal_lm_output(self, outputs, loss, logits, attention_mask, router_logits)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -16,15 +17,13 @@ import torch
 import transformers
 
 from . import attention as fastft_attention
-from . import trl_compat, versions
+from . import moe, trl_compat, versions
 from .architectures import spec_for
 from .loss import make_causal_lm_forward
 from .patch import patch_decoder, unpatch_modules
 from .placement import default_device, device_of_map
 
 logger = logging.getLogger("fastft")
-
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -170,10 +169,16 @@ class FastModel:
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
             )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
-            attn_implementation="sdpa", **kwargs,
-        )
+        # mixture-of-experts: bitsandbytes quantizes nn.Linear only; fastft quantizes the experts as they load
+        quantizing_experts = (moe.experts_quantized_while_loading(config.model_type) if load_in_4bit and spec.moe
+                              else contextlib.nullcontext())
+        with quantizing_experts:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                model_name, dtype=dtype, quantization_config=quantization_config, device_map=device_map,
+                attn_implementation="sdpa", **kwargs,
+            )
+        if spec.moe:
+            moe.finish_loading(model, load_in_4bit)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         patch_model(model, max_seq_length=max_seq_length, attn_implementation=attn_implementation, spec=spec)
@@ -181,10 +186,13 @@ class FastModel:
 
     @staticmethod
     def get_peft_model(model, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0, bias: str = "none",
-                       target_modules=DEFAULT_TARGET_MODULES, use_gradient_checkpointing=True,
+                       target_modules=None, use_gradient_checkpointing=True,
                        random_state: int = 3407, use_rslora: bool = False, memory_budget_gb: float | None = None,
                        batch_size: int = 1, mlp_chunk_tokens: int | None = None, **lora_kwargs):
         """Wrap a patched model in peft LoRA adapters (a standard ``PeftModel``).
+
+        ``target_modules=None`` puts an adapter on every linear layer of the decoder: q/k/v/o and gate/up/down
+        (Phi-3: its fused ``qkv_proj``, ``o_proj``, its fused ``gate_up_proj``, ``down_proj``).
 
         The fused LoRA kernels serve adapters with ``bias="none"``, no DoRA, with or without
         ``lora_dropout`` (its mask drawn inside the kernels, see ``kernels/lora_dropout.py``); other
@@ -203,6 +211,11 @@ class FastModel:
 
         if not getattr(model, "_fastft_patched", False):
             raise ValueError("FastModel.get_peft_model expects a model from FastModel.from_pretrained")
+        # target_modules=None: the architecture's linear layers; mixture-of-experts models: attention and the experts
+        target_modules, lora_kwargs = moe.lora_targets(model, target_modules, lora_dropout, lora_kwargs)
+        moe.check_training_options(model, use_gradient_checkpointing, mlp_chunk_tokens)
+        if target_modules is None:
+            target_modules = spec_for(model.config).linear_layers
         target_modules = _check_lora_args(model, r, lora_alpha, target_modules)  # first: refuses a PeftModel
         mode = checkpointing.check_mode(use_gradient_checkpointing, len(model.model.layers))
         if bias != "none" or lora_kwargs.get("use_dora"):

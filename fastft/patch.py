@@ -9,10 +9,11 @@ Per decoder layer:
 
 * ``input_layernorm`` / ``post_attention_layernorm`` (and the final norm, Qwen3's q/k norms) ->
   ``rms_norm`` kernel;
-* ``self_attn`` -> one attention forward for every architecture: fused q/k/v projection (NF4 + LoRA), RoPE
-  kernel, the attention registered as "fastft" (or whatever ``config._attn_implementation`` names), fused o
-  projection;
-* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA).
+* ``self_attn`` -> one attention forward for every architecture: fused q/k/v projection (NF4 + LoRA; Phi-3's
+  one ``qkv_proj`` is one ``lora_linear`` split into q, k, v), RoPE kernel, the attention registered as "fastft"
+  (or whatever ``config._attn_implementation`` names), fused o projection;
+* ``mlp`` -> fused gate/up/SwiGLU/down (NF4 + LoRA; Phi-3's ``gate_up_proj``: ``lora_mlp_gate_up``); a sparse
+  mixture-of-experts block instead -> router, experts op with LoRA per expert, fused shared expert (``moe.py``).
 
 The fused LoRA path reads the *active* adapter at every call (TRL's DPO switches to a ``ref`` adapter
 and disables adapters for reference log-probs), and whether its ``lora_dropout`` applies (training mode).
@@ -31,11 +32,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .architectures import ArchitectureSpec
 from .kernels.lora_linear import lora_linear
-from .kernels.lora_mlp import lora_mlp
+from .kernels.lora_mlp import lora_mlp, lora_mlp_gate_up
 from .kernels.lora_qkv import lora_qkv
 from .kernels.rms_norm import rms_norm
 from .kernels.rope import apply_rope
 from .kernels.swiglu import swiglu
+from .moe import check_block, is_sparse_block, moe_block_forward
 from .quant import UnsupportedLoraLayer, fused_linear_args
 
 logger = logging.getLogger("fastft")
@@ -70,7 +72,29 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def gate_up_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Phi-3's MLP: ``gate, up = chunk(gate_up_proj(x), 2)``, ``down_proj(silu(gate) * up)``."""
+    gate_up, down = _fused_args(self.gate_up_proj), _fused_args(self.down_proj)
+    if gate_up is not None and down is not None:
+        return lora_mlp_gate_up(x, gate_up, down, chunk_tokens=getattr(self, "_fastft_mlp_chunk_tokens", None))
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(swiglu(gate, up))
+
+
+def _project_fused_qkv(self, x):
+    """Phi-3's one ``qkv_proj``: one projection (one LoRA), its ``[q | k | v]`` columns split."""
+    qkv = _fused_args(self.qkv_proj)
+    y = lora_linear(x, *qkv) if qkv is not None else self.qkv_proj(x)
+    kv_size = self.config.num_key_value_heads * self.head_dim
+    q, k, v = y.split([y.shape[-1] - 2 * kv_size, kv_size, kv_size], dim=-1)
+    # v gets its own storage: attention keeps v for its backward (a KV cache keeps it too), and a view would keep
+    # all of y alive with it; RoPE reads q and k into new tensors
+    return q, k, v.contiguous()
+
+
 def _project_qkv(self, x):
+    if self._fastft_spec.fused_projections:
+        return _project_fused_qkv(self, x)
     q, k, v = _fused_args(self.q_proj), _fused_args(self.k_proj), _fused_args(self.v_proj)
     if q is not None and k is not None and v is not None:
         return lora_qkv(x, q, k, v)
@@ -122,7 +146,14 @@ def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec) -> None:
         attn = layer.self_attn
         attn._fastft_spec = spec
         _bind(attn, attention_forward)
-        _bind(layer.mlp, mlp_forward)
+        if spec.moe is not None and is_sparse_block(layer.mlp):
+            check_block(layer.mlp, spec.moe)
+            layer.mlp._fastft_moe = spec.moe
+            _bind(layer.mlp, moe_block_forward)
+            if spec.moe.shared_expert:
+                _bind(layer.mlp.shared_expert, mlp_forward)
+        else:
+            _bind(layer.mlp, gate_up_mlp_forward if spec.fused_projections else mlp_forward)
         _bind(layer.input_layernorm, rms_norm_forward)
         _bind(layer.post_attention_layernorm, rms_norm_forward)
         if spec.qk_norm:

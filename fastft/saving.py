@@ -63,6 +63,10 @@ def _lora_layers(causal_lm) -> dict:
     """name -> peft LoRA layer, for every LoRA-wrapped module; refuses adapters this export cannot merge."""
     from peft.tuners.lora import LoraLayer
 
+    from .moe import refuse_moe
+
+    refuse_moe(causal_lm.config, "merging LoRA for save_merged / save_gguf (model.save_pretrained saves the adapter)")
+
     layers = {name: module for name, module in causal_lm.named_modules() if isinstance(module, LoraLayer)}
     for name, layer in layers.items():
         for adapter in _merging_adapters(layer):

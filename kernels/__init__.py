@@ -12,7 +12,7 @@ from .cross_entropy import cross_entropy
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .linear_log_probs import linear_log_probs
 from .lora_linear import lora_linear
-from .lora_mlp import lora_mlp
+from .lora_mlp import lora_mlp, lora_mlp_gate_up
 from .lora_qkv import lora_qkv
 from .nf4 import NF4Weight, dequantize_nf4
 from .rms_norm import rms_norm
@@ -21,5 +21,6 @@ from .swiglu import swiglu
 
 __all__ = [
     "apply_rope", "attention", "attention_varlen", "cross_entropy", "dequantize_nf4", "fused_linear_cross_entropy",
-    "linear_log_probs", "lora_linear", "lora_mlp", "lora_qkv", "NF4Weight", "rms_norm", "swiglu", "use_engine",
+    "linear_log_probs", "lora_linear", "lora_mlp", "lora_mlp_gate_up", "lora_qkv", "NF4Weight", "rms_norm", "swiglu",
+    "use_engine",
 ]

@@ -1,16 +1,20 @@
 """Rotary position embedding (RoPE) for q and k in one launch: Triton forward and backward.
 
 Hugging Face convention (``apply_rotary_pos_emb`` with ``unsqueeze_dim=1``), per head vector ``x``
-of even length ``D`` split into halves ``x = [x1, x2]``, with ``cos = [c1, c2]``, ``sin = [s1, s2]``
-taken at the token's position (so packed sequences with restarting positions just work)::
+of length ``D`` whose first ``R`` dims (``R`` even, the length of the cos/sin tables) are split into halves
+``[x1, x2]`` and the rest ``xp`` passed through, with ``cos = [c1, c2]``, ``sin = [s1, s2]`` taken at the
+token's position (so packed sequences with restarting positions just work)::
 
     rotate_half(x) = [-x2, x1]
-    out = x * cos + rotate_half(x) * sin  =  [x1*c1 - x2*s1,  x2*c2 + x1*s2]
+    out = [x1*c1 - x2*s1,  x2*c2 + x1*s2,  xp]      # x[:R] * cos + rotate_half(x[:R]) * sin, then x[R:]
+
+``R = D`` for most models; ``R < D`` is partial rotary embedding (``partial_rotary_factor`` < 1, e.g. Phi-4-mini:
+``R = 96`` of ``D = 128``), where Phi3's ``apply_rotary_pos_emb`` rotates ``q[..., :R]`` and concatenates the rest.
 
 The map is linear in ``x``: ``out = C x + S R x`` with ``R = [[0, -I], [I, 0]]``. Its adjoint is
 ``dx = C g + R^T (S g)`` where ``R^T = [[0, I], [-I, 0]]`` (``rotate_half`` is not self-adjoint)::
 
-    dx = [g1*c1 + g2*s2,  g2*c2 - g1*s1]
+    dx = [g1*c1 + g2*s2,  g2*c2 - g1*s1,  gp]       # the passed-through dims: the identity's adjoint
 
 With HF's tables (``c1 == c2``, ``s1 == s2``) that is the forward rotation with ``-sin``. The
 kernel implements the general form, so it is exact for any cos/sin tables. ``cos``/``sin`` get no
@@ -19,7 +23,8 @@ gradient.
 q and k are usually the non-contiguous views HF makes (``proj(x).view(B, T, H, D).transpose(1,
 2)``): the kernel reads them through their strides, one program per token ``(b, t)`` handling all
 q heads and all k heads. In that layout the heads of one token are adjacent in memory, so each
-program reads and writes two contiguous chunks. Outputs keep the input's memory layout.
+program reads and writes two contiguous chunks (three with pass-through dims, copied by the same program).
+Outputs keep the input's memory layout.
 """
 from __future__ import annotations
 
@@ -34,9 +39,11 @@ from ._common import check_same_device, check_tensor, empty, use_triton
 def _rotate_heads(
     X, OUT, stride_x_head, stride_out_head, n_heads,
     c1, c2, s1, s2, dims, dim_mask,
-    HALF_D: tl.constexpr, BLOCK_HEADS: tl.constexpr, BACKWARD: tl.constexpr,
+    HALF_D: tl.constexpr, PASS_D: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
-    """Rotate ``n_heads`` head vectors of one token; X and OUT point at head 0, dim 0."""
+    """Rotate the first ``2 * HALF_D`` dims of ``n_heads`` head vectors of one token and copy their last ``PASS_D``
+    dims; X and OUT point at head 0, dim 0."""
     heads = tl.arange(0, BLOCK_HEADS)
     mask = (heads[:, None] < n_heads) & dim_mask[None, :]
     x_offs = heads[:, None] * stride_x_head + dims[None, :]
@@ -52,6 +59,11 @@ def _rotate_heads(
         o2 = x2 * c2[None, :] + x1 * s2[None, :]
     tl.store(OUT + out_offs, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + out_offs + HALF_D, o2.to(OUT.dtype.element_ty), mask=mask)
+    if PASS_D > 0:  # partial rotary: the dims after the rotated ones pass through, forward and backward
+        pass_dims = tl.arange(0, BLOCK_PASS)
+        pass_mask = (heads[:, None] < n_heads) & (pass_dims[None, :] < PASS_D)
+        xp = tl.load(X + heads[:, None] * stride_x_head + 2 * HALF_D + pass_dims[None, :], mask=pass_mask)
+        tl.store(OUT + heads[:, None] * stride_out_head + 2 * HALF_D + pass_dims[None, :], xp, mask=pass_mask)
 
 
 @triton.jit
@@ -64,8 +76,10 @@ def _rope_kernel(
     stride_cos_b, stride_cos_t,  # batch stride 0 broadcasts a [1, T, D] table over the batch
     stride_sin_b, stride_sin_t,
     seq_len, n_q_heads, n_k_heads,
-    HALF_D: tl.constexpr,
+    HALF_D: tl.constexpr,  # half the rotated dims (R / 2)
     BLOCK_D: tl.constexpr,  # next power of two >= HALF_D
+    PASS_D: tl.constexpr,  # dims after the rotated ones, passed through (D - R; 0 without partial rotary)
+    BLOCK_PASS: tl.constexpr,  # next power of two >= PASS_D
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
@@ -86,12 +100,12 @@ def _rope_kernel(
     _rotate_heads(
         Q + b * stride_q_b + t * stride_q_t, Q_OUT + b * stride_qo_b + t * stride_qo_t,
         stride_q_h, stride_qo_h, n_q_heads, c1, c2, s1, s2, dims, dim_mask,
-        HALF_D, BLOCK_HQ, BACKWARD,
+        HALF_D, PASS_D, BLOCK_PASS, BLOCK_HQ, BACKWARD,
     )
     _rotate_heads(
         K + b * stride_k_b + t * stride_k_t, K_OUT + b * stride_ko_b + t * stride_ko_t,
         stride_k_h, stride_ko_h, n_k_heads, c1, c2, s1, s2, dims, dim_mask,
-        HALF_D, BLOCK_HK, BACKWARD,
+        HALF_D, PASS_D, BLOCK_PASS, BLOCK_HK, BACKWARD,
     )
 
 
@@ -122,7 +136,8 @@ def _launch(q, k, cos, sin, q_out, k_out, *, backward: bool):
     n_k_heads = k.shape[1]
     if B * T == 0:
         return q_out, k_out
-    half_d = D // 2
+    rotary_dim = cos.shape[-1]
+    half_d, pass_d = rotary_dim // 2, D - rotary_dim
     block_d = triton.next_power_of_2(half_d)
     block_hq, block_hk = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
     # the two half tiles of q dominate register use: 4 warps up to 32x64 elements, then 8
@@ -138,7 +153,8 @@ def _launch(q, k, cos, sin, q_out, k_out, *, backward: bool):
         cos_b, cos.stride(1),
         sin_b, sin.stride(1),
         T, n_q_heads, n_k_heads,
-        HALF_D=half_d, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        HALF_D=half_d, BLOCK_D=block_d, PASS_D=pass_d, BLOCK_PASS=triton.next_power_of_2(max(pass_d, 1)),
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
         BACKWARD=backward, num_warps=num_warps,
     )
     return q_out, k_out
@@ -174,37 +190,43 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_rope_torch(q, k, cos, sin):
+    rotary_dim = cos.shape[-1]
     cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
-    q32, k32 = q.float(), k.float()
-    q_embed = q32 * cos + _rotate_half(q32) * sin
-    k_embed = k32 * cos + _rotate_half(k32) * sin
-    return q_embed.to(q.dtype), k_embed.to(k.dtype)
+
+    def rotate(x):
+        x_rot = x[..., :rotary_dim].float()
+        out = (x_rot * cos + _rotate_half(x_rot) * sin).to(x.dtype)
+        return out if rotary_dim == x.shape[-1] else torch.cat((out, x[..., rotary_dim:]), dim=-1)
+
+    return rotate(q), rotate(k)
 
 
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding of q and k, equal to HF's ``apply_rotary_pos_emb(q, k, cos, sin)``.
+    """Rotary position embedding of q and k, equal to HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` (Phi3's, which
+    rotates only the first ``R`` dims when the tables are shorter than the head: partial rotary embedding).
 
     Args:
-        q: ``[B, Hq, T, D]`` fp32/fp16/bf16, D even. Any strides with a unit stride along D --
+        q: ``[B, Hq, T, D]`` fp32/fp16/bf16. Any strides with a unit stride along D --
             HF's ``proj(x).view(B, T, H, D).transpose(1, 2)`` views are read in place, no copy.
         k: ``[B, Hkv, T, D]``, same dtype/device as q; ``Hkv`` may differ from ``Hq`` (GQA).
-        cos, sin: ``[B, T, D]`` or ``[1, T, D]`` (broadcast over the batch), any float dtype, the
+        cos, sin: ``[B, T, R]`` or ``[1, T, R]`` (broadcast over the batch), any float dtype, the
             tables at each token's position (HF's rotary embedding output; restarting positions of
-            packed sequences are just other rows). They get no gradient: passing tensors that
-            require grad is a ValueError.
+            packed sequences are just other rows), ``R`` even and at most ``D``: ``R = D`` rotates whole
+            heads, ``R < D`` the first ``R`` dims of each head (the rest pass through). They get no gradient:
+            passing tensors that require grad is a ValueError.
 
     Returns:
         ``(q_embed, k_embed)``: new tensors shaped like q and k, same dtype, in the same memory
-        layout as the inputs. Computed in fp32.
+        layout as the inputs. Computed in fp32 (the passed-through dims are copied).
 
-    Forward, with ``x = [x1, x2]`` (halves of D) and ``rotate_half(x) = [-x2, x1]``:
-    ``out = x * cos + rotate_half(x) * sin = [x1*c1 - x2*s1, x2*c2 + x1*s2]``.
+    Forward, with ``x[:R] = [x1, x2]`` (halves of R), ``xp = x[R:]`` and ``rotate_half(x) = [-x2, x1]``:
+    ``out = [x[:R] * cos + rotate_half(x[:R]) * sin, xp] = [x1*c1 - x2*s1, x2*c2 + x1*s2, xp]``.
 
     Backward (adjoint; ``rotate_half^T(g) = [g2, -g1]``):
-    ``dx = g * cos + rotate_half^T(g * sin) = [g1*c1 + g2*s2, g2*c2 - g1*s1]``, i.e. the same
-    rotation with ``-sin`` for HF's tables (whose halves are equal). One launch handles q and k.
+    ``dx = [g1*c1 + g2*s2, g2*c2 - g1*s1, gp]``, i.e. the same rotation with ``-sin`` for HF's tables
+    (whose halves are equal), the passed-through dims' gradient unchanged. One launch handles q and k.
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
@@ -218,15 +240,17 @@ def apply_rope(
         raise ValueError(
             f"k must be [B, Hkv, T, D] with q's B, T, D: q shape {tuple(q.shape)}, k shape {tuple(k.shape)}"
         )
-    if D % 2 != 0:
-        raise ValueError(f"q and k head dim D must be even for rotate_half, got D={D}")
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have one shape, got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    if cos.shape[0] not in (1, B) or cos.shape[1] != T or cos.shape[2] != D:
+    rotary_dim = cos.shape[2]
+    if cos.shape[0] not in (1, B) or cos.shape[1] != T or not 0 < rotary_dim <= D:
         raise ValueError(
-            f"cos/sin must be [B, T, D] or [1, T, D] = [{B} or 1, {T}, {D}] for q shape {tuple(q.shape)}, "
-            f"got {tuple(cos.shape)}"
+            f"cos/sin must be [B, T, R] or [1, T, R] = [{B} or 1, {T}, R] with 0 < R <= D = {D} for q shape "
+            f"{tuple(q.shape)}, got {tuple(cos.shape)}"
         )
+    if rotary_dim % 2 != 0:
+        raise ValueError(f"cos/sin must rotate an even number of dims R (rotate_half splits them in halves), got R="
+                         f"{rotary_dim}")
     for name, table in (("cos", cos), ("sin", sin)):
         if table.requires_grad:
             raise ValueError(

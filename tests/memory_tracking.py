@@ -3,13 +3,22 @@ peak-memory tests."""
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
+
+
+def _plain(x):
+    """The plain tensors holding ``x``'s data: a wrapper subclass (e.g. fastft's 4-bit experts) has no storage of
+    its own; its inner tensors have."""
+    if not is_traceable_wrapper_subclass(x):
+        return [x]
+    return [held for name in x.__tensor_flatten__()[0] for held in _plain(getattr(x, name))]
 
 
 def _storage_ptrs(tree):
     return {(x.untyped_storage() if isinstance(x, torch.Tensor) else x).data_ptr()
-            for x in tree_leaves(tree) if isinstance(x, (torch.Tensor, torch.UntypedStorage))}
+            for leaf in tree_leaves(tree) if isinstance(leaf, (torch.Tensor, torch.UntypedStorage))
+            for x in (_plain(leaf) if isinstance(leaf, torch.Tensor) else [leaf])}
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -25,8 +34,8 @@ class LiveTensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = _storage_ptrs((args, kwargs))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
+        for leaf in tree_leaves(out):
+            for tensor in _plain(leaf) if isinstance(leaf, torch.Tensor) else []:
                 storage = tensor.untyped_storage()
                 key = storage.data_ptr()
                 if storage.nbytes() and key not in self._alive and key not in inputs:

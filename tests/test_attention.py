@@ -1,4 +1,5 @@
-"""Flash attention (kernels/attention.py) against an independent float64 reference.
+"""Flash attention (kernels/attention.py) against an independent float64 reference (fastft.doctor.references,
+which fastft-doctor checks the kernel against on a GPU).
 
 The reference materialises the full score matrix, applies an explicit mask (causal bottom-right,
 sliding window, block-diagonal for packed sequences) and an explicit softmax, and gets dq/dk/dv
@@ -16,6 +17,7 @@ import triton
 import triton.language as tl
 from kernel_testing import assert_close
 
+from fastft.doctor.references import attention_reference, attention_varlen_reference, dense_mask
 from fastft.kernels import use_engine
 from fastft.kernels.attention import attention, attention_varlen
 
@@ -37,55 +39,6 @@ TOLERANCES = {
     torch.float16: dict(atol=3e-3, rtol=3e-3),
     torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
-
-
-def _softmax_with_empty_rows(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Explicit softmax over the last axis, restricted to `allowed`; rows with nothing allowed -> 0."""
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(scores - row_max) * allowed
-    denom = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
-
-
-def _dense_mask(seqlen_q, seqlen_k, causal, window):
-    """allowed[i, j]: query i (at key position i + S - T) may attend key j."""
-    i = torch.arange(seqlen_q)[:, None] + (seqlen_k - seqlen_q)
-    j = torch.arange(seqlen_k)[None, :]
-    allowed = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
-    if causal:
-        allowed &= j <= i
-    if window is not None:
-        allowed &= (i - j) < window  # transformers: kv_idx > q_idx - sliding_window
-    return allowed
-
-
-def reference_attention(q, k, v, causal, scale, window):
-    """float64: q [B, Hq, T, D], k/v [B, Hkv, S, D]."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    p = _softmax_with_empty_rows(scores, _dense_mask(q.shape[2], k.shape[2], causal, window))
-    return p @ v
-
-
-def reference_attention_varlen(q, k, v, cu_seqlens, causal, scale, window):
-    """float64 over the whole pack with a block-diagonal mask: q [N, Hq, D], k/v [N, Hkv, D]."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    pos = torch.arange(q.shape[0]) - cu_seqlens[:-1].long()[seq_id]  # position inside its sequence
-    allowed = seq_id[:, None] == seq_id[None, :]
-    if causal:
-        allowed &= pos[None, :] <= pos[:, None]
-    if window is not None:
-        allowed &= (pos[:, None] - pos[None, :]) < window
-    group = q.shape[1] // k.shape[1]
-    qh = q.transpose(0, 1)  # [Hq, N, D]
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
-    p = _softmax_with_empty_rows((qh @ kh.transpose(-1, -2)) * scale, allowed)
-    return (p @ vh).transpose(0, 1)
 
 
 def _run_and_compare(fn, ref_fn, q, k, v, dtype):
@@ -138,7 +91,7 @@ def test_attention_matches_reference(B, Hq, Hkv, T, S, D, causal, window, dtype)
     scale = 1.0 / math.sqrt(D)
     _run_and_compare(
         lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window),
-        lambda q, k, v: reference_attention(q, k, v, causal, scale, window),
+        lambda q, k, v: attention_reference(q, k, v, causal, scale, window),
         q, k, v, dtype,
     )
 
@@ -155,7 +108,7 @@ def test_attention_small_blocks_multi_block_masking(monkeypatch):
     q, k, v = _randn(1, 4, 75, 16), _randn(1, 2, 99, 16), _randn(1, 2, 99, 16)
     _run_and_compare(
         lambda q, k, v: attention(q, k, v, causal=True, sliding_window=37),
-        lambda q, k, v: reference_attention(q, k, v, True, 0.25, 37),
+        lambda q, k, v: attention_reference(q, k, v, True, 0.25, 37),
         q, k, v, torch.float32,
     )
 
@@ -175,7 +128,7 @@ def test_attention_strided_inputs_and_custom_scale():
     assert not q.is_contiguous()
     _run_and_compare(
         lambda q, k, v: attention(q, k, v, causal=True, scale=0.3),
-        lambda q, k, v: reference_attention(q, k, v, True, 0.3, None),
+        lambda q, k, v: attention_reference(q, k, v, True, 0.3, None),
         q, k, v, torch.float32,
     )
 
@@ -187,7 +140,7 @@ def test_attention_output_keeps_query_layout():
     k = torch.randn(1, 5, 1, 16).transpose(1, 2)
     out = attention(q, k, k)
     assert out.transpose(1, 2).is_contiguous()
-    assert_close(out, reference_attention(q.double(), k.double(), k.double(), True, 0.25, None),
+    assert_close(out, attention_reference(q.double(), k.double(), k.double(), True, 0.25, None),
                  name="out", **TOLERANCES[torch.float32])
 
 
@@ -219,7 +172,7 @@ def test_attention_varlen_matches_reference(lengths, Hq, Hkv, D, causal, window,
     max_seqlen = max(lengths) + 3  # a loose bound is allowed (extra programs exit at once)
     _run_and_compare(
         lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal, sliding_window=window),
-        lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, causal, scale, window),
+        lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, causal, scale, window),
         q, k, v, dtype,
     )
 
@@ -251,7 +204,7 @@ def test_attention_with_gpu_tiles(monkeypatch, arch, B, Hq, Hkv, T, S, D, causal
     q, k, v = _randn(B, Hq, T, D), _randn(B, Hkv, S, D), _randn(B, Hkv, S, D)
     _run_and_compare(
         lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window),
-        lambda q, k, v: reference_attention(q, k, v, causal, 1.0 / math.sqrt(D), window),
+        lambda q, k, v: attention_reference(q, k, v, causal, 1.0 / math.sqrt(D), window),
         q, k, v, dtype,
     )
 
@@ -269,7 +222,7 @@ def _compare_causal_varlen(lengths, q_heads, kv_heads, head_dim, dtype):
     q, k, v = _randn(n, q_heads, head_dim), _randn(n, kv_heads, head_dim), _randn(n, kv_heads, head_dim)
     _run_and_compare(
         lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, max(lengths), causal=True),
-        lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 1 / math.sqrt(head_dim), None),
+        lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, True, 1 / math.sqrt(head_dim), None),
         q, k, v, dtype,
     )
 
@@ -321,7 +274,7 @@ def test_attention_with_small_launch_sections(monkeypatch, varlen):
         q, k, v = _randn(2, 7, 67, 32), _randn(2, 1, 67, 32), _randn(2, 1, 67, 32)
         _run_and_compare(
             lambda q, k, v: attention(q, k, v, causal=True),
-            lambda q, k, v: reference_attention(q, k, v, True, 1 / math.sqrt(32), None),
+            lambda q, k, v: attention_reference(q, k, v, True, 1 / math.sqrt(32), None),
             q, k, v, torch.float32,
         )
 
@@ -344,7 +297,7 @@ def test_launch_sections_fit_half_the_l2_cache():
 def test_launch_direction_starts_the_most_work(T, S):
     """Under causal masking the launcher's HEAVY_LAST puts each kernel's heaviest block first: the work of a
     forward / dQ query block (key blocks it reaches) and of a dK/dV key block (query blocks), from the mask."""
-    allowed = _dense_mask(T, S, True, None)
+    allowed = dense_mask(T, S, True, None)
     q, k = torch.empty(1, 2, T, 64), torch.empty(1, 1, S, 64)
     p = attention_module._Problem(q, k, None, None, True, 0.125, None)
     for kernel, cfg in (("fwd", dict(BLOCK_M=64)), ("dq", dict(BLOCK_M=32)), ("dkdv", dict(BLOCK_N=64))):
@@ -369,7 +322,7 @@ def test_attention_torch_path(T, S, causal, window):
     with use_engine("torch"):
         _run_and_compare(
             lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window),
-            lambda q, k, v: reference_attention(q, k, v, causal, 1 / math.sqrt(80), window),
+            lambda q, k, v: attention_reference(q, k, v, causal, 1 / math.sqrt(80), window),
             q, k, v, torch.float32,
         )
 
@@ -383,7 +336,7 @@ def test_attention_varlen_torch_path(window):
     with use_engine("torch"):
         _run_and_compare(
             lambda q, k, v: attention_varlen(q, k, v, cu_seqlens, 129, sliding_window=window),
-            lambda q, k, v: reference_attention_varlen(q, k, v, cu_seqlens, True, 0.125, window),
+            lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, True, 0.125, window),
             q, k, v, torch.float32,
         )
 
@@ -473,7 +426,7 @@ def test_attention_varlen_checks_cu_seqlens_on_the_gpu_without_reading_them_back
     cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32)
     out = attention_varlen(q, k, v, cu_seqlens, 6)
     assert attention_module._check_cu_seqlens(cu_seqlens, 6, q, need_offsets=False) is None  # nothing read back
-    assert_close(out, reference_attention_varlen(q, k, v, cu_seqlens, True, 1 / math.sqrt(32), None).to(out.dtype),
+    assert_close(out, attention_varlen_reference(q, k, v, cu_seqlens, True, 1 / math.sqrt(32), None).to(out.dtype),
                  atol=1e-5, rtol=1e-5, name="out")
 
 

@@ -1,9 +1,9 @@
 """cross_entropy: Triton (interpreted) and PyTorch paths against float64 torch.nn.functional.cross_entropy."""
 import pytest
 import torch
-import torch.nn.functional as F
 from kernel_testing import DTYPES, ENGINES, assert_close
 
+from fastft.doctor.references import cross_entropy_reference
 from fastft.kernels._common import use_engine
 from fastft.kernels.cross_entropy import cross_entropy
 
@@ -37,17 +37,6 @@ def _logits(n, vocab, dtype, seed):
     return x.to(dtype)
 
 
-def _reference(logits, labels, reduction, grad_output):
-    x = logits.detach().double().requires_grad_()
-    n_valid = int((labels != -100).sum())
-    if reduction == "mean" and n_valid == 0:
-        loss = (x * 0).sum()  # our convention: 0, not PyTorch's NaN
-    else:
-        loss = F.cross_entropy(x, labels.long(), ignore_index=-100, reduction=reduction)
-    loss.backward(grad_output.double())
-    return loss.detach(), x.grad
-
-
 def _run(engine, logits, labels, **kw):
     x = logits.detach().clone().requires_grad_()
     with use_engine(engine):
@@ -65,7 +54,7 @@ def test_matches_float64_reference(engine, dtype, reduction):
     assert loss.dtype == torch.float32
     grad_output = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3))
     loss.backward(grad_output)
-    ref_loss, ref_grad = _reference(logits, labels, reduction, grad_output)
+    ref_loss, ref_grad = cross_entropy_reference(logits, labels, reduction, grad_output)
 
     assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
     rtol, atol = GRAD_TOL[dtype]
@@ -95,7 +84,7 @@ def test_small_vocab_int32_labels_and_row_stride(engine):
     with use_engine(engine):
         loss = cross_entropy(logits, labels, reduction="sum")
     loss.backward()
-    ref_loss, ref_grad = _reference(logits, labels, "sum", torch.tensor(1.0))
+    ref_loss, ref_grad = cross_entropy_reference(logits, labels, "sum", torch.tensor(1.0))
     assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
     assert_close(storage.grad[:, :vocab], ref_grad, atol=1e-7, rtol=1e-5, name="dlogits")
     assert (storage.grad[:, vocab:] == 0).all()
@@ -108,7 +97,7 @@ def test_qwen2_sized_vocab_bf16():
     labels = torch.tensor([vocab - 1, -100, 12345])
     x, loss = _run("triton", logits, labels, reduction="mean")
     loss.backward()
-    ref_loss, ref_grad = _reference(logits, labels, "mean", torch.tensor(1.0))
+    ref_loss, ref_grad = cross_entropy_reference(logits, labels, "mean", torch.tensor(1.0))
     assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
     assert_close(x.grad, ref_grad, atol=0.0, rtol=GRAD_TOL[torch.bfloat16][0], name="dlogits")
 
@@ -183,7 +172,7 @@ def test_masked_logits_match_float64_reference(engine, dtype):
     x, loss = _run(engine, logits, labels, reduction="none")
     grad_output = torch.rand(8, generator=torch.Generator().manual_seed(9)) + 0.5
     loss.backward(grad_output)
-    ref_loss, ref_grad = _reference(logits, labels, "none", grad_output)  # row 5 of the reference is NaN
+    ref_loss, ref_grad = cross_entropy_reference(logits, labels, "none", grad_output)  # row 5 of the reference is NaN
 
     assert not loss.isnan().any(), loss
     assert loss[4] == float("inf") and loss[5] == float("inf") and loss[7] == 0

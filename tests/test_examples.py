@@ -8,7 +8,7 @@ import pytest
 from kernel_testing import assert_help_documents, env_without_interpreter, script_help
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = ["sft.py", "dpo.py", "trl_sft_dropin.py", "trl_dpo_dropin.py", "task_data.py"]
+EXAMPLES = ["sft.py", "dpo.py", "trl_sft_dropin.py", "trl_dpo_dropin.py", "task_data.py", "moe_sft.py"]
 
 
 # Loaded into each example's interpreter (sitecustomize): every host lookup or connection is written to a log
@@ -61,6 +61,9 @@ HELP = {  # per example: its description and, per option, words of the option's 
     "task_data.py": ("A small, deterministic fine-tuning task for the bundled SmolLM2-135M-Instruct", {
         "--data-dir": "where to write train.jsonl and eval.jsonl", "--n-train": "training records",
         "--n-eval": "held-out records", "--seed": "random seed", "--check": "write nothing; exit 1 if the files in"}),
+    "moe_sft.py": ("Mixture-of-experts QLoRA with fastft: 4-bit experts, LoRA on attention and on every expert", {
+        "--model": "a Qwen3-MoE / Qwen2-MoE / Mixtral directory or hub id", "--arch": "tiny random-weight model",
+        "--max-steps": "optimizer steps", "--output-dir": "where the adapter is saved"}),
 }
 
 
@@ -76,6 +79,7 @@ def test_help_documents_every_option(script, tmp_path):
     ("dpo.py", ["--steps", "2", "--batch-size", "2", "--eval-records", "4"]),
     ("trl_sft_dropin.py", ["--max-steps", "2"]),
     ("trl_dpo_dropin.py", ["--max-steps", "2"]),
+    ("moe_sft.py", ["--max-steps", "2", "--arch", "qwen2_moe"]),
 ])
 def test_example_runs(script, args, tmp_path):
     """... and makes no network call (the README promises that of the main job): TRL's telemetry is off."""

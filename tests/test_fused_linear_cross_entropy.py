@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from kernel_testing import ENGINES, assert_close, check_grad
 
+from fastft.doctor.references import linear_cross_entropy_reference
 from fastft.kernels._common import use_engine
 from fastft.kernels.fused_linear_cross_entropy import _default_chunk_rows, fused_linear_cross_entropy
 
@@ -37,14 +38,6 @@ def _inputs(dtype, seed=0, n=N, ignore_share=0.3):
     return hidden, weight, labels
 
 
-def _reference(hidden, weight, labels, reduction, grad_output):
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    loss = F.cross_entropy(h @ w.T, labels, ignore_index=-100, reduction=reduction)
-    loss.backward(grad_output.double())
-    return loss.detach(), h.grad, w.grad
-
-
 def _check_grad(actual, expected, dtype, name):
     check_grad(actual, expected, dtype, GRAD_TOL[dtype], name)
 
@@ -60,7 +53,7 @@ def test_matches_float64_reference(engine, dtype, reduction):
     assert loss.dtype == torch.float32
     grad_output = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1))
     loss.backward(grad_output)
-    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, reduction, grad_output)
+    ref_loss, ref_dh, ref_dw = linear_cross_entropy_reference(hidden, weight, labels, reduction, grad_output)
     assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
     _check_grad(h.grad, ref_dh, dtype, "dhidden")
     _check_grad(w.grad, ref_dw, dtype, "dweight")
@@ -72,7 +65,7 @@ def test_fp16_and_default_chunk_size():
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = fused_linear_cross_entropy(h, w, labels)  # default chunking: one chunk of 23 rows here
     loss.backward()
-    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, "mean", torch.tensor(1.0))
+    ref_loss, ref_dh, ref_dw = linear_cross_entropy_reference(hidden, weight, labels, "mean", torch.tensor(1.0))
     assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
     _check_grad(h.grad, ref_dh, torch.float16, "dhidden")
     _check_grad(w.grad, ref_dw, torch.float16, "dweight")
@@ -107,7 +100,7 @@ def test_frozen_weight_or_hidden(engine, reduction, trainable):
         loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=5)
     grad_output = torch.randn(loss.shape, generator=torch.Generator().manual_seed(4))
     loss.backward(grad_output)
-    _, ref_dh, ref_dw = _reference(hidden, weight, labels, reduction, grad_output)
+    _, ref_dh, ref_dw = linear_cross_entropy_reference(hidden, weight, labels, reduction, grad_output)
     if trainable == "hidden":
         assert w.grad is None
         _check_grad(h.grad, ref_dh, torch.float32, "dhidden")
@@ -138,7 +131,7 @@ def test_mixed_dtypes_and_no_grad():
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = fused_linear_cross_entropy(h, w, labels, reduction="sum", chunk_size=8)
     loss.backward()
-    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, "sum", torch.tensor(1.0))
+    ref_loss, ref_dh, ref_dw = linear_cross_entropy_reference(hidden, weight, labels, "sum", torch.tensor(1.0))
     assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
     _check_grad(h.grad, ref_dh, torch.bfloat16, "dhidden")  # fp32 math, one rounding to bf16
     _check_grad(w.grad, ref_dw, torch.float32, "dweight")
@@ -160,7 +153,8 @@ def test_autocast_bf16_logits_stay_fp32(engine, reduction):
     with use_engine(engine), torch.autocast("cpu", dtype=torch.bfloat16):
         loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=16)
         loss.backward(grad_output)
-    ref_loss, ref_dh, ref_dw = _reference(hidden.bfloat16(), weight.bfloat16(), labels, reduction, grad_output)
+    ref_loss, ref_dh, ref_dw = linear_cross_entropy_reference(hidden.bfloat16(), weight.bfloat16(), labels, reduction,
+                                                              grad_output)
     assert loss.dtype == torch.float32
     assert_close(loss, ref_loss, **LOSS_TOL, name="loss")
     # fp32 leaves, each gradient rounded to bf16 once on the way (dz, or the GEMM's operands)

@@ -15,7 +15,13 @@ import transformers
 from kernel_testing import assert_close
 from memory_tracking import LiveTensorBytes
 from tiny_models import randomize_lora, save_tiny_model
-from tiny_tokenizer import CORPUS, tiny_bpe_tokenizer, tiny_sentencepiece_tokenizer, tiny_tokenizer
+from tiny_tokenizer import (
+    CORPUS,
+    tiny_bpe_tokenizer,
+    tiny_phi3_tokenizer,
+    tiny_sentencepiece_tokenizer,
+    tiny_tokenizer,
+)
 
 import fastft.gguf_export
 import fastft.saving
@@ -96,10 +102,12 @@ def tensor_types(file) -> dict[str, Q]:
 
 # compat: transformers before 5.18, the reference reader here, reads Llama's and Mistral's tokenizers back differently
 @pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.compat),
-                                  pytest.param("qwen3", marks=pytest.mark.compat), "mistral"])
+                                  pytest.param("qwen3", marks=pytest.mark.compat), "mistral", "phi3"])
 def test_round_trip_matches_the_merged_model(arch, tmp_path_factory, tmp_path):
-    """f32: the GGUF model computes the merged model's logits, and its tokenizer encodes as the original does."""
-    tokenizer = tiny_sentencepiece_tokenizer() if arch == "mistral" else tiny_bpe_tokenizer()
+    """f32: the GGUF model computes the merged model's logits, and its tokenizer encodes as the original does.
+    Phi-3: its fused qkv_proj and gate_up_proj (with their LoRA merged) and Phi-3's SentencePiece-style tokenizer."""
+    sentencepiece = arch in ("mistral", "phi3")
+    tokenizer = {"mistral": tiny_sentencepiece_tokenizer, "phi3": tiny_phi3_tokenizer}.get(arch, tiny_bpe_tokenizer)()
     shape = dict(QWEN3_SHAPE if arch == "qwen3" else SHAPE, **({"sliding_window": None} if arch == "mistral" else {}))
     model, tokenizer = tiny(tmp_path_factory, arch, tokenizer, **shape)
     save_gguf(model, tmp_path / "model.gguf", tokenizer, "f32")
@@ -110,7 +118,7 @@ def test_round_trip_matches_the_merged_model(arch, tmp_path_factory, tmp_path):
     assert_same_tokenizer(their_tokenizer, tokenizer)
     fields = gguf.GGUFReader(tmp_path / "model.gguf").fields
     assert fields["general.architecture"].contents() == ("llama" if arch == "mistral" else arch)
-    assert fields["tokenizer.ggml.model"].contents() == ("llama" if arch == "mistral" else "gpt2")
+    assert fields["tokenizer.ggml.model"].contents() == ("llama" if sentencepiece else "gpt2")
 
 
 def expected_types(names, quant: Q) -> dict[str, Q]:
@@ -195,6 +203,43 @@ def test_llama31_rope_scaling_is_rope_freqs(tmp_path_factory, tmp_path):
     assert_close(default / divisors, llama3, atol=0, rtol=1e-6, name="llama3 frequencies")
 
 
+def test_phi3_partial_rotary_and_longrope_as_llama_cpp_reads_them(tmp_path_factory, tmp_path):
+    """Phi-4-mini's RoPE (transformers' GGUF reader ignores it, so the file is checked field by field): 48 of 64
+    dims rotated, LongRoPE's factors as rope_factors_long/short, transformers' attention factor, the original
+    context of 16 positions, no window; the fused qkv_proj / gate_up_proj tensors hold the merged weights."""
+    model, tokenizer = tiny(tmp_path_factory, "phi3_longrope", tiny_bpe_tokenizer(), **SHAPE)
+    save_gguf(model, tmp_path / "model.gguf", tokenizer, "f32")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    config = model.get_base_model().config
+    rope = config.rope_parameters
+    assert fields["general.architecture"] == "phi3"
+    assert fields["phi3.rope.dimension_count"] == 48 and fields["phi3.rope.scaling.original_context_length"] == 16
+    assert fields["phi3.attention.sliding_window"] == 0 and fields["phi3.context_length"] == 64
+    attention_scaling = model.get_base_model().model.rotary_emb.attention_scaling
+    assert attention_scaling > 1.1  # sqrt(1 + ln 4 / ln 16): the factor is really exercised
+    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(attention_scaling, rel=1e-6)
+    tensors = {t.name: t for t in reader.tensors}
+    for kind in ("long", "short"):
+        factors = tensors[f"rope_factors_{kind}.weight"]
+        assert factors.tensor_type == Q.F32
+        assert np.allclose(np.asarray(factors.data), rope[f"{kind}_factor"], rtol=1e-7, atol=0)
+    merged = dict(iter_merged_tensors(model, torch.float32))
+    for hf_name, gguf_name in (("model.layers.1.self_attn.qkv_proj.weight", "blk.1.attn_qkv.weight"),
+                               ("model.layers.1.mlp.gate_up_proj.weight", "blk.1.ffn_up.weight")):
+        stored = torch.from_numpy(np.array(tensors[gguf_name].data)).reshape(merged[hf_name].shape)
+        assert torch.equal(stored, merged[hf_name]), gguf_name
+    assert "output.weight" not in tensors  # its head is tied to the embedding
+
+
+def test_phi3_sliding_window_is_warned_about(tmp_path_factory, tmp_path):
+    """llama.cpp disables SWA for phi3 (Phi-3-mini-4k's window of 2047 is written, then ignored): say so."""
+    model, tokenizer = tiny(tmp_path_factory, "phi3_sliding", tiny_phi3_tokenizer(), **SHAPE)
+    with pytest.warns(UserWarning, match="sliding window of 3 tokens, which llama.cpp's phi3 architecture does not"):
+        save_gguf(model, tmp_path / "model.gguf", tokenizer, "q8_0")
+    assert gguf.GGUFReader(tmp_path / "model.gguf").fields["phi3.attention.sliding_window"].contents() == 3
+
+
 @pytest.mark.parametrize("split, pre", [("gpt2", "gpt-2"), ("smollm", "smollm"), ("llama3", "llama-bpe"),
                                         ("qwen2", "qwen2")])
 def test_pre_tokenizer_is_named_for_llama_cpp(split, pre, llama, tmp_path):
@@ -264,7 +309,7 @@ def test_bad_arguments_are_refused_before_merging(llama, tmp_path, monkeypatch):
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     config = transformers.GemmaConfig(vocab_size=416, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    with pytest.raises(ValueError, match="exports llama, mistral, qwen2, qwen3 models; this one is 'gemma'"):
+    with pytest.raises(ValueError, match="exports llama, mistral, qwen2, qwen3, phi3 models; this one is 'gemma'"):
         save_gguf(transformers.GemmaForCausalLM(config), tmp_path / "model.gguf", tiny_bpe_tokenizer())
     assert not any(tmp_path.iterdir())
 

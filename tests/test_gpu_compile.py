@@ -79,6 +79,20 @@ def test_verbose_reports_mma_shapes_registers_and_spills():
     assert "rms_norm." not in result.stdout and "attention._attn_bwd_dq_kernel" in result.stdout
 
 
+def test_phi_variants_compile_with_their_constexprs():
+    """Phi-4-mini's partial rotary (96 of 128 dims rotated, 32 passed through: a variant of the RoPE kernel of its own)
+    and Phi-3's fused gate/up MLP (SwiGLU over the strided halves of the gate_up output) compile for an H100."""
+    result = compile_check("--arch", "90", "--models", "llama3-8b", "--dtypes", "bfloat16",
+                           "--ops", "apply_rope partial_rotary,lora_mlp_gate_up", "--verbose")
+    assert result.returncode == 0 and "\n0 failure(s)" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]
+    rope = verbose_variants(result.stdout, "rope._rope_kernel")
+    assert {(v["constexprs"]["HALF_D"], v["constexprs"]["PASS_D"], v["constexprs"]["BACKWARD"]) for v in rope} == {
+        ("48", "32", "False"), ("48", "32", "True")}, rope
+    assert all(v["spill_stores"] == v["spill_loads"] == 0 for v in rope)
+    for kernel in ("swiglu._swiglu_fwd_kernel", "swiglu._swiglu_bwd_kernel", "nf4._nf4_dequant_kernel"):
+        assert verbose_variants(result.stdout, kernel), f"{kernel} was not compiled:\n{result.stdout[-4000:]}"
+
+
 ATTENTION_KERNELS = {"fwd": "attention._attn_fwd_kernel", "dkdv": "attention._attn_bwd_dkdv_kernel",
                      "dq": "attention._attn_bwd_dq_kernel"}
 

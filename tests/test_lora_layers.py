@@ -28,12 +28,13 @@ from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 from tiny_models import FixedDropoutMask, bnb_cpu_reference_ok, drawn_dropout_masks
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastft.doctor.references import lora_mlp_reference, lora_projection_reference, nf4_reference
 from fastft.kernels._common import use_engine
 from fastft.kernels.lora_linear import lora_linear
-from fastft.kernels.lora_mlp import lora_mlp
+from fastft.kernels.lora_mlp import lora_mlp, lora_mlp_gate_up
 from fastft.kernels.lora_qkv import lora_qkv
 from fastft.kernels.nf4 import NF4Weight
-from fastft.quant import UnsupportedLoraLayer, fused_linear_args, lora_args_of
+from fastft.quant import UnsupportedLoraLayer, fused_linear_args, lora_args_of, nf4_weight_of
 
 lora_projection = importlib.import_module("fastft.kernels.lora_projection")
 
@@ -368,6 +369,140 @@ def test_lora_mlp_backward_runs_once():
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once per forward"):
         y.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# fastft-doctor checks the fused layers against float64 references (fastft.doctor.references, torch only, as a GPU
+# user has no peft oracle at hand): they must be peft's math. fp32 on both sides, the same dequantized weights: a
+# summation-order difference only (1e-5, as in _tol); a missing bias, mask or scaling is O(1).
+
+
+def _float64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+def _reference_projection(layer, leaves, multipliers=None):
+    """The float64 reference arguments of a peft LoRA layer (its NF4 weight from the NF4 definition)."""
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return (nf4_reference(nf4_weight_of(layer.base_layer.weight)), _float64(layer.base_layer.bias), leaves[A],
+            leaves[B], layer.scaling["default"], multipliers)
+
+
+def test_the_doctors_float64_lora_references_are_peft():
+    x = torch.randn(13, 72)
+    gate = _lora(_nf4_base(72, 200, bias=True, seed=0), seed=1, lora_dropout=0.25)
+    up = _lora(_nf4_base(72, 200, seed=2), r=3, seed=3)
+    down = _lora(_nf4_base(200, 72, seed=4), r=5, alpha=5, seed=5)
+    mask = (torch.rand(13, 72, generator=torch.Generator().manual_seed(6)) >= 0.25).float() / 0.75
+    gate.lora_dropout["default"] = FixedDropoutMask(mask)
+    params = _trainable([gate, up, down])
+    grads_out = [torch.randn(13, 72)]
+    expected = _run(lambda x: down(F.silu(gate(x)) * up(x)), x, params, grads_out)
+    leaves = {p: _float64(p) for p in params}
+    x64 = x.double().requires_grad_()
+    y = lora_mlp_reference(x64, _reference_projection(gate, leaves, mask.double()), _reference_projection(up, leaves),
+                           _reference_projection(down, leaves))
+    y.backward(grads_out[0].double())
+    got = [y, x64.grad] + [leaves[p].grad for p in params]
+    for name, a, e in zip(["y", "dx"] + [f"param {i}" for i in range(len(params))], got, expected):
+        assert_close(a, e, name=name, **_tol(torch.float32, e))
+    # and one projection alone, with its bias and the mask
+    expected = _run(gate, x, _trainable([gate]), [torch.ones(13, 200)])
+    leaves = {p: _float64(p) for p in _trainable([gate])}
+    x64 = x.double().requires_grad_()
+    y = lora_projection_reference(x64, *_reference_projection(gate, leaves, mask.double()))
+    y.backward(torch.ones(13, 200, dtype=torch.float64))
+    got = [y, x64.grad] + [leaf.grad for leaf in leaves.values()]
+    for name, a, e in zip(["y", "dx", "dA", "dB"], got, expected):
+        assert_close(a, e, name=name, **_tol(torch.float32, e))
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_mlp_gate_up: Phi-3's MLP, gate and up one projection with one LoRA
+
+
+def _phi3_mlp(gate_up, down):
+    """transformers' Phi3MLP forward over peft layers: gate, up = chunk(gate_up(x), 2); down(up * silu(gate))."""
+    def forward(x):
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        return down(up * F.silu(gate))
+    return forward
+
+
+def _gate_up_layers(dtype, lora_dropout=0.0, dense=False):
+    # hidden 72, intermediate 100 (gate_up 200 rows), ranks 4 and 5
+    if dense:  # frozen bf16 nn.Linear gate_up with an fp32 adapter (the unfused dtype path), NF4 down without one
+        gate_up = _lora(_dense_base(72, 200, dtype=dtype, seed=0), lora_dtype=torch.float32, seed=1)
+        return gate_up, _nf4_base(100, 72, compute_dtype=dtype, seed=4)
+    gate_up = _lora(_nf4_base(72, 200, compute_dtype=dtype, seed=0), lora_dtype=dtype, seed=1,
+                    lora_dropout=lora_dropout)
+    down = _lora(_nf4_base(100, 72, compute_dtype=dtype, seed=4), r=5, alpha=5, lora_dtype=dtype, seed=5,
+                 lora_dropout=lora_dropout)
+    return gate_up, down
+
+
+@pytest.mark.parametrize("dtype, chunk_tokens", [(torch.float32, None), (torch.float32, 1), (torch.float32, 4),
+                                                 (torch.float16, None), (torch.float16, 4)])
+def test_lora_mlp_gate_up_matches_phi3_mlp_over_peft(dtype, chunk_tokens):
+    """One LoRA on the fused [2I, H] gate_up weight (as peft puts it on Phi-3's gate_up_proj): outputs, dx and the
+    LoRA gradients of gate_up and down equal transformers' Phi3MLP math over peft's layers; in token chunks too
+    (1 token, uneven 4+4+4+1)."""
+    gate_up, down = _gate_up_layers(dtype)
+    x = torch.randn(13, 72).to(dtype)
+    _compare(lambda x: lora_mlp_gate_up(x, lora_args_of(gate_up), lora_args_of(down), chunk_tokens=chunk_tokens),
+             _phi3_mlp(gate_up, down), x, _trainable([gate_up, down]), dtype,
+             ["y", "dx", "dA_gate_up", "dB_gate_up", "dA_down", "dB_down"])
+
+
+def test_lora_mlp_gate_up_dense_weight_and_fp32_adapter_matches_peft():
+    dtype = torch.bfloat16
+    gate_up, down = _gate_up_layers(dtype, dense=True)
+    x = torch.randn(2, 7, 72).to(dtype)
+    _compare(lambda x: lora_mlp_gate_up(x, *(fused_linear_args(m) for m in (gate_up, down))),
+             _phi3_mlp(gate_up, down), x, _trainable([gate_up]), dtype, ["y", "dx", "dA_gate_up", "dB_gate_up"])
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 4])
+def test_lora_mlp_gate_up_with_dropout_matches_peft_with_the_same_masks(chunk_tokens):
+    """One mask over x for gate_up (peft's one nn.Dropout), one over h for down."""
+    dtype = torch.float32
+    gate_up, down = _gate_up_layers(dtype, lora_dropout=0.25)
+    x = torch.randn(13, 72).to(dtype)
+    _compare_dropout(lambda x: lora_mlp_gate_up(x, lora_args_of(gate_up), lora_args_of(down),
+                                                chunk_tokens=chunk_tokens),
+                     _phi3_mlp(gate_up, down), x, _trainable([gate_up, down]), dtype,
+                     ["y", "dx", "dA_gate_up", "dB_gate_up", "dA_down", "dB_down"],
+                     [(gate_up, (13, 72)), (down, (13, 100))])
+
+
+def test_lora_mlp_gate_up_keeps_one_gate_up_output_and_no_activation():
+    """Unchunked, the forward keeps x, the one [T, 2I] gate_up output (g and u side by side: Llama's two [T, I]) and
+    the [T, r] products; no [T, I] activation h. In chunks, no [T, 2I] or [T, I] tensor at all. Its backward runs
+    once (it overwrites that output with its gradient)."""
+    gate_up, down = _gate_up_layers(torch.float32)
+    x = torch.randn(13, 72, requires_grad=True)
+    for chunk_tokens, expected in ((None, 1), (5, 0)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            y = lora_mlp_gate_up(x, lora_args_of(gate_up), lora_args_of(down), chunk_tokens=chunk_tokens)
+        assert saved.count((13, 200)) == expected and (13, 100) not in saved and (13, 72) in saved, saved
+    y.sum().backward(retain_graph=True)
+    y = lora_mlp_gate_up(x, lora_args_of(gate_up), lora_args_of(down))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        y.sum().backward()
+
+
+def test_lora_mlp_gate_up_refuses_mismatched_shapes():
+    gate_up, down = _gate_up_layers(torch.float32)
+    w, b, A, B, s, cd, p = lora_args_of(gate_up)
+    x = torch.randn(13, 72)
+    with pytest.raises(ValueError, match="gate_up weight has 199 output features; expected an even number"):
+        lora_mlp_gate_up(x, (torch.randn(199, 72), None, None, None, 1.0), lora_args_of(down))
+    with pytest.raises(ValueError, match=r"down weight has shape \(200, 72\); x has 100 features"):
+        lora_mlp_gate_up(x, (w, b, A, B, s), (w, None, None, None, 1.0))
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive int"):
+        lora_mlp_gate_up(x, (w, b, A, B, s), lora_args_of(down), chunk_tokens=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,10 @@ TINY_LLAMA = transformers.LlamaConfig(vocab_size=384, hidden_size=128, intermedi
 TINY_QWEN2 = transformers.Qwen2Config(vocab_size=384, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
                                       tie_word_embeddings=True, use_sliding_window=False)
+# Phi-3: fused qkv_proj (256 rows) and gate_up_proj (384 rows)
+TINY_PHI3 = transformers.Phi3Config(vocab_size=384, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +61,24 @@ def test_accounted_trl_loss_path_equals_measured_on_cpu(contender):
     measured = measure_step_on_cpu(TINY_QWEN2, setup)
     assert accounted.resident == measured.resident
     assert accounted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.01)
+
+
+def test_accounted_phi3_step_equals_measured_on_cpu():
+    """Phi-3's fused projections (lora_linear on qkv_proj split into q, k, v; lora_mlp_gate_up) are accounted as they
+    run, with adapters on its four linear layers by default (fp32 adapters here: 4 bytes a weight). (The hf
+    contender's Phi-3 step is not validated this way: transformers hands SDPA q/k/v as views into one qkv output,
+    and the CPU flash attention standing in for CUDA's then writes its output [B, H, T, D]-contiguous, which
+    sdpa_attention_forward copies (+48 KiB here); CUDA's memory-efficient kernel, as accounted, writes [B, T, H, D].)"""
+    setup = StepSetup(contender="fastft", seq_len=48, batch_size=2, batch="padded", dtype=torch.float32)
+    accounted = account_step(TINY_PHI3, setup, sm_count=1, cuda_workspaces=False)
+    measured = measure_step_on_cpu(TINY_PHI3, setup)
+    assert accounted.resident == measured.resident
+    assert accounted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.01)
+    shapes = {"qkv_proj": (256, 128), "o_proj": (128, 128), "gate_up_proj": (384, 128), "down_proj": (128, 192)}
+    lora = TINY_PHI3.num_hidden_layers * sum(setup.r * (o + i) * 4 for o, i in shapes.values())
+    assert accounted.resident["lora_weights"] == lora
+    # fastft's one fp32 dequantization buffer holds the largest weight, the fused [2I, H] gate_up
+    assert accounted.resident["workspaces"] == 384 * 128 * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +300,17 @@ def test_llama31_8b_r32_max_context_targets():
     settings = dict(r=32, use_gradient_checkpointing="offload")
     assert max_context("llama-3.1-8b", 24, **settings) >= 100_000
     assert max_context("llama-3.1-8b", 80, **settings) >= 400_000
+
+
+def test_phi4_preset_adapts_its_four_fused_layers():
+    """fastft-memory's phi-4: Phi-3's architecture at 14B, adapters on qkv_proj, o_proj, gate_up_proj and down_proj
+    (bf16, r=16), and the one dequantization buffer sized for the fused [2I, H] gate_up weight."""
+    estimate = estimate_memory("microsoft/phi-4", 2048, r=16)
+    L, H, inter, q, kv = 40, 5120, 17920, 40 * 128, 10 * 128
+    shapes = [(q + 2 * kv, H), (H, q), (2 * inter, H), (H, inter)]
+    assert estimate.resident["lora_weights"] * GIB == L * sum(16 * (o + i) * 2 for o, i in shapes)
+    assert estimate.resident["workspaces"] * GIB == 2 * inter * H * 2
+    assert estimate.peak_gb > estimate.resident_gb
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A patched tiny Llama / Qwen2 matches the unpatched Hugging Face + peft model: logits, loss, LoRA grads.
+"""A patched tiny Llama / Qwen2 / Mistral / Qwen3 / Phi-3 matches the unpatched Hugging Face + peft model: logits,
+loss, LoRA grads. (Phi-3's own paths beyond these: test_phi.py.)
 
 Tolerances: everything runs in fp32 on both sides; the 4-bit weights are dequantized to the same values
 (table look-ups), so differences come only from summation order in matmuls/softmax (~1e-6 relative).
@@ -11,6 +12,7 @@ import torch
 from kernel_testing import assert_close
 from tiny_models import (
     LORA_TARGETS,
+    PHI3_LORA_TARGETS,
     FixedDropoutMask,
     copy_lora,
     drawn_dropout_masks,
@@ -23,7 +25,9 @@ from tiny_models import (
 
 from fastft import FastModel
 
-ARCHS = ["llama", "qwen2", "llama31", "mistral", "qwen3"]
+# phi3_longrope: Phi-3's fused qkv_proj / gate_up_proj with Phi-4-mini's partial rotary + LongRoPE (short factors
+# here: these batches stay within its original 16 positions; test_phi.py crosses the switch, and tests plain Phi-3)
+ARCHS = ["llama", "qwen2", "llama31", "mistral", "qwen3", "phi3_longrope"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -183,9 +187,9 @@ def test_disable_adapter_and_ref_adapter(arch_path):
     assert (enabled - disabled)[real].abs().max() > 1e-3, "LoRA has no effect: the test would prove nothing"
 
     # A "ref" adapter (as TRL's DPOTrainer adds), with other weights, made active.
+    targets = PHI3_LORA_TARGETS if model.config.model_type == "phi3" else LORA_TARGETS
     for m in (baseline, model):
-        m.add_adapter("ref", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                                  "gate_proj", "up_proj", "down_proj"]))
+        m.add_adapter("ref", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with torch.no_grad():
         for (n1, p1), (n2, p2) in zip(baseline.named_parameters(), model.named_parameters()):
             if ".ref." in n1:
@@ -235,7 +239,7 @@ def test_gradient_checkpointing_gives_same_grads(tmp_path, mode, lora_dropout):
     assert_grads_match(grads_ckpt, grads_plain)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
 def test_lora_dropout_matches_hf_with_the_same_masks(tmp_path, arch):
     """lora_dropout=0.1 on every projection, in training mode: fastft's fused path draws its masks inside its
     kernels; Hugging Face + peft, given those masks in place of its nn.Dropout modules, computes the same loss
@@ -252,7 +256,10 @@ def test_lora_dropout_matches_hf_with_the_same_masks(tmp_path, arch):
     shapes = {"q_proj": config.hidden_size, "k_proj": config.hidden_size, "v_proj": config.hidden_size,
               "o_proj": config.num_attention_heads * config.head_dim, "gate_proj": config.hidden_size,
               "up_proj": config.hidden_size, "down_proj": config.intermediate_size}
-    assert set(shapes) == set(LORA_TARGETS)
+    if arch == "phi3":  # one mask over x for the fused qkv_proj, one over x for the fused gate_up_proj
+        shapes = {"qkv_proj": shapes["q_proj"], "o_proj": shapes["o_proj"], "gate_up_proj": shapes["gate_proj"],
+                  "down_proj": shapes["down_proj"]}
+    assert set(shapes) == set(PHI3_LORA_TARGETS if arch == "phi3" else LORA_TARGETS)
     draws = [(0.1, (tokens, shapes[name])) for _ in range(config.num_hidden_layers) for name in shapes]
     masks = iter(drawn_dropout_masks(7, draws))
     for layer in baseline.get_base_model().model.layers:  # in the order fastft draws: attention, then MLP

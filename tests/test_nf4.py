@@ -12,6 +12,7 @@ import torch
 from kernel_testing import DTYPES, ENGINES, assert_close
 from tiny_models import bnb_cpu_reference_ok
 
+from fastft.doctor.references import nf4_reference
 from fastft.kernels._common import use_engine
 from fastft.kernels.nf4 import NF4Weight, dequantize_nf4
 from fastft.quant import UnsupportedWeight, dequantize_4bit, nf4_weight_of
@@ -53,18 +54,8 @@ def test_dequantize_equals_bitsandbytes(shape, blocksize, double_quant):
 
 
 def _nf4_definition(packed, qs) -> torch.Tensor:
-    """float64 NF4, from the definition: value = code[nibble] * absmax[block], nibbles high first, blocks of
-    ``blocksize`` over the flattened row-major weight; double quantization: absmax = nested_code[q] *
-    nested_absmax[block of nested_blocksize] + offset."""
-    absmax = qs.absmax.double()
-    if qs.nested:
-        nested = qs.state2
-        scales = nested.absmax.double().repeat_interleave(nested.blocksize)[: absmax.numel()]
-        absmax = nested.code.double()[qs.absmax.long()] * scales + float(qs.offset)
-    n = qs.shape[0] * qs.shape[1]
-    byte = packed.view(torch.uint8).reshape(-1).long()
-    nibbles = torch.stack([byte >> 4, byte & 15], dim=1).reshape(-1)[:n]
-    return (qs.code.double()[nibbles] * absmax.repeat_interleave(qs.blocksize)[:n]).reshape(qs.shape)
+    """float64 NF4 from the definition (fastft.doctor.references.nf4_reference) of bitsandbytes' packed codes."""
+    return nf4_reference(_nf4_weight(packed, qs))
 
 
 # in_features that are multiples of 16 but not of 64: bitsandbytes 0.50.2's CPU path gets these wrong (96x96: 25%

@@ -4,6 +4,7 @@ import torch
 from kernel_testing import BF16, ENGINES, EPS, F16, F32, assert_close
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from fastft.doctor.references import rms_norm_reference
 from fastft.kernels import use_engine
 from fastft.kernels._common import INTERPRET
 from fastft.kernels.rms_norm import rms_norm
@@ -16,18 +17,8 @@ def _inputs(shape, x_dtype, w_dtype, seed=0, w_grad=True):
     return x, w
 
 
-def _reference(x, w, dy, eps):
-    """Exact float64 math (no intermediate rounding), gradients by float64 autograd."""
-    x64 = x.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    xhat = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
-    y = w64 * xhat
-    y.backward(dy.double())
-    return y.detach(), x64.grad, w64.grad, xhat.detach()
-
-
 def _check_against_float64(x, w, y, dy, eps, engine="triton"):
-    y_ref, dx_ref, dw_ref, xhat_ref = _reference(x, w, dy, eps)
+    y_ref, dx_ref, dw_ref, xhat_ref = rms_norm_reference(x, w, dy, eps)
     out_dtype = torch.promote_types(x.dtype, w.dtype)
     assert y.dtype == out_dtype
     # y rounds twice: xhat to x.dtype, then the product to the output dtype. Half an ulp each with
@@ -112,7 +103,7 @@ def test_frozen_weight_and_no_input_grad(engine):
         y = rms_norm(x, w)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(y.dtype)
         y.backward(dy)
-    y_ref, _, dw_ref, xhat = _reference(x, w, dy, 1e-6)
+    y_ref, _, dw_ref, xhat = rms_norm_reference(x, w, dy, 1e-6)
     assert_close(y, y_ref, atol=1e-6, rtol=2 * EPS[F16], name="y")
     bound = (dy.double() * xhat).abs().sum(0).max().item()
     assert_close(w.grad, dw_ref, atol=EPS[F16] * bound, rtol=1e-6, name="dweight")

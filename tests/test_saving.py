@@ -52,6 +52,25 @@ def test_sharded_export_loads_in_plain_transformers_and_matches(llama_path, tmp_
     assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4, name="merged logits")
 
 
+def test_phi3_fused_projections_merge_into_a_plain_checkpoint(tmp_path):
+    """Phi-3's one LoRA on the fused qkv_proj and gate_up_proj merges into that fused weight; the checkpoint (with
+    Phi-4-mini's partial rotary + LongRoPE config) loads in plain transformers and computes the LoRA model's logits,
+    past the LongRoPE switch too (21 tokens > 16)."""
+    path = save_tiny_model("phi3_longrope", tmp_path / "phi3")
+    model, tokenizer = lora_model(path)
+    ids = torch.randint(4, 211, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    save_merged(model, tmp_path / "merged", tokenizer, dtype=torch.float32)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert plain.config.rope_parameters == model.config.rope_parameters
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(
+        plain.state_dict())
+    with torch.no_grad():
+        theirs = plain(input_ids=ids).logits
+    assert_close(ours, theirs, atol=1e-4, rtol=1e-4, name="merged logits")
+
+
 def test_iter_merged_tensors_names_and_tied_head(tmp_path):
     qwen2 = save_tiny_model("qwen2", tmp_path / "qwen2")  # ties lm_head to the input embeddings
     model, _ = lora_model(qwen2)

@@ -3,17 +3,9 @@ import pytest
 import torch
 from kernel_testing import BF16, ENGINES, EPS, F16, F32, assert_close
 
+from fastft.doctor.references import swiglu_reference
 from fastft.kernels import use_engine
 from fastft.kernels.swiglu import swiglu, swiglu_backward_into, swiglu_forward_into
-
-
-def _reference(gate, up, grad_out):
-    """Independent float64 math: silu written out, gradients by float64 autograd."""
-    g64 = gate.detach().double().requires_grad_()
-    u64 = up.detach().double().requires_grad_()
-    out = g64 / (1 + torch.exp(-g64)) * u64
-    out.backward(grad_out.double())
-    return out.detach(), g64.grad, u64.grad
 
 
 def _run_and_check(gate, up, engine, seed):
@@ -21,7 +13,7 @@ def _run_and_check(gate, up, engine, seed):
         out = swiglu(gate, up)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
     out.backward(grad_out)
-    ref, ref_dgate, ref_dup = _reference(gate, up, grad_out)
+    ref, ref_dgate, ref_dup = swiglu_reference(gate, up, grad_out)
     assert out.dtype == gate.dtype and out.shape == gate.shape
     # Everything is computed in fp32 from the exact inputs and rounded once to the dtype: 1 ulp
     # relative covers round-to-nearest and the interpreter's truncating bf16 casts. fp32: a few ulps
@@ -87,7 +79,7 @@ def test_backward_into_its_inputs_with_the_activation(engine, dtype):
     gate = (4 * torch.randn(7, 333, generator=gen)).to(dtype)
     up = torch.randn(7, 333, generator=gen).to(dtype)
     grad_out = torch.randn(7, 333, generator=gen).to(dtype)
-    ref_out, ref_dgate, ref_dup = _reference(gate, up, grad_out)
+    ref_out, ref_dgate, ref_dup = swiglu_reference(gate, up, grad_out)
     scale = (gate.double().abs().max() * up.double().abs().max() * grad_out.double().abs().max()).item()
     with use_engine(engine):
         swiglu_backward_into(grad_out, gate, up, gate, up, out=grad_out)
@@ -108,9 +100,35 @@ def test_forward_into_a_callers_buffer(engine, dtype):
     out = torch.full_like(gate, float("nan"))
     with use_engine(engine):
         assert swiglu_forward_into(gate, up, out) is out
-    ref, _, _ = _reference(gate, up, torch.zeros_like(gate))
+    ref, _, _ = swiglu_reference(gate, up, torch.zeros_like(gate))
     scale = (gate.double().abs().max() * up.double().abs().max()).item()
     assert_close(out, ref, atol=1e-6 * scale, rtol=max(EPS[dtype], 1e-5), name="out")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_launchers_on_the_halves_of_a_fused_gate_up_output(engine, dtype):
+    """The fused gate/up MLP (Phi-3's gate_up_proj): gate and up are the column halves of one [T, 2I] tensor (rows
+    strided by 2I), read in place; the backward writes [d_gate | d_up] over them, the activation into a
+    contiguous buffer; columns not a multiple of the block, rows of another stride for the output."""
+    gen = torch.Generator().manual_seed(8)
+    T, inter = 6, 1100
+    gate_up = (4 * torch.randn(T, 2 * inter, generator=gen)).to(dtype)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    grad_out = torch.randn(T, inter, generator=gen).to(dtype)
+    ref_out, ref_dgate, ref_dup = swiglu_reference(gate, up, grad_out)
+    scale = (gate.double().abs().max() * up.double().abs().max() * grad_out.double().abs().max()).item()
+    rtol = max(EPS[dtype], 1e-5)
+    wide = torch.full((T, inter + 3), float("nan"), dtype=dtype)  # an output with strided rows, too
+    with use_engine(engine):
+        swiglu_forward_into(gate, up, wide[:, :inter])
+        assert_close(wide[:, :inter], ref_out, atol=1e-6 * scale, rtol=rtol, name="out")
+        assert wide[:, inter:].isnan().all()  # nothing written past the row
+        out = torch.full((T, inter), float("nan"), dtype=dtype)
+        swiglu_backward_into(grad_out, gate, up, gate, up, out=out)
+    assert_close(out, ref_out, atol=1e-6 * scale, rtol=rtol, name="recomputed out")
+    assert_close(gate_up[:, :inter], ref_dgate, atol=1e-6 * scale, rtol=rtol, name="d_gate")
+    assert_close(gate_up[:, inter:], ref_dup, atol=1e-6 * scale, rtol=rtol, name="d_up")
 
 
 def test_launchers_refuse_bad_buffers():

@@ -184,6 +184,33 @@ def test_sft_dataset_kinds_match_baseline(arch_path, tmp_path, kind):
     assert_curves_match(losses(ours), losses(ref))
 
 
+@pytest.mark.slow
+def test_phi3_sft_and_dpo_curves_match_baseline(tmp_path, monkeypatch):
+    """Phi-4-mini's shape (fused qkv_proj / gate_up_proj with one LoRA each, partial rotary, LongRoPE: the chats are
+    longer than its 16 original positions, so batches cross its switch): SFT with packing and DPO with its `ref`
+    adapter log the baseline's losses (and DPO's rewards) step by step."""
+    path = save_tiny_model("phi3_longrope", tmp_path / "m")
+    baseline, model = models(path)
+    data = arithmetic_chats(96)
+    cfg = dict(max_steps=12, packing=True, padding_free=True, per_device_train_batch_size=2)
+    ref = train_sft(baseline, data, tmp_path / "hf", **cfg)
+    spy = LogProbSpy(monkeypatch)
+    ours = train_sft(model, data, tmp_path / "fastft", **cfg)
+    assert spy.calls > 0
+    assert_curves_match(losses(ours), losses(ref))
+    assert losses(ours)[-1] < losses(ours)[0] - 0.3, "training did not learn: the comparison proves little"
+
+    baseline, model = models(path)
+    pairs = preference_pairs(60)
+    ref = train_dpo(baseline, pairs, tmp_path / "hf-dpo", max_steps=12)
+    ours = train_dpo(model, pairs, tmp_path / "fastft-dpo", max_steps=12)
+    assert "ref" in model.peft_config
+    assert_curves_match(losses(ours), losses(ref), rtol=5e-3)
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert_curves_match(losses(ours, key), losses(ref, key), rtol=5e-3, atol=REWARD_ATOL)
+    assert max(abs(r) for r in losses(ours, "rewards/chosen")) > 3 * REWARD_ATOL
+
+
 def test_sft_save_and_resume_continues_the_same_curve(tmp_path):
     path = save_tiny_model("llama", tmp_path / "m")
     data = arithmetic_chats(64)

@@ -1,4 +1,5 @@
-"""Tiny random Llama / Qwen2 / Mistral / Qwen3 checkpoints for model-level tests, and the Hugging Face + peft baseline.
+"""Tiny random Llama / Qwen2 / Mistral / Qwen3 / Phi-3 checkpoints for model-level tests, and the Hugging Face + peft
+baseline.
 
 Shapes are chosen to be awkward (hidden 72, intermediate 136, GQA 4:2, vocab 211) but keep head_dim=64,
 a head size fastft's attention kernel serves, so the fastft path is exercised rather than SDPA.
@@ -11,7 +12,17 @@ import torch
 import transformers
 from tiny_tokenizer import tiny_tokenizer
 
+from fastft.doctor.numerics import drawn_dropout_masks  # noqa: F401  (the tests' and fastft-doctor's)
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHI3_LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's fused q/k/v and gate/up layers
+
+# Phi-4-mini's RoPE at tiny size: the first 3/4 of each head rotated (48 of 64 dims), LongRoPE factors (short up to
+# original_max_position_embeddings = 16 positions, long beyond) and the attention scaling they imply
+# (sqrt(1 + ln(64 / 16) / ln(16)) on cos and sin). The factors are arbitrary but distinct per frequency.
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                 "original_max_position_embeddings": 16,
+                 "short_factor": [1.0 + 0.1 * i for i in range(24)], "long_factor": [2.0 + 0.3 * i for i in range(24)]}
 
 
 def tiny_config(arch: str, **overrides):
@@ -33,6 +44,16 @@ def tiny_config(arch: str, **overrides):
     elif arch == "qwen3":  # per-head RMSNorm of q and k before RoPE, no q/k/v bias
         config = transformers.Qwen3Config(**common, tie_word_embeddings=True, rope_parameters={
             "rope_type": "default", "rope_theta": 1000000.0})
+    elif arch in ("phi3", "phi3_sliding"):  # fused qkv_proj and gate_up_proj; Phi-3-mini-4k's window per layer
+        window = dict(sliding_window=3) if arch == "phi3_sliding" else {}
+        config = transformers.Phi3Config(**common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2,
+                                         eos_token_id=3, **window)
+    elif arch == "phi3_longrope":  # Phi-4-mini: partial rotary + LongRoPE, tied embeddings; hidden = heads * head_dim
+        # (Phi3Config checks the factors' length against hidden / heads), GQA 2:1
+        config = transformers.Phi3Config(**dict(common, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                                                max_position_embeddings=64), original_max_position_embeddings=16,
+                                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                         rope_parameters=dict(PHI3_LONGROPE))
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -41,16 +62,20 @@ def tiny_config(arch: str, **overrides):
 
 
 def save_tiny_model(arch: str, path, seed: int = 0, **overrides) -> str:
+    return save_random_model(tiny_config(arch, **overrides), path, seed)
+
+
+def save_random_model(config, path, seed: int = 0, dtype=torch.float32, max_shard_size="5GB") -> str:
+    """A random-weight checkpoint of ``config`` (with the tiny tokenizer) in ``path``."""
     torch.manual_seed(seed)
-    config = tiny_config(arch, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # non-trivial norm weights and biases, so a dropped term shows
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 param.normal_(0, 0.1)
-    model.save_pretrained(path)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     tiny_tokenizer().save_pretrained(path)
     return str(path)
 
@@ -94,7 +119,8 @@ def load_baseline(path, load_in_4bit=True, dtype=torch.float32, r=4, lora_alpha=
         device_map="cpu", attn_implementation="eager")
     check_bnb_cpu_reference(model)
     keep_bnb_standard_path(model)
-    config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGETS,
+    targets = PHI3_LORA_TARGETS if model.config.model_type == "phi3" else LORA_TARGETS
+    config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                              task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
 
@@ -131,17 +157,6 @@ class FixedDropoutMask(torch.nn.Module):
 
     def forward(self, x):
         return (x.float() * self.multipliers.reshape(x.shape)).to(x.dtype)
-
-
-def drawn_dropout_masks(seed, draws):
-    """The multipliers fastft's fused LoRA calls drew after ``torch.manual_seed(seed)``: ``draws`` lists
-    ``(p, [T, in])`` in the order the calls drew their seeds (one per projection with an adapter and p > 0), on
-    the engine in use."""
-    from fastft.kernels.lora_dropout import DropoutMask, dropout_mask
-
-    torch.manual_seed(seed)
-    masks = [DropoutMask.draw(p, torch.device("cpu")) for p, _ in draws]
-    return [dropout_mask(mask, shape, "cpu") for mask, (_, shape) in zip(masks, draws)]
 
 
 def padded_batch(vocab=211, seed=0):

@@ -2,7 +2,7 @@
 import json
 import string
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
@@ -93,4 +93,15 @@ def tiny_sentencepiece_tokenizer(vocab_size: int = 400):
     fast.chat_template = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
                           "message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
                           "{% endfor %}")
+    return fast
+
+
+def tiny_phi3_tokenizer(vocab_size: int = 400):
+    """:func:`tiny_sentencepiece_tokenizer` shaped as Phi-3's ``tokenizer.json``: spaces become "\u2581" and one is
+    prepended by its normalizer (no pre-tokenizer), so a text that starts with spaces keeps one more "\u2581"
+    than with Llama 2's Metaspace; transformers' GGUF reader rebuilds a ``phi3`` file's tokenizer that way."""
+    fast = tiny_sentencepiece_tokenizer(vocab_size)
+    fast.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(prepend="\u2581"), normalizers.Replace(pattern=" ", content="\u2581")])
+    fast.backend_tokenizer.pre_tokenizer = None
     return fast

@@ -30,13 +30,19 @@ KNOWN_MODELS = {
                                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
                                    rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
                                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # microsoft/phi-4 (14B): Phi-3's architecture (fused qkv_proj / gate_up_proj), no RoPE scaling, no window
+    "phi-4": ("phi3", dict(vocab_size=100352, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+                           num_attention_heads=40, num_key_value_heads=10, max_position_embeddings=16384,
+                           original_max_position_embeddings=16384, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                           sliding_window=None, bos_token_id=100257, eos_token_id=100265, pad_token_id=100349,
+                           rope_parameters={"rope_type": "default", "rope_theta": 250000.0})),
 }
 ALIASES = {"meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
            "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
            "meta-llama/meta-llama-3.1-70b": "llama-3.1-70b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
            "qwen/qwen2-7b": "qwen2-7b",
            "qwen/qwen2-7b-instruct": "qwen2-7b", "qwen/qwen2.5-1.5b": "qwen2.5-1.5b",
-           "qwen/qwen2.5-1.5b-instruct": "qwen2.5-1.5b"}
+           "qwen/qwen2.5-1.5b-instruct": "qwen2.5-1.5b", "microsoft/phi-4": "phi-4"}
 
 
 class UnknownModelError(ValueError):

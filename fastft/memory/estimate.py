@@ -16,7 +16,7 @@ import torch
 
 from .accounting import GIB, StepMemory, account_step
 from .configs import load_config
-from .training_step import ALL_LINEAR, StepSetup
+from .training_step import StepSetup
 
 # The rows of the resident breakdown, in print order, with what they hold.
 RESIDENT_ROWS = {
@@ -101,13 +101,13 @@ def _dtype(value) -> torch.dtype:
     return dtype
 
 
-def step_setup(max_seq_length, batch_size=1, r=16, lora_alpha=16, target_modules=ALL_LINEAR,
+def step_setup(max_seq_length, batch_size=1, r=16, lora_alpha=16, target_modules=None,
                use_gradient_checkpointing=True, loss="trl", contender="fastft", dtype=torch.bfloat16,
                mlp_chunk_tokens=None, fsdp_world_size=1) -> StepSetup:
     """The :class:`StepSetup` for :func:`estimate_memory`'s arguments, checked."""
     return StepSetup(contender=contender, seq_len=_positive_int("max_seq_length", max_seq_length),
                      batch_size=_positive_int("batch_size", batch_size), r=_positive_int("r", r),
-                     lora_alpha=lora_alpha, target_modules=tuple(target_modules),
+                     lora_alpha=lora_alpha, target_modules=None if target_modules is None else tuple(target_modules),
                      checkpointing=_checkpointing(use_gradient_checkpointing), loss=loss, dtype=_dtype(dtype),
                      mlp_chunk_tokens=mlp_chunk_tokens,
                      fsdp_world_size=_positive_int("fsdp_world_size", fsdp_world_size))
@@ -129,16 +129,18 @@ def _model_name(model) -> str:
 
 
 def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16, lora_alpha: int = 16,
-                    target_modules=ALL_LINEAR, use_gradient_checkpointing=True, loss: str = "trl",
+                    target_modules=None, use_gradient_checkpointing=True, loss: str = "trl",
                     contender: str = "fastft", dtype=torch.bfloat16, mlp_chunk_tokens: int | None = None,
                     fsdp_world_size: int = 1) -> MemoryEstimate:
     """Accounted GPU memory of one QLoRA training step (see the module doc for what is counted).
 
     Args:
         model: a transformers config or model, a name fastft knows (``"llama-3.1-8b"``, ``"qwen2-7b"``,
-            ``"qwen2.5-1.5b"``), a local directory with a ``config.json``, or a hub id in the offline cache.
+            ``"qwen2.5-1.5b"``, ``"phi-4"``, ...), a local directory with a ``config.json``, or a hub id in the
+            offline cache.
         max_seq_length: tokens per sequence; ``batch_size`` sequences per step.
-        r, lora_alpha, target_modules: the LoRA adapters (default: all seven linear layers).
+        r, lora_alpha, target_modules: the LoRA adapters (default: every linear layer of the decoder: Llama's
+            seven, Phi-3's four fused ones).
         use_gradient_checkpointing: True, False, "offload" or a number of layers, as
             ``FastModel.get_peft_model`` takes it.
         loss: "trl" (TRL's SFTTrainer / DPOTrainer fused lm-head path) or "labels" (``model(labels=...)``).

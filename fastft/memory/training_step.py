@@ -52,7 +52,7 @@ class StepSetup:
     r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # peft's lora_dropout p of every adapter (fastft draws its mask inside the kernels)
-    target_modules: tuple[str, ...] = ALL_LINEAR
+    target_modules: tuple[str, ...] | None = None  # None: every linear layer of the decoder (lora_targets)
     checkpointing: str = "on"  # "off", "on", "offload", or an int: the first that many layers checkpointed
     mlp_chunk_tokens: int | None = None  # fastft: the MLP in token chunks (lora_mlp's chunk_tokens)
     batch: str = "plain"
@@ -120,6 +120,10 @@ def build_model(config, setup: StepSetup, device: torch.device):
     """The contender's model for ``setup`` on ``device`` (meta: accounted; cpu: measured)."""
     import transformers
 
+    from ..moe import refuse_moe
+
+    refuse_moe(config, "fastft's memory accounting")
+
     config = copy.deepcopy(config)  # quantization records itself in the config
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=setup.dtype, attn_implementation="sdpa")
@@ -145,11 +149,22 @@ def build_model(config, setup: StepSetup, device: torch.device):
     return model
 
 
-def _lora_config(setup: StepSetup):
+def lora_targets(setup: StepSetup, config) -> list[str]:
+    """The adapted layers: ``setup.target_modules``, or every linear layer of the decoder under the architecture's
+    names (Phi-3's fused ``qkv_proj`` and ``gate_up_proj``; Llama's seven elsewhere)."""
+    from ..architectures import SPECS
+
+    if setup.target_modules is not None:
+        return list(setup.target_modules)
+    spec = SPECS.get(config.model_type)
+    return list(spec.linear_layers if spec is not None else ALL_LINEAR)
+
+
+def _lora_config(setup: StepSetup, config):
     import peft
 
     return peft.LoraConfig(r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout, bias="none",
-                           target_modules=list(setup.target_modules), task_type="CAUSAL_LM")
+                           target_modules=lora_targets(setup, config), task_type="CAUSAL_LM")
 
 
 def _hf(model, setup: StepSetup):
@@ -157,7 +172,7 @@ def _hf(model, setup: StepSetup):
 
     from ..checkpointing import transformers_method
 
-    model = peft.get_peft_model(model, _lora_config(setup))
+    model = peft.get_peft_model(model, _lora_config(setup, model.config))
     mode = setup.checkpointing
     if mode != "off":
         layers = model.get_base_model().model.layers
@@ -175,7 +190,7 @@ def _fastft(model, setup: StepSetup):
     patch_model(model, max_seq_length=setup.seq_len)
     mode = {"off": False, "on": True}.get(setup.checkpointing, setup.checkpointing)
     return FastModel.get_peft_model(model, r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
-                                    target_modules=list(setup.target_modules), use_gradient_checkpointing=mode,
+                                    target_modules=lora_targets(setup, model.config), use_gradient_checkpointing=mode,
                                     mlp_chunk_tokens=setup.mlp_chunk_tokens)
 
 

@@ -1,6 +1,9 @@
-"""The case table of ``bench/microbench.py``: per op its sizes, an input builder, its implementations (fastft's
+"""The kernel micro-benchmarks' case table: per op its sizes, an input builder, its implementations (fastft's
 kernel, the reference it replaces), the bytes or FLOPs formula of its rates and its target, in the manner of
-``triton.testing.perf_report``'s benchmark specs. ``bench/microbench.py`` measures every case in one loop.
+``triton.testing.perf_report``'s benchmark specs, and :func:`measure`, which times one implementation.
+``bench/microbench.py`` measures every case in one loop on a GPU; ``fastft-doctor``'s speed section
+(``fastft/doctor/speed.py``) measures each op against its reference on the user's device. (In the package, not in
+``bench/``, so that the doctor reuses the byte and FLOP counts.)
 
 An op's input builder ``build(bench, S, dtype, size, setup)`` returns a namespace with ``shape`` (the row's
 label), ``grads`` (the tensors whose gradients are reset between runs), ``dys`` (the backward's output
@@ -269,6 +272,31 @@ def sdpa_flash(x):
 
     return Run(f, grads=[x.q, kr, vr], note="k/v repeated to Hq heads before the call (not timed)"
                                             + ("" if x.cuda else "; CPU dry run uses the math backend"))
+
+
+def measure(bench, forward, grads, dys=None, *, backward=True, memory=False) -> dict:
+    """Time ``forward()`` alone and (``backward``) ``forward()`` + backward with ``bench.time_ms``; optionally the
+    peak memory of fwd+bwd (``bench.peak_extra_gb``). Backward runs ``sum(out_i * dys_i)`` with fixed random
+    ``dys``, or ``out.backward()`` for a scalar output (``dys`` None)."""
+    def fwd_bwd():
+        out = forward()
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        torch.autograd.backward(outs, None if dys is None else list(dys))
+
+    f = bench.time_ms(forward, grad_to_none=grads)
+    result = {"fwd_ms": f["median"], "fwd_ms_p20_p80": [f["p20"], f["p80"]]}
+    if not backward:
+        return result
+    fb = bench.time_ms(fwd_bwd, grad_to_none=grads)
+    result.update(fwdbwd_ms=fb["median"], fwdbwd_ms_p20_p80=[fb["p20"], fb["p80"]],
+                  bwd_ms=max(fb["median"] - f["median"], 0.0))
+    if memory:
+        for t in grads:
+            t.grad = None
+        result["peak_extra_gb"] = bench.peak_extra_gb(fwd_bwd)
+        for t in grads:
+            t.grad = None
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------
