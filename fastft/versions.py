@@ -11,7 +11,8 @@ PYTHON = ">=3.11"  # trl's own floor (1.15 and later), and transformers 5.23's
 
 REQUIREMENTS = {
     # torch 2.10 is the oldest release whose wheels pin a Triton fastft's kernels run on (2.10 and 2.11 pin triton
-    # 3.6.0; 2.9.1 pins 3.5.1, so an older torch cannot be installed beside triton>=3.6)
+    # 3.6.0; 2.9.1 pins 3.5.1, so an older torch cannot be installed beside triton>=3.6). One feature needs more: the
+    # FSDP memory accounting, torch 2.13 (fastft/memory/fsdp.py)
     "torch": ">=2.10",
     "triton": ">=3.6",  # the kernels use no Triton API newer than 3.6
     # 5.17: the oldest tested; 6 drops the gradient_checkpointing_enable entry point fastft's checkpointing overrides
