@@ -69,7 +69,7 @@ def _randn(*shape):
 DENSE_CASES = [
     # B, Hq, Hkv, T, S, D, causal, window, dtype
     pytest.param(1, 2, 2, 1, 1, 16, True, None, torch.float32, id="T1-gqa1"),
-    pytest.param(2, 4, 1, 17, 17, 64, True, None, torch.float32, id="T17-gqa4-D64", marks=pytest.mark.compat),
+    pytest.param(2, 4, 1, 17, 17, 64, True, None, torch.float32, id="T17-gqa4-D64"),
     pytest.param(1, 7, 1, 17, 17, 32, True, None, torch.float16, id="T17-gqa7-fp16"),
     pytest.param(1, 4, 2, 23, 40, 80, False, None, torch.float32, id="noncausal-T<S-D80"),
     pytest.param(1, 2, 1, 40, 23, 80, False, None, torch.float16, id="noncausal-T>S-D80-fp16"),
@@ -153,7 +153,7 @@ def _cu_seqlens(lengths):
 
 VARLEN_CASES = [
     # lengths, Hq, Hkv, D, causal, window, dtype
-    pytest.param([1, 5, 64, 129], 4, 1, 64, True, None, torch.float32, id="causal-gqa4", marks=pytest.mark.compat),
+    pytest.param([1, 5, 64, 129], 4, 1, 64, True, None, torch.float32, id="causal-gqa4"),
     pytest.param([1, 5, 64, 129], 2, 2, 80, True, None, torch.float16, id="causal-D80-fp16"),
     pytest.param([129, 1, 64, 5], 7, 1, 32, False, None, torch.bfloat16, id="noncausal-gqa7-bf16"),
     pytest.param([5, 100, 1, 37], 2, 1, 64, True, 16, torch.float32, id="window16"),

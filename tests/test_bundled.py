@@ -83,7 +83,6 @@ def converted(tmp_path_factory):
     return root, bundled.bundled_model_path(root)
 
 
-@pytest.mark.compat
 def test_real_conversion_is_a_plain_bf16_llama_checkpoint(converted, capsys):
     root, path = converted
     assert path == os.path.join(str(root), bundled._CACHE_NAME)
@@ -104,7 +103,6 @@ def test_real_conversion_is_a_plain_bf16_llama_checkpoint(converted, capsys):
     assert len(names) == 30 * 9 + 2  # 7 projections + 2 norms per layer, embedding, final norm (lm_head tied)
 
 
-@pytest.mark.compat
 def test_real_conversion_chats(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -26,7 +26,6 @@ def fast_lora_model(path, **kwargs):
     return model
 
 
-@pytest.mark.compat
 def test_adapter_round_trip_through_plain_peft(qwen2_path, tmp_path):
     model = fast_lora_model(qwen2_path)
     ids, mask, _ = padded_batch()
@@ -60,7 +59,6 @@ def test_merged_16bit_export_matches(qwen2_path, tmp_path):
     assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4, name="merged logits")
 
 
-@pytest.mark.compat
 def test_generate_matches_hf_greedy(qwen2_path):
     baseline = load_baseline(qwen2_path)
     randomize_lora(baseline)
@@ -138,14 +136,12 @@ def test_lora_dropout_runs_the_fused_path(qwen2_path, monkeypatch, caplog):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
 
 
-@pytest.mark.compat
 def test_unsupported_transformers_version_names_the_range(monkeypatch, qwen2_path):
     monkeypatch.setattr(transformers, "__version__", "4.46.0")
     with pytest.raises(ImportError, match=r"transformers>=5.17,<6"):
         FastModel.from_pretrained(qwen2_path)
 
 
-@pytest.mark.compat
 def test_trl_without_the_fused_lm_head_path_names_the_range(monkeypatch):
     import trl.trainer.utils as trl_utils
 
@@ -156,7 +152,6 @@ def test_trl_without_the_fused_lm_head_path_names_the_range(monkeypatch):
         trl_compat.install()
 
 
-@pytest.mark.compat
 def test_trl_without_the_dataset_preparation_hook_names_the_range(monkeypatch):
     import trl
 

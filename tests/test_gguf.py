@@ -100,9 +100,7 @@ def tensor_types(file) -> dict[str, Q]:
     return {t.name: t.tensor_type for t in gguf.GGUFReader(file).tensors}
 
 
-# compat: transformers before 5.18, the reference reader here, reads Llama's and Mistral's tokenizers back differently
-@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.compat),
-                                  pytest.param("qwen3", marks=pytest.mark.compat), "mistral", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3"])
 def test_round_trip_matches_the_merged_model(arch, tmp_path_factory, tmp_path):
     """f32: the GGUF model computes the merged model's logits, and its tokenizer encodes as the original does.
     Phi-3: its fused qkv_proj and gate_up_proj (with their LoRA merged) and Phi-3's SentencePiece-style tokenizer."""
@@ -143,8 +141,7 @@ def through_type(tensor: torch.Tensor, qtype: Q) -> torch.Tensor:
 TOLERANCE = {"f32": 1e-6, "f16": 1e-3, "bf16": 1e-2, "q8_0": 3e-2, "q5_1": 0.15, "q5_0": 0.2, "q4_1": 0.4, "q4_0": 0.4}
 
 
-@pytest.mark.parametrize("quantization", [pytest.param(name, marks=pytest.mark.compat) if name == "q4_0" else name
-                                          for name in fastft.gguf_export.quantizations()])
+@pytest.mark.parametrize("quantization", fastft.gguf_export.quantizations())
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_quantization_types(arch, quantization, request, tmp_path):
     model, tokenizer = request.getfixturevalue(arch)

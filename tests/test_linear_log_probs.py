@@ -74,7 +74,6 @@ def test_matches_float64_reference(engine, dtype, with_bias):
         _check_grad(b.grad, ref_db, dtype, "dbias")
 
 
-@pytest.mark.compat
 def test_matches_trl_chunked_logprob_fp32():
     # TRL's op on the same inputs (its CPU path folds whole tiles in torch); it takes no ignore_index,
     # so feed it clamped labels and mask afterwards, as TRL's add_fused_lm_head does.

@@ -117,7 +117,6 @@ def _compare(fused_fn, peft_fn, x, params, dtype, names):
 # lora_linear
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_linear_nf4_matches_peft(dtype):
     # in=72, out=200, r=4, 13 tokens (batch 1): odd sizes; blocks of 64 straddle rows of 72

@@ -44,7 +44,6 @@ def _peak(layers, **kwargs):
     return estimate_memory(config, SEQ, use_gradient_checkpointing=layers, **LORA, **kwargs).peak_gb
 
 
-@pytest.mark.compat
 def test_a_number_of_layers_checkpoints_the_first_ones_and_survives_reenabling(llama_path):
     model = _model(llama_path, use_gradient_checkpointing=2)
     assert _flags(model) == [True, True] + [False] * (LAYERS - 2)

@@ -62,7 +62,6 @@ def assert_grads_match(got, expected):
         assert_close(got[name], expected[name], atol=1e-4 * scale, rtol=1e-4, name=name)
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4bit", "16bit"])
 def test_logits_loss_and_lora_grads_match_hf(arch_path, load_in_4bit):
     _, path = arch_path
@@ -93,7 +92,6 @@ def packed_batch(vocab=211, seed=3):
     return ids, position_ids, labels, cu
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize("with_cu_seqlens", [False, True], ids=["position_ids", "cu_seq_lens"])
 def test_packed_sequences_match_hf(arch_path, with_cu_seqlens):
     """Padding-free batches: no token may attend across a sequence boundary. The baseline sees only the
@@ -169,7 +167,6 @@ def test_packing_metadata_without_nonzero_static(monkeypatch):
         assert (a == b).all() if torch.is_tensor(a) else a == b
 
 
-@pytest.mark.compat
 def test_disable_adapter_and_ref_adapter(arch_path):
     """DPO's reference pass: adapters disabled, or a second adapter made active, read at call time."""
     _, path = arch_path
@@ -222,7 +219,6 @@ def test_gradient_accumulation_matches_one_big_batch(arch_path):
     assert_grads_match(lora_grads(model), big)
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize("mode, lora_dropout", [(True, 0.0), ("offload", 0.0), (True, 0.1)])
 def test_gradient_checkpointing_gives_same_grads(tmp_path, mode, lora_dropout):
     """With LoRA dropout the recomputed forward must draw the masks the original forward drew."""
@@ -276,7 +272,6 @@ def test_lora_dropout_matches_hf_with_the_same_masks(tmp_path, arch):
     assert (undropped - loss).abs() > 1e-4
 
 
-@pytest.mark.compat
 def test_qwen2_sliding_window_matches_hf(tmp_path):
     """Qwen2 with use_sliding_window: layer 1 attends to the last 5 positions only (layer 0 in full)."""
     path = save_tiny_model("qwen2_sliding", tmp_path / "m")

@@ -79,7 +79,6 @@ def test_dequantize_equals_nf4_definition_where_bitsandbytes_cpu_is_wrong(shape,
             assert_close(got, expected, atol=0, rtol=DEFINITION_RTOL[dtype], name=f"{engine} {dtype}")
 
 
-@pytest.mark.compat
 def test_bitsandbytes_cpu_reference_rule():
     """tiny_models.bnb_cpu_reference_ok, which guards every test whose reference is bitsandbytes' CPU path, holds
     for the installed bitsandbytes: wherever it says ok, bitsandbytes equals the NF4 definition (even in_features:
@@ -128,7 +127,6 @@ def test_out_buffer_and_result_dtype():
                 _assert_equal(out, expected32.to(dtype), f"{engine} out={dtype}")
 
 
-@pytest.mark.compat
 def test_dequantize_4bit_of_linear4bit_layer():
     assert bnb_cpu_reference_ok(72)
     torch.manual_seed(0)
@@ -168,7 +166,6 @@ def test_cpu_packed_layout_is_detected_and_unpacked():
     assert nf4_weight_of(param) is nf4_weight_of(param)  # converted once, cached
 
 
-@pytest.mark.compat
 def test_cpu_packed_layout_after_eval_forward():
     # A real Linear4bit in eval mode under no_grad: repacked on CPUs with AVX512-BF16 (this test
     # checks whichever happens on this CPU), and fastft reads the right weights either way.

@@ -5,7 +5,6 @@ import sys
 import pytest
 
 
-@pytest.mark.compat
 def test_kernel_library_imports_only_torch_and_triton():
     code = (
         "import sys, fastft.kernels; "

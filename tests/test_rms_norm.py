@@ -59,7 +59,6 @@ def test_matches_float64(shape, x_dtype, w_dtype, engine):
     _check_against_float64(x, w, y, dy, eps, engine)
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("x_dtype,w_dtype", [(BF16, F32), (BF16, BF16), (F16, F32), (F16, F16)])
 def test_matches_llama_rmsnorm_module(x_dtype, w_dtype, engine):

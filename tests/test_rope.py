@@ -52,7 +52,6 @@ def _check(q, k, cos, sin, q_embed, k_embed, dq_embed, dk_embed, transformers_ro
         assert_close(got, want, atol=atol, rtol=rtol, name=name)
 
 
-@pytest.mark.compat
 def test_reference_equals_transformers_apply_rotary_pos_emb():
     """The float64 reference (fastft-doctor's too) is HF's RoPE: per-batch tables, GQA, and general cos/sin whose
     halves differ (so rotate_half's direction matters)."""

@@ -30,7 +30,6 @@ def lora_model(path):
     return model.eval(), tokenizer
 
 
-@pytest.mark.compat
 def test_sharded_export_loads_in_plain_transformers_and_matches(llama_path, tmp_path):
     model, tokenizer = lora_model(llama_path)
     ids, mask, _ = padded_batch()

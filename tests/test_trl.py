@@ -302,7 +302,6 @@ def test_fp16_training_with_trl(tmp_path):
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
 
 
-@pytest.mark.compat
 @pytest.mark.triton
 def test_sft_and_dpo_on_interpreted_triton_kernels(tmp_path, monkeypatch):
     path = save_tiny_model("llama", tmp_path / "m")

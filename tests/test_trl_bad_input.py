@@ -62,7 +62,6 @@ def test_sft_empty_dataset(model, tmp_path, empty):
     (rows({"question": "1+1=", "answer": "2"}), r"columns are \['answer', 'question'\]. It needs one of 'text'"),
     (rows({"prompt": "1+1="}), "'prompt' column but no 'completion' column"),
 ], ids=["unknown-columns", "prompt-without-completion"])
-@pytest.mark.compat
 def test_sft_dataset_without_expected_columns(model, tmp_path, data, message):
     with pytest.raises(ValueError, match=message):
         sft(model, tmp_path, data)
@@ -113,7 +112,6 @@ def test_sft_pretokenized_rows_are_checked_for_length(model, tmp_path):
         sft(model, tmp_path, data, dataset_kwargs={"skip_prepare_dataset": True})
 
 
-@pytest.mark.compat
 def test_dpo_bad_datasets(model_path, tmp_path):
     """A fresh model for each trainer that gets past TRL's setup (DPOTrainer adds a `ref` adapter to it)."""
     model = load(model_path)

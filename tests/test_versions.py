@@ -29,7 +29,6 @@ def pins(filename: str) -> dict[str, Version]:
     return found
 
 
-@pytest.mark.compat
 def test_oldest_environment_pins_every_lower_bound():
     oldest = pins("requirements-oldest.txt")
     for name, spec in versions.REQUIREMENTS.items():
@@ -38,7 +37,6 @@ def test_oldest_environment_pins_every_lower_bound():
                 f"requirements-oldest.txt must pin {name}=={versions.lower_bound(name)} (fastft/versions.py: {spec})"
 
 
-@pytest.mark.compat
 def test_main_environment_is_inside_every_range():
     tested = pins("requirements-cpu.txt")
     for name in versions.REQUIREMENTS:
@@ -46,12 +44,10 @@ def test_main_environment_is_inside_every_range():
             assert versions.unsupported(name, str(tested[name])) is None
 
 
-@pytest.mark.compat
 def test_installed_versions_are_supported():
     versions.check_installed()
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize("name, version, supported", [
     ("transformers", "5.16.1", False), ("transformers", "6.0.0", False), ("transformers", "6.0.0.dev0", False),
     ("transformers", "5.17.0", True), ("transformers", "5.99.0.dev0", True),
