@@ -223,7 +223,8 @@ def test_bad_world_size_is_an_error(value):
 def test_accounting_on_a_torch_without_meta_collectives_is_a_clear_error(monkeypatch):
     """torch 2.10 (CI's oldest environment) runs FSDP's all-gather on meta tensors into an error deep inside the
     step; the accounting refuses it up front, naming the torch it needs."""
-    monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")
+    # a TorchVersion, as torch's own: bitsandbytes compares it with tuples when first imported
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.10.0+cu128"))
     with pytest.raises(NotImplementedError, match=r"FSDP memory accounting .* needs torch>=2\.13; found torch 2\.10"):
         estimate_memory(TINY_LLAMA, 64, fsdp_world_size=2)
 
