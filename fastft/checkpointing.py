@@ -74,12 +74,15 @@ def apply_checkpointing(model, layers: int, offload: bool = False) -> None:
         logger.warning("fastft: use_gradient_checkpointing='offload' on a CPU model is plain checkpointing")
         offload = False
     plan = ([index < layers for index in range(len(decoder_layers))], offload)
+    # transformers' own "checkpoint every layer" (not the public method: the override below is reached through it)
+    enable_every_layer = (getattr(type(model), "_activation_checkpointing_enable", None)
+                          or type(model).gradient_checkpointing_enable)  # transformers < 5.23
 
     def keep_plan(checkpoint_kwargs=None):
         if not layers:
-            model.activation_checkpointing_disable()
+            transformers_method(model, "disable")()
             return
-        model._activation_checkpointing_enable(checkpoint_kwargs, 1, offload=offload)  # (+ input require grads)
+        enable_every_layer(model, checkpoint_kwargs, 1, offload=offload)
         for layer, checkpointed in zip(decoder_layers, plan[0]):
             layer.gradient_checkpointing = checkpointed
 
@@ -92,14 +95,24 @@ def apply_checkpointing(model, layers: int, offload: bool = False) -> None:
                            "FastModel.get_peft_model)")
         keep_plan(gradient_checkpointing_kwargs)
 
+    # the name trainers call (transformers >= 5.23 reach it through activation_checkpointing_enable)
     model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
     keep_plan()
+    if layers:
+        model.enable_input_require_grads()  # frozen embeddings: the checkpointed layers' inputs must need grad
 
 
 def _describe(checkpointed: list[bool], offload: bool) -> str:
     count = sum(checkpointed)
     layers = "every layer" if count == len(checkpointed) else f"{count} of {len(checkpointed)} layers"
     return layers + (", offloaded" if offload and count else "")
+
+
+def transformers_method(model, action: str):
+    """``model``'s checkpointing ``action`` ("enable" or "disable") under its current name: transformers 5.23
+    renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*`` (the old names warn)."""
+    current = getattr(model, f"activation_checkpointing_{action}", None)
+    return current or getattr(model, f"gradient_checkpointing_{action}")
 
 
 def set_mlp_chunk_tokens(model, chunk_tokens: int | None) -> None:

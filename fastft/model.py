@@ -15,10 +15,9 @@ import warnings
 
 import torch
 import transformers
-from packaging.version import Version
 
 from . import attention as fastft_attention
-from . import master_weights, moe, trl_compat
+from . import master_weights, moe, trl_compat, versions
 from .architectures import spec_for
 from .kernels._common import DISABLE_ENV, env_disabled_kernels, kernel_names
 from .loss import make_causal_lm_forward
@@ -26,18 +25,6 @@ from .patch import describe_routes, patch_decoder, unpatch_modules
 from .placement import default_device, device_of_map
 
 logger = logging.getLogger("fastft")
-
-SUPPORTED_TRANSFORMERS = (Version("5.17"), Version("6"))
-
-
-def _check_transformers_version() -> None:
-    current = Version(transformers.__version__)
-    low, high = SUPPORTED_TRANSFORMERS
-    if not low <= current < high:
-        raise ImportError(
-            f"fastft patches transformers>={low},<{high} (attention/mask interfaces, checkpointing layers); "
-            f"found transformers {current}"
-        )
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -176,7 +163,7 @@ class FastModel:
 
         Extra ``kwargs`` go to ``from_pretrained`` of transformers (e.g. ``gguf_file``, ``revision``).
         """
-        _check_transformers_version()
+        versions.check_installed()
         if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         _disabled_for_model(disable_kernels)  # a wrong name (argument or environment) fails before the weights load

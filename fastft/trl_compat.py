@@ -18,8 +18,8 @@ import torch
 from . import master_weights, trl_dataset_checks
 from .kernels.linear_log_probs import OUTPUTS, linear_log_probs  # OUTPUTS: TRL's per-token fields, its order
 from .quant import is_dtensor
+from .versions import REQUIREMENTS
 
-SUPPORTED_TRL = ">=1.16,<2"
 _TAG = "_fastft_lm_head"
 
 
@@ -83,8 +83,8 @@ def install() -> None:
     ) if not present]
     if missing:
         raise ImportError(
-            f"fastft hooks into trl{SUPPORTED_TRL}; the installed trl {trl.__version__} has no {', '.join(missing)}. "
-            "Install a supported trl."
+            f"fastft hooks into trl{REQUIREMENTS['trl']}; the installed trl {trl.__version__} has no "
+            f"{', '.join(missing)}. Install a supported trl."
         )
     trl_dataset_checks.install()
     master_weights.install()

@@ -113,7 +113,7 @@ def test_real_conversion_chats(converted):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.model_max_length == 8192
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.model_max_length == 8192
 
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)

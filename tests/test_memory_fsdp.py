@@ -220,6 +220,15 @@ def test_bad_world_size_is_an_error(value):
         estimate_memory(TINY_LLAMA, 64, fsdp_world_size=value)
 
 
+def test_accounting_on_a_torch_without_meta_collectives_is_a_clear_error(monkeypatch):
+    """torch 2.10 (CI's oldest environment) runs FSDP's all-gather on meta tensors into an error deep inside the
+    step; the accounting refuses it up front, naming the torch it needs."""
+    # a TorchVersion, as torch's own: bitsandbytes compares it with tuples when first imported
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.10.0+cu128"))
+    with pytest.raises(NotImplementedError, match=r"FSDP memory accounting .* needs torch>=2\.13; found torch 2\.10"):
+        estimate_memory(TINY_LLAMA, 64, fsdp_world_size=2)
+
+
 def test_cli_bad_world_size_exits_2(capsys):
     from fastft.memory.cli import main
 

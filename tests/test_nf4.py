@@ -9,7 +9,6 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from kernel_testing import DTYPES, ENGINES, assert_close
 from tiny_models import bnb_cpu_reference_ok
 
@@ -108,7 +107,10 @@ def test_bitsandbytes_cpu_reference_rule():
 def test_dequantize_equals_bitsandbytes_reference_backend(double_quant):
     # bitsandbytes 0.50.2's CPU C kernel mis-dequantizes some layouts where blocks straddle rows
     # (e.g. 5x48, blocksize 32); its device-independent PyTorch backend (the CUDA semantics) is
-    # the reference there. (__wrapped__: the function without its torch.compile wrapper.)
+    # the reference there. (__wrapped__: the function without its torch.compile wrapper; imported here: older
+    # bitsandbytes, which the rest of this file runs on, has no such function.)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
     packed, qs = _quantize((5, 48), 32, double_quant)
     absmax = qs.absmax
     if qs.nested:

@@ -50,12 +50,16 @@ def tiny_bpe_tokenizer(vocab_size: int = 400, split: str = "qwen2"):
     then GPT-2's)."""
     from tokenizers import trainers
     from transformers import Qwen2Tokenizer
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in ("gpt2", "smollm"))
-    first = {"gpt2": [], "smollm": [pre_tokenizers.Digits(individual_digits=True)],
-             "qwen2": [pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["qwen2"]), behavior="isolated")],
-             "llama3": [pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama3"]), behavior="isolated")]}[split]
+    if split == "llama3":  # transformers' GGUF mapping (5.18 and later) holds Llama 3's regex
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+        first = [pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama3"]), behavior="isolated")]
+    else:  # Qwen2's regex from its own tokenizer module (the GGUF mapping's "qwen2" entry is the same)
+        first = {"gpt2": [], "smollm": [pre_tokenizers.Digits(individual_digits=True)],
+                 "qwen2": [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated")]}[split]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(first + [byte_level])

@@ -36,6 +36,13 @@ import types
 
 import torch
 
+from ..kernels._common import torch_at_least
+
+# The oldest torch the FSDP accounting runs on, of those tested: torch 2.10's c10d collectives have no meta kernels
+# (``_allgather_base_`` fails on meta tensors; nor has it the ``_wrap_tensor_autograd`` op below); 2.11 and 2.12 are
+# unchecked.
+FSDP_ACCOUNTING_TORCH = (2, 13)
+_FSDP_ACCOUNTING_TORCH_NAME = ".".join(map(str, FSDP_ACCOUNTING_TORCH))
 _FSDP_MODULES = ("_fsdp_collectives", "_fsdp_init", "_fsdp_param_group", "_fsdp_state")
 MESH_DIM = "dp_shard"  # accelerate's name for the FSDP dimension
 
@@ -49,6 +56,11 @@ def fake_process_group(world_size: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    if not torch_at_least(torch.__version__, *FSDP_ACCOUNTING_TORCH):
+        raise NotImplementedError(
+            f"the FSDP memory accounting (fsdp_world_size > 1) needs torch>={_FSDP_ACCOUNTING_TORCH_NAME}; "
+            f"found torch {torch.__version__}, whose collectives have no meta kernels (c10d::_allgather_base_). "
+            "Upgrade torch, or account one GPU (fsdp_world_size=1)")
     if dist.is_initialized():
         raise RuntimeError("the FSDP memory accounting runs its own fake process group of fsdp_world_size ranks, and "
                            "this process already has a default process group (torch.distributed is initialised); "

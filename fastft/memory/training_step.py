@@ -174,11 +174,13 @@ def _lora_config(setup: StepSetup, config):
 def _hf(model, setup: StepSetup):
     import peft
 
+    from ..checkpointing import transformers_method
+
     model = peft.get_peft_model(model, _lora_config(setup, model.config))
     mode = setup.checkpointing
     if mode != "off":
         layers = model.get_base_model().model.layers
-        model.activation_checkpointing_enable({"use_reentrant": False}, offload=mode == "offload")
+        transformers_method(model, "enable")({"use_reentrant": False}, offload=mode == "offload")
         if isinstance(mode, int):  # the first `mode` layers checkpointed, the rest keep their activations
             for index, layer in enumerate(layers):
                 layer.gradient_checkpointing = index < mode
