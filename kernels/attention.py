@@ -506,12 +506,13 @@ def _attn_bwd_dq_kernel(
 # all spill-free: dQ 128x64, 8 warps (m64n64 / m64n128 wgmma, was m64n32); dK/dV at D=128 16 queries x 128 keys
 # (dK, dV accumulate in m64n128 wgmma, was m64n64; 64x64, 32x128 and 64x128 spilled).
 # D=256 (Gemma), spill-free with and without soft-capping: sm_80 row within sm_86/89's 99 KiB: forward 64x32 (68 KiB;
-# 64x64 and 128x32 need 104 KiB), dK/dV and dQ 32x32, 8 warps (68 KiB; 4 warps or 16x64 spilled). sm_90: forward
+# 64x64 and 128x32 need 104 KiB), dQ 32x32, 8 warps (68 KiB; 4 warps or 16x64 spilled), dK/dV 16x32, 8 warps (52 KiB;
+# 32x32 sits at 255 registers and spilled 4-44 B with the window or the soft-cap in the merged build). sm_90: forward
 # 128x32 (wgmma m64n256 for P V; 128 KiB), dQ 128x16 (m64n256 for dS K; 128x32 spilled with the soft-cap), dK/dV
 # 16x32 (32x32 spilled with the soft-cap, every wider tile without).
 _TILES = {
     80: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-         "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 2)},
+         "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 2)},
          "dq": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 2)}},
     90: {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (128, 32, 8, 2)},
          "dkdv": {64: (32, 64, 4, 2), 128: (16, 128, 8, 3), 256: (16, 32, 8, 2)},

@@ -92,7 +92,7 @@ def test_overlong_batch_is_a_clear_error(qwen2_path):
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="model_type='gpt2'.*supported: llama"):
+    with pytest.raises(UnsupportedModelError, match="model_type='gpt2'.*supported: gemma2, gemma3_text, llama, "):
         FastModel.from_pretrained(str(tmp_path))
 
 

