@@ -307,23 +307,23 @@ def check(arch: int, models, dtypes, verbose: bool = False, max_shared_kib: int 
     if max_shared_kib is not None:
         smem, gpu = max_shared_kib * 1024, f"{gpu} with the shared memory limit overridden"
     driver.set_active(FakeGPUDriver(arch, smem))
-    common.simulated_compute_capability = arch  # launchers that pick tiles per architecture read it
-    print(f"== sm_{arch} ({gpu}, {smem // 1024} KiB shared memory per block)", flush=True)
-    for model in models:
-        for dtype in dtypes:
-            if dtype == torch.bfloat16 and arch < 80:
-                continue
-            for name, run in ops(model, dtype, with_attention=arch >= 80):
-                if only is not None and not any(name.startswith(prefix) for prefix in only.split(",")):
+    with common.gpu_simulation(compute_capability=arch):  # launchers that pick tiles per architecture read it
+        print(f"== sm_{arch} ({gpu}, {smem // 1024} KiB shared memory per block)", flush=True)
+        for model in models:
+            for dtype in dtypes:
+                if dtype == torch.bfloat16 and arch < 80:
                     continue
-                label = f"{model} {str(dtype).replace('torch.', '')} {name}"
-                try:
-                    run()
-                except Exception as exc:  # a compile error or OutOfResources: report, go on
-                    failures.append(f"sm_{arch} {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-                    print(f"  FAIL {label}: {type(exc).__name__}: {exc}"[:2000], flush=True)
-                    if os.environ.get("FASTFT_COMPILE_CHECK_TRACE"):
-                        traceback.print_exc()
+                for name, run in ops(model, dtype, with_attention=arch >= 80):
+                    if only is not None and not any(name.startswith(prefix) for prefix in only.split(",")):
+                        continue
+                    label = f"{model} {str(dtype).replace('torch.', '')} {name}"
+                    try:
+                        run()
+                    except Exception as exc:  # a compile error or OutOfResources: report, go on
+                        failures.append(f"sm_{arch} {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                        print(f"  FAIL {label}: {type(exc).__name__}: {exc}"[:2000], flush=True)
+                        if os.environ.get("FASTFT_COMPILE_CHECK_TRACE"):
+                            traceback.print_exc()
     for name, kernels in sorted(compiled_kernels(arch).items()):
         shared = max(k.metadata.shared for k in kernels)
         usage = [ptxas_usage(k, arch) for k in kernels]

@@ -17,6 +17,7 @@ This module imports only torch and triton.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
@@ -44,15 +45,38 @@ _forced_engine: str | None = None
 # in a thread of its own, where the fused LoRA ops re-enter the names their forward ran under.
 _scope = threading.local()
 
-# Device types whose tensors take the GPU code path. ``fastft.memory`` adds "meta" while it accounts a
-# training step on meta tensors (the wrappers then allocate exactly what they would on a GPU; the
-# Triton launches are stubbed there).
-GPU_DEVICE_TYPES = {"cuda"}
-# The SM count a simulated GPU reports (set by ``fastft.memory``); CUDA devices report their own.
-simulated_sm_count = 132
-# The compute capability (major * 10 + minor) a simulated GPU reports: ``bench/compile_check.py`` sets the
-# architecture it compiles for; CUDA devices report their own.
-simulated_compute_capability = 90
+
+
+@dataclasses.dataclass(frozen=True)
+class _SimulatedGPU:
+    """What :func:`gpu_simulation` makes the kernels see: device types besides "cuda" whose tensors take the GPU
+    code path, and the SM count and compute capability such a device reports (CUDA devices report their own)."""
+    device_types: frozenset[str] = frozenset()
+    sm_count: int = 132
+    compute_capability: int = 90
+
+
+_simulation = _SimulatedGPU()
+
+
+@contextlib.contextmanager
+def gpu_simulation(device_type: str | None = None, *, sm_count: int | None = None,
+                   compute_capability: int | None = None):
+    """Inside the block, tensors on ``device_type`` take the kernels' GPU code path, and a device that is not CUDA
+    reports ``sm_count`` streaming multiprocessors and ``compute_capability`` (major * 10 + minor); what is not
+    given stays as the enclosing block set it. Process-wide (as :func:`use_engine`: an autograd backward may run in
+    another thread), restored on exit, nestable. For the memory accounting (meta tensors on the GPU path, Triton
+    launches stubbed), the compile check (tiles per architecture) and tests that run the GPU branches on CPU."""
+    global _simulation
+    previous = _simulation
+    _simulation = _SimulatedGPU(
+        previous.device_types | ({device_type} if device_type is not None else frozenset()),
+        previous.sm_count if sm_count is None else sm_count,
+        previous.compute_capability if compute_capability is None else compute_capability)
+    try:
+        yield
+    finally:
+        _simulation = previous
 
 
 @contextlib.contextmanager
@@ -160,8 +184,13 @@ def torch_at_least(version: str, major: int, minor: int) -> bool:
 
 
 def on_gpu(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` lives on a GPU (or on the GPU that ``fastft.memory`` simulates)."""
-    return tensor.device.type in GPU_DEVICE_TYPES
+    """Whether ``tensor`` lives on a GPU (or on a device :func:`gpu_simulation` makes one)."""
+    return gpu_device(tensor.device)
+
+
+def gpu_device(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU (or a device :func:`gpu_simulation` makes one)."""
+    return device.type == "cuda" or device.type in _simulation.device_types
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -170,7 +199,7 @@ def _cuda_index(device: torch.device) -> int:
 
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors of a GPU device (launch grids that fill the GPU are sized by it)."""
-    return _cuda_sm_count(_cuda_index(device)) if device.type == "cuda" else simulated_sm_count
+    return _cuda_sm_count(_cuda_index(device)) if device.type == "cuda" else _simulation.sm_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,7 +210,7 @@ def _cuda_sm_count(device_index: int) -> int:
 def compute_capability(device: torch.device) -> int:
     """Compute capability of a GPU device as ``major * 10 + minor`` (70: V100, 90: H100), e.g. to pick tile
     sizes for ``tl.dot``, which has no tensor-core path below 80 since Triton 3.3."""
-    return _cuda_capability(_cuda_index(device)) if device.type == "cuda" else simulated_compute_capability
+    return _cuda_capability(_cuda_index(device)) if device.type == "cuda" else _simulation.compute_capability
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GPU_DEVICE_TYPES, check_same_device, check_tensor, empty, multiprocessor_count, use_triton
+from ._common import check_same_device, check_tensor, empty, gpu_device, multiprocessor_count, use_triton
 
 # One row lives in registers; past 64 KB per row the single-block design stops making sense
 # (same limit as Triton's layer-norm tutorial).
@@ -111,7 +111,7 @@ def _launch_params(n_cols: int, element_size: int):
 
 def _num_backward_programs(n_rows: int, device: torch.device) -> int:
     # Enough programs to fill the GPU; few enough that the [programs, H] partials stay small.
-    if device.type in GPU_DEVICE_TYPES:
+    if gpu_device(device):
         slots = 4 * multiprocessor_count(device)
     else:
         slots = 4  # the interpreter runs programs one after another

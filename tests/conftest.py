@@ -69,6 +69,15 @@ def pytest_collection_modifyitems(config, items):
     items[:] = selected
 
 
+@pytest.fixture
+def gpu_path_on_cpu():
+    """Run fastft's GPU branches on CPU tensors (their Triton kernels interpreted)."""
+    from fastft.kernels._common import gpu_simulation
+
+    with gpu_simulation("cpu"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _compat_engine(request):
     from compat_subset import ON_TORCH_ENGINE

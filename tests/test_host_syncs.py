@@ -6,7 +6,7 @@ leaves the GPU idle while the rest of the step is queued. This file counts them 
 and asserts the exact list, by the code that caused each, so a new sync fails here.
 
 Which path is counted: the one a GPU takes. The step runs on CPU tensors with ``"cpu"`` in
-``fastft.kernels._common.GPU_DEVICE_TYPES`` (fastft's GPU branches, its Triton kernels interpreted) and inside
+``fastft.kernels._common.gpu_simulation("cpu")`` (fastft's GPU branches, its Triton kernels interpreted) and inside
 ``fastft.memory.cuda_paths.cuda_code_paths()`` (TRL's fused lm head takes its Triton branch, which scores only the
 labelled tokens). What counts as a sync on a GPU:
 
@@ -101,7 +101,6 @@ class _ToList(TorchFunctionMode):
 @pytest.fixture
 def count_syncs(monkeypatch):
     """``with count_syncs() as counter:`` counts the block's host syncs on the GPU code path."""
-    monkeypatch.setattr(common, "GPU_DEVICE_TYPES", {"cuda", "cpu"})
 
     class Counting:
         def __enter__(self):
@@ -119,7 +118,8 @@ def count_syncs(monkeypatch):
             for mode in reversed(self.modes):
                 mode.__exit__(*exc)
 
-    return Counting
+    with common.gpu_simulation("cpu"):
+        yield Counting
 
 
 # ---------------------------------------------------------------------------------------------

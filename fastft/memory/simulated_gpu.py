@@ -24,7 +24,7 @@ strides and aliasing, no data) and count the bytes of the storages created and f
   ATen op a dispatch mode sees creates) is built on the CPU and copied, so its values are known.
 
 :func:`simulated_gpu` enters the mode together with the rest of the simulation: fastft's kernels take
-their GPU path for meta tensors (``fastft.kernels._common.GPU_DEVICE_TYPES``) and every Triton launch
+their GPU path for meta tensors (``fastft.kernels._common.gpu_simulation``) and every Triton launch
 is a no-op (outputs are allocated by the wrappers, which is what is counted).
 
 What is NOT counted, here as in ``max_memory_allocated``-based figures generally: the CUDA context,
@@ -421,7 +421,7 @@ def simulated_gpu(sm_count: int = 132, value_limit: int = 1 << 24, op_workspace=
 
     adam = importlib.import_module("torch.optim.adam")
     launchers = {cls: cls.run for cls in _triton_launchers()}
-    saved_sm, saved_fused_check = _common.simulated_sm_count, adam._device_dtype_check_for_fused
+    saved_fused_check = adam._device_dtype_check_for_fused
     saved_is_autocast_enabled = torch.is_autocast_enabled
     mode = SimulatedGPU(value_limit=value_limit, op_workspace=op_workspace, overrides=overrides,
                         explain_peak=explain_peak)
@@ -432,15 +432,11 @@ def simulated_gpu(sm_count: int = 132, value_limit: int = 1 << 24, op_workspace=
     # autocast has no meta device: asked about it (as TRL's kernel asks about its tensors' device), it is off
     torch.is_autocast_enabled = lambda *args: (False if args and args[0] == "meta"
                                                else saved_is_autocast_enabled(*args))
-    _common.GPU_DEVICE_TYPES.add("meta")
-    _common.simulated_sm_count = sm_count
     try:
-        with _ValuedMetaConstants(), mode:
+        with _common.gpu_simulation("meta", sm_count=sm_count), _ValuedMetaConstants(), mode:
             yield mode
     finally:
         for cls, run in launchers.items():
             cls.run = run
         adam._device_dtype_check_for_fused = saved_fused_check
         torch.is_autocast_enabled = saved_is_autocast_enabled
-        _common.GPU_DEVICE_TYPES.discard("meta")
-        _common.simulated_sm_count = saved_sm
