@@ -513,23 +513,23 @@ def _lora_qkv_case(s: Sizes, dropout: float) -> Case:
                 tol, lc.checks)
 
 
-def _lora_mlp_case(s: Sizes, dropout: float, activation: str = "silu") -> Case:
-    shapes = {"gate": (s.intermediate, s.hidden), "up": (s.intermediate, s.hidden), "down": (s.hidden, s.intermediate)}
-    lc = _LoraCase(s, shapes, dropout, 10)
-    gelu = {} if activation == "silu" else {"activation": activation}
+def _mlp_case(s: Sizes, dropout: float, op: str, shapes: dict, seed: int, fused_mlp, reference_mlp, case: str,
+              variant: str, shape: str) -> Case:
+    """A fused LoRA MLP (``lora_mlp`` or ``lora_mlp_gate_up``: its projections ``shapes``, name -> (out, in), the
+    last one ``down``) against ``reference_mlp`` on the float64 projections, a dropout mask over each one's input."""
+    lc = _LoraCase(s, shapes, dropout, seed)
 
     def run(i):
-        y = lc.run_seeded(lambda: lora_mlp(i.x, *(lc.args(i, n) for n in shapes), **gelu))
+        y = lc.run_seeded(lambda: fused_mlp(i.x, *(lc.args(i, n) for n in shapes)))
         return _backward({"y": y}, {"y": i.dys["down"]}, lc.leaves(i))
 
     def reference(i):
-        rows = s.batch * s.tokens
-        masks = lc.masks(i, {"gate": (rows, s.hidden), "up": (rows, s.hidden), "down": (rows, s.intermediate)})
+        masks = lc.masks(i, {n: (s.batch * s.tokens, in_f) for n, (_, in_f) in shapes.items()})
         masks = {n: m.reshape(s.batch, s.tokens, -1) for n, m in masks.items()}
 
         def forward(x, **adapters):
             p = lc.reference_projections(i, {"x": x, **adapters}, masks)
-            return {"y": ref.lora_mlp_reference(x, p["gate"], p["up"], p["down"], activation)}
+            return {"y": reference_mlp(x, *(p[n] for n in shapes))}
 
         return _reference_of(forward, lc.leaves(i), {"y": i.dys["down"]})
 
@@ -537,39 +537,24 @@ def _lora_mlp_case(s: Sizes, dropout: float, activation: str = "silu") -> Case:
     # down's input, so twice a projection's count (and its backward through SwiGLU likewise)
     tol = {name: (2 * r + 1, terms) for name, (r, terms) in _lora_tolerances(
         ["y"], shapes, dropout, max(s.hidden, s.intermediate), s.intermediate, s.tokens * s.batch).items()}
-    case = f"NF4 + LoRA r={s.rank} on gate, up, down" + (f", dropout p={dropout}" if dropout else "")
-    if gelu:
-        case += ", GeGLU (gelu_tanh: Gemma)"
-    return Case("lora_mlp", "lora_mlp", case, f"x [{s.batch}, {s.tokens}, {s.hidden}], intermediate {s.intermediate}",
-                lc.make, run, reference, tol, lc.checks)
+    case += (f", dropout p={dropout}" if dropout else "") + variant
+    return Case(op, "lora_mlp", case, shape, lc.make, run, reference, tol, lc.checks)
+
+
+def _lora_mlp_case(s: Sizes, dropout: float, activation: str = "silu") -> Case:
+    shapes = {"gate": (s.intermediate, s.hidden), "up": (s.intermediate, s.hidden), "down": (s.hidden, s.intermediate)}
+    gelu = {} if activation == "silu" else {"activation": activation}
+    return _mlp_case(s, dropout, "lora_mlp", shapes, 10, lambda x, *p: lora_mlp(x, *p, **gelu),
+                     lambda x, *p: ref.lora_mlp_reference(x, *p, activation),
+                     f"NF4 + LoRA r={s.rank} on gate, up, down", ", GeGLU (gelu_tanh: Gemma)" if gelu else "",
+                     f"x [{s.batch}, {s.tokens}, {s.hidden}], intermediate {s.intermediate}")
 
 
 def _lora_mlp_gate_up_case(s: Sizes, dropout: float) -> Case:
     shapes = {"gate_up": (2 * s.intermediate, s.hidden), "down": (s.hidden, s.intermediate)}
-    lc = _LoraCase(s, shapes, dropout, 11)
-
-    def run(i):
-        y = lc.run_seeded(lambda: lora_mlp_gate_up(i.x, *(lc.args(i, n) for n in shapes)))
-        return _backward({"y": y}, {"y": i.dys["down"]}, lc.leaves(i))
-
-    def reference(i):
-        rows = s.batch * s.tokens
-        masks = lc.masks(i, {"gate_up": (rows, s.hidden), "down": (rows, s.intermediate)})
-        masks = {n: m.reshape(s.batch, s.tokens, -1) for n, m in masks.items()}
-
-        def forward(x, **adapters):
-            p = lc.reference_projections(i, {"x": x, **adapters}, masks)
-            return {"y": ref.lora_mlp_gate_up_reference(x, p["gate_up"], p["down"])}
-
-        return _reference_of(forward, lc.leaves(i), {"y": i.dys["down"]})
-
-    # as lora_mlp: two projections in a row with SwiGLU between them
-    tol = {name: (2 * r + 1, terms) for name, (r, terms) in _lora_tolerances(
-        ["y"], shapes, dropout, max(s.hidden, s.intermediate), s.intermediate, s.tokens * s.batch).items()}
-    case = f"NF4 + LoRA r={s.rank} on fused gate_up, down" + (f", dropout p={dropout}" if dropout else "")
-    return Case("lora_mlp_gate_up", "lora_mlp", case,
-                f"x [{s.batch}, {s.tokens}, {s.hidden}], gate_up 2 x {s.intermediate} (Phi-3)", lc.make, run,
-                reference, tol, lc.checks)
+    return _mlp_case(s, dropout, "lora_mlp_gate_up", shapes, 11, lora_mlp_gate_up, ref.lora_mlp_gate_up_reference,
+                     f"NF4 + LoRA r={s.rank} on fused gate_up, down", "",
+                     f"x [{s.batch}, {s.tokens}, {s.hidden}], gate_up 2 x {s.intermediate} (Phi-3)")
 
 
 # ---- Attention -------------------------------------------------------------------------------
