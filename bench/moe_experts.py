@@ -31,8 +31,9 @@ one's, same run, same shape. Memory: ``peak_extra_gb`` = ``torch.cuda.max_memory
 forward + backward minus what was allocated before it (outputs and gradients included; inputs, LoRA factors and
 all experts excluded); ``expert_weights_gb`` the bytes this contender holds its experts in (NF4 codes, block
 scales and double-quantization scales; or the 16-bit stack); ``peak_gb`` their sum: one layer's experts and what
-its training step needs on top. Issue 27's target (reported, not asserted): fastft at least 2x hf_grouped_mm's
-fwd+bwd time while holding the experts in 4 bits.
+its training step needs on top (``max_memory_allocated_gb``: the raw maximum, everything resident included: both
+weight forms, the reference's gradients). Issue 27's target (reported, not asserted): fastft's fwd+bwd at least 2x
+faster than hf_grouped_mm's while holding the experts in 4 bits (``meets_target`` on fastft's rows).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ DRY_MODELS = {
 DRY_TOKENS = (37,)
 RANK, ALPHA = 16, 16  # the headline's LoRA (bench/training/config.py)
 WARMUP, REPS = 3, 10
+TARGET_SPEEDUP = 2.0
 TARGET = "fastft's fwd+bwd at least 2x faster than transformers' grouped_mm path, experts held in 4-bit (issue 27)"
 ERROR_FIELDS = ("out", "dx", "d_routing_weights", "dA_gate_up", "dB_gate_up", "dA_down", "dB_down")
 
@@ -201,9 +203,11 @@ def _lora_name(param_name: str) -> str:
 def contender_call(layer: Layer, name: str):
     """The forward of one contender on (x, top_k_index, top_k_weights); sets up its weights."""
     if name == "fastft":
-        from fastft.moe import experts_forward
+        from fastft.moe import NF4ExpertsTensor, experts_forward
 
         layer.use("nf4")
+        if not all(isinstance(getattr(layer.base, p), NF4ExpertsTensor) for p in layer.nf4):
+            raise RuntimeError("the fastft contender's experts are not NF4: the benchmark would time 16-bit experts")
         return lambda x, index, weights: experts_forward(layer.experts, x, index, weights)
     layer.use("dense")
     layer.config._experts_implementation = "grouped_mm" if name == "hf_grouped_mm" else "eager"
@@ -277,16 +281,18 @@ def agreement(result: dict, ref: dict, tol: dict) -> tuple[dict, list[str]]:
 # --------------------------------------------------------------------------------------------------------
 # Timing and memory
 # --------------------------------------------------------------------------------------------------------
-def peak_extra_gb(device, fn) -> float | None:
+def peak_memory_gb(device, fn) -> tuple[float | None, float | None]:
+    """(``max_memory_allocated`` during ``fn`` minus what was allocated before it, the raw maximum), GiB."""
     if device.type != "cuda":
-        return None
+        return None, None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated(device) - before) / shared.GIB
+    peak = torch.cuda.max_memory_allocated(device)
+    return (peak - before) / shared.GIB, peak / shared.GIB
 
 
 def measure(layer: Layer, name: str, inputs, ref: dict, tol: dict) -> dict:
@@ -312,7 +318,7 @@ def measure(layer: Layer, name: str, inputs, ref: dict, tol: dict) -> dict:
 
     row["fwd_ms"] = shared.timed_ms(layer.device, forward, WARMUP, REPS)
     row["fwd_bwd_ms"] = shared.timed_ms(layer.device, forward_backward, WARMUP, REPS)
-    row["peak_extra_gb"] = peak_extra_gb(layer.device, forward_backward)
+    row["peak_extra_gb"], row["max_memory_allocated_gb"] = peak_memory_gb(layer.device, forward_backward)
     for t in leaves:
         t.grad = None
     row["expert_weights_gb"] = layer.expert_bytes("nf4" if name == "fastft" else "dense") / shared.GIB
@@ -330,6 +336,8 @@ def _compare(rows: list[dict]) -> None:
             continue
         row["speedup_vs_grouped_mm"] = ref["fwd_bwd_ms"] / row["fwd_bwd_ms"]
         row["fwd_speedup_vs_grouped_mm"] = ref["fwd_ms"] / row["fwd_ms"]
+        if row["contender"] == "fastft" and row["device_kind"] == "cuda":  # reported, not asserted
+            row["meets_target"] = row["speedup_vs_grouped_mm"] >= TARGET_SPEEDUP and row["expert_storage"] == "nf4"
         if row.get("peak_gb") and ref.get("peak_gb"):
             row["peak_ratio_vs_grouped_mm"] = row["peak_gb"] / ref["peak_gb"]
 
