@@ -162,13 +162,19 @@ class Layer:
                                target_parameters=["experts.gate_up_proj", "experts.down_proj"])
         self.model = peft.get_peft_model(_Block(experts), lora)
         self.experts = self.model.base_model.model.experts  # the nested ParamWrappers, as in a peft model
-        self.lora = {}
+        self.lora, wrapper = {}, self.experts  # {"A_gate_up": lora_A weight of gate_up_proj, ...}
         with torch.no_grad():  # peft starts B at zero: random factors, so the LoRA term is as large as W's
-            for name, param in self.model.named_parameters():
-                if param.requires_grad:
-                    fan_in = RANK if ".lora_B." in name else param.shape[1]  # B [out, r * E], A [r * E, in]
+            while hasattr(wrapper, "parameter_name"):
+                for factor, layers in (("A", wrapper.lora_A), ("B", wrapper.lora_B)):
+                    param = layers["default"].weight  # A [r * E, in], B [out, r * E]
+                    fan_in = RANK if factor == "B" else param.shape[1]
                     param.copy_(torch.randn(param.shape, generator=gen, device=device) * fan_in ** -0.5)
-                    self.lora[_lora_name(name)] = param
+                    self.lora[f"{factor}_{wrapper.parameter_name.removesuffix('_proj')}"] = param
+                wrapper = wrapper.base_layer
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if sorted(self.lora) != ["A_down", "A_gate_up", "B_down", "B_gate_up"] or len(trainable) != 4:
+            raise RuntimeError(f"peft put LoRA on the experts otherwise than expected: {sorted(self.lora)}, "
+                               f"{len(trainable)} trainable tensors")
 
     def use(self, weights: str) -> None:
         """Put the NF4 (``"nf4"``) or 16-bit (``"dense"``) experts under the LoRA wrappers."""
@@ -191,13 +197,6 @@ class Layer:
             _, top_k_weights, top_k_index = self.router(x)
         dy = torch.randn(tokens, H, generator=gen, device=self.device, dtype=self.dtype)
         return x.requires_grad_(), top_k_index, top_k_weights.detach().requires_grad_(), dy
-
-
-def _lora_name(param_name: str) -> str:
-    """``dA_gate_up`` style names: the outer ParamWrapper is down_proj, the nested one gate_up_proj (peft nests the
-    wrappers in the order of target_parameters)."""
-    factor = "A" if ".lora_A." in param_name else "B"
-    return f"{factor}_{'gate_up' if '.base_layer.lora_' in param_name else 'down'}"
 
 
 def contender_call(layer: Layer, name: str):
