@@ -205,6 +205,31 @@ def run_process_group(command: list[str], timeout: float | None, on_line, env: d
     return (None if stopped else proc.returncode), stopped
 
 
+def timed_ms(device, fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn`` on ``device``: CUDA events, ``reps`` calls after ``warmup``; on a CPU (the dry
+    runs) one wall-clock call, which is no figure."""
+    import statistics
+    import time
+
+    import torch
+
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def write_json_atomic(path: str, data) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -277,6 +302,15 @@ def pyplot(script: str):
         print(f"{script}: matplotlib is not installed (pip install -e '.[bench]'); skipping the plot")
         return None
     return plt
+
+
+def message_lines(rows: list[dict], label) -> list[str]:
+    """A report's "Messages" section: the last line of each row's message, after ``label(row)`` and its status."""
+    rows = [r for r in rows if r.get("message")]
+    if not rows:
+        return []
+    return ["", "## Messages", ""] + [f"- {label(r)} ({r['status']}): {r['message'].strip().splitlines()[-1][:300]}"
+                                      for r in rows]
 
 
 def fmt(value, spec: str = ".3g", none: str = "-") -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -131,25 +130,6 @@ def backend_function(name: str, device, dtype, head_dim: int):
     return sdpa_attention_forward, None
 
 
-def timed_ms(device, fn) -> float:
-    """Median milliseconds of ``fn`` (CUDA events after warm-up; on the CPU dry run one wall-clock call)."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure(name: str, kind: str, S: dict, device, dtype) -> dict:
     dtype_name = str(dtype).replace("torch.", "")
     B = 1 if kind == "packed" else len(S["padded"])
@@ -196,9 +176,9 @@ def measure(name: str, kind: str, S: dict, device, dtype) -> dict:
     q.grad = k.grad = v.grad = None
 
     with torch.no_grad():
-        row["fwd_no_grad_ms"] = timed_ms(device, forward)
-    row["fwd_ms"] = timed_ms(device, forward)
-    row["fwd_bwd_ms"] = timed_ms(device, forward_backward)
+        row["fwd_no_grad_ms"] = shared.timed_ms(device, forward, WARMUP, REPS)
+    row["fwd_ms"] = shared.timed_ms(device, forward, WARMUP, REPS)
+    row["fwd_bwd_ms"] = shared.timed_ms(device, forward_backward, WARMUP, REPS)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -225,11 +205,7 @@ def markdown(data: dict) -> str:
                    f"| {shared.fmt(row.get('fwd_ms'), '.3f')} | {shared.fmt(row.get('fwd_no_grad_ms'), '.3f')} "
                    f"| {shared.fmt(row.get('fwd_bwd_ms'), '.3f')} | {shared.fmt(row.get('peak_mb'), '.1f')} "
                    f"| {shared.fmt(row.get('mask_mb'), '.3g')} | {errors} |")
-    messages = [r for r in data["rows"] if r.get("message")]
-    if messages:
-        out += ["", "## Messages", ""]
-        out += [f"- {r['backend']} {r['batch']} ({r['status']}): {r['message'].strip().splitlines()[-1][:300]}"
-                for r in messages]
+    out += shared.message_lines(data["rows"], lambda r: f"{r['backend']} {r['batch']}")
     out += ["", "## Definitions", "", __doc__.split("\n\n", 2)[2].strip(),
             f"\nTolerance (relative max abs error flagged as mismatch): {TOLERANCE}"]
     return "\n".join(out) + "\n"

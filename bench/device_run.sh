@@ -6,8 +6,11 @@
 # MODE (each sized for one call of at most 10 minutes; set BUDGET_S to change the time budget):
 #   record    THE one call for a record: bench/device_session.py installs the carried wheels, runs fastft-doctor
 #             (all sections), then the headline comparison (hf vs fastft, Llama-3-8B shape, seq 2048, batch 1 and 4,
-#             r=16, --loss trl) into ONE folder $OUT/<stamp>-<gpu>/ with manifest.json, within --budget-s (default
-#             540 s); extra arguments go to it (--budget-s, --steps, --dry-run on CPU). carry [".whl"], timeout_s 600
+#             r=16, --loss trl), then the MoE expert benchmark (bench/moe_experts.py: fastft's NF4 experts vs
+#             transformers' eager and grouped_mm, when the budget leaves it its estimate) into ONE folder
+#             $OUT/<stamp>-<gpu>/ with manifest.json, within --budget-s (default 540 s); extra arguments go to it
+#             (--budget-s, --steps, --dry-run on CPU; --steps moe for the MoE benchmark alone). carry [".whl"],
+#             timeout_s 600
 #   check     environment only: versions, imports, GPU; then a 1-step --quick run of hf and fastft (~2 min)
 #   quick     bench/run.py --quick (the ~0.5B 'small' model, seq 512/2048, batch 1, all contenders)
 #   kernels   bench/microbench.py (all micro-benchmarks)

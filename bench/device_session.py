@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""One device call that records what matters: the carried wheels, ``fastft-doctor``, and the headline comparison,
-under one results folder with a manifest, inside a time budget.
+"""One device call that records what matters: the carried wheels, ``fastft-doctor``, the headline comparison and the
+MoE expert benchmark, under one results folder with a manifest, inside a time budget.
 
     bash bench/device_run.sh record                     # on the lent GPU machine (the `device` tool's `run`)
     python bench/device_session.py --budget-s 540       # the same, on any machine with a GPU
@@ -15,18 +15,23 @@ Steps, in order (each a subprocess; the estimate is what the budget check uses, 
 3. ``doctor``: ``python -m fastft.doctor --json <folder>/doctor.json``, all five sections;
 4. ``headline``: ``bench/run.py --models llama3-8b --contenders hf,fastft --seq-lens 2048 --batch-sizes 1,4 --loss
    trl``: fastft against transformers + peft + bitsandbytes, Llama-3-8B's shape with random weights, LoRA r=16,
-   TRL's fused lm-head loss path; tokens/s and peak memory of both in the same run.
+   TRL's fused lm-head loss path; tokens/s and peak memory of both in the same run;
+5. ``moe``: ``bench/moe_experts.py``: the MoE expert MLP forward + backward, fastft's expert op on NF4 experts
+   against transformers' ``experts_implementation`` eager and grouped_mm on 16-bit experts (peft LoRA r=16 on every
+   expert), Qwen3-30B-A3B and Mixtral-8x7B shapes, 2048 and 8192 tokens; each contender checked against a float32
+   reference before it is timed.
 
 Budget: before each step, the step runs only if its stated estimate fits the time left (budget minus a reserve
 for writing the record); a step that does not fit is ``skipped``, with the reason, in the manifest and on stdout.
 A running step gets the time left as its timeout (at most its own cap): past it, its process group gets SIGTERM,
-then SIGKILL, and the step is recorded as ``cut``. ``bench/run.py`` is also given the time left as its own
-``--time-budget-s``, so it stops its contenders and writes its partial rows itself before the cut.
+then SIGKILL, and the step is recorded as ``cut``. ``bench/run.py`` and ``bench/moe_experts.py`` are also given the
+time left as their own ``--time-budget-s``, so they stop and write their partial rows themselves before the cut.
 
 Output folder (``--out-dir``; default ``$OUT/<stamp>`` where the device tool's ``OUT`` is set, else
 ``bench/results/<stamp>``; dry run: under the system temp folder): ``manifest.json`` (versions, device, date, the
 exact command of every step, estimates, what ran, was skipped or cut and why), ``session.log`` (every step's
-output), ``doctor.json`` and the headline's ``<date>-<gpu>.json/.md/.png``: at most 8 files, as the device tool
+output), ``doctor.json``, the headline's ``<date>-<gpu>.json/.md/.png`` and the MoE benchmark's
+``<date>-<gpu>-moe-experts.json/.md``: at most 8 files, as the device tool
 returns. The driver itself imports only the standard library (and ``bench/_shared.py``, which does too).
 """
 from __future__ import annotations
@@ -64,8 +69,11 @@ HEADLINE = ["--models", "llama3-8b", "--contenders", "hf,fastft", "--seq-lens", 
             "--loss", "trl"]  # r=16, alpha 16, all seven linear layers: bench/training/config.py
 TIME_LEFT = "@time_left_s@"  # replaced in a step's command by the seconds it may run, when it starts
 # Estimates (not yet measured on a GPU), sized so that with the defaults the headline keeps its estimate even when
-# the doctor runs to its cap: 20 + 20 + 200 + 280 = 520 s <= 540 - RESERVE_S
-ESTIMATES_S = {"wheels": 20.0, "versions": 20.0, "doctor": 150.0, "headline": 280.0}
+# the doctor runs to its cap: 20 + 20 + 200 + 280 = 520 s <= 540 - RESERVE_S. The MoE benchmark comes after it and
+# runs when the steps before it left its estimate (they usually take less than theirs), else is skipped; alone:
+# --steps moe
+ESTIMATES_S = {"wheels": 20.0, "versions": 20.0, "doctor": 150.0, "headline": 280.0, "moe": 120.0}
+STEP_NAMES = ("wheels", "doctor", "headline", "moe")  # what --steps chooses from (versions always runs)
 DOCTOR_CAP_S = 200.0
 
 
@@ -105,6 +113,7 @@ def plan_steps(args, folder: str, work: str) -> list[Step]:
                "--no-compile", "--no-cache-dir", "--upgrade", "--target", site, *wheels]
     doctor_json = os.path.join(folder, "doctor.json")
     run_py = os.path.join(_BENCH_DIR, "run.py")
+    moe_py = os.path.join(_BENCH_DIR, "moe_experts.py")
     steps = [
         Step("wheels", f"install the carried wheels ({len(wheels)} in {args.wheels}) into {site}", install,
              ESTIMATES_S["wheels"], stand_in=None,
@@ -123,6 +132,10 @@ def plan_steps(args, folder: str, work: str) -> list[Step]:
              stand_in=[python, run_py, "--cpu-smoke", "--contenders", "hf,fastft", "--loss", "trl", "--no-plot",
                        "--out-dir", folder, "--cache-dir", os.path.join(work, "bench-cache"),
                        "--time-budget-s", TIME_LEFT]),
+        Step("moe", "MoE expert MLP fwd+bwd: fastft (NF4 experts) vs transformers eager and grouped_mm (16-bit "
+                    "experts), Qwen3-30B-A3B and Mixtral-8x7B shapes, 2048 and 8192 tokens, LoRA r=16",
+             [python, moe_py, "--out-dir", folder, "--time-budget-s", TIME_LEFT], ESTIMATES_S["moe"],
+             stand_in=[python, moe_py, "--cpu-dry-run", "--out-dir", folder, "--time-budget-s", TIME_LEFT]),
     ]
     chosen = set(args.steps) if args.steps else None
     for step in steps:
@@ -362,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bench/device_session.py",
         description="One device call: install the carried wheels, run fastft-doctor, then the headline comparison "
                     "(fastft vs transformers + peft + bitsandbytes, Llama-3-8B shape, seq 2048, batch 1 and 4, r=16, "
-                    "TRL's loss path) under one results folder with a manifest, within a time budget.")
+                    "TRL's loss path), then the MoE expert benchmark (fastft's NF4 experts vs transformers' eager and "
+                    "grouped_mm) under one results folder with a manifest, within a time budget.")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                    help="the whole session's time: a step whose estimate does not fit the time left is skipped, a "
                         "running step is cut at it")
@@ -370,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CPU: walk every step with tiny stand-ins (commands printed); writes the folder and "
                         "manifest, no figures")
     p.add_argument("--steps", type=lambda text: [s.strip() for s in text.split(",") if s.strip()], default=None,
-                   help="comma-separated subset of wheels, doctor, headline (default: all; the versions step always "
+                   help=f"comma-separated subset of {', '.join(STEP_NAMES)} (default: all; the versions step always "
                         "runs)")
     p.add_argument("--reserve-s", type=float, default=RESERVE_S,
                    help="seconds of the budget kept back for writing the manifest")
@@ -398,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return download_wheels(args.wheels)
     if args.versions_probe:
         return versions_probe(args.versions_probe)
-    names = {"wheels", "doctor", "headline"}
+    names = set(STEP_NAMES)
     if args.steps and not set(args.steps) <= names:
         raise SystemExit(f"bench/device_session.py: --steps: unknown {sorted(set(args.steps) - names)}; choose from "
                          f"{', '.join(sorted(names))}")

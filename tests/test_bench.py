@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "bench" / "run.py"
 MICROBENCH = REPO / "bench" / "microbench.py"
 ATTENTION = REPO / "bench" / "attention_backends.py"
+MOE = REPO / "bench" / "moe_experts.py"  # its dry run: tests/test_device_session.py (the record's moe step)
 TIMEOUT = 600
 
 ROW_FIELDS = ("contender", "model", "seq_len", "batch_size", "tokens_per_s", "step_time_median_s",
@@ -54,6 +55,7 @@ def runs(tmp_path_factory):
         "dry": _start([MICROBENCH, "--cpu-dry-run", "--out-dir", tmp / "dry"], REPO),
         "attention_dry": _start([ATTENTION, "--cpu-dry-run", "--out-dir", tmp / "attention_dry"], REPO),
         "attention_no_gpu": _start([ATTENTION, "--out-dir", tmp / "attention_no_gpu"], tmp),
+        "moe_no_gpu": _start([MOE, "--out-dir", tmp / "moe_no_gpu"], tmp),
         "run_no_gpu": _start([RUN, "--quick", "--out-dir", tmp / "run_no_gpu"], tmp),
         "microbench_no_gpu": _start([MICROBENCH, "--out-dir", tmp / "microbench_no_gpu"], tmp),
     }
@@ -208,7 +210,8 @@ def test_attention_backends_measure_the_xformers_route(monkeypatch):
 
 
 @pytest.mark.parametrize("name, script", [("run_no_gpu", "bench/run.py"), ("microbench_no_gpu", "bench/microbench.py"),
-                                          ("attention_no_gpu", "bench/attention_backends.py")])
+                                          ("attention_no_gpu", "bench/attention_backends.py"),
+                                          ("moe_no_gpu", "bench/moe_experts.py")])
 def test_without_gpu_the_scripts_refuse(runs, name, script):
     tmp, results = runs
     code, out, err = results[name]
@@ -237,9 +240,12 @@ HELP = {  # per script: its description and, per option, words of the option's h
                        **DRY_RUN_OPTIONS}),
     "attention_backends.py": ("fastft's three attention backends side by side",
                               {"--dtype": "GPU dtype (V100/T4 have no bf16", **DRY_RUN_OPTIONS}),
+    "moe_experts.py": ("The routed expert MLP of a mixture-of-experts layer, forward + backward", {
+        "--models": "comma-separated subset of qwen3-30b-a3b, mixtral-8x7b", "--tokens": "default 2048,8192",
+        "--contenders": "comma-separated subset of fastft, hf_grouped_mm, hf_eager", **DRY_RUN_OPTIONS}),
     "device_session.py": ("One device call: install the carried wheels, run fastft-doctor, then the headline", {
         "--budget-s": "a step whose estimate does not fit the time left is skipped", "--dry-run": "tiny stand-ins",
-        "--steps": "wheels, doctor, headline", "--reserve-s": "writing the manifest",
+        "--steps": "wheels, doctor, headline, moe", "--reserve-s": "writing the manifest",
         "--doctor-cap-s": "leaving the headline its time", "--wheels": "carried wheels",
         "--out-dir": "$OUT/<stamp>-<gpu>", "--work-dir": "fastft-src/", "--download-wheels": "needs network"}),
     "memory.py": ("Accounted GPU memory of QLoRA training, fastft against the Hugging Face baseline", {

@@ -6,9 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+from kernel_testing import env_without_interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -75,7 +78,8 @@ def test_a_step_is_cut_at_its_own_cap(tmp_path):
 
 def test_dry_run_writes_one_folder_with_the_manifest(tmp_path, monkeypatch):
     """The real plan (device commands recorded) with stand-ins stubbed: versions and doctor write their files, the
-    headline sleeps and is cut at the budget, the wheels step is skipped (none carried)."""
+    headline sleeps and is cut at the budget, the wheels step is skipped (none carried), and so is the MoE benchmark
+    after the headline (no time left)."""
     real_plan = ds.plan_steps
     out, work = tmp_path / "out", tmp_path / "work"
 
@@ -87,6 +91,7 @@ def test_dry_run_writes_one_folder_with_the_manifest(tmp_path, monkeypatch):
         steps["doctor"].stand_in = _python("import sys; open(sys.argv[1], 'w').write('{}')",
                                            str(Path(folder) / "doctor.json"))
         steps["headline"].stand_in = SLEEP
+        steps["moe"].stand_in = _python("print('must not run')")
         for step in steps.values():
             step.estimate_s = 0.5
         return list(steps.values())
@@ -103,9 +108,10 @@ def test_dry_run_writes_one_folder_with_the_manifest(tmp_path, monkeypatch):
     assert manifest["wheels"] == [] and manifest["missing_wheels"] == list(ds.EXPECTED_WHEELS)
     assert manifest["files"] == ["doctor.json", "manifest.json", "session.log"]
     steps = {r["step"]: r for r in manifest["steps"]}
-    assert [r["step"] for r in manifest["steps"]] == ["wheels", "versions", "doctor", "headline"]
-    assert [r["status"] for r in manifest["steps"]] == ["skipped", "ok", "ok", "cut"]
-    assert set(manifest["skipped"]) == {"wheels"} and "no wheels in" in manifest["skipped"]["wheels"]
+    assert [r["step"] for r in manifest["steps"]] == ["wheels", "versions", "doctor", "headline", "moe"]
+    assert [r["status"] for r in manifest["steps"]] == ["skipped", "ok", "ok", "cut", "skipped"]
+    assert set(manifest["skipped"]) == {"wheels", "moe"} and "no wheels in" in manifest["skipped"]["wheels"]
+    assert manifest["skipped"]["moe"].startswith("does not fit")
     assert set(manifest["cut"]) == {"headline"} and manifest["failed"] == {}
     # the commands recorded are the device's, with the headline's exact flags
     assert "pip install -q --no-index --find-links" in steps["wheels"]["command"]
@@ -114,6 +120,8 @@ def test_dry_run_writes_one_folder_with_the_manifest(tmp_path, monkeypatch):
     assert ("bench/run.py --models llama3-8b --contenders hf,fastft --seq-lens 2048 --batch-sizes 1,4 --loss trl "
             f"--out-dir {out} --time-budget-s 1") in steps["headline"]["command"]  # its own limit: at least 1 s
     assert steps["headline"]["stand_in"] == shlex.join(SLEEP)
+    assert steps["moe"]["command"].endswith(f"bench/moe_experts.py --out-dir {out} --time-budget-s 1")
+    assert "must not run" not in (out / "session.log").read_text()
     assert all(r["estimate_s"] == 0.5 for r in manifest["steps"]) and manifest["seconds"] < 4.0 + 3.0
     # fastft's tree was copied for PYTHONPATH, with kernels/ inside the package
     assert (work / "fastft-src" / "fastft" / "kernels" / "__init__.py").exists()
@@ -124,8 +132,12 @@ def test_steps_can_be_chosen_and_bad_arguments_are_refused(tmp_path, capsys):
     args = ds.build_parser().parse_args(["--steps", "headline", "--wheels", str(tmp_path)])
     steps = ds.plan_steps(args, str(out), str(tmp_path))
     # the versions step always runs: the manifest needs them
-    assert [s.skip_reason is None for s in steps] == [False, True, False, True]
+    assert [s.name for s in steps] == ["wheels", "versions", "doctor", "headline", "moe"]
+    assert [s.skip_reason is None for s in steps] == [False, True, False, True, False]
     assert steps[0].skip_reason == "not chosen (--steps headline)"
+    args = ds.build_parser().parse_args(["--steps", "moe", "--wheels", str(tmp_path)])
+    assert [s.skip_reason is None for s in ds.plan_steps(args, str(out), str(tmp_path))] == [False, True, False,
+                                                                                             False, True]
     for argv, message in ((["--steps", "headline,bogus"], "unknown ['bogus']"), (["--budget-s", "0"], "positive")):
         try:
             ds.main(argv)
@@ -138,3 +150,57 @@ def test_steps_can_be_chosen_and_bad_arguments_are_refused(tmp_path, capsys):
 def test_missing_wheels_are_named():
     files = ["/w/bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl", "/w/trl-1.16.0-py3-none-any.whl"]
     assert ds.missing_wheels(files) == ["datasets", "dill", "multiprocess"]
+
+
+def test_moe_step_dry_run_checks_every_contender(tmp_path):
+    """The moe step's own dry-run stand-in (bench/moe_experts.py --cpu-dry-run): at tiny Qwen3-MoE and Mixtral
+    shapes, fastft's expert op on NF4 experts, transformers' grouped_mm (torch's CPU kernel) and eager paths each
+    agree with the float64 reference in output and every gradient, and the rows land in the folder's result file."""
+    args = ds.build_parser().parse_args(["--dry-run", "--wheels", str(tmp_path)])
+    [step] = [s for s in ds.plan_steps(args, str(tmp_path), str(tmp_path)) if s.name == "moe"]
+    command = [str(part).replace(ds.TIME_LEFT, "300") for part in step.stand_in]
+    proc = subprocess.run(command, cwd=tmp_path, env=env_without_interpreter(CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [result] = tmp_path.glob("*-cpu-dry-run-moe-experts.json")
+    assert result.with_suffix(".md").read_text().startswith("# CPU DRY RUN")
+    data = json.loads(result.read_text())
+    rows = {(r["model"], r["contender"]): r for r in data["rows"]}
+    assert sorted(rows) == sorted((m, c) for m in ("qwen3-30b-a3b", "mixtral-8x7b")
+                                  for c in ("fastft", "hf_grouped_mm", "hf_eager"))
+    for (model, contender), row in rows.items():
+        assert row["status"] == "ok" and row["dtype"] == "float32", row
+        assert row["expert_storage"] == ("nf4" if contender == "fastft" else "float32")
+        for field, tol in row["tolerance"].items():
+            assert row[f"{field}_rel_err"] <= tol, (model, contender, field)
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["peak_extra_gb"] is None  # (no GPU: no memory)
+        assert ("speedup_vs_grouped_mm" in row) == (contender != "hf_grouped_mm")
+    assert rows[("qwen3-30b-a3b", "fastft")]["shape"] == "E=8 k=4 H=64 I=48"
+
+
+def test_moe_benchmark_does_not_time_a_contender_that_computes_something_else(monkeypatch):
+    """The agreement check before timing: fastft's contender with the down projection's LoRA dropped (a real bug's
+    size: the LoRA term is as large as the weight's) is a ``mismatch`` row, not timed; the intact one agrees."""
+    import fastft.moe
+    from fastft.kernels import use_engine
+
+    spec = importlib.util.spec_from_file_location("fastft_moe_bench", REPO / "bench" / "moe_experts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = bench.DRY_MODELS["qwen3-30b-a3b"]
+    with use_engine("torch"):
+        layer = bench.Layer(shape, bench.torch.device("cpu"), bench.torch.float32)
+        inputs = layer.inputs(11)
+        ref = bench.reference(layer, *inputs)
+        tol = bench.tolerance(bench.torch.float32, shape["top_k"], {**shape, "tokens": 11})
+        assert bench.measure(layer, "fastft", inputs, ref, tol)["status"] == "ok"
+        real_expert_lora = fastft.moe.expert_lora
+
+        def without_down_lora(experts):
+            base, loras = real_expert_lora(experts)
+            return base, {**loras, "down_proj": None}
+
+        monkeypatch.setattr(fastft.moe, "expert_lora", without_down_lora)
+        row = bench.measure(layer, "fastft", inputs, ref, tol)
+    assert row["status"] == "mismatch" and "fwd_ms" not in row, row
+    assert row["message"].startswith("not timed: out rel err") and row["out_rel_err"] > 100 * tol["out"]
