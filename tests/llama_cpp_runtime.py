@@ -94,21 +94,24 @@ def _patched_libraries(package_dir: Path, cache: Path) -> Path:
     target = cache / f"llama_cpp_py_sync-{__version__}-glibc{'.'.join(map(str, _glibc_version()))}"
     if (target / "libisoc23.so").exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
-    for library in package_dir.glob("lib*.so*"):
-        weaken_version_need(Path(shutil.copy2(library, build)))
-    (build / "isoc23.c").write_text(ISOC23_SHIM)
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError(f"llama_cpp_py_sync's libraries need glibc 2.38 and this system has "
                            f"{platform.libc_ver()[1]}; loading them here needs a C compiler (gcc) for a small "
                            "compatibility library, and none was found (install gcc or set CC)")
-    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(build / "libisoc23.so"), str(build / "isoc23.c")],
-                   check=True, capture_output=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
     try:
+        for library in package_dir.glob("lib*.so*"):
+            weaken_version_need(Path(shutil.copy2(library, build)))
+        (build / "isoc23.c").write_text(ISOC23_SHIM)
+        subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(build / "libisoc23.so"),
+                        str(build / "isoc23.c")], check=True)
         build.rename(target)
-    except OSError:  # another process finished first: use its copy
+    except OSError:
+        if not (target / "libisoc23.so").exists():  # else another process finished first: its copy serves
+            raise
+    finally:
         shutil.rmtree(build, ignore_errors=True)
     return target
 
