@@ -6,6 +6,9 @@ from setuptools import setup
 # The supported versions live in fastft/versions.py (fastft checks them at run time too); read without importing
 # fastft, whose dependencies are not installed yet.
 versions = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastft", "versions.py"))
+# llama.cpp's runtime for the tests (tests/test_llama_cpp_runtime.py runs the GGUF exports in it): CFFI bindings and a
+# prebuilt CPU libllama of llama.cpp 0ce8cd114, with wheels for x86-64 Linux only
+LLAMA_CPP_RUNTIME = "llama_cpp_py_sync==0.11739; sys_platform == 'linux' and platform_machine == 'x86_64'"
 
 setup(
     name="fastft",
@@ -21,11 +24,12 @@ setup(
     install_requires=versions["install_requires"](),
     entry_points={"console_scripts": ["fastft-memory=fastft.memory.cli:main", "fastft-doctor=fastft.doctor.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib"],  # the bench scripts' plots are checked too
+        # (matplotlib: the bench scripts' plots are checked too)
+        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib", LLAMA_CPP_RUNTIME],
         "bench": ["matplotlib"],
         # attention on GPUs below sm_80 (V100, T4) and for head sizes fastft's kernel does not serve; xformers
         # builds require a matching torch: pip may pick an older xformers, or change torch (install.sh does not)
         "xformers": ["xformers"],
-        "dev": ["pytest>=8", "pytest-xdist>=3", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "matplotlib", LLAMA_CPP_RUNTIME],
     },
 )
