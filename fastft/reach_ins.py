@@ -169,7 +169,7 @@ TENSOR_VERSION = _torch("torch.Tensor", "_version", ATTENTION, "read")
 CPU_REPACKING = ReachIn("bitsandbytes", "bitsandbytes.nn.Linear4bit", "support_avx512bf16_for_cpu", CPU_LAYOUT,
                         "flag", required=False)
 CONFIG_NAME_OR_PATH = ReachIn("transformers", "transformers.PretrainedConfig", "_name_or_path",
-                              "the memory figures' model name", "flag")
+                              "the memory figures' model name (else its model_type)", "flag", required=False)
 
 # ---------------------------------------------------------------------------------------------
 # The doctor (diagnostics: what it cannot read it reports as unknown)
