@@ -2,6 +2,7 @@
 other parameters, gives the clear error (required features) or one warning (optional ones); and no source of
 fastft/ or bench/ reaches into another library without it (read with ``ast``)."""
 import ast
+import functools
 import importlib.util
 import inspect
 import logging
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 from fastft import reach_ins
+from fastft.kernels._common import torch_at_least
+from fastft.memory.fsdp import FSDP_ACCOUNTING_TORCH
 from fastft.reach_ins import REGISTRY, ReachInError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FSDP_TORCH = (2, 13)  # fastft/memory/fsdp.py: FSDP_ACCOUNTING_TORCH; older torches refuse that feature first
 
 
 def installed(entry) -> bool:
@@ -34,8 +36,6 @@ def test_registry_lists_each_reach_in_once_with_its_range():
         assert entry.use in reach_ins.USES and entry.feature
         if entry.library in reach_ins.REQUIREMENTS:  # the range of fastft/versions.py, as the error states it
             assert entry.versions == entry.library + reach_ins.REQUIREMENTS[entry.library]
-        if entry.use == "replace" and entry.parameters is not None:
-            assert entry.signature_of or entry.parameters  # exact parameters of what fastft puts in its place
     print("\n".join(f"{e.versions:28} {e.name:85} {e.use:7} {'required' if e.required else 'optional'}  {e.feature}"
                     for e in REGISTRY))
 
@@ -44,15 +44,9 @@ def test_registry_lists_each_reach_in_once_with_its_range():
 def test_every_registered_reach_in_is_usable_with_the_installed_libraries(entry):
     if not installed(entry):
         pytest.skip(f"{entry.library} is not installed")
-    if entry.feature == reach_ins.MEMORY_FSDP and not _torch_at_least(*FSDP_TORCH):
+    if entry.feature == reach_ins.MEMORY_FSDP and not torch_at_least(torch.__version__, *FSDP_ACCOUNTING_TORCH):
         pytest.skip("the FSDP accounting refuses this torch before it reaches in")
     assert reach_ins.problem(entry) is None
-
-
-def _torch_at_least(major, minor) -> bool:
-    from fastft.kernels._common import torch_at_least
-
-    return torch_at_least(torch.__version__, major, minor)
 
 
 def _stand_in(entry, monkeypatch, **attributes):
@@ -348,15 +342,18 @@ def bypasses(path: str, text: str, own: set[str], local_modules: set[str]) -> li
     return found
 
 
-def _scan(extra: tuple[str, str] | None = None) -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _fastft_sources():
+    """fastft's and bench's sources but the registry, the private names they define, and their own module names."""
     sources = [s for s in _sources() if s[0] != REGISTRY_FILE]
-    own = _own_names(sources)
     local_modules = {"fastft", "kernels"} | {os.path.splitext(os.path.basename(p))[0] for p, _ in sources
                                               if p.startswith("bench")}
-    found = []
-    for path, text in sources + ([extra] if extra else []):
-        found += bypasses(path, text, own, local_modules)
-    return found
+    return sources, _own_names(sources), local_modules
+
+
+def _scan(sources=None) -> list[str]:
+    fastft_sources, own, local_modules = _fastft_sources()
+    return [found for path, text in (sources or fastft_sources) for found in bypasses(path, text, own, local_modules)]
 
 
 def test_no_source_reaches_into_another_library_bypassing_the_registry():
@@ -375,4 +372,4 @@ def test_no_source_reaches_into_another_library_bypassing_the_registry():
     "from trl.trainer.utils import _unregistered\n",
 ])
 def test_the_scan_catches_an_inserted_bypass(source):
-    assert len(_scan(("inserted.py", source))) == 1
+    assert len(_scan([("inserted.py", source)])) == 1
