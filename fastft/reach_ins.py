@@ -211,7 +211,7 @@ def _resolve(path: str):
         try:
             obj = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name is not None and not module_name.startswith(exc.name):
+            if exc.name is not None and not (module_name + ".").startswith(exc.name + "."):
                 raise  # a module that exists failed to import one of its own imports
             continue
         for part in parts[i:]:
