@@ -22,6 +22,8 @@ import types
 
 import torch
 
+from . import reach_ins
+
 logger = logging.getLogger("fastft")
 
 MODES = (True, False, "offload", "auto")
@@ -75,8 +77,7 @@ def apply_checkpointing(model, layers: int, offload: bool = False) -> None:
         offload = False
     plan = ([index < layers for index in range(len(decoder_layers))], offload)
     # transformers' own "checkpoint every layer" (not the public method: the override below is reached through it)
-    enable_every_layer = (getattr(type(model), "_activation_checkpointing_enable", None)
-                          or type(model).gradient_checkpointing_enable)  # transformers < 5.23
+    enable_every_layer = reach_ins.read(reach_ins.ACTIVATION_CHECKPOINTING_ENABLE, type(model))
 
     def keep_plan(checkpoint_kwargs=None):
         if not layers:

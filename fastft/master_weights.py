@@ -25,6 +25,8 @@ import logging
 
 import torch
 
+from . import reach_ins
+
 logger = logging.getLogger("fastft")
 _GUARD = "_fastft_keeps_trainable_dtypes"
 
@@ -111,8 +113,7 @@ def _keeping_trainable_dtypes(init):
 def install() -> None:
     """Wrap ``__init__`` of ``trl.SFTTrainer`` and ``trl.DPOTrainer`` (idempotent; models fastft did not patch
     go through TRL unchanged)."""
-    import trl
-
-    for trainer_class in (trl.SFTTrainer, trl.DPOTrainer):
-        if not getattr(trainer_class.__init__, _GUARD, False):
-            trainer_class.__init__ = _keeping_trainable_dtypes(trainer_class.__init__)
+    for entry in (reach_ins.SFT_INIT_DTYPES, reach_ins.DPO_INIT_DTYPES):
+        init = reach_ins.get(entry)
+        if not getattr(init, _GUARD, False):
+            reach_ins.install(entry, _keeping_trainable_dtypes(init))

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from . import attention as fastft_attention
-from . import master_weights, moe, trl_compat, versions
+from . import master_weights, moe, reach_ins, trl_compat, versions
 from .architectures import spec_for
 from .kernels._common import DISABLE_ENV, env_disabled_kernels, kernel_names
 from .loss import make_causal_lm_forward
@@ -357,11 +357,12 @@ def patch_model(model, max_seq_length: int = 2048, attn_implementation: str | No
         logger.warning(describe_routes(disabled, source))
 
     patch_decoder(model.model, spec, disabled)
-    for module in model.modules():
-        # bitsandbytes' CPU backend would repack 4-bit weights into a CPU-only layout on the first eval-mode
-        # forward of a layer that falls back to it; fastft reads the standard layout, so keep it.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    # bitsandbytes' CPU backend would repack 4-bit weights into a CPU-only layout on the first eval-mode
+    # forward of a layer that falls back to it; fastft reads the standard layout, so keep it.
+    if reach_ins.available(reach_ins.CPU_REPACKING):
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     if not {"cross_entropy", "fused_linear_cross_entropy"} <= disabled:
         model.forward = types.MethodType(make_causal_lm_forward(model, disabled), model)
     model._fastft_lm_head_hook = trl_compat.tag_lm_head(model, serve="linear_log_probs" not in disabled)

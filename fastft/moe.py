@@ -47,9 +47,9 @@ import sys
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils._pytree import tree_map_only
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from . import reach_ins
 from .architectures import SPECS, MoESpec, UnsupportedModelError
 from .kernels._common import disabled_scope
 from .kernels.moe_experts import ExpertLora, NF4Experts, moe_experts
@@ -64,6 +64,7 @@ EXPERT_TARGET_PARAMETERS = tuple(f"experts.{name}" for name in EXPERT_PARAMETERS
 NF4_BLOCKSIZE = 64  # bitsandbytes' Linear4bit default, what fastft's quantization config uses for the other layers
 
 aten = torch.ops.aten
+tree_map_only = reach_ins.get(reach_ins.TREE_MAP_ONLY)
 _warned: set[str] = set()
 
 
@@ -81,7 +82,7 @@ class NF4ExpertsTensor(torch.Tensor):
     """
 
     nf4: NF4Experts
-    __torch_function__ = torch._C._disabled_torch_function_impl  # dispatch-level subclass only
+    __torch_function__ = reach_ins.get(reach_ins.DISABLED_TORCH_FUNCTION)  # dispatch-level subclass only
 
     @staticmethod
     def __new__(cls, nf4: NF4Experts):
@@ -184,8 +185,16 @@ class _ExpertsQuantizer:
         return NF4ExpertsTensor(NF4Experts(**self.fields, **self.meta))
 
 
+def check_reach_ins() -> None:
+    """Verify what 4-bit experts need of torch and transformers (:mod:`fastft.reach_ins`)."""
+    for entry in (reach_ins.MAKE_WRAPPER_SUBCLASS, reach_ins.OP_SCHEMA_MOE,
+                  reach_ins.HF_INITIALIZED, reach_ins.WEIGHT_CONVERTER_OPERATIONS):
+        reach_ins.check(entry)
+
+
 def quantize_experts(weights: torch.Tensor) -> NF4ExpertsTensor:
     """``[E, out, in]`` float experts -> :class:`NF4ExpertsTensor`, one expert at a time, on their device."""
+    check_reach_ins()
     quantizer = _ExpertsQuantizer(weights.shape[0])
     for e in range(weights.shape[0]):
         quantizer.add(e, weights[e])
@@ -250,22 +259,23 @@ def experts_quantized_while_loading(model_type: str):
     """Inside the block, ``from_pretrained`` of a ``model_type`` checkpoint quantizes its experts while loading
     (see the module doc). transformers' public registry of checkpoint conversions (``transformers.conversion_mapping``,
     checked with transformers 5.23) is changed for the block only, process-wide, and restored afterwards."""
-    from transformers import conversion_mapping
-
-    original = conversion_mapping.get_checkpoint_conversion_mapping(model_type)
+    check_reach_ins()
+    register = reach_ins.get(reach_ins.CONVERSION_MAPPING_REGISTER)
+    user_registered = reach_ins.get(reach_ins.CONVERSION_MAPPING_USER)
+    original = reach_ins.get(reach_ins.CONVERSION_MAPPING_GET)(model_type)
     quantizing = [_quantizing(t) for t in original or []]
     if not any(q is not t for q, t in zip(quantizing, original or [])):
         raise UnsupportedModelError(
             f"transformers {transformers.__version__} has no checkpoint conversion of {model_type} experts into "
             f"{'/'.join(EXPERT_TARGET_PARAMETERS)}: fastft cannot quantize them while loading")
-    was_registered = model_type in conversion_mapping.USER_REGISTERED_MAPPINGS
-    conversion_mapping.register_checkpoint_conversion_mapping(model_type, quantizing, overwrite=True)
+    was_registered = model_type in user_registered
+    register(model_type, quantizing, overwrite=True)
     try:
         yield
     finally:
-        conversion_mapping.register_checkpoint_conversion_mapping(model_type, original, overwrite=True)
+        register(model_type, original, overwrite=True)
         if not was_registered:
-            conversion_mapping.USER_REGISTERED_MAPPINGS.discard(model_type)
+            user_registered.discard(model_type)
 
 
 def sparse_blocks(model) -> list:

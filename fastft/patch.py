@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import reach_ins
 from .architectures import ArchitectureSpec
 from .kernels._common import KERNEL_NAMES, disabled_scope
 from .kernels.lora_linear import lora_linear
@@ -239,6 +240,8 @@ def _eager_attention(attention: nn.Module):
 def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec, disabled: frozenset[str] = frozenset()) -> None:
     """Bind fastft's forwards on the norms, attention and MLP modules of ``backbone`` (LlamaModel, ...), except
     where the kernel names ``disabled`` leave transformers' own (see the module docstring)."""
+    for entry in (reach_ins.ATTN_IMPLEMENTATION, reach_ins.TENSOR_VERSION):  # read at every forward
+        reach_ins.check(entry)
     norm_forward = unit_offset_rms_norm_forward if spec.norm_unit_offset else rms_norm_forward
     norms = [backbone.norm]
     for layer in backbone.layers:

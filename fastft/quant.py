@@ -57,20 +57,14 @@ def is_dtensor(tensor) -> bool:
     """Whether ``tensor`` is a ``torch.distributed`` DTensor (FSDP2's sharded parameters are)."""
     if not torch.distributed.is_available():
         return False
-    try:
-        from torch.distributed.tensor import DTensor  # public from torch 2.5
-    except ImportError:
-        from torch.distributed._tensor import DTensor  # torch 2.4 (setup.py accepts it)
+    from torch.distributed.tensor import DTensor
     return isinstance(tensor, DTensor)
 
 
 def unsharded_class(module: torch.nn.Module) -> type:
     """``type(module)``, or for a module FSDP2 sharded (class ``FSDP<Name>(FSDPModule, <Name>)``), ``<Name>``."""
     if torch.distributed.is_available():
-        try:
-            from torch.distributed.fsdp import FSDPModule  # public from torch 2.6
-        except ImportError:
-            from torch.distributed._composable.fsdp import FSDPModule  # torch 2.4, 2.5
+        from torch.distributed.fsdp import FSDPModule
         if isinstance(module, FSDPModule):
             return type(module).__bases__[-1]
     return type(module)

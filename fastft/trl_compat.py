@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from . import master_weights, trl_dataset_checks
+from . import master_weights, reach_ins, trl_dataset_checks
 from .kernels.linear_log_probs import OUTPUTS, linear_log_probs  # OUTPUTS: TRL's per-token fields, its order
 from .quant import is_dtensor
-from .versions import REQUIREMENTS
 
 _TAG = "_fastft_lm_head"
 
@@ -53,6 +52,11 @@ class FastftLogProbDispatch:
     def __init__(self, trl_function):
         self.trl_function = trl_function
 
+    @property
+    def forward(self):
+        """TRL's own ``forward``: what :mod:`fastft.reach_ins` checks the parameters of."""
+        return self.trl_function.forward
+
     def apply(self, hidden, weight, bias, labels, temperature, chunk_size, final_logit_softcapping, logit_scale,
               outputs):
         served = getattr(weight, _TAG, False) and set(outputs) <= set(OUTPUTS)
@@ -70,23 +74,14 @@ def install() -> None:
     installed there is nothing to do; a TRL without what fastft hooks into gets a clear error naming the
     supported range."""
     try:
-        import trl
-        import trl.trainer.utils as trl_utils
+        import trl.trainer.utils  # noqa: F401
     except ImportError:
         return
-    current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
-    missing = [name for name, present in (
-        ("trl.trainer.utils._ChunkedLogProbFunction", current is not None),
-        ("trl.trainer.utils.add_fused_lm_head", hasattr(trl_utils, "add_fused_lm_head")),
-        ("trl.SFTTrainer._prepare_dataset", hasattr(trl.SFTTrainer, "_prepare_dataset")),
-        ("trl.DPOTrainer._prepare_dataset", hasattr(trl.DPOTrainer, "_prepare_dataset")),
-    ) if not present]
-    if missing:
-        raise ImportError(
-            f"fastft hooks into trl{REQUIREMENTS['trl']}; the installed trl {trl.__version__} has no "
-            f"{', '.join(missing)}. Install a supported trl."
-        )
+    for entry in (reach_ins.TRL_CHUNKED_LOG_PROB, reach_ins.TRL_ADD_FUSED_LM_HEAD, reach_ins.SFT_PREPARE_DATASET,
+                  reach_ins.DPO_PREPARE_DATASET):
+        reach_ins.check(entry)
     trl_dataset_checks.install()
     master_weights.install()
+    current = reach_ins.get(reach_ins.TRL_CHUNKED_LOG_PROB)
     if not isinstance(current, FastftLogProbDispatch):
-        trl_utils._ChunkedLogProbFunction = FastftLogProbDispatch(current)
+        reach_ins.install(reach_ins.TRL_CHUNKED_LOG_PROB, FastftLogProbDispatch(current))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import inspect
 
+from . import reach_ins
+
 _GUARD = "_fastft_dataset_guard"
 
 
@@ -249,11 +251,11 @@ def check_sequence_lengths(dataset, name: str, args, max_seq_length: int) -> Non
         )
 
 
-def _guard(trainer_class, check_before) -> None:
+def _guard(init_entry, prepare_entry, check_before) -> None:
     """Wrap ``__init__`` (checks before TRL touches the data; remembers the model's max_seq_length) and
     ``_prepare_dataset`` (length check of each dataset TRL prepares, in ``__init__`` or in ``evaluate``,
     before DPO's precomputed reference pass runs over it)."""
-    init, prepare = trainer_class.__init__, trainer_class._prepare_dataset
+    init, prepare = reach_ins.get(init_entry), reach_ins.get(prepare_entry)
     if getattr(init, _GUARD, False):
         return
     init_signature, prepare_signature = inspect.signature(init), inspect.signature(prepare)
@@ -277,7 +279,8 @@ def _guard(trainer_class, check_before) -> None:
         return prepared
 
     setattr(__init__, _GUARD, True)
-    trainer_class.__init__, trainer_class._prepare_dataset = __init__, _prepare_dataset
+    reach_ins.install(init_entry, __init__)
+    reach_ins.install(prepare_entry, _prepare_dataset)
 
 
 def _before_sft(call, max_seq_length: int) -> None:
@@ -298,7 +301,5 @@ def _before_dpo(call, max_seq_length: int) -> None:
 
 def install() -> None:
     """Wrap ``__init__`` and ``_prepare_dataset`` of ``trl.SFTTrainer`` and ``trl.DPOTrainer`` (idempotent)."""
-    import trl
-
-    _guard(trl.SFTTrainer, _before_sft)
-    _guard(trl.DPOTrainer, _before_dpo)
+    _guard(reach_ins.SFT_INIT_DATASETS, reach_ins.SFT_PREPARE_DATASET, _before_sft)
+    _guard(reach_ins.DPO_INIT_DATASETS, reach_ins.DPO_PREPARE_DATASET, _before_dpo)

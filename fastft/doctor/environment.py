@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from .. import reach_ins
+
 # The versions CI tests with (requirements-cpu.txt pins them; tests/test_doctor.py keeps the two equal).
 TESTED_VERSIONS = {"torch": "2.13.0", "triton": "3.9.0", "transformers": "5.23.0", "peft": "0.21.2",
                    "trl": "1.16.0", "bitsandbytes": "0.50.2", "accelerate": "1.15.0", "xformers": "0.0.35"}
@@ -124,7 +126,9 @@ def bitsandbytes_status(device: torch.device) -> dict:
         status.update(ok=False, problem=f"import failed: {type(exc).__name__}: {exc}")
         return status
     lib = getattr(cextension, "lib", None)
-    status["native_library"] = getattr(getattr(lib, "_lib", None), "_name", None) or type(lib).__name__
+    native = reach_ins.read(reach_ins.BNB_NATIVE_LIBRARY, lib) if lib is not None else None
+    name = reach_ins.read(reach_ins.CTYPES_LIBRARY_NAME, native) if native is not None else None
+    status["native_library"] = name or type(lib).__name__
     status["native_library_error"] = getattr(lib, "error_msg", None)
     try:
         weight = torch.randn(128, 128, device=device, generator=torch.Generator(device).manual_seed(0)) * 0.05
@@ -169,13 +173,13 @@ def xformers_status(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         status["problem"] = "not installed (optional: pip install 'fastft[xformers]')"
         return status
     try:
-        from xformers import _cpp_lib
         from xformers.ops import fmha
     except Exception as exc:  # noqa: BLE001 - reported
         status["problem"] = f"import failed: {type(exc).__name__}: {exc}"
         return status
-    load_error = getattr(_cpp_lib, "_cpp_library_load_exception", None)
-    build = getattr(_cpp_lib, "_build_metadata", None)
+    cpp_lib = reach_ins.get(reach_ins.XFORMERS_CPP_LIB)
+    load_error = reach_ins.read(reach_ins.XFORMERS_LOAD_EXCEPTION, cpp_lib) if cpp_lib is not None else None
+    build = reach_ins.read(reach_ins.XFORMERS_BUILD_METADATA, cpp_lib) if cpp_lib is not None else None
     status["compiled_library"] = "loaded" if load_error is None else f"did not load: {load_error}"
     if build is not None:
         status["built_for"] = {"torch": build.torch_version, "cuda": build.cuda_version, "hip": build.hip_version}

@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from .. import reach_ins
 from .cuda_paths import cuda_code_paths, cuda_op_overrides, cuda_op_workspace
 from .fsdp import MESH_DIM, fake_process_group, fsdp_on_meta, meta_overrides, shard_model
 from .simulated_gpu import LiveTensorBytes, simulated_gpu
@@ -92,14 +93,13 @@ def _step(config, setup: StepSetup, tracker, device: torch.device, mesh) -> Step
 def _bitsandbytes_caches_kept():
     """bitsandbytes caches its quantization code tables on the device of the first tensor it quantizes;
     tables made for meta tensors must not outlive the accounting."""
-    import bitsandbytes.functional as bnb_functional
-
-    saved = dict(bnb_functional.name2qmap)
+    cache = reach_ins.get(reach_ins.BNB_QMAP_CACHE)
+    saved = dict(cache)
     try:
         yield
     finally:
-        bnb_functional.name2qmap.clear()
-        bnb_functional.name2qmap.update(saved)
+        cache.clear()
+        cache.update(saved)
 
 
 def account_step(config, setup: StepSetup, sm_count: int = 132, cuda_workspaces: bool = True,
@@ -131,20 +131,15 @@ def _collect_after_interpreted_launches():
     """Triton's interpreter leaves reference cycles (recursive closures over the arguments' storages) that
     hold a launch's arguments until the next garbage collection; a GPU launch holds nothing. Collect them
     right after each interpreted launch."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    run = InterpretedFunction.run
+    run = reach_ins.get(reach_ins.TRITON_INTERPRETED_RUN)
 
     def run_then_collect(self, *args, **kwargs):
         result = run(self, *args, **kwargs)
         gc.collect(0)  # the cycles are new: the youngest generation holds them, and is cheap to collect
         return result
 
-    InterpretedFunction.run = run_then_collect
-    try:
+    with reach_ins.patched((reach_ins.TRITON_INTERPRETED_RUN, run_then_collect)):
         yield
-    finally:
-        InterpretedFunction.run = run
 
 
 def measure_step_on_cpu(config, setup: StepSetup) -> StepMemory:

@@ -24,8 +24,11 @@ backward's fp32 ``delta`` and ``dq`` accumulator). cuBLAS workspaces are not cou
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 import torch
+
+from .. import reach_ins
 
 aten = torch.ops.aten
 
@@ -114,25 +117,12 @@ def _use_triton_on_gpus(device) -> bool:
 def cuda_code_paths():
     """Route SDPA through the backend CUDA picks and TRL's fused lm head through its GPU branches (its
     Triton kernels, interpreted on CPU tensors; fp32-output GEMMs), for the duration of the block."""
-    import importlib
-
-    patches = [(torch.nn.functional, "scaled_dot_product_attention", cuda_sdpa)]
-    try:
-        trl_kernel = importlib.import_module("trl.kernels.chunked_logprob")
-        trl_utils = importlib.import_module("trl.trainer.utils")
-    except ImportError:  # no TRL: nothing of it to route
-        pass
-    else:
-        patches += [(trl_kernel, "_use_triton", _use_triton_on_gpus), (trl_utils, "_use_triton", _use_triton_on_gpus),
-                    (trl_kernel, "_addmm_fp32", _trl_addmm_fp32)]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
-    try:
+    patches = [(reach_ins.SDPA, cuda_sdpa)]
+    if importlib.util.find_spec("trl") is not None:  # without TRL there is nothing of it to route
+        patches += [(reach_ins.TRL_USE_TRITON, _use_triton_on_gpus),
+                    (reach_ins.TRL_UTILS_USE_TRITON, _use_triton_on_gpus), (reach_ins.TRL_ADDMM_FP32, _trl_addmm_fp32)]
+    with reach_ins.patched(*patches):
         yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
 
 
 def cuda_op_workspace(func, args, kwargs, out) -> int:

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .. import reach_ins
 from ..architectures import spec_for
 from .accounting import GIB, StepMemory, account_step
 from .configs import load_config
@@ -143,7 +144,7 @@ def _model_name(model) -> str:
     if isinstance(model, str):
         return model
     config = getattr(model, "config", model)
-    return getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model")
+    return reach_ins.read(reach_ins.CONFIG_NAME_OR_PATH, config) or getattr(config, "model_type", "model")
 
 
 def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16, lora_alpha: int = 16,

@@ -31,11 +31,11 @@ calls it: :func:`meta_overrides` makes it a view of its input, as the wrapper is
 from __future__ import annotations
 
 import contextlib
-import importlib
 import types
 
 import torch
 
+from .. import reach_ins
 from ..kernels._common import torch_at_least
 
 # The oldest torch the FSDP accounting runs on, of those tested: torch 2.10's c10d collectives have no meta kernels
@@ -43,7 +43,6 @@ from ..kernels._common import torch_at_least
 # unchecked.
 FSDP_ACCOUNTING_TORCH = (2, 13)
 _FSDP_ACCOUNTING_TORCH_NAME = ".".join(map(str, FSDP_ACCOUNTING_TORCH))
-_FSDP_MODULES = ("_fsdp_collectives", "_fsdp_init", "_fsdp_param_group", "_fsdp_state")
 MESH_DIM = "dp_shard"  # accelerate's name for the FSDP dimension
 
 
@@ -54,7 +53,6 @@ def fake_process_group(world_size: int):
     default group per process, and the caller's must not be replaced."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if not torch_at_least(torch.__version__, *FSDP_ACCOUNTING_TORCH):
         raise NotImplementedError(
@@ -66,7 +64,7 @@ def fake_process_group(world_size: int):
                            "this process already has a default process group (torch.distributed is initialised); "
                            "run the accounting in a process of its own (e.g. `fastft-memory --fsdp-world-size N`) "
                            "or before init_process_group")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=reach_ins.get(reach_ins.FAKE_STORE)(), rank=0, world_size=world_size)
     try:
         yield init_device_mesh("cpu", (world_size,), mesh_dim_names=(MESH_DIM,))
     finally:
@@ -76,27 +74,15 @@ def fake_process_group(world_size: int):
 @contextlib.contextmanager
 def fsdp_on_meta():
     """FSDP2 over meta parameters: its device meta, the CPU's streams, no refusal of meta (see the module doc)."""
-    from torch.distributed.device_mesh import _get_device_handle
-
-    modules = [importlib.import_module(f"torch.distributed.fsdp._fully_shard.{name}") for name in _FSDP_MODULES]
-    fully_shard_module = importlib.import_module("torch.distributed.fsdp._fully_shard._fully_shard")
-    param_group = importlib.import_module("torch.distributed.fsdp._fully_shard._fsdp_param_group").FSDPParamGroup
-    saved = [(module, "_get_device_handle", module._get_device_handle) for module in modules]
-    saved += [(fully_shard_module, "_get_device_from_mesh", fully_shard_module._get_device_from_mesh),
-              (param_group, "_validate_no_meta_params", param_group._validate_no_meta_params)]
+    get_device_handle = reach_ins.get(reach_ins.MESH_DEVICE_HANDLE)
 
     def device_handle(device_type: str):
-        return _get_device_handle("cpu" if device_type == "meta" else device_type)
+        return get_device_handle("cpu" if device_type == "meta" else device_type)
 
-    for module in modules:
-        module._get_device_handle = device_handle
-    fully_shard_module._get_device_from_mesh = lambda mesh: torch.device("meta")
-    param_group._validate_no_meta_params = lambda self: None
-    try:
+    with reach_ins.patched(*[(entry, device_handle) for entry in reach_ins.FSDP_DEVICE_HANDLES],
+                           (reach_ins.FSDP_DEVICE_FROM_MESH, lambda mesh: torch.device("meta")),
+                           (reach_ins.FSDP_VALIDATE_NO_META, lambda self: None)):
         yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
 
 
 def meta_overrides() -> dict:
@@ -119,6 +105,7 @@ def shard_model(model, mesh, dtype: torch.dtype):
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP",
                                             cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT",
                                             reshard_after_forward=True)
+    reach_ins.check(reach_ins.DTENSOR_LOCAL)  # the accounting reads each rank's shards by it
     precision = mixed_precision(dtype)
     if precision != "no":  # what AcceleratorState does with the Trainer's bf16 / fp16 flag
         plugin.set_mixed_precision(precision)
@@ -128,8 +115,5 @@ def shard_model(model, mesh, dtype: torch.dtype):
         device=mesh.device_type)
     # fsdp2_prepare_model keeps model.state_dict() for cpu_ram_efficient_loading only (off): bitsandbytes' state
     # dict reads the quantization offset with .item(), which a meta tensor has no value for.
-    model.state_dict = lambda *args, **kwargs: {}
-    try:
+    with reach_ins.patched((reach_ins.MODULE_STATE_DICT, lambda *args, **kwargs: {}, model)):
         return fsdp2_prepare_model(accelerator, model)
-    finally:
-        del model.state_dict

@@ -40,8 +40,11 @@ import weakref
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+
+from .. import reach_ins
+
+TorchDispatchMode = reach_ins.get(reach_ins.TORCH_DISPATCH_MODE)
+tree_flatten, tree_map = reach_ins.get(reach_ins.TREE_FLATTEN), reach_ins.get(reach_ins.TREE_MAP)
 
 aten = torch.ops.aten
 
@@ -105,6 +108,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __init__(self, device_type: str = "cpu", op_workspace=None, overrides=None, explain_peak: bool = False):
         super().__init__()
+        for entry in (reach_ins.STORAGE_CDATA, reach_ins.OP_SCHEMA):  # read by name below
+            reach_ins.check(entry)
         self.device_type = device_type
         # explain_peak: keep what each live storage is (op, shape, phase) and a list of them at the peak
         self.explain_peak = explain_peak
@@ -207,16 +212,19 @@ class _ResizeWatch:
 class _WatchedTrackers(list):
     """The trackers entered; the patch of ``resize_`` is in place while the list is not empty."""
 
+    restore = None
+
     def append(self, tracker):
         if not self:
-            _ResizeWatch._original = torch.UntypedStorage.resize_
-            torch.UntypedStorage.resize_ = lambda storage, size: _ResizeWatch.resize_(storage, size)
+            _ResizeWatch._original = reach_ins.get(reach_ins.STORAGE_RESIZE)
+            self.restore = reach_ins.install(reach_ins.STORAGE_RESIZE,
+                                             lambda storage, size: _ResizeWatch.resize_(storage, size))
         super().append(tracker)
 
     def remove(self, tracker):
         super().remove(tracker)
         if not self:
-            torch.UntypedStorage.resize_ = _ResizeWatch._original
+            self.restore()
 
 
 _ResizeWatch.trackers = _WatchedTrackers()
@@ -402,12 +410,7 @@ class _ValuedMetaConstants(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _triton_launchers():
-    """The classes whose ``run`` launches a Triton kernel: compiled, and interpreted (TRITON_INTERPRET=1)."""
-    import triton.runtime.interpreter as interpreter
-    import triton.runtime.jit as jit
-
-    return [cls for cls in (jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)) if cls is not None]
+_TRITON_LAUNCHERS = (reach_ins.TRITON_JIT_RUN, reach_ins.TRITON_INTERPRETED_RUN)  # compiled, interpreted
 
 
 @contextlib.contextmanager
@@ -415,28 +418,19 @@ def simulated_gpu(sm_count: int = 132, value_limit: int = 1 << 24, op_workspace=
                   explain_peak: bool = False):
     """Enter :class:`SimulatedGPU` with fastft's kernels on their GPU path for meta tensors and every
     Triton launch stubbed out. Yields the mode (``.live``, ``.peak``, ``.phase``, ...)."""
-    import importlib
-
     from ..kernels import _common
 
-    adam = importlib.import_module("torch.optim.adam")
-    launchers = {cls: cls.run for cls in _triton_launchers()}
-    saved_fused_check = adam._device_dtype_check_for_fused
-    saved_is_autocast_enabled = torch.is_autocast_enabled
+    is_autocast_enabled = reach_ins.get(reach_ins.IS_AUTOCAST_ENABLED)
     mode = SimulatedGPU(value_limit=value_limit, op_workspace=op_workspace, overrides=overrides,
                         explain_peak=explain_peak)
-    for cls in launchers:
-        cls.run = lambda self, *args, **kwargs: None  # the wrappers' allocations are what is counted
-    # fused AdamW (the Trainer's default) accepts meta parameters as it does CUDA ones
-    adam._device_dtype_check_for_fused = lambda p, cuda_unsupported=False: None
-    # autocast has no meta device: asked about it (as TRL's kernel asks about its tensors' device), it is off
-    torch.is_autocast_enabled = lambda *args: (False if args and args[0] == "meta"
-                                               else saved_is_autocast_enabled(*args))
-    try:
-        with _common.gpu_simulation("meta", sm_count=sm_count), _ValuedMetaConstants(), mode:
-            yield mode
-    finally:
-        for cls, run in launchers.items():
-            cls.run = run
-        adam._device_dtype_check_for_fused = saved_fused_check
-        torch.is_autocast_enabled = saved_is_autocast_enabled
+    # the wrappers' allocations are what is counted
+    launches = [(entry, lambda self, *args, **kwargs: None) for entry in _TRITON_LAUNCHERS]
+    with reach_ins.patched(
+            *launches,
+            # fused AdamW (the Trainer's default) accepts meta parameters as it does CUDA ones
+            (reach_ins.ADAM_FUSED_CHECK, lambda p, cuda_unsupported=False: None),
+            # autocast has no meta device: asked about it (as TRL's kernel asks about its tensors' device), it is off
+            (reach_ins.IS_AUTOCAST_ENABLED, lambda *args: (False if args and args[0] == "meta"
+                                                           else is_autocast_enabled(*args)))), \
+            _common.gpu_simulation("meta", sm_count=sm_count), _ValuedMetaConstants(), mode:
+        yield mode

@@ -34,6 +34,8 @@ import gc
 import torch
 from torch import nn
 
+from .. import reach_ins
+
 CONTENDERS = ("hf", "fastft")
 CHECKPOINTING = ("off", "on", "offload")
 BATCHES = ("plain", "padded", "packed")
@@ -97,6 +99,7 @@ def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.
     import bitsandbytes as bnb
     import transformers
 
+    quantize = reach_ins.get(reach_ins.PARAMS4BIT_QUANTIZE)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or name == "lm_head":
@@ -106,7 +109,7 @@ def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.
                                       quant_storage=storage, device=device)
             weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
                                        compress_statistics=True, quant_storage=storage, module=layer)
-            layer.weight = weight._quantize(device)
+            layer.weight = quantize(weight, device)
             if child.bias is not None:
                 layer.bias = child.bias
             setattr(parent, name, layer)
@@ -260,7 +263,7 @@ def train_step(model, optimizer, batch: dict, tracker=None, on_grads=None) -> No
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """What this rank holds of ``t``: its shard when FSDP2 made it a DTensor."""
-    return getattr(t, "_local_tensor", t)
+    return getattr(t, reach_ins.DTENSOR_LOCAL.attribute, t)
 
 
 def resident_tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
