@@ -302,11 +302,12 @@ def test_llama31_8b_at_2048_tokens_peaks_under_7_gib_and_under_hf():
 
 
 def test_llama31_8b_r32_max_context_targets():
-    """At least 100,000 tokens on 24 GiB and 400,000 on 80 GiB (Unsloth publishes 78,475 and 342,733), beyond the
-    model's trained context of 131,072 positions when asked."""
+    """More than Unsloth publishes for 24 GB and 80 GB (78,475 and 342,733 tokens) with the headroom kept back (the
+    raw figures, against the whole card, were 100,000 and 400,000 or more), beyond the model's trained context of
+    131,072 positions when asked."""
     settings = dict(r=32, use_gradient_checkpointing="offload", beyond_trained_context=True)
-    assert max_context("llama-3.1-8b", 24, **settings) >= 100_000
-    assert max_context("llama-3.1-8b", 80, **settings) >= 400_000
+    assert max_context("llama-3.1-8b", 24, **settings) > 78_475
+    assert max_context("llama-3.1-8b", 80, **settings) > 342_733
 
 
 def test_phi4_preset_adapts_its_four_fused_layers():
@@ -593,3 +594,22 @@ def test_bench_memory_writes_rows_max_context_markdown_and_plot(tmp_path):
 def test_bench_memory_gpu_check_needs_a_gpu(tmp_path):
     result = _bench_memory("--gpu-check", "--out-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def test_bench_memory_markdown_says_which_figure_its_table_shows():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "memory.py"
+    spec = importlib.util.spec_from_file_location("fastft_bench_memory_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    limit = {"contender": "fastft", "model": "m", "r": 32, "batch_size": 1, "checkpointing": "offload",
+             "mlp_chunk_tokens": None, "loss": "trl", "fsdp_world_size": 1, "vram_gb": 24, "max_seq_len": 1024}
+    data = {"date": "d", "command": "c", "torch": "t", "transformers": "t", "peft": "p", "bitsandbytes": "b",
+            "trl": "t", "fastft": {"git_commit": "g"}, "vram_gb": [24], "rows": [], "max_context": [limit]}
+    with_headroom = bench.markdown({**data, "headroom": headroom.as_dict(applied=True)})
+    assert f"GiB usable per card: 24 → {headroom.usable_gib(24):.2f}." in with_headroom
+    assert "| m | 32 | fastft | 1,024 |" in with_headroom and "Peak per setting" not in with_headroom  # no rows
+    raw = bench.markdown({**data, "headroom": headroom.as_dict(applied=False)})
+    assert "**Raw: the accounted peak against the whole card**" in raw and "usable" not in raw
