@@ -13,7 +13,8 @@ with their launches stubbed, cuBLAS outputs, what autograd saves, the CUDA backe
 4-bit matmul) and the bytes of live tensor storages are counted, as ``torch.cuda.max_memory_allocated``
 counts them (``fastft/memory``). Validated on CPU against the live bytes of the same step run for real
 (``tests/test_memory.py``). Not counted: the CUDA context, cuBLAS/cuDNN workspaces, allocator rounding and
-fragmentation (bench/README.md).
+fragmentation (bench/README.md). The max-context table compares the peak with each card less the headroom of
+``fastft/memory/headroom.py`` for those (``--raw``: with the whole card), and says which beside the table.
 
 Contenders (``fastft.memory.training_step``): ``hf`` = transformers + peft + bitsandbytes NF4 double-quant,
 SDPA, transformers' gradient checkpointing; ``fastft`` = the same model patched by fastft. Both: LoRA on all
@@ -24,7 +25,8 @@ seven linear layers, adapters in bf16 and fused AdamW (what TRL's SFTTrainer doe
 ``fully_shard`` as the Trainer's accelerate plugin shards it; batch sizes per GPU; ``fastft/memory/fsdp.py``).
 
 Outputs in ``--out-dir`` (default ``bench/results``): ``memory-<date>.json`` (rows, max_context, versions,
-date, command), ``memory-<date>.md`` and ``memory-<date>.png`` (``memory-fsdp<N>-<date>.*`` with FSDP).
+date, command), ``memory-<date>.md`` and ``memory-<date>.png`` (``memory-fsdp<N>-<date>.*`` with FSDP;
+``memory-max-context-<date>.*`` with ``--no-rows``: the max-context table alone, no plot).
 """
 from __future__ import annotations
 
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contenders", type=csv(str), default=("hf", "fastft"))
     parser.add_argument("--vram", type=csv(float), default=VRAM_GB, help="card sizes (GiB) of the max-context table")
     parser.add_argument("--no-max-context", action="store_true")
+    parser.add_argument("--no-rows", action="store_true", help="the max-context table alone (no peak per setting)")
+    parser.add_argument("--max-context-rs", type=csv(int), default=MAX_CONTEXT_RS,
+                        help="LoRA ranks of the max-context table (default 16,32)")
+    parser.add_argument("--raw", action="store_true",
+                        help="max context against the whole card, without the headroom (fastft/memory/headroom.py)")
     parser.add_argument("--mlp-chunk-tokens", type=int, default=FASTFT_MLP_CHUNK,
                         help="fastft's MLP chunk in the max-context search (0: none)")
     parser.add_argument("--quick", action="store_true", help="Llama-3.1-8B, 2048/8192 tokens, batch 1, on/offload")
@@ -122,16 +129,18 @@ def max_context_for(args) -> list[dict]:
     for model in args.models:
         for contender in args.contenders:
             chunk = (args.mlp_chunk_tokens or None) if contender == "fastft" else None
-            for r in MAX_CONTEXT_RS:
+            for r in args.max_context_rs:
                 t0 = time.perf_counter()
                 limits = max_context(model, list(args.vram), r=r, batch_size=1, loss=args.loss, contender=contender,
                                      use_gradient_checkpointing="offload", mlp_chunk_tokens=chunk,
-                                     fsdp_world_size=args.fsdp_world_size, beyond_trained_context=True)
+                                     fsdp_world_size=args.fsdp_world_size, beyond_trained_context=True,
+                                     headroom=not args.raw)
                 for vram, tokens in limits.items():
                     found.append({"contender": contender, "model": model, "r": r, "batch_size": 1,
                                   "checkpointing": "offload", "mlp_chunk_tokens": chunk, "loss": args.loss,
-                                  "fsdp_world_size": args.fsdp_world_size,
-                                  "vram_gb": vram, "max_seq_len": tokens})
+                                  "fsdp_world_size": args.fsdp_world_size, "headroom": not args.raw,
+                                  "vram_gb": vram, "max_seq_len": tokens,
+                                  "search_seconds": round(time.perf_counter() - t0, 1)})
                 print(f"{model} {contender:6s} r={r}: " + ", ".join(f"{v:g} GiB -> {t:,}" for v, t in limits.items())
                       + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     return found
@@ -141,6 +150,19 @@ def _context_cell(tokens: int) -> str:
     from fastft.memory.estimate import MAX_ACCOUNTED_TOKENS
 
     return f"≥ {tokens:,}" if tokens >= MAX_ACCOUNTED_TOKENS else f"{tokens:,}"
+
+
+def _headroom_note(data: dict) -> str:
+    """What the max-context table compares the accounted peak with, stated beside it."""
+    from fastft.memory import headroom
+
+    if not data.get("headroom", {}).get("applied"):  # older results files: raw
+        return ("**Raw: the accounted peak against the whole card** (`--raw`; no headroom for the CUDA context or the "
+                "allocator's rounding and fragmentation: a real card fits less).")
+    usable = ", ".join(f"{v:g} → {headroom.usable_gib(v):.2f}" for v in data["vram_gb"])
+    return (f"**With headroom**: the accounted peak fits each card less {headroom.CUDA_CONTEXT_GIB:g} GiB for the CUDA "
+            f"context and {headroom.FRAGMENTATION_FRACTION:.0%} of the card for the caching allocator's rounding and "
+            f"fragmentation (`fastft/memory/headroom.py`; `--raw` for the whole card). GiB usable per card: {usable}.")
 
 
 def markdown(data: dict) -> str:
@@ -160,7 +182,8 @@ def markdown(data: dict) -> str:
         lines += [f"## Longest sequence that fits (batch 1, offloaded checkpointing, loss path "
                   f"`{data['max_context'][0]['loss']}`"
                   + (f"; fastft's MLP in chunks of {', '.join(map(str, chunks))} tokens" if chunks else "") + ")",
-                  "", "A multiple of 128 tokens; beyond a model's trained context (131,072 for Llama-3.1) this is "
+                  "", _headroom_note(data), "",
+                  "A multiple of 128 tokens; beyond a model's trained context (131,072 for Llama-3.1) this is "
                   "memory capacity only.", "",
                   "| model | r | contender | " + " | ".join(f"{v:g} GiB" for v in data["vram_gb"]) + " |",
                   "|---|---|---|" + "---|" * len(data["vram_gb"])]
@@ -179,6 +202,8 @@ def markdown(data: dict) -> str:
             lines += ["", "Published by Unsloth for r=32 (their method, not accounted here): "
                       + "; ".join(published) + "."]
         lines.append("")
+    if not data["rows"]:
+        return "\n".join(lines) + "\n"
     lines += ["## Peak per setting", "", "| model | ckpt | batch | tokens | hf peak | fastft peak | fastft / hf | "
               "fastft resident |", "|---|---|---|---|---|---|---|---|"]
     by_key = {tuple(r[k] for k in ROW_KEY): r for r in data["rows"]}
@@ -273,23 +298,31 @@ def main(argv=None) -> int:
         args.models, args.seq_lens, args.batch_sizes, args.checkpointing = (MODELS[:1], (2048, 8192), (1,),
                                                                             ("on", "offload"))
         args.vram = (24, 80)
+    if args.no_rows and args.no_max_context:
+        print("bench/memory.py: --no-rows with --no-max-context leaves nothing to do", file=sys.stderr)
+        return 2
+    from fastft.memory import headroom
+
     t0 = time.perf_counter()
     env = shared.environment("none (accounted on CPU)")  # the code as it was when the run started
-    rows = rows_for(args)
+    rows = [] if args.no_rows else rows_for(args)
     limits = [] if args.no_max_context else max_context_for(args)
     date = shared.utc_date()
     data = {**env, "date": date, "command": shared.command_line(),
             "accounted": True, "what": "accounted, not measured on a GPU (fastft/memory)",
-            "vram_gb": list(args.vram), "fsdp_world_size": args.fsdp_world_size, "rows": rows, "max_context": limits,
+            "vram_gb": list(args.vram), "headroom": headroom.as_dict(applied=not args.raw),
+            "fsdp_world_size": args.fsdp_world_size, "rows": rows, "max_context": limits,
             "seconds": round(time.perf_counter() - t0, 1)}
     os.makedirs(args.out_dir, exist_ok=True)
     fsdp = f"fsdp{args.fsdp_world_size}-" if args.fsdp_world_size > 1 else ""
-    base = os.path.join(args.out_dir, f"memory-{fsdp}{date}")
+    part = "max-context-" if args.no_rows else ""
+    base = os.path.join(args.out_dir, f"memory-{part}{fsdp}{date}")
     shared.write_json_atomic(base + ".json", data)
     with open(base + ".md", "w") as f:
         f.write(markdown(data))
-    plot(data, base + ".png")
-    print(f"wrote {base}.json, .md, .png ({data['seconds']:.0f} s)")
+    if rows:
+        plot(data, base + ".png")
+    print(f"wrote {base}.json, .md{', .png' if rows else ''} ({data['seconds']:.0f} s)")
     return 0
 
 

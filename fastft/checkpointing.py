@@ -23,6 +23,7 @@ import types
 import torch
 
 from . import reach_ins
+from .memory.headroom import usable_gib
 
 logger = logging.getLogger("fastft")
 
@@ -130,10 +131,10 @@ def _check_mlp_chunk_tokens(chunk_tokens) -> None:
 
 
 def gpu_budget_gb(device: torch.device) -> float:
-    """What the GPU holds for this process's tensors: free memory plus what it has allocated already, less
-    8% for the caching allocator's rounding and fragmentation (not in the accounting)."""
+    """What the GPU holds for this process's tensors: free memory plus what it has allocated already, less the
+    headroom of ``fastft.memory.headroom`` without its CUDA context, which the free memory has already lost."""
     free, _ = torch.cuda.mem_get_info(device)
-    return 0.92 * (free + torch.cuda.memory_allocated(device)) / 2**30
+    return usable_gib((free + torch.cuda.memory_allocated(device)) / 2**30, context_gib=0)
 
 
 def apply_mode(model, mode, *, max_seq_length: int, batch_size: int, memory_budget_gb, mlp_chunk_tokens,

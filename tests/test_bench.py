@@ -253,6 +253,8 @@ HELP = {  # per script: its description and, per option, words of the option's h
         "--checkpointing": "CHECKPOINTING", "--r": "LoRA rank of the rows", "--loss": "{trl,labels}",
         "--contenders": "CONTENDERS", "--vram": "card sizes (GiB)", "--no-max-context": "",
         "--mlp-chunk-tokens": "fastft's MLP chunk", "--quick": "Llama-3.1-8B", "--out-dir": "OUT_DIR",
+        "--no-rows": "the max-context table alone", "--max-context-rs": "LoRA ranks of the max-context table",
+        "--raw": "against the whole card, without the headroom",
         "--gpu-check": "compare max_memory_allocated with the accounting"}),
 }
 

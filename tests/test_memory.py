@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from fastft.memory import headroom
 from fastft.memory.accounting import account_step, measure_step_on_cpu
 from fastft.memory.estimate import estimate_memory, largest_fitting, max_context
 from fastft.memory.simulated_gpu import UnknownValueError, simulated_gpu
@@ -301,11 +302,12 @@ def test_llama31_8b_at_2048_tokens_peaks_under_7_gib_and_under_hf():
 
 
 def test_llama31_8b_r32_max_context_targets():
-    """At least 100,000 tokens on 24 GiB and 400,000 on 80 GiB (Unsloth publishes 78,475 and 342,733), beyond the
-    model's trained context of 131,072 positions when asked."""
+    """More than Unsloth publishes for 24 GB and 80 GB (78,475 and 342,733 tokens) with the headroom kept back (the
+    raw figures, against the whole card, were 100,000 and 400,000 or more), beyond the model's trained context of
+    131,072 positions when asked."""
     settings = dict(r=32, use_gradient_checkpointing="offload", beyond_trained_context=True)
-    assert max_context("llama-3.1-8b", 24, **settings) >= 100_000
-    assert max_context("llama-3.1-8b", 80, **settings) >= 400_000
+    assert max_context("llama-3.1-8b", 24, **settings) > 78_475
+    assert max_context("llama-3.1-8b", 80, **settings) > 342_733
 
 
 def test_phi4_preset_adapts_its_four_fused_layers():
@@ -389,12 +391,14 @@ def test_cli_answers_fits_does_not_fit_and_too_small(tmp_path, capsys):
 
     TINY_LLAMA.save_pretrained(tmp_path)
     need = estimate_memory(TINY_LLAMA, 256)
-    assert main([str(tmp_path), "--seq-len", "256", "--vram", f"{need.peak_gb * 1.5:.6f}"]) == 0
+    card = headroom.card_gib_for  # the card whose usable memory is the given peak
+    assert main([str(tmp_path), "--seq-len", "256", "--vram", f"{card(need.peak_gb * 1.5):.6f}"]) == 0
     out = capsys.readouterr().out
     assert "accounted" in out and "fits" in out and "longest sequence that fits" in out
-    assert main([str(tmp_path), "--seq-len", "256", "--vram", f"{(need.peak_gb + need.resident_gb) / 2:.6f}"]) == 1
+    between = card((need.peak_gb + need.resident_gb) / 2)
+    assert main([str(tmp_path), "--seq-len", "256", "--vram", f"{between:.6f}"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
-    assert main([str(tmp_path), "--vram", f"{need.resident_gb / 2:.6f}"]) == 1
+    assert main([str(tmp_path), "--vram", f"{card(need.resident_gb / 2):.6f}"]) == 1
     assert "alone need" in capsys.readouterr().out
     assert main(["./no-such-dir", "--vram", "24"]) == 2
     assert "no such directory" in capsys.readouterr().err
@@ -411,9 +415,76 @@ def _positions(config, positions: int):
 def test_max_context_stops_at_the_trained_context_unless_asked():
     """Issue 24.7: a model of 256 positions was reported to fit 1,920 tokens."""
     short = _positions(TINY_LLAMA, 256)
-    vram = estimate_memory(short, 1024).peak_gb  # the accounting itself is not bound by the positions
+    vram = headroom.card_gib_for(estimate_memory(short, 1024).peak_gb)  # the accounting is not bound by the positions
     assert max_context(short, vram) == 256
     assert max_context(short, vram, beyond_trained_context=True) == 1024
+
+
+def test_max_context_and_fits_keep_the_headroom_back_unless_asked_for_the_raw_figure():
+    """Issue 25.5: the longest context was the one whose accounted peak filled the whole card."""
+    peak = estimate_memory(TINY_LLAMA, 1024).peak_gb
+    between = (peak + estimate_memory(TINY_LLAMA, 1152).peak_gb) / 2
+    card = headroom.card_gib_for(between)  # usable: between the peaks of 1,024 and 1,152 tokens
+    assert headroom.usable_gib(card) == pytest.approx(between, rel=1e-9)
+    assert card - between == pytest.approx(headroom.CUDA_CONTEXT_GIB + headroom.FRAGMENTATION_FRACTION * card)
+    assert max_context(TINY_LLAMA, card) == 1024
+    assert max_context(TINY_LLAMA, [card]) == {card: 1024}
+    assert max_context(TINY_LLAMA, card, headroom=False) == 4096  # the raw figure: the whole card, up to 4,096
+    assert max_context(TINY_LLAMA, headroom.CUDA_CONTEXT_GIB) == 0  # the context takes the card: nothing fits
+    estimate = estimate_memory(TINY_LLAMA, 1024)
+    assert estimate.fits(card) and not estimate.fits(headroom.card_gib_for(peak) * 0.999)
+    assert estimate.fits(peak * 1.001, headroom=False) and not estimate.fits(peak * 1.001)
+
+
+def test_cli_says_which_figure_it_shows_and_raw_compares_with_the_whole_card(tmp_path, capsys):
+    from fastft.memory.cli import main
+
+    TINY_LLAMA.save_pretrained(tmp_path)
+    vram = round(estimate_memory(TINY_LLAMA, 4096).peak_gb * 1.01, 6)  # the whole card holds 4,096 tokens; its
+    assert vram < headroom.CUDA_CONTEXT_GIB                              # usable memory, nothing
+    assert main([str(tmp_path), "--seq-len", "256", "--vram", str(vram)]) == 1
+    out = capsys.readouterr().out
+    assert f"card, 0.00 GiB usable after the {headroom.describe()}; --raw for the whole card" in out
+    assert "does NOT fit" in out
+    assert main([str(tmp_path), "--seq-len", "256", "--vram", str(vram), "--raw"]) == 0
+    out = capsys.readouterr().out
+    assert "raw: the accounted peak against the whole" in out and "fits" in out
+    longest = max_context(TINY_LLAMA, vram, headroom=False, beyond_trained_context=True)
+    assert longest >= 4096
+    assert re.search(rf"longest sequence that fits {vram:g} GiB \([0-9.]+ GiB usable\) at batch 1: {longest:,} tokens",
+                     out)
+
+
+def test_the_headroom_figures_live_in_one_place(monkeypatch):
+    """The constants of fastft/memory/headroom.py are the only copy: the docstring, the README and the outputs state
+    them from there, and no other module keeps its own margin (the auto plan's 8% was one)."""
+    from pathlib import Path
+
+    from fastft import checkpointing
+
+    repo = Path(__file__).resolve().parent.parent
+    context, fraction = f"{headroom.CUDA_CONTEXT_GIB:g} GiB", f"{headroom.FRAGMENTATION_FRACTION:.0%}"
+    doc = " ".join(headroom.__doc__.split())
+    assert f"CUDA_CONTEXT_GIB``, {context})" in doc and f"FRAGMENTATION_FRACTION``, {fraction} of the card)" in doc
+    readme = " ".join((repo / "README.md").read_text().split())
+    assert f"headroom of {context} for the CUDA context and {fraction} of the card" in readme
+    assert readme.count("headroom of ") == readme.count(f"headroom of {context} for the CUDA context and {fraction}")
+    table_cards = (8, 12, 16, 24)  # the max-context table's, with the usable memory stated beside it
+    assert (" / ".join(f"{headroom.usable_gib(c):.2f}" for c in table_cards) + " GiB usable on "
+            + " / ".join(map(str, table_cards)) + " GiB") in readme
+    for card in (24, 80):
+        assert f"{card} GiB card leaves {headroom.usable_gib(card):.2f} GiB for the accounted peak" in readme \
+            or f"an {card} GiB card {headroom.usable_gib(card):.2f} GiB" in readme
+    margins = re.compile(r"(?<![\w.])(0?\.92|0?\.08|0?\.75)(?![\w.])")
+    for path in [*(repo / "fastft" / "memory").glob("*.py"), repo / "fastft" / "checkpointing.py",
+                 repo / "bench" / "memory.py"]:  # where an accounted figure meets a card
+        if path.name != "headroom.py":
+            assert not margins.search(path.read_text()), f"{path}: a margin of its own; use fastft.memory.headroom"
+    # the auto plan: free memory (the context already taken) plus what is allocated, less the fraction only
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * GIB)
+    budget = checkpointing.gpu_budget_gb(torch.device("cuda", 0))
+    assert budget == pytest.approx(32 * (1 - headroom.FRAGMENTATION_FRACTION), rel=1e-12)
 
 
 @pytest.mark.parametrize("vram", [-1, 0, "abc", float("nan"), True, [], [24, -1]])
@@ -469,11 +540,11 @@ def test_cli_names_an_unsupported_architecture_in_one_line_and_the_trained_conte
     assert "fastft does not support model_type='gpt2'; supported: gemma2, gemma3_text, llama" in err
     short = _positions(TINY_LLAMA, 256)
     short.save_pretrained(tmp_path / "short")
-    vram = estimate_memory(short, 1024).peak_gb
-    assert main([str(tmp_path / "short"), "--seq-len", "512", "--vram", f"{vram * 1.001:.6f}"]) == 0
+    vram = headroom.card_gib_for(estimate_memory(short, 1024).peak_gb * 1.001)
+    assert main([str(tmp_path / "short"), "--seq-len", "512", "--vram", f"{vram:.6f}"]) == 0
     out = capsys.readouterr().out
     assert "note: 512 tokens is beyond the model's trained context of 256 positions" in out
-    assert re.search(r"fits [0-9.]+ GiB at batch 1: 1,024 tokens of memory", out)
+    assert re.search(r"fits [0-9.]+ GiB \([0-9.]+ GiB usable\) at batch 1: 1,024 tokens of memory", out)
     assert "beyond the model's trained context: it has 256 positions (max_position_embeddings)" in out
 
 
@@ -498,8 +569,10 @@ def test_bench_memory_writes_rows_max_context_markdown_and_plot(tmp_path):
 
     TINY_LLAMA.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "out"
+    cards = [round(headroom.card_gib_for(peak_gb), 4) for peak_gb in (0.01, 0.02)]  # cards of 0.01 / 0.02 usable
     result = _bench_memory("--models", str(tmp_path / "tiny"), "--seq-lens", "64,256", "--batch-sizes", "1",
-                           "--checkpointing", "on,offload", "--vram", "0.01,0.02", "--out-dir", str(out), cwd=tmp_path)
+                           "--checkpointing", "on,offload", "--vram", ",".join(map(str, cards)), "--out-dir", str(out),
+                           cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     [path] = out.glob("memory-*.json")
     data = json.loads(path.read_text())
@@ -512,12 +585,34 @@ def test_bench_memory_writes_rows_max_context_markdown_and_plot(tmp_path):
     assert all(0 < r["peak_vs_hf"] < 2 for r in fastft)
     limits = {(m["contender"], m["r"], m["vram_gb"]): m["max_seq_len"] for m in data["max_context"]}
     assert len(limits) == 2 * 2 * 2 and all(t % 128 == 0 for t in limits.values())
-    assert limits[("fastft", 16, 0.02)] > limits[("fastft", 16, 0.01)] > 0
+    assert limits[("fastft", 16, cards[1])] > limits[("fastft", 16, cards[0])] > 0
+    assert data["headroom"] == headroom.as_dict(applied=True) and all(m["headroom"] for m in data["max_context"])
     markdown = path.with_suffix(".md").read_text()
     assert "Accounted, not measured on a GPU" in markdown and "| fastft / hf |" in markdown
+    usable = ", ".join(f"{card:g} → {headroom.usable_gib(card):.2f}" for card in cards)
+    assert "**With headroom**" in markdown and f"GiB usable per card: {usable}." in markdown
     assert path.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_bench_memory_gpu_check_needs_a_gpu(tmp_path):
     result = _bench_memory("--gpu-check", "--out-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def test_bench_memory_markdown_says_which_figure_its_table_shows():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "memory.py"
+    spec = importlib.util.spec_from_file_location("fastft_bench_memory_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    limit = {"contender": "fastft", "model": "m", "r": 32, "batch_size": 1, "checkpointing": "offload",
+             "mlp_chunk_tokens": None, "loss": "trl", "fsdp_world_size": 1, "vram_gb": 24, "max_seq_len": 1024}
+    data = {"date": "d", "command": "c", "torch": "t", "transformers": "t", "peft": "p", "bitsandbytes": "b",
+            "trl": "t", "fastft": {"git_commit": "g"}, "vram_gb": [24], "rows": [], "max_context": [limit]}
+    with_headroom = bench.markdown({**data, "headroom": headroom.as_dict(applied=True)})
+    assert f"GiB usable per card: 24 → {headroom.usable_gib(24):.2f}." in with_headroom
+    assert "| m | 32 | fastft | 1,024 |" in with_headroom and "Peak per setting" not in with_headroom  # no rows
+    raw = bench.markdown({**data, "headroom": headroom.as_dict(applied=False)})
+    assert "**Raw: the accounted peak against the whole card**" in raw and "usable" not in raw

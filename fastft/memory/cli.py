@@ -4,6 +4,9 @@
     fastft-memory ./my-model-dir --seq-len 4096 --batch-size 2 --r 32 --checkpointing offload --vram 16
     fastft-memory llama-3.1-70b --seq-len 4096 --fsdp-world-size 2 --vram 24   # per GPU of 2, FSDP2
 
+A step fits a card when its accounted peak fits the card less the headroom of ``fastft/memory/headroom.py`` (the
+CUDA context and the caching allocator's rounding and fragmentation); ``--raw`` compares with the whole card.
+
 Exit status: 0 fits (or no --vram given), 1 does not fit, 2 bad input (unknown model or architecture, bad numbers,
 more than ``MAX_ACCOUNTED_TOKENS`` tokens per step).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import headroom
 from .configs import KNOWN_MODELS
 from .estimate import MAX_ACCOUNTED_TOKENS, estimate_memory, max_context, trained_context
 
@@ -41,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastft-memory",
         description="Accounted GPU memory of one QLoRA training step with fastft (or the Hugging Face baseline): "
                     "the peak that torch.cuda.max_memory_allocated would report, computed on the CPU from the "
-                    "model's config. Not counted: the CUDA context (~0.3-0.6 GiB) and allocator fragmentation.")
+                    "model's config. Compared with a card less the headroom for what it does not count (the CUDA "
+                    "context, the caching allocator's rounding and fragmentation: fastft/memory/headroom.py).")
     parser.add_argument("model", help=f"a known name ({', '.join(KNOWN_MODELS)}), a local directory with a "
                                       "config.json, or a hub id already in the offline cache")
     parser.add_argument("--seq-len", type=_positive_int, default=2048,
@@ -62,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "model sharded over N; --batch-size is per GPU (default 1: no FSDP)")
     parser.add_argument("--vram", type=_positive_float, metavar="GIB",
                         help="GPU memory in GiB: say whether the step fits, and find the longest sequence that fits")
+    parser.add_argument("--raw", action="store_true",
+                        help=f"compare with the whole card, without the headroom ({headroom.CUDA_CONTEXT_GIB:g} GiB "
+                             f"CUDA context + {headroom.FRAGMENTATION_FRACTION:.0%} of the card)")
     return parser
 
 
@@ -89,18 +97,25 @@ def main(argv=None) -> int:
     print(estimate.breakdown())
     if args.vram is None:
         return 0
-    if estimate.resident_gb > args.vram:
-        print(f"\ndoes NOT fit {args.vram:g} GiB: the model, adapters and optimizer state alone need "
+    usable = args.vram if args.raw else headroom.usable_gib(args.vram)
+    if args.raw:
+        print(f"\nraw: the accounted peak against the whole {args.vram:g} GiB (no headroom for the CUDA context or "
+              "the allocator's fragmentation: a real card fits less)")
+    else:
+        print(f"\n{args.vram:g} GiB card, {usable:.2f} GiB usable after the {headroom.describe()}; --raw for the "
+              "whole card")
+    if estimate.resident_gb > usable:
+        print(f"does NOT fit {args.vram:g} GiB: the model, adapters and optimizer state alone need "
               f"{estimate.resident_gb:.2f} GiB (breakdown above), before any activation")
         return 1
-    fits = estimate.fits(args.vram)
+    fits = estimate.fits(args.vram, headroom=not args.raw)
     verdict = "fits" if fits else "does NOT fit"
-    margin = ('%.2f GiB to spare' % (args.vram - estimate.peak_gb) if fits
-              else '%.2f GiB over' % (estimate.peak_gb - args.vram))
-    print(f"\n{verdict} {args.vram:g} GiB: peak {estimate.peak_gb:.2f} GiB ({margin})")
+    margin = ('%.2f GiB to spare' % (usable - estimate.peak_gb) if fits
+              else '%.2f GiB over' % (estimate.peak_gb - usable))
+    print(f"{verdict} {args.vram:g} GiB: peak {estimate.peak_gb:.2f} GiB ({margin} of the {usable:.2f} GiB usable)")
     # the raw capacity, then what the model can use of it
-    longest = max_context(args.model, args.vram, beyond_trained_context=True, **settings)
-    what = f"longest sequence that fits {args.vram:g} GiB at batch {args.batch_size}:"
+    longest = max_context(args.model, args.vram, beyond_trained_context=True, headroom=not args.raw, **settings)
+    what = f"longest sequence that fits {args.vram:g} GiB ({usable:.2f} GiB usable) at batch {args.batch_size}:"
     if (longest + 128) * args.batch_size > MAX_ACCOUNTED_TOKENS:  # the search stopped at the accounting's bound
         print(f"{what} at least {longest:,} tokens (the most fastft's accounting simulates: "
               f"{MAX_ACCOUNTED_TOKENS:,} tokens per step)")

@@ -4,9 +4,10 @@ The figures are **accounted**, not measured: one training step of the model is r
 along the code path a GPU runs (see ``fastft.memory.simulated_gpu``), and the bytes of live tensors are
 counted as ``torch.cuda.max_memory_allocated`` counts them. With ``fsdp_world_size=N`` the figures are one rank's
 of an FSDP2 job of ``N`` GPUs, the model sharded by torch's own ``fully_shard`` as the Trainer's accelerate
-plugin shards it (see ``fastft.memory.fsdp``). Not counted: the CUDA context (about
-0.3-0.6 GB), cuBLAS / cuDNN workspaces, and the caching allocator's rounding and fragmentation; leave
-some headroom on the card for those.
+plugin shards it (see ``fastft.memory.fsdp``). Not counted: the CUDA context, cuBLAS / cuDNN workspaces, and
+the caching allocator's rounding and fragmentation. Wherever a peak is compared with a card (``fits``,
+:func:`max_context`), the card is first reduced by the headroom of ``fastft.memory.headroom`` for those
+(``headroom=False``: the whole card, the raw comparison).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from .. import reach_ins
 from ..architectures import spec_for
+from . import headroom as card_headroom
 from .accounting import GIB, StepMemory, account_step
 from .configs import load_config
 from .training_step import StepSetup
@@ -58,8 +60,10 @@ class MemoryEstimate:
         """The step's working memory: peak minus resident."""
         return self.peak_gb - self.resident_gb
 
-    def fits(self, vram_gb: float) -> bool:
-        return self.peak_gb <= vram_gb
+    def fits(self, vram_gb: float, headroom: bool = True) -> bool:
+        """Whether the accounted peak fits a card of ``vram_gb`` GiB less the headroom
+        (``fastft.memory.headroom``), or the whole card with ``headroom=False``."""
+        return self.peak_gb <= (card_headroom.usable_gib(vram_gb) if headroom else vram_gb)
 
     def breakdown(self) -> str:
         lines = [f"  {RESIDENT_ROWS[name]:52s} {gb:8.2f} GiB" for name, gb in self.resident.items()]
@@ -195,10 +199,12 @@ def trained_context(model) -> int | None:
 
 
 def max_context(model, vram_gb, granularity: int = 128, upper: int | None = None,
-                beyond_trained_context: bool = False, **setup_kwargs):
-    """The longest ``max_seq_length`` (a multiple of ``granularity``) whose accounted peak fits ``vram_gb`` GiB; 0
-    when not even ``granularity`` tokens fit. ``setup_kwargs``: as :func:`estimate_memory`. Given a list of sizes,
-    returns ``{vram_gb: tokens}``, the searches sharing their evaluations.
+                beyond_trained_context: bool = False, headroom: bool = True, **setup_kwargs):
+    """The longest ``max_seq_length`` (a multiple of ``granularity``) whose accounted peak fits a card of ``vram_gb``
+    GiB less the headroom (``fastft.memory.headroom``: the CUDA context and the caching allocator's rounding and
+    fragmentation; ``headroom=False``: the whole card, the raw figure); 0 when not even ``granularity`` tokens fit.
+    ``setup_kwargs``: as :func:`estimate_memory`. Given a list of sizes, returns ``{vram_gb: tokens}``, the
+    searches sharing their evaluations.
 
     The search stops at ``upper`` (default: as far as the accounting goes, ``MAX_ACCOUNTED_TOKENS`` tokens per step
     over ``batch_size``) and, unless ``beyond_trained_context``, at the model's trained context
@@ -225,9 +231,12 @@ def max_context(model, vram_gb, granularity: int = 128, upper: int | None = None
     def peak(tokens: int) -> float:
         return estimate_memory(model, tokens, **setup_kwargs).peak_gb * GIB
 
+    def budget(card_gb: float) -> float:
+        return (card_headroom.usable_gib(card_gb) if headroom else card_gb) * GIB
+
     if isinstance(vram_gb, (list, tuple)):
-        return {v: largest_fitting(peak, v * GIB, granularity, upper, known) for v in sorted(sizes)}
-    return largest_fitting(peak, sizes[0] * GIB, granularity, upper, known)
+        return {v: largest_fitting(peak, budget(v), granularity, upper, known) for v in sorted(sizes)}
+    return largest_fitting(peak, budget(sizes[0]), granularity, upper, known)
 
 
 def largest_fitting(peak, budget: float, granularity: int, upper: int, known: dict | None = None) -> int:
