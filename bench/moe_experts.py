@@ -209,8 +209,16 @@ def contender_call(layer: Layer, name: str):
             raise RuntimeError("the fastft contender's experts are not NF4: the benchmark would time 16-bit experts")
         return lambda x, index, weights: experts_forward(layer.experts, x, index, weights)
     layer.use("dense")
-    layer.config._experts_implementation = "grouped_mm" if name == "hf_grouped_mm" else "eager"
+    _use_experts_implementation(layer, "grouped_mm" if name == "hf_grouped_mm" else "eager")
     return layer.experts
+
+
+def _use_experts_implementation(layer: Layer, implementation: str) -> None:
+    """Switch the experts module between transformers' expert paths (its forward reads the config at every call)."""
+    from fastft import reach_ins
+
+    reach_ins.check(reach_ins.EXPERTS_IMPLEMENTATION)
+    layer.config._experts_implementation = implementation
 
 
 def run_once(layer: Layer, call, x, index, weights, dy) -> dict:
@@ -229,13 +237,13 @@ def run_once(layer: Layer, call, x, index, weights, dy) -> dict:
 
 @contextlib.contextmanager
 def _exact_fp32():
-    """fp32 matmuls in fp32 (no TF32) for the reference."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """fp32 matmuls in fp32 (no TF32) for the reference (the experts run no convolution: cuDNN's flag is moot)."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved)
 
 
 def reference(layer: Layer, x, index, weights, dy) -> dict:
@@ -243,7 +251,7 @@ def reference(layer: Layer, x, index, weights, dy) -> dict:
     factors, tokens and routing: the output and gradients every contender must reproduce."""
     ref_dtype = torch.float64 if layer.device.type == "cpu" else torch.float32
     layer.use("dense")
-    layer.config._experts_implementation = "eager"
+    _use_experts_implementation(layer, "eager")
     saved = {name: t for name, t in layer.dense.items()}
     layer.dense = {name: t.to(ref_dtype) for name, t in saved.items()}
     layer.use("dense")

@@ -56,6 +56,7 @@ ATTENTION = "fastft's attention forward (the model's attention implementation)"
 CHECKPOINTING = "fastft's gradient checkpointing plan (use_gradient_checkpointing)"
 CPU_LAYOUT = "keeping bitsandbytes' standard 4-bit layout on CPU (no AVX512-bf16 repacking)"
 DOCTOR = "the doctor's environment report (native library and build details)"
+MOE_BENCH = "bench/moe_experts.py's transformers contenders (grouped_mm / eager expert paths on one experts module)"
 
 
 class ReachInError(ImportError):
@@ -149,6 +150,9 @@ SFT_INIT_DTYPES = ReachIn("trl", "trl.SFTTrainer", "__init__", TRL_MASTER_WEIGHT
 DPO_INIT_DTYPES = ReachIn("trl", "trl.DPOTrainer", "__init__", TRL_MASTER_WEIGHTS, "wrap", ("model",))
 ATTN_IMPLEMENTATION = ReachIn("transformers", "transformers.PretrainedConfig", "_attn_implementation", ATTENTION,
                               "read")
+# transformers' experts forward dispatches on it at every call; the benchmark switches one module between paths
+EXPERTS_IMPLEMENTATION = ReachIn("transformers", "transformers.PretrainedConfig", "_experts_implementation",
+                                 MOE_BENCH, "read")
 ACTIVATION_CHECKPOINTING_ENABLE = ReachIn(
     "transformers", "transformers.PreTrainedModel", "_activation_checkpointing_enable", CHECKPOINTING, "read",
     ("offload",), fallback="gradient_checkpointing_enable")  # transformers < 5.23: the public name
