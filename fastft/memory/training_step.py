@@ -164,12 +164,30 @@ def build_model(config, setup: StepSetup, device: torch.device):
 def _quantize_experts(model: nn.Module) -> None:
     """Every expert tensor in NF4 (``fastft.moe.quantize_experts``), what ``FastModel.from_pretrained(...,
     load_in_4bit=True)`` holds after quantizing the experts while loading."""
-    from ..moe import EXPERT_PARAMETERS, quantize_experts, sparse_blocks
+    from ..moe import EXPERT_PARAMETERS, sparse_blocks
 
     for block in sparse_blocks(model):
         for name in EXPERT_PARAMETERS:
-            nf4 = quantize_experts(getattr(block.experts, name).detach())
+            nf4 = _nf4_experts(getattr(block.experts, name).detach())
             setattr(block.experts, name, nn.Parameter(nf4, requires_grad=False))
+
+
+def _nf4_experts(weights: torch.Tensor):
+    """``fastft.moe.quantize_experts(weights)``; of meta experts (no values to quantize), bitsandbytes' layout of the
+    first one stacked for all: the same tensors, without thousands of simulated quantizations (Qwen3-30B-A3B has
+    12,288 expert matrices). The CPU validation quantizes every expert and finds the same bytes."""
+    from ..kernels.moe_experts import NF4Experts
+    from ..moe import NF4ExpertsTensor, quantize_experts
+
+    if weights.device.type != "meta":
+        return quantize_experts(weights)
+    first = quantize_experts(weights[:1]).nf4
+    E = weights.shape[0]
+    stacked = {name: torch.empty((E, *getattr(first, name).shape[1:]), dtype=getattr(first, name).dtype,
+                                 device=weights.device) for name in ("packed", "absmax", "nested_absmax", "offset")}
+    return NF4ExpertsTensor(NF4Experts(**stacked, code=first.code, nested_code=first.nested_code,
+                                       blocksize=first.blocksize, nested_blocksize=first.nested_blocksize,
+                                       shape=first.shape, dtype=first.dtype))
 
 
 def route_to_the_first_experts(model: nn.Module) -> None:
