@@ -123,12 +123,15 @@ def rows_for(args) -> list[dict]:
 
 
 def max_context_for(args) -> list[dict]:
+    from fastft.memory.configs import load_config
     from fastft.memory.estimate import max_context
+    from fastft.moe import is_moe_config
 
     found = []
     for model in args.models:
+        moe = is_moe_config(load_config(model))  # mlp_chunk_tokens does not apply to mixture-of-experts blocks
         for contender in args.contenders:
-            chunk = (args.mlp_chunk_tokens or None) if contender == "fastft" else None
+            chunk = (args.mlp_chunk_tokens or None) if contender == "fastft" and not moe else None
             for r in args.max_context_rs:
                 t0 = time.perf_counter()
                 limits = max_context(model, list(args.vram), r=r, batch_size=1, loss=args.loss, contender=contender,

@@ -234,7 +234,7 @@ class FastModel:
         # Every argument is checked before the model changes: a refused call leaves it as it was.
         # target_modules=None: the architecture's linear layers; mixture-of-experts models: attention and the experts
         target_modules, lora_kwargs = moe.lora_targets(model, target_modules, lora_dropout, lora_kwargs)
-        moe.check_training_options(model, use_gradient_checkpointing, mlp_chunk_tokens)
+        moe.check_training_options(model, mlp_chunk_tokens)
         if target_modules is None:
             target_modules = spec_for(model.config).linear_layers
         target_modules = _check_lora_args(model, r, lora_alpha, target_modules)  # first: refuses a PeftModel
@@ -257,9 +257,11 @@ class FastModel:
         master_weights.set_trainable_dtypes(peft_model, model.dtype)
         # planned as the GPU step: a CPU model in fp32 stands for its bf16 training on a GPU
         plan_dtype = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        targeted = sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules()
-                           if isinstance(module, peft.tuners.lora.LoraLayer)})  # also for "all-linear" / a regex
-        lora_settings = dict(r=r, lora_alpha=lora_alpha, target_modules=tuple(targeted), dtype=plan_dtype)
+        targeted = sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules()  # also for
+                           if isinstance(module, peft.tuners.lora.LoraLayer)  # "all-linear" / a regex; expert
+                           and not isinstance(module, peft.tuners.lora.ParamWrapper)})  # tensors: their own list
+        lora_settings = dict(r=r, lora_alpha=lora_alpha, target_modules=tuple(targeted), dtype=plan_dtype,
+                             target_parameters=tuple(config.target_parameters or ()))
         with _adapters_removed_on_error(model, trainable):  # the memory plan's accounting can still fail
             checkpointing.apply_mode(model, mode, max_seq_length=model.max_seq_length, batch_size=batch_size,
                                      memory_budget_gb=memory_budget_gb, mlp_chunk_tokens=mlp_chunk_tokens,

@@ -33,8 +33,7 @@ transformers 5 keeps a layer's experts as two 3-D parameters, ``experts.gate_up_
   fp32, as llama.cpp's stacked tensors; :func:`checkpoint_expert_tensors` writes them per expert, as transformers'
   checkpoints have them.
 
-Not yet here (later steps): a Triton grouped-GEMM expert kernel, memory accounting of MoE models, FSDP of 4-bit
-experts.
+Not yet here (later steps): a Triton grouped-GEMM expert kernel, FSDP of 4-bit experts (and its memory accounting).
 """
 from __future__ import annotations
 
@@ -61,6 +60,8 @@ logger = logging.getLogger("fastft")
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 # peft's target_parameters for every expert tensor (matched as name suffixes)
 EXPERT_TARGET_PARAMETERS = tuple(f"experts.{name}" for name in EXPERT_PARAMETERS)
+# the module targets of get_peft_model's default for an MoE model (with the experts as target_parameters)
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 NF4_BLOCKSIZE = 64  # bitsandbytes' Linear4bit default, what fastft's quantization config uses for the other layers
 
 aten = torch.ops.aten
@@ -534,7 +535,7 @@ def lora_targets(model, target_modules, lora_dropout, lora_kwargs: dict):
     if not sparse_blocks(model):
         return target_modules, lora_kwargs
     if target_modules is None:  # the default
-        target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        target_modules = list(ATTENTION_TARGETS)
         if "target_parameters" not in lora_kwargs:
             lora_kwargs = {**lora_kwargs, "target_parameters": list(EXPERT_TARGET_PARAMETERS)}
         logger.warning(f"fastft: LoRA on attention ({', '.join(target_modules)}) and on every routed expert "
@@ -546,13 +547,10 @@ def lora_targets(model, target_modules, lora_dropout, lora_kwargs: dict):
     return target_modules, lora_kwargs
 
 
-def check_training_options(model, use_gradient_checkpointing, mlp_chunk_tokens) -> None:
+def check_training_options(model, mlp_chunk_tokens) -> None:
     """Options of ``get_peft_model`` that do not serve MoE models yet: a clear error instead of a wrong plan."""
     if not sparse_blocks(model):
         return
-    if use_gradient_checkpointing == "auto":
-        raise ValueError("use_gradient_checkpointing='auto' plans with fastft's memory accounting, which does not "
-                         "cover mixture-of-experts models yet; pass True, False or a number of layers")
     if mlp_chunk_tokens is not None:
         raise ValueError("mlp_chunk_tokens does not apply to mixture-of-experts blocks yet; leave it None")
 

@@ -108,8 +108,11 @@ TRITON_INTERPRETED_RUN = ReachIn("triton", "triton.runtime.interpreter.Interpret
 ADAM_FUSED_CHECK = _torch("torch.optim.adam", "_device_dtype_check_for_fused", MEMORY, "replace",
                           ("p", "cuda_unsupported"))
 IS_AUTOCAST_ENABLED = _torch("torch", "is_autocast_enabled", MEMORY, "wrap")
+AUTOCAST = _torch("torch", "autocast", MEMORY, "wrap", ("device_type", "enabled"), signature_of="__init__")
 SDPA = _torch("torch.nn.functional", "scaled_dot_product_attention", MEMORY, "replace")
 TORCH_DISPATCH_MODE = _torch("torch.utils._python_dispatch", "TorchDispatchMode", MEMORY, "read")
+GROUPED_MM_META_OUTPUT = _torch("torch._meta_registrations", "_create_grouped_mm_output_tensor", MEMORY, "read",
+                                ("mat1", "mat2", "offs", "out_dtype"))
 TREE_FLATTEN = _torch("torch.utils._pytree", "tree_flatten", MEMORY, "read")
 TREE_MAP = _torch("torch.utils._pytree", "tree_map", MEMORY, "read")
 OP_SCHEMA = _torch("torch._ops.OpOverload", "_schema", MEMORY, "flag")

@@ -588,13 +588,25 @@ def test_options_that_do_not_serve_moe_yet_are_errors(tmp_path):
     model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32)
     with pytest.raises(ValueError, match="lora_dropout=0.1: peft's LoRA on expert tensors"):
         FastModel.get_peft_model(model, lora_dropout=0.1)
-    with pytest.raises(ValueError, match="does not cover mixture-of-experts models yet"):
-        FastModel.get_peft_model(model, use_gradient_checkpointing="auto", memory_budget_gb=8)
     with pytest.raises(ValueError, match="mlp_chunk_tokens does not apply to mixture-of-experts"):
         FastModel.get_peft_model(model, mlp_chunk_tokens=16)
-    # a later step: memory accounting
-    with pytest.raises(UnsupportedModelError, match="memory accounting does not support mixture-of-experts"):
-        estimate_memory(model.config, max_seq_length=64)
+    with pytest.raises(UnsupportedModelError, match="FSDP memory accounting does not support mixture-of-experts"):
+        estimate_memory(model.config, max_seq_length=64, fsdp_world_size=2)
+
+
+def test_auto_checkpointing_plans_an_moe_model_with_the_accounting(tmp_path, caplog):
+    """use_gradient_checkpointing="auto" plans with the MoE accounting (tests/test_memory_moe.py): a budget between
+    the peaks of 1 and 0 checkpointed layers checkpoints 1; the plan trains LoRA on the experts it accounted."""
+    path = save_tiny_moe("qwen3_moe", tmp_path)
+    peaks = [estimate_memory(moe_config("qwen3_moe"), 64, r=4, lora_alpha=8, use_gradient_checkpointing=k).peak_gb
+             for k in (0, 1)]
+    model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="fastft"):
+        model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="auto",
+                                         memory_budget_gb=(peaks[0] + peaks[1]) / 2)
+    assert [layer.gradient_checkpointing for layer in model.get_base_model().model.layers] == [True, False]
+    assert f"checkpointing 1 of 2 layers; accounted peak {peaks[1]:.2f} GiB fits" in caplog.text
+    assert any(".experts." in name for name, p in model.named_parameters() if p.requires_grad)
 
 
 def _fail(*args, **kwargs):

@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from .. import reach_ins
-from .cuda_paths import cuda_code_paths, cuda_op_overrides, cuda_op_workspace
+from .cuda_paths import cuda_code_paths, cuda_op_overrides, cuda_op_workspace, meta_op_overrides
 from .fsdp import MESH_DIM, fake_process_group, fsdp_on_meta, meta_overrides, shard_model
 from .simulated_gpu import LiveTensorBytes, simulated_gpu
 from .training_step import (
@@ -113,7 +113,7 @@ def account_step(config, setup: StepSetup, sm_count: int = 132, cuda_workspaces:
     ranks, over a fake process group (``fastft.memory.fsdp``)."""
     workspace = cuda_op_workspace if cuda_workspaces else None
     with contextlib.ExitStack() as stack:
-        mesh, overrides = None, cuda_op_overrides()
+        mesh, overrides = None, {**cuda_op_overrides(), **meta_op_overrides()}
         if setup.fsdp_world_size > 1:
             mesh = stack.enter_context(fake_process_group(setup.fsdp_world_size))
             stack.enter_context(fsdp_on_meta())

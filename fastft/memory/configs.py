@@ -56,6 +56,36 @@ KNOWN_MODELS = {
                                             "full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                "rope_theta": 1000000.0},
                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    # Qwen/Qwen3-30B-A3B: 48 layers, each a sparse block of 128 experts (width 768), top-8 renormalised, no shared
+    # expert; q/k norms, head size 128
+    "qwen3-30b-a3b": ("qwen3_moe", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                                        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                                        router_aux_loss_coef=0.001, max_position_embeddings=40960,
+                                        rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+                                        sliding_window=None, max_window_layers=48, bos_token_id=151643,
+                                        eos_token_id=151645,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Qwen/Qwen1.5-MoE-A2.7B (qwen2_moe): 60 experts (width 1408), top-4 not renormalised, a shared expert (width
+    # 5632) behind a sigmoid gate in every layer; q/k/v biases
+    "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                                            moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                                            num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                                            num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+                                            decoder_sparse_step=1, router_aux_loss_coef=0.001,
+                                            max_position_embeddings=8192, rms_norm_eps=1e-6,
+                                            tie_word_embeddings=False, use_sliding_window=False,
+                                            sliding_window=32768, max_window_layers=21, bos_token_id=151643,
+                                            eos_token_id=151643,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # mistralai/Mixtral-8x7B-v0.1: 8 experts (width 14336), top-2, no sliding window
+    "mixtral-8x7b": ("mixtral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                     num_experts_per_tok=2, router_aux_loss_coef=0.02, max_position_embeddings=32768,
+                                     rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
+                                     bos_token_id=1, eos_token_id=2,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 ALIASES = {"meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
            "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
@@ -64,7 +94,8 @@ ALIASES = {"meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/meta-llama-3.1
            "qwen/qwen2-7b-instruct": "qwen2-7b", "qwen/qwen2.5-1.5b": "qwen2.5-1.5b",
            "qwen/qwen2.5-1.5b-instruct": "qwen2.5-1.5b", "microsoft/phi-4": "phi-4", "google/gemma-2-9b": "gemma-2-9b",
            "google/gemma-2-9b-it": "gemma-2-9b", "google/gemma-3-12b-it": "gemma-3-12b",
-           "google/gemma-3-12b-pt": "gemma-3-12b"}
+           "google/gemma-3-12b-pt": "gemma-3-12b", "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
+           "qwen/qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b", "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b"}
 
 
 class UnknownModelError(ValueError):

@@ -93,6 +93,19 @@ def bnb_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax
     return torch.nn.functional.linear(A, weight, bias)
 
 
+def grouped_mm_output(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """``torch._grouped_mm`` (transformers' default experts, ``grouped_mm``) on meta tensors: its output, which is all
+    it allocates, for any float dtype (torch's meta kernel, like CUDA's, takes bf16 only; the CPU kernel that the
+    accounting's fp32 validation runs takes fp32 too)."""
+    out = reach_ins.get(reach_ins.GROUPED_MM_META_OUTPUT)(mat_a, mat_b, offs, out_dtype)
+    return out if bias is None else out.add_(bias)
+
+
+def meta_op_overrides() -> dict:
+    """``{op: python function}`` for the accounting's meta tensors only (see :func:`grouped_mm_output`)."""
+    return {aten._grouped_mm.default: grouped_mm_output}
+
+
 def cuda_op_overrides() -> dict:
     """``{op: python function}`` for the tracking mode: ops whose CUDA implementation allocates differently."""
     import bitsandbytes  # noqa: F401 - registers torch.ops.bitsandbytes

@@ -125,12 +125,13 @@ def _check_accounted_tokens(seq_len: int, batch_size: int) -> None:
 
 def step_setup(max_seq_length, batch_size=1, r=16, lora_alpha=16, target_modules=None,
                use_gradient_checkpointing=True, loss="trl", contender="fastft", dtype=torch.bfloat16,
-               mlp_chunk_tokens=None, fsdp_world_size=1) -> StepSetup:
+               mlp_chunk_tokens=None, fsdp_world_size=1, target_parameters=None) -> StepSetup:
     """The :class:`StepSetup` for :func:`estimate_memory`'s arguments, checked."""
     _check_accounted_tokens(_positive_int("max_seq_length", max_seq_length), _positive_int("batch_size", batch_size))
     return StepSetup(contender=contender, seq_len=_positive_int("max_seq_length", max_seq_length),
                      batch_size=_positive_int("batch_size", batch_size), r=_positive_int("r", r),
                      lora_alpha=lora_alpha, target_modules=None if target_modules is None else tuple(target_modules),
+                     target_parameters=None if target_parameters is None else tuple(target_parameters),
                      checkpointing=_checkpointing(use_gradient_checkpointing), loss=loss, dtype=_dtype(dtype),
                      mlp_chunk_tokens=mlp_chunk_tokens,
                      fsdp_world_size=_positive_int("fsdp_world_size", fsdp_world_size))
@@ -154,7 +155,7 @@ def _model_name(model) -> str:
 def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16, lora_alpha: int = 16,
                     target_modules=None, use_gradient_checkpointing=True, loss: str = "trl",
                     contender: str = "fastft", dtype=torch.bfloat16, mlp_chunk_tokens: int | None = None,
-                    fsdp_world_size: int = 1) -> MemoryEstimate:
+                    fsdp_world_size: int = 1, target_parameters=None) -> MemoryEstimate:
     """Accounted GPU memory of one QLoRA training step (see the module doc for what is counted).
 
     Args:
@@ -163,7 +164,13 @@ def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16
             offline cache.
         max_seq_length: tokens per sequence; ``batch_size`` sequences per step.
         r, lora_alpha, target_modules: the LoRA adapters (default: every linear layer of the decoder: Llama's
-            seven, Phi-3's four fused ones).
+            seven, Phi-3's four fused ones; of a mixture-of-experts model, attention's four).
+        target_parameters: peft's ``target_parameters`` (default: a mixture-of-experts model's expert tensors,
+            ``experts.gate_up_proj`` and ``experts.down_proj``, as ``FastModel.get_peft_model`` defaults; else none).
+            Mixture-of-experts models are accounted with every token routed to the same k experts (the largest
+            per-expert token groups any routing gives: the figures bound every routing) and with the router's
+            load-balancing loss (TRL's default for them); ``contender="hf"`` keeps the experts 16-bit, as
+            bitsandbytes' ``load_in_4bit`` does (it quantizes ``nn.Linear`` layers only).
         use_gradient_checkpointing: True, False, "offload" or a number of layers, as
             ``FastModel.get_peft_model`` takes it.
         loss: "trl" (TRL's SFTTrainer / DPOTrainer fused lm-head path) or "labels" (``model(labels=...)``).
@@ -178,7 +185,7 @@ def estimate_memory(model, max_seq_length: int, batch_size: int = 1, r: int = 16
         A :class:`MemoryEstimate`: resident breakdown, peak, ``fits(vram_gb)``.
     """
     setup = step_setup(max_seq_length, batch_size, r, lora_alpha, target_modules, use_gradient_checkpointing, loss,
-                       contender, dtype, mlp_chunk_tokens, fsdp_world_size)
+                       contender, dtype, mlp_chunk_tokens, fsdp_world_size, target_parameters)
     config = _config_for(model, setup.seq_len)
     if setup.contender == "fastft":
         spec_for(config)  # an architecture fastft does not patch: its clear error, before the step is built

@@ -9,7 +9,8 @@ Memory-saving settings, from the cheapest in time to the dearest:
    back in the backward, overlapping compute on a GPU);
 3. in addition, the MLP in token chunks (``lora_mlp(chunk_tokens=...)``): its ``[T, intermediate]``
    tensors stop growing with the length, at the price of recomputing gate and up in the backward. The
-   largest chunk (of 16k, 8k, 4k, 2k, 1k tokens) that fits.
+   largest chunk (of 16k, 8k, 4k, 2k, 1k tokens) that fits. Not for mixture-of-experts models (their blocks
+   are not chunked: ``mlp_chunk_tokens`` does not apply to them).
 
 When even the last does not fit, the plan is that last setting with ``fits=False`` (and the caller warns).
 Each step of the search is one accounting of the training step (seconds for an 8B model on a CPU).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..moe import is_moe_config
 from .estimate import estimate_memory
 
 MLP_CHUNKS = (16384, 8192, 4096, 2048, 1024)
@@ -82,7 +84,7 @@ def plan_memory(config, max_seq_length: int, batch_size: int, budget_gb: float, 
     if offloaded <= budget_gb:
         return plan(num_layers, offload=True, peak_gb=offloaded)
     chunk_peak = None
-    for chunk in MLP_CHUNKS:
+    for chunk in () if is_moe_config(config) else MLP_CHUNKS:
         if chunk >= max_seq_length * batch_size:
             continue
         chunk_peak = peak("offload", chunk)

@@ -13,9 +13,10 @@ strides and aliasing, no data) and count the bytes of the storages created and f
   storage created by an op whose tensor inputs all have known values, and whose integer or boolean
   output is small (``value_limit`` elements), gets a real CPU copy of its contents, computed by running
   the same op on the CPU values (floating-point data, the step's activations, is never computed).
-  Views and in-place writes follow the storage, so aliasing is exact; ``x[mask]`` with a known mask
-  selects known rows. An op that needs the values of a tensor whose values are unknown (a
-  data-dependent shape, ``.item()``) raises :class:`UnknownValueError` naming the op;
+  Views and in-place writes follow the storage, so aliasing is exact (a ``copy_`` of known values over a
+  whole storage makes it known); ``x[mask]`` with a known mask selects known rows. An op that needs the
+  values of a tensor whose values are unknown (a data-dependent shape, ``.item()``) raises
+  :class:`UnknownValueError` naming the op;
 * **models the host side**: ``.cpu()`` / ``.to("cpu")`` / ``copy_`` of a meta tensor without values
   (offloaded activations) gives a real CPU tensor whose pages are never written (``torch.empty`` of a
   large size costs address space, not memory), remembered as "values unknown", and pinned-memory
@@ -36,6 +37,7 @@ the caller's ``op_workspace`` hook (``fastft.memory.cuda_paths.cuda_op_workspace
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -300,6 +302,8 @@ class SimulatedGPU(LiveTensorBytes):
         if func in _INDEX_OPS:
             args = self._masks_as_indices(args)
             inputs = _tensors((args, kwargs))
+        if func is aten.copy_.default and self._overwrites_storage(args[0]) and self.has_value(args[1]):
+            self._record(args[0], torch.zeros(args[0].shape, dtype=args[0].dtype))  # its old values do not matter
 
         # Only the message of a failed meta op is kept: a live exception would hold this frame, and with it
         # the op's tensors, in a reference cycle until the next garbage collection (a GPU run has none).
@@ -329,6 +333,12 @@ class SimulatedGPU(LiveTensorBytes):
         else:
             self._forget_values(_mutated_args(func, args, kwargs))
         return out
+
+    @staticmethod
+    def _overwrites_storage(dst: torch.Tensor) -> bool:
+        """Whether writing all of ``dst`` writes all of its (meta) storage."""
+        return (_is_meta(dst) and dst.is_contiguous()
+                and dst.numel() * dst.element_size() == dst.untyped_storage().nbytes())
 
     def _masks_as_indices(self, args):
         """``x[mask]`` with a boolean mask of known values: the integer indices it selects (what CUDA's
@@ -413,6 +423,12 @@ class _ValuedMetaConstants(TorchFunctionMode):
 _TRITON_LAUNCHERS = (reach_ins.TRITON_JIT_RUN, reach_ins.TRITON_INTERPRETED_RUN)  # compiled, interpreted
 
 
+def _autocast_off_on_meta(autocast, device_type, *args, **kwargs):
+    if device_type == "meta" and kwargs.get("enabled", args[1] if len(args) > 1 else True) is False:
+        return contextlib.nullcontext()
+    return autocast(device_type, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def simulated_gpu(sm_count: int = 132, value_limit: int = 1 << 24, op_workspace=None, overrides=None,
                   explain_peak: bool = False):
@@ -421,6 +437,7 @@ def simulated_gpu(sm_count: int = 132, value_limit: int = 1 << 24, op_workspace=
     from ..kernels import _common
 
     is_autocast_enabled = reach_ins.get(reach_ins.IS_AUTOCAST_ENABLED)
+    autocast = reach_ins.get(reach_ins.AUTOCAST)
     mode = SimulatedGPU(value_limit=value_limit, op_workspace=op_workspace, overrides=overrides,
                         explain_peak=explain_peak)
     # the wrappers' allocations are what is counted
@@ -431,6 +448,9 @@ def simulated_gpu(sm_count: int = 132, value_limit: int = 1 << 24, op_workspace=
             (reach_ins.ADAM_FUSED_CHECK, lambda p, cuda_unsupported=False: None),
             # autocast has no meta device: asked about it (as TRL's kernel asks about its tensors' device), it is off
             (reach_ins.IS_AUTOCAST_ENABLED, lambda *args: (False if args and args[0] == "meta"
-                                                           else is_autocast_enabled(*args)))), \
+                                                           else is_autocast_enabled(*args))),
+            # ... and turning it off there (peft's expert LoRA folds its weights under autocast(enabled=False))
+            # changes nothing
+            (reach_ins.AUTOCAST, functools.partial(_autocast_off_on_meta, autocast))), \
             _common.gpu_simulation("meta", sm_count=sm_count), _ValuedMetaConstants(), mode:
         yield mode

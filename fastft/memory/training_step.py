@@ -56,6 +56,8 @@ class StepSetup:
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # peft's lora_dropout p of every adapter (fastft draws its mask inside the kernels)
     target_modules: tuple[str, ...] | None = None  # None: every linear layer of the decoder (lora_targets)
+    # peft's target_parameters; None: an MoE model's expert tensors (as FastModel.get_peft_model defaults), else none
+    target_parameters: tuple[str, ...] | None = None
     checkpointing: str = "on"  # "off", "on", "offload", or an int: the first that many layers checkpointed
     mlp_chunk_tokens: int | None = None  # fastft: the MLP in token chunks (lora_mlp's chunk_tokens)
     batch: str = "plain"
@@ -124,13 +126,15 @@ def build_model(config, setup: StepSetup, device: torch.device):
     """The contender's model for ``setup`` on ``device`` (meta: accounted; cpu: measured)."""
     import transformers
 
-    from ..moe import refuse_moe
-
-    refuse_moe(config, "fastft's memory accounting")
-
-    config = copy.deepcopy(config)  # quantization records itself in the config
     from ..architectures import spec_for
+    from ..moe import is_moe_config, refuse_moe
 
+    moe = is_moe_config(config)
+    if setup.fsdp_world_size > 1:
+        refuse_moe(config, "fastft's FSDP memory accounting")
+    config = copy.deepcopy(config)  # quantization records itself in the config
+    if moe:  # the router's load-balancing loss, as TRL's SFTTrainer enables it (a non-zero router_aux_loss_coef)
+        config.output_router_logits = getattr(config, "router_aux_loss_coef", 0.0) != 0
     with torch.device(device):  # SDPA, or eager where the model's class refuses SDPA (Gemma 2)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=setup.dtype,
                                                               attn_implementation=spec_for(config).load_attention)
@@ -139,8 +143,12 @@ def build_model(config, setup: StepSetup, device: torch.device):
         # FSDP shards floating-point parameters only: the codes stored in the compute dtype, as FastModel stores them
         storage = setup.dtype if setup.fsdp_world_size > 1 else torch.uint8
         _quantize_linear_layers(model, setup.dtype, device, storage)
+        if moe and setup.contender == "fastft":  # bitsandbytes leaves the 3-D experts 16-bit; FastModel does not
+            _quantize_experts(model)
     for param in model.parameters():
         param.requires_grad_(False)
+    if moe:
+        route_to_the_first_experts(model)
     if setup.contender == "fastft":
         model = _fastft(model, setup)
     else:
@@ -156,22 +164,88 @@ def build_model(config, setup: StepSetup, device: torch.device):
     return model
 
 
+def _quantize_experts(model: nn.Module) -> None:
+    """Every expert tensor in NF4 (``fastft.moe.quantize_experts``), what ``FastModel.from_pretrained(...,
+    load_in_4bit=True)`` holds after quantizing the experts while loading."""
+    from ..moe import EXPERT_PARAMETERS, sparse_blocks
+
+    for block in sparse_blocks(model):
+        for name in EXPERT_PARAMETERS:
+            nf4 = _nf4_experts(getattr(block.experts, name).detach())
+            setattr(block.experts, name, nn.Parameter(nf4, requires_grad=False))
+
+
+def _nf4_experts(weights: torch.Tensor):
+    """``fastft.moe.quantize_experts(weights)``; of meta experts (no values to quantize), bitsandbytes' layout of the
+    first one stacked for all: the same tensors, without thousands of simulated quantizations (Qwen3-30B-A3B has
+    12,288 expert matrices). The CPU validation quantizes every expert and finds the same bytes."""
+    from ..kernels.moe_experts import NF4Experts
+    from ..moe import NF4ExpertsTensor, quantize_experts
+
+    if weights.device.type != "meta":
+        return quantize_experts(weights)
+    first = quantize_experts(weights[:1]).nf4
+    E = weights.shape[0]
+    stacked = {name: torch.empty((E, *getattr(first, name).shape[1:]), dtype=getattr(first, name).dtype,
+                                 device=weights.device) for name in ("packed", "absmax", "nested_absmax", "offset")}
+    return NF4ExpertsTensor(NF4Experts(**stacked, code=first.code, nested_code=first.nested_code,
+                                       blocksize=first.blocksize, nested_blocksize=first.nested_blocksize,
+                                       shape=first.shape, dtype=first.dtype))
+
+
+def route_to_the_first_experts(model: nn.Module) -> None:
+    """Every router of ``model`` sends every token to experts ``0 .. k-1`` (its logits and weights are computed as
+    usual; only the chosen indices are overwritten, below autograd's view).
+
+    The step's memory depends on the routing through the per-expert token groups (fastft's expert op, transformers'
+    eager experts); random weights route by chance, and the accounting cannot know a trained router's choices.
+    All tokens on the same k experts gives the largest groups any routing can give (each token picks k distinct
+    experts), so the figures bound every routing; the CPU validation routes the same way."""
+    from ..moe import sparse_blocks
+
+    for block in sparse_blocks(model):
+        block.gate.register_forward_hook(_choose_the_first_experts)
+
+
+def _choose_the_first_experts(router, args, output):
+    top_k_index = output[2]
+    with torch.no_grad():  # .data: top-k keeps its indices for its backward; their version must not change
+        top_k_index.data.copy_(torch.arange(top_k_index.shape[-1], dtype=top_k_index.dtype,
+                                            device=top_k_index.device))
+
+
 def lora_targets(setup: StepSetup, config) -> list[str]:
     """The adapted layers: ``setup.target_modules``, or every linear layer of the decoder under the architecture's
-    names (Phi-3's fused ``qkv_proj`` and ``gate_up_proj``; Llama's seven elsewhere)."""
+    names (Phi-3's fused ``qkv_proj`` and ``gate_up_proj``; Llama's seven elsewhere); of an MoE model, its attention
+    (``get_peft_model``'s default, with the experts as :func:`lora_target_parameters`)."""
     from ..architectures import SPECS
+    from ..moe import ATTENTION_TARGETS
 
     if setup.target_modules is not None:
         return list(setup.target_modules)
     spec = SPECS.get(config.model_type)
+    if spec is not None and spec.moe is not None:
+        return list(ATTENTION_TARGETS)
     return list(spec.linear_layers if spec is not None else ALL_LINEAR)
+
+
+def lora_target_parameters(setup: StepSetup, config) -> list[str]:
+    """peft's ``target_parameters``: ``setup.target_parameters``, or an MoE model's expert tensors (``get_peft_model``'s
+    default: peft's ``ParamWrapper``, a rank-r adapter per expert), or none."""
+    from ..moe import EXPERT_TARGET_PARAMETERS, is_moe_config
+
+    if setup.target_parameters is not None:
+        return list(setup.target_parameters)
+    return list(EXPERT_TARGET_PARAMETERS) if is_moe_config(config) else []
 
 
 def _lora_config(setup: StepSetup, config):
     import peft
 
+    parameters = lora_target_parameters(setup, config)
     return peft.LoraConfig(r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout, bias="none",
-                           target_modules=lora_targets(setup, config), task_type="CAUSAL_LM")
+                           target_modules=lora_targets(setup, config), task_type="CAUSAL_LM",
+                           **({"target_parameters": parameters} if parameters else {}))
 
 
 def _hf(model, setup: StepSetup):
@@ -196,9 +270,11 @@ def _fastft(model, setup: StepSetup):
 
     patch_model(model, max_seq_length=setup.seq_len)
     mode = {"off": False, "on": True}.get(setup.checkpointing, setup.checkpointing)
+    parameters = lora_target_parameters(setup, model.config)
     return FastModel.get_peft_model(model, r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
                                     target_modules=lora_targets(setup, model.config), use_gradient_checkpointing=mode,
-                                    mlp_chunk_tokens=setup.mlp_chunk_tokens)
+                                    mlp_chunk_tokens=setup.mlp_chunk_tokens,
+                                    **({"target_parameters": parameters} if parameters else {}))
 
 
 def make_optimizer(model):
@@ -272,10 +348,15 @@ def resident_tensors(model, optimizer) -> dict[str, list[torch.Tensor]]:
     import bitsandbytes as bnb
 
     from ..kernels.lora_projection import dequant_workspaces
+    from ..moe import NF4ExpertsTensor
 
     groups: dict[str, list[torch.Tensor]] = {name: [] for name in (
         "weights_4bit", "weights_16bit", "lora_weights", "lora_grads", "optimizer_state", "workspaces")}
     four_bit = set()
+    for param in model.parameters():  # fastft's NF4 experts: their codes and quantization state
+        if isinstance(param, NF4ExpertsTensor):
+            four_bit.add(id(param))
+            groups["weights_4bit"].append(param)
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):  # bitsandbytes' layer (peft's wrapper has the same name)
             continue
