@@ -101,7 +101,7 @@ def _grouped_gemm_kernel(
         k_mask = ks < K
         x = tl.load(X + src[:, None] * stride_x + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        flat = ks[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn
+        flat = ks[:, None] * stride_wk + cols[None, :] * stride_wn  # int32: one expert has < 2**31 elements
         if NF4:
             w = _nf4_tile(W, ABSMAX, NESTED_ABSMAX, OFFSET, CODE, NESTED_CODE, e, flat, w_mask,
                           stride_we, absmax_stride, nested_stride, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
@@ -131,12 +131,13 @@ def _grouped_gemm_kernel(
 def _tiles(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages). Rows per tile are few: a group has ``T * k / E`` rows on average
     (Qwen3-30B-A3B: 8 of 128 experts, 16 rows per 256 tokens), so BM stays at 32-64 and BN carries the width."""
-    if not gpu_device(device):  # the interpreter: few, large programs
+    if INTERPRET and not gpu_device(device):  # the interpreter: few, large programs
         return 16, 64, 64, 4, 1
-    wide = dtype != torch.float32
+    if dtype == torch.float32:  # IEEE fp32 tl.dot runs on CUDA cores: operands and accumulator in registers
+        return 32, 32, 32, 4, 1
     if compute_capability(device) < 80:  # no tensor cores for tl.dot since Triton 3.3: small tiles
-        return 32, 64, 32 if wide else 16, 4, 2
-    return 64, 128 if wide else 64, 32, 4, 3
+        return 32, 64, 16, 4, 1
+    return 64, 64, 32, 4, 2
 
 
 def _row_tiles(bounds: list[int], rows_per_tile: int, device) -> tuple[torch.Tensor, torch.Tensor]:
