@@ -45,9 +45,16 @@ dequantized into it, A and B cast to it differentiably, as peft casts the LoRA f
 for Mixtral's fp32 router weights); the result is in ``x.dtype``. Gradients of A and B are accumulated in fp32 and
 returned in their dtypes; ``dw`` in ``top_k_weights.dtype``.
 
-Engine: this PyTorch loop over the hit experts (one GEMM per expert and projection, the dequantization kernel of
-``nf4.py`` on GPU) is the reference engine; a Triton grouped GEMM over the same sorted token order (one launch per
-projection for all experts) is a later step and must match it.
+Engines: on a GPU (and under ``TRITON_INTERPRET=1``) each projection is one launch of the Triton grouped GEMM of
+``moe_grouped_gemm.py`` over all experts, rows in the sorted token order above (``route``: experts without tokens
+get no tile), NF4 dequantized inside its tile loads, LoRA as ``s * (X @ A.T) @ B.T`` per group: three launches
+forward (gate_up with the token gather, down), three backward (the gate_up recompute keeping ``x @ A_gu.T``, ``dh``
+through ``W_d`` keeping ``dy @ B_d``, ``dx`` through ``W_gu`` keeping ``dgu @ B_gu``); the SwiGLU gradient runs over
+all rows at once, and ``dA`` / ``dB`` are per hit expert torch matmuls over its contiguous slice of the sorted rows
+(``r``-wide: a few percent of the GEMM work; a grouped kernel for them is a later step). The PyTorch loop over the
+hit experts (one GEMM per expert and projection, the dequantization kernel of ``nf4.py`` on GPU) is the CPU engine
+and the reference the grouped engine is tested against; ``FASTFT_DISABLE_KERNELS=moe_experts`` selects it on any
+device (with every kernel inside it on its PyTorch engine, as the fused LoRA ops do).
 """
 from __future__ import annotations
 
