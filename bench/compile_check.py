@@ -94,7 +94,8 @@ class FakeGPUDriver:
 
 
 KERNEL_MODULES = ("attention", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs", "lora_dropout",
-                  "lora_linear", "lora_mlp", "lora_qkv", "nf4", "rms_norm", "rope", "swiglu", "vocab_rows")
+                  "lora_linear", "lora_mlp", "lora_qkv", "moe_experts", "moe_grouped_gemm", "nf4", "rms_norm", "rope",
+                  "swiglu", "vocab_rows")
 
 
 def _force_triton_engine():
@@ -128,6 +129,37 @@ def _lora_args(out_features, in_features, dtype, r=16):
     A = torch.randn(r, in_features, dtype=dtype, requires_grad=True)
     B = torch.randn(out_features, r, dtype=dtype, requires_grad=True)
     return (_nf4(out_features, in_features, dtype), None, A, B, 2.0)
+
+
+def _moe_experts(hidden, inter, dtype, nf4: bool, experts=8, top_k=2, r=16):
+    """The expert op forward and backward, LoRA on both projections: every grouped-GEMM variant (row gather, LoRA,
+    kept LoRA product, forward and transposed weight access) on NF4 (double-quantized) or dense experts an eighth of
+    the model's MLP wide (Qwen3-30B-A3B's are 768 of a dense 6144); 8 tokens top-2 (tiles do not depend on the
+    token count)."""
+    import torch
+
+    from fastft.kernels.moe_experts import ExpertLora, NF4Experts, moe_experts
+
+    def weights(out_features, in_features):
+        if not nf4:
+            return torch.randn(experts, out_features, in_features, dtype=dtype)
+        w = [_nf4(out_features, in_features, dtype) for _ in range(experts)]
+        return NF4Experts(packed=torch.stack([e.packed for e in w]), absmax=torch.stack([e.absmax for e in w]),
+                          nested_absmax=torch.stack([e.nested_absmax for e in w]),
+                          offset=torch.cat([e.offset for e in w]), code=w[0].code, nested_code=w[0].nested_code,
+                          blocksize=64, nested_blocksize=256, shape=(out_features, in_features), dtype=dtype)
+
+    def lora(out_features, in_features):
+        return ExpertLora(torch.randn(experts, r, in_features, dtype=dtype, requires_grad=True),
+                          torch.randn(experts, out_features, r, dtype=dtype, requires_grad=True), 2.0)
+
+    tokens = 8
+    x = torch.randn(tokens, hidden, dtype=dtype, requires_grad=True)
+    index = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    top_k_weights = torch.rand(tokens, top_k, requires_grad=True)
+    out = moe_experts(x, index, top_k_weights, weights(2 * inter, hidden), weights(hidden, inter),
+                      lora(2 * inter, hidden), lora(hidden, inter))
+    out.backward(torch.ones_like(out))
 
 
 def _lora_dropout_launches(in_features, dtype):
@@ -198,6 +230,8 @@ def ops(model: str, dtype, with_attention: bool):
         ("lora_linear lora_dropout", lambda: backward(K.lora_linear(t(b, n, hidden), *_lora_args(hidden, hidden, dtype),
                                                                      None, 0.05))),
         ("lora_dropout", lambda: _lora_dropout_launches(hidden, dtype)),
+        ("moe_experts", lambda: _moe_experts(hidden, inter // 8, dtype, nf4=True)),
+        ("moe_experts dense", lambda: _moe_experts(hidden, inter // 8, dtype, nf4=False)),
     ]
     if model == "qwen2-0.5b":  # the lm-head ops at one vocabulary size: their tiles depend on hidden and vocab
         cases += [

@@ -67,6 +67,7 @@ MODEL_ROUTES = {
     "lora_linear": "peft's forward",
     "lora_qkv": "peft's forward",
     "lora_mlp": "peft's forward",
+    "moe_experts": "fastft's PyTorch loop over the hit experts (peft's forward cannot run 4-bit experts)",
     "attention": "PyTorch SDPA",
 }
 assert set(MODEL_ROUTES) == set(KERNEL_NAMES)

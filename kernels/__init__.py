@@ -15,6 +15,7 @@ from .linear_log_probs import linear_log_probs
 from .lora_linear import lora_linear
 from .lora_mlp import lora_mlp, lora_mlp_gate_up
 from .lora_qkv import lora_qkv
+from .moe_experts import moe_experts
 from .nf4 import NF4Weight, dequantize_nf4
 from .rms_norm import rms_norm
 from .rope import apply_rope
@@ -23,5 +24,5 @@ from .swiglu import swiglu
 __all__ = [
     "apply_rope", "attention", "attention_varlen", "cross_entropy", "dequantize_nf4", "disabled",
     "fused_linear_cross_entropy", "KERNEL_GROUPS", "KERNEL_NAMES", "linear_log_probs", "lora_linear", "lora_mlp",
-    "lora_mlp_gate_up", "lora_qkv", "NF4Weight", "rms_norm", "swiglu", "use_engine",
+    "lora_mlp_gate_up", "lora_qkv", "moe_experts", "NF4Weight", "rms_norm", "swiglu", "use_engine",
 ]

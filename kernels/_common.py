@@ -36,8 +36,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ``FastModel.from_pretrained(disable_kernels=...)`` and ``fastft-doctor``'s report (one name per kernel file;
 # ``attention`` covers ``attention`` and ``attention_varlen``). Groups a user may name too: "lora", "all".
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "linear_log_probs",
-                "nf4", "lora_linear", "lora_qkv", "lora_mlp", "attention")
-KERNEL_GROUPS = {"lora": ("lora_linear", "lora_qkv", "lora_mlp"), "all": KERNEL_NAMES}
+                "nf4", "lora_linear", "lora_qkv", "lora_mlp", "moe_experts", "attention")
+KERNEL_GROUPS = {"lora": ("lora_linear", "lora_qkv", "lora_mlp", "moe_experts"), "all": KERNEL_NAMES}
 DISABLE_ENV = "FASTFT_DISABLE_KERNELS"
 
 _forced_engine: str | None = None

@@ -45,9 +45,16 @@ dequantized into it, A and B cast to it differentiably, as peft casts the LoRA f
 for Mixtral's fp32 router weights); the result is in ``x.dtype``. Gradients of A and B are accumulated in fp32 and
 returned in their dtypes; ``dw`` in ``top_k_weights.dtype``.
 
-Engine: this PyTorch loop over the hit experts (one GEMM per expert and projection, the dequantization kernel of
-``nf4.py`` on GPU) is the reference engine; a Triton grouped GEMM over the same sorted token order (one launch per
-projection for all experts) is a later step and must match it.
+Engines: on a GPU (and under ``TRITON_INTERPRET=1``) each projection is one launch of the Triton grouped GEMM of
+``moe_grouped_gemm.py`` over all experts, rows in the sorted token order above (``route``: experts without tokens
+get no tile), NF4 dequantized inside its tile loads, LoRA as ``s * (X @ A.T) @ B.T`` per group: three launches
+forward (gate_up with the token gather, down), three backward (the gate_up recompute keeping ``x @ A_gu.T``, ``dh``
+through ``W_d`` keeping ``dy @ B_d``, ``dx`` through ``W_gu`` keeping ``dgu @ B_gu``); the SwiGLU gradient runs over
+all rows at once, and ``dA`` / ``dB`` are per hit expert torch matmuls over its contiguous slice of the sorted rows
+(``r``-wide: a few percent of the GEMM work; a grouped kernel for them is a later step). The PyTorch loop over the
+hit experts (one GEMM per expert and projection, the dequantization kernel of ``nf4.py`` on GPU) is the CPU engine
+and the reference the grouped engine is tested against; ``FASTFT_DISABLE_KERNELS=moe_experts`` selects it on any
+device (with every kernel inside it on its PyTorch engine, as the fused LoRA ops do).
 """
 from __future__ import annotations
 
@@ -57,8 +64,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, autocast_dtype, check_tensor, disabled_kernels, disabled_scope
+from ._common import (
+    FLOAT_DTYPES,
+    autocast_dtype,
+    check_tensor,
+    composite_op,
+    disabled_kernels,
+    disabled_scope,
+    use_triton,
+)
 from .lora_projection import autocast_off, dequant_workspace
+from .moe_grouped_gemm import grouped_matmul
 from .nf4 import NF4Weight, dequantize_nf4
 
 
@@ -213,22 +229,33 @@ def _gate_up(x_e, W_gu, lora_gu, e):
     return gu, F.silu(g) * u
 
 
+def _swiglu_grad(gu: torch.Tensor, dh: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[dg, du]`` of ``h = silu(g) * u`` (``gu = [g, u]``, ``dh`` fp32), in fp32 math, returned in ``dtype``."""
+    g, u = gu.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(g)
+    return torch.cat([dh * u * sig * (1 + g * (1 - sig)), dh * g * sig], dim=-1).to(dtype)
+
+
+def _add_lora_grads(grads, name: str, e: int, c, z, dz, za, s: float) -> None:
+    """One expert's LoRA gradients, summed in fp32: ``dA[e] += c.T @ z`` and ``dB[e] += s * dz.T @ za`` (``c = s *
+    (dz @ B[e])``, ``za = z @ A[e].T``: what the module doc writes for each projection)."""
+    grads["A_" + name][e] += c.float().t() @ z.float()
+    grads["B_" + name][e] += s * (dz.float().t() @ za.float())
+
+
+def _zero_grads(A_gu, B_gu, A_d, B_d) -> dict:
+    return {name: None if t is None else torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+            for name, t in (("A_gu", A_gu), ("B_gu", B_gu), ("A_d", A_d), ("B_d", B_d))}
+
+
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_weights, A_gu, B_gu, A_d, B_d, routing, gate_up, down, s_gu, s_d, out_dtype):
         lora_gu = None if A_gu is None else ExpertLora(A_gu, B_gu, s_gu)
         lora_d = None if A_d is None else ExpertLora(A_d, B_d, s_d)
-        flat_weights = top_k_weights.reshape(-1)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in range(len(routing.bounds) - 1):
-            slots = routing.order[routing.bounds[e]:routing.bounds[e + 1]]
-            if slots.numel() == 0:
-                continue
-            tokens = slots // routing.k
-            _, h = _gate_up(x[tokens], _weight(gate_up, e, x.dtype), lora_gu, e)
-            y = h @ _weight(down, e, x.dtype).t()
-            _lora_term(h, lora_d, e, y)
-            out.index_add_(0, tokens, (y * flat_weights[slots, None]).to(out_dtype).float())
+        ctx.grouped = use_triton(x, "moe_experts")
+        engine = _grouped_forward if ctx.grouped else _loop_forward
+        out = engine(x, top_k_weights.reshape(-1), lora_gu, lora_d, routing, gate_up, down, out_dtype)
         ctx.save_for_backward(x, top_k_weights, A_gu, B_gu, A_d, B_d)
         ctx.routing, ctx.gate_up, ctx.down, ctx.scalings = routing, gate_up, down, (s_gu, s_d)
         ctx.disabled = disabled_kernels()  # the backward dequantizes on the engine the forward did
@@ -236,58 +263,15 @@ class _MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        with disabled_scope(ctx.disabled):
-            return _MoEExperts._backward(ctx, dout)
-
-    @staticmethod
-    def _backward(ctx, dout):
         x, top_k_weights, A_gu, B_gu, A_d, B_d = ctx.saved_tensors
-        routing, (s_gu, s_d), dtype = ctx.routing, ctx.scalings, x.dtype
+        s_gu, s_d = ctx.scalings
         lora_gu = None if A_gu is None else ExpertLora(A_gu, B_gu, s_gu)
         lora_d = None if A_d is None else ExpertLora(A_d, B_d, s_d)
-        flat_weights = top_k_weights.reshape(-1)
-        dout = dout.to(dtype)
-        dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        dw = torch.zeros(flat_weights.shape, dtype=torch.float32, device=x.device)
-        grads = {name: None if t is None else torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-                 for name, t in (("A_gu", A_gu), ("B_gu", B_gu), ("A_d", A_d), ("B_d", B_d))}
-        gate_up_buffer = None  # W_gu of one expert, used twice: recompute and dx
-        for e in range(len(routing.bounds) - 1):
-            slots = routing.order[routing.bounds[e]:routing.bounds[e + 1]]
-            if slots.numel() == 0:
-                continue
-            tokens = slots // routing.k
-            x_e, dy = x[tokens], dout[tokens]
-            if isinstance(ctx.gate_up, NF4Experts) and gate_up_buffer is None:
-                gate_up_buffer = torch.empty(ctx.gate_up.shape, dtype=dtype, device=x.device)
-            W_gu = _weight(ctx.gate_up, e, dtype, out=gate_up_buffer)
-            gu, h = _gate_up(x_e, W_gu, lora_gu, e)  # recomputed, not kept from the forward
-            w = flat_weights[slots, None].float()
-
-            # through down: dh_raw = dy @ W_d + s_d * (dy @ B_d) @ A_d
-            dh_raw = dy @ _weight(ctx.down, e, dtype)
-            if lora_d is not None:
-                c = (dy @ lora_d.B[e]) * s_d
-                dh_raw.addmm_(c, lora_d.A[e])
-                grads["A_d"][e] += ((w * c.float()).t() @ h.float())
-                grads["B_d"][e] += s_d * ((w * dy.float()).t() @ (h @ lora_d.A[e].t()).float())
-            dh_raw = dh_raw.float()
-            dw[slots] = (h.float() * dh_raw).sum(-1)
-            dh = w * dh_raw
-
-            # through silu(g) * u
-            g, u = gu.float().chunk(2, dim=-1)
-            sig = torch.sigmoid(g)
-            dgu = torch.cat([dh * u * sig * (1 + g * (1 - sig)), dh * g * sig], dim=-1).to(dtype)
-
-            # through gate_up: dx_e = dgu @ W_gu + s_gu * (dgu @ B_gu) @ A_gu
-            dx_e = dgu @ W_gu
-            if lora_gu is not None:
-                c = (dgu @ lora_gu.B[e]) * s_gu
-                dx_e.addmm_(c, lora_gu.A[e])
-                grads["A_gu"][e] += c.float().t() @ x_e.float()
-                grads["B_gu"][e] += s_gu * (dgu.float().t() @ (x_e @ lora_gu.A[e].t()).float())
-            dx.index_add_(0, tokens, dx_e.float())
+        grads = _zero_grads(A_gu, B_gu, A_d, B_d)
+        engine = _grouped_backward if ctx.grouped else _loop_backward
+        with disabled_scope(ctx.disabled):
+            dx, dw = engine(x, dout.to(x.dtype), top_k_weights.reshape(-1), lora_gu, lora_d, ctx.routing,
+                            ctx.gate_up, ctx.down, grads)
 
         def cast(name, like):
             return None if grads[name] is None else grads[name].to(like.dtype)
@@ -295,6 +279,129 @@ class _MoEExperts(torch.autograd.Function):
         return (dx.to(x.dtype), dw.view(top_k_weights.shape).to(top_k_weights.dtype),
                 cast("A_gu", A_gu), cast("B_gu", B_gu), cast("A_d", A_d), cast("B_d", B_d),
                 None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch engine: a loop over the hit experts
+
+
+def _loop_forward(x, flat_weights, lora_gu, lora_d, routing, gate_up, down, out_dtype):
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(len(routing.bounds) - 1):
+        slots = routing.order[routing.bounds[e]:routing.bounds[e + 1]]
+        if slots.numel() == 0:
+            continue
+        tokens = slots // routing.k
+        _, h = _gate_up(x[tokens], _weight(gate_up, e, x.dtype), lora_gu, e)
+        y = h @ _weight(down, e, x.dtype).t()
+        _lora_term(h, lora_d, e, y)
+        out.index_add_(0, tokens, (y * flat_weights[slots, None]).to(out_dtype).float())
+    return out
+
+
+def _loop_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, down, grads):
+    """``(dx, dw)`` in fp32; the LoRA gradients are summed into ``grads``."""
+    dtype = x.dtype
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    dw = torch.zeros(flat_weights.shape, dtype=torch.float32, device=x.device)
+    gate_up_buffer = None  # W_gu of one expert, used twice: recompute and dx
+    for e in range(len(routing.bounds) - 1):
+        slots = routing.order[routing.bounds[e]:routing.bounds[e + 1]]
+        if slots.numel() == 0:
+            continue
+        tokens = slots // routing.k
+        x_e, dy = x[tokens], dout[tokens]
+        if isinstance(gate_up, NF4Experts) and gate_up_buffer is None:
+            gate_up_buffer = torch.empty(gate_up.shape, dtype=dtype, device=x.device)
+        W_gu = _weight(gate_up, e, dtype, out=gate_up_buffer)
+        gu, h = _gate_up(x_e, W_gu, lora_gu, e)  # recomputed, not kept from the forward
+        w = flat_weights[slots, None].float()
+
+        # through down: dh_raw = dy @ W_d + s_d * (dy @ B_d) @ A_d
+        dh_raw = dy @ _weight(down, e, dtype)
+        if lora_d is not None:
+            c = (dy @ lora_d.B[e]) * lora_d.scaling
+            dh_raw.addmm_(c, lora_d.A[e])
+            _add_lora_grads(grads, "d", e, w * c.float(), h, w * dy.float(), h @ lora_d.A[e].t(), lora_d.scaling)
+        dh_raw = dh_raw.float()
+        dw[slots] = (h.float() * dh_raw).sum(-1)
+        dgu = _swiglu_grad(gu, w * dh_raw, dtype)
+
+        # through gate_up: dx_e = dgu @ W_gu + s_gu * (dgu @ B_gu) @ A_gu
+        dx_e = dgu @ W_gu
+        if lora_gu is not None:
+            c = (dgu @ lora_gu.B[e]) * lora_gu.scaling
+            dx_e.addmm_(c, lora_gu.A[e])
+            _add_lora_grads(grads, "gu", e, c, x_e, dgu, x_e @ lora_gu.A[e].t(), lora_gu.scaling)
+        dx.index_add_(0, tokens, dx_e.float())
+    return dx, dw
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton engine: one grouped GEMM launch per projection (moe_grouped_gemm.py)
+
+
+def _forward_factors(lora: ExpertLora | None):
+    """``(P, Q, s)`` of ``Y = X W.T + s (X A.T) B.T``: ``P = A.T``, ``Q = B.T`` (views)."""
+    return None if lora is None else (lora.A.transpose(1, 2), lora.B.transpose(1, 2), lora.scaling)
+
+
+def _backward_factors(lora: ExpertLora | None):
+    """``(P, Q, s)`` of ``dX = dY W + s (dY B) A``: ``P = B``, ``Q = A``."""
+    return None if lora is None else (lora.B, lora.A, lora.scaling)
+
+
+def _grouped_gate_up(x, tokens, routing, gate_up, lora_gu, keep_lora_product=False):
+    """``(gu, h, x @ A_gu.T)`` of every (token, expert) row in expert order."""
+    gu, xa = grouped_matmul(x, gate_up, routing.bounds, rows=tokens, lora=_forward_factors(lora_gu),
+                            keep_lora_product=keep_lora_product)
+    g, u = gu.chunk(2, dim=-1)
+    return gu, F.silu(g) * u, xa
+
+
+def _grouped_forward(x, flat_weights, lora_gu, lora_d, routing, gate_up, down, out_dtype):
+    tokens = routing.order // routing.k
+    _, h, _ = _grouped_gate_up(x, tokens, routing, gate_up, lora_gu)
+    y, _ = grouped_matmul(h, down, routing.bounds, lora=_forward_factors(lora_d))
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, tokens, (y * flat_weights[routing.order, None]).to(out_dtype).float())
+    return out
+
+
+def _grouped_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, down, grads):
+    """:func:`_loop_backward` over all rows at once: three grouped GEMMs (the gate_up recompute, ``dh`` through
+    down, ``dx`` through gate_up), the SwiGLU gradient over all rows, and the LoRA gradients per hit expert as
+    ``r``-wide torch matmuls over its slice of the sorted rows (no gather)."""
+    dtype, order, bounds = x.dtype, routing.order, routing.bounds
+    tokens = order // routing.k
+    gu, h, xa_gu = _grouped_gate_up(x, tokens, routing, gate_up, lora_gu, keep_lora_product=True)
+    dy = dout[tokens]
+    dh_raw, dyB_d = grouped_matmul(dy, down, bounds, transposed=True, lora=_backward_factors(lora_d),
+                                   keep_lora_product=True)
+    w = flat_weights[order, None].float()
+    dh_raw = dh_raw.float()
+    dw = torch.zeros(flat_weights.shape, dtype=torch.float32, device=x.device)
+    dw[order] = (h.float() * dh_raw).sum(-1)
+    dgu = _swiglu_grad(gu, w * dh_raw, dtype)
+    del gu, dh_raw
+    dx_rows, dgB_gu = grouped_matmul(dgu, gate_up, bounds, transposed=True, lora=_backward_factors(lora_gu),
+                                     keep_lora_product=True)
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    dx.index_add_(0, tokens, dx_rows.float())
+    del dx_rows
+    x_rows = x[tokens] if lora_gu is not None else None
+    for e in range(len(bounds) - 1):
+        rows = slice(bounds[e], bounds[e + 1])
+        if bounds[e] == bounds[e + 1]:
+            continue
+        if lora_d is not None:
+            s, w_e, h_e = lora_d.scaling, w[rows], h[rows]
+            _add_lora_grads(grads, "d", e, w_e * (s * dyB_d[rows].float()), h_e, w_e * dy[rows].float(),
+                            h_e @ lora_d.A[e].t(), s)
+        if lora_gu is not None:
+            s = lora_gu.scaling
+            _add_lora_grads(grads, "gu", e, s * dgB_gu[rows].float(), x_rows[rows], dgu[rows], xa_gu[rows], s)
+    return dx, dw
 
 
 def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,
@@ -336,7 +443,7 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
     loras = []
     for lora in (gate_up_lora, down_lora):  # cast to the compute dtype differentiably, as peft casts the factors
         loras += [None, None] if lora is None else [lora.A.to(compute), lora.B.to(compute)]
-    with autocast_off(x.device.type):
+    with autocast_off(x.device.type), composite_op(x, "moe_experts"):
         return _MoEExperts.apply(x, top_k_weights, *loras, route(top_k_index, E), gate_up, down,
                                  gate_up_lora.scaling if gate_up_lora else 1.0,
                                  down_lora.scaling if down_lora else 1.0, out_dtype)

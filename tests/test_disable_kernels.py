@@ -27,8 +27,11 @@ import fastft.patch
 from fastft import FastModel
 from fastft.kernels import KERNEL_GROUPS, KERNEL_NAMES
 from fastft.kernels._common import DISABLE_ENV, _parse_env, disabled_kernels, kernel_names, use_engine
+from fastft.kernels.moe_experts import ExpertLora, NF4Experts
 
 SWITCHES = [*KERNEL_NAMES, *KERNEL_GROUPS]  # every name, then the groups "lora" and "all"
+# The model-level tests use a dense model: it has no experts for "moe_experts" to route (the kernel level covers it)
+MODEL_SWITCHES = [switch for switch in SWITCHES if switch != "moe_experts"]
 
 
 class KernelCalled(AssertionError):
@@ -140,6 +143,21 @@ def _dequantize_nf4(gen):
     return [K.dequantize_nf4(_nf4(gen, 24, 40))], []
 
 
+def _moe_experts(gen):
+    """4 NF4 experts (blocks of 64, no double quantization), top-2 of 5 tokens, LoRA on both projections."""
+    E, H, inter, r = 4, 64, 32, 4
+    x, weights = _leaf(gen, 5, H), torch.rand(5, 2, generator=gen).requires_grad_()
+    index = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(5)])
+    experts = [NF4Experts(packed=torch.randint(0, 256, (E, out_f * in_f // 2), dtype=torch.uint8, generator=gen),
+                            absmax=torch.rand(E, out_f * in_f // 64, generator=gen) + 0.5,
+                            code=torch.linspace(-1, 1, 16) / 8, blocksize=64, shape=(out_f, in_f), dtype=torch.float32)
+               for out_f, in_f in ((2 * inter, H), (H, inter))]
+    loras = [(_leaf(gen, E, r, H, scale=0.3), _leaf(gen, E, 2 * inter, r, scale=0.3)),
+             (_leaf(gen, E, r, inter, scale=0.3), _leaf(gen, E, H, r, scale=0.3))]
+    out = K.moe_experts(x, index, weights, *experts, *(ExpertLora(A, B, 2.0) for A, B in loras))
+    return [out], [x, weights, *(t for pair in loras for t in pair)]
+
+
 def _attention(gen):
     q, k, v = _leaf(gen, 1, 4, 9, 16), _leaf(gen, 1, 2, 9, 16), _leaf(gen, 1, 2, 9, 16)
     qp, kp, vp = _leaf(gen, 9, 4, 16), _leaf(gen, 9, 2, 16), _leaf(gen, 9, 2, 16)  # two packed sequences: 4 + 5
@@ -151,7 +169,7 @@ KERNEL_CASES = {
     "rms_norm": _rms_norm, "rope": _rope, "swiglu": _swiglu, "cross_entropy": _cross_entropy,
     "fused_linear_cross_entropy": _fused_linear_cross_entropy, "linear_log_probs": _linear_log_probs,
     "nf4": _dequantize_nf4, "lora_linear": _lora_case("lora_linear"), "lora_qkv": _lora_case("lora_qkv"),
-    "lora_mlp": _lora_case("lora_mlp"), "attention": _attention,
+    "lora_mlp": _lora_case("lora_mlp"), "moe_experts": _moe_experts, "attention": _attention,
 }
 assert set(KERNEL_CASES) == set(KERNEL_NAMES)
 
@@ -214,7 +232,7 @@ def test_nf4_and_swiglu_switches_reach_inside_the_fused_lora_ops(op, monkeypatch
             assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"{op} with {name} disabled")
 
 
-@pytest.mark.parametrize("op", ["lora_linear", "lora_qkv", "lora_mlp"])
+@pytest.mark.parametrize("op", ["lora_linear", "lora_qkv", "lora_mlp", "moe_experts"])
 def test_backward_runs_the_engines_of_its_forward(op):
     """A fused LoRA op disabled for its forward only still runs its backward (which dequantizes again and redraws
     the dropout mask) on the PyTorch engine: the mask must be the forward's."""
@@ -231,7 +249,8 @@ def test_backward_runs_the_engines_of_its_forward(op):
 
 
 def test_names_parse_leniently_and_unknown_names_fail_clearly(monkeypatch):
-    assert kernel_names(" RMS_Norm , LoRA,, ", "env") == {"rms_norm", "lora_linear", "lora_qkv", "lora_mlp"}
+    assert kernel_names(" RMS_Norm , LoRA,, ", "env") == {"rms_norm", "lora_linear", "lora_qkv", "lora_mlp",
+                                                           "moe_experts"}
     assert kernel_names("", "env") == kernel_names(None, "arg") == kernel_names([], "arg") == frozenset()
     assert kernel_names(["all"], "arg") == set(KERNEL_NAMES)
     valid = r"valid names: rms_norm, rope, swiglu, .*attention, or the groups lora, all"
@@ -278,6 +297,7 @@ MODEL_SPIES = {
     "lora_linear": (["fastft.patch.lora_linear"], set()),
     "lora_qkv": (["fastft.patch.lora_qkv"], set()),
     "lora_mlp": (["fastft.patch.lora_mlp"], set()),
+    "moe_experts": ([], {"moe_grouped_gemm"}),  # the expert op itself stays: its PyTorch engine serves 4-bit experts
     "attention": (["fastft.attention.attention", "fastft.attention.attention_varlen"], {"attention"}),
 }
 assert set(MODEL_SPIES) == set(KERNEL_NAMES)
@@ -359,13 +379,13 @@ def assert_matches_reference(results, expected, exact: bool):
     assert_grads_match(grads, {name: expected[name] for name in grads})
 
 
-@pytest.mark.parametrize("switch", SWITCHES)
+@pytest.mark.parametrize("switch", MODEL_SWITCHES)
 def test_the_spies_fire_on_a_model_with_every_kernel(switch, fastft_model):
     with interpret_only_what_is_watched(switch), model_spies(switch), pytest.raises(KernelCalled):
         model_step(fastft_model, switch)
 
 
-@pytest.mark.parametrize("switch", SWITCHES)
+@pytest.mark.parametrize("switch", MODEL_SWITCHES)
 def test_model_level_switch_routes_to_transformers_and_peft(switch, qwen3_path, reference, caplog):
     # the fused LoRA ops' kernels must honour "nf4" / "swiglu" in a checkpointed recompute too
     with caplog.at_level(logging.WARNING, logger="fastft"):
@@ -389,7 +409,7 @@ def test_log_line_names_each_route_and_the_kernels_kept(qwen3_path, reference, c
                     "'fused_linear_cross_entropy']): "
                     "fused_linear_cross_entropy -> full logits + fastft's cross_entropy kernel, "
                     "lora_mlp -> peft's forward, attention -> PyTorch SDPA; fastft kernels: rms_norm, rope, swiglu, "
-                    "cross_entropy, linear_log_probs, nf4, lora_linear, lora_qkv")
+                    "cross_entropy, linear_log_probs, nf4, lora_linear, lora_qkv, moe_experts")
 
 
 def test_environment_and_argument_unite(qwen3_path, reference, caplog, monkeypatch):

@@ -24,6 +24,7 @@ import torch
 import transformers
 from kernel_testing import EPS, assert_close, greedy_generate
 from memory_tracking import LiveTensorBytes
+from moe_references import decode_nf4, random_lora, reference_moe
 from test_model_parity import packed_batch
 from test_trl import arithmetic_chats, assert_curves_match, losses, train_sft
 from tiny_models import (
@@ -40,7 +41,7 @@ from tiny_tokenizer import tiny_tokenizer
 from fastft import FastModel, estimate_memory, unpatch_model
 from fastft.architectures import UnsupportedModelError, spec_for
 from fastft.kernels import use_engine
-from fastft.kernels.moe_experts import ExpertLora, NF4Experts, moe_experts
+from fastft.kernels.moe_experts import ExpertLora, moe_experts
 from fastft.moe import (
     EXPERT_PARAMETERS,
     NF4ExpertsTensor,
@@ -98,35 +99,6 @@ def save_tiny_moe(arch, path, dtype=torch.float32, max_shard_size="5GB", seed=0,
 # Independent references
 
 
-def decode_nf4(nf4: NF4Experts) -> torch.Tensor:
-    """``[E, out, in]`` float64 values of NF4 experts, from the NF4 definition (not fastft's dequantization):
-    ``code[nibble] * (nested_code[absmax] * nested_absmax + offset)``, high nibble first, blocks over the
-    row-major expert."""
-    E, (out_features, in_features) = nf4.num_experts, nf4.shape
-    n = out_features * in_features
-    experts = []
-    for e in range(E):
-        packed = nf4.packed[e].long()
-        nibbles = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n]
-        nested = nf4.nested_absmax[e].double().repeat_interleave(nf4.nested_blocksize)[: nf4.absmax.shape[1]]
-        scale = nf4.nested_code.double()[nf4.absmax[e].long()] * nested + nf4.offset[e].double()
-        values = nf4.code.double()[nibbles] * scale.repeat_interleave(nf4.blocksize)[:n]
-        experts.append(values.reshape(out_features, in_features))
-    return torch.stack(experts)
-
-
-def reference_moe(x, index, weights, W_gu, W_d, lora_gu, lora_d):
-    """float64: every (token, slot) through its expert's merged weights ``W + s * B @ A``."""
-    if lora_gu is not None:
-        W_gu = W_gu + lora_gu.scaling * lora_gu.B @ lora_gu.A
-    if lora_d is not None:
-        W_d = W_d + lora_d.scaling * lora_d.B @ lora_d.A
-    gu = torch.einsum("th,tkoh->tko", x, W_gu[index])
-    g, u = gu.chunk(2, dim=-1)
-    y = torch.einsum("tki,tkoi->tko", torch.nn.functional.silu(g) * u, W_d[index])
-    return (weights[..., None] * y).sum(1)
-
-
 def routing(case, tokens=13, experts=4, seed=0):
     """``(top_k_index, top_k_weights)`` for an awkward routing."""
     gen = torch.Generator().manual_seed(seed)
@@ -142,13 +114,6 @@ def routing(case, tokens=13, experts=4, seed=0):
         raise ValueError(case)
     weights = torch.softmax(torch.randn(index.shape, generator=gen), dim=-1)
     return index, weights
-
-
-def random_lora(E, out_features, in_features, r=4, std=0.3, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    A = torch.randn(E, r, in_features, generator=gen) * std
-    B = torch.randn(E, out_features, r, generator=gen) * std
-    return A, B
 
 
 # ---------------------------------------------------------------------------------------------

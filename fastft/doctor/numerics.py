@@ -42,11 +42,13 @@ from ..kernels import (
     lora_mlp,
     lora_mlp_gate_up,
     lora_qkv,
+    moe_experts,
     rms_norm,
     swiglu,
 )
 from ..kernels._common import poison_outputs
 from ..kernels.lora_dropout import DropoutMask, dropout_mask
+from ..kernels.moe_experts import ExpertLora, NF4Experts
 from . import references as ref
 from .references import EPS
 
@@ -557,6 +559,64 @@ def _lora_mlp_gate_up_case(s: Sizes, dropout: float) -> Case:
                      f"x [{s.batch}, {s.tokens}, {s.hidden}], gate_up 2 x {s.intermediate} (Phi-3)")
 
 
+# ---- Mixture of experts ----------------------------------------------------------------------
+
+MOE_EXPERTS, MOE_TOP_K, MOE_IDLE_EXPERT = 8, 2, 5
+
+
+def _moe_experts_case(s: Sizes) -> Case:
+    """The routed experts (NF4, LoRA on gate_up and down) on the model's hidden size: 8 experts, top-2, one expert
+    without tokens, experts an eighth of the model's MLP wide (Qwen3-30B-A3B's are 768 of a dense 6144)."""
+    E, k, H, inter, rows = MOE_EXPERTS, MOE_TOP_K, s.hidden, max(16, s.intermediate // 8), s.batch * s.tokens
+    shapes = {"gate_up": (2 * inter, H), "down": (H, inter)}
+
+    def make(dtype, device):
+        r = Inputs(device, 13)
+        hit = torch.tensor([e for e in range(E) if e != MOE_IDLE_EXPERT], device=device)
+        index = hit[torch.rand(rows, E - 1, generator=r.gen, device=device).topk(k, dim=-1).indices]
+        parts = {}
+        for name, (out_f, in_f) in shapes.items():
+            w = [r.nf4(out_f, in_f, dtype) for _ in range(E)]
+            experts = NF4Experts(
+                packed=torch.stack([e.packed for e in w]), absmax=torch.stack([e.absmax for e in w]),
+                nested_absmax=torch.stack([e.nested_absmax for e in w]), offset=torch.cat([e.offset for e in w]),
+                code=w[0].code, nested_code=w[0].nested_code, blocksize=64, nested_blocksize=256,
+                shape=(out_f, in_f), dtype=dtype)
+            parts[name] = (experts, r.randn(E, s.rank, in_f, dtype=dtype, scale=1 / math.sqrt(in_f), grad=True),
+                           r.randn(E, out_f, s.rank, dtype=dtype, scale=1 / math.sqrt(s.rank), grad=True))
+        return _Namespace(x=r.randn(rows, H, dtype=dtype, grad=True), index=index, parts=parts,
+                          weights=torch.softmax(r.randn(rows, k), dim=-1).requires_grad_(),
+                          dy=r.randn(rows, H, dtype=dtype))
+
+    def leaves(i):
+        return {"x": i.x, "weights": i.weights,
+                **{f"{kind}_{n}": t for n, (_, A, B) in i.parts.items() for kind, t in (("A", A), ("B", B))}}
+
+    def run(i):
+        (gu, A_gu, B_gu), (d, A_d, B_d) = i.parts["gate_up"], i.parts["down"]
+        y = moe_experts(i.x, i.index, i.weights, gu, d, ExpertLora(A_gu, B_gu, 2.0), ExpertLora(A_d, B_d, 2.0))
+        return _backward({"y": y}, {"y": i.dy}, leaves(i))
+
+    def reference(i):
+        weights64 = {n: torch.stack([ref.nf4_reference(experts.expert(e)) for e in range(E)])
+                     for n, (experts, _, _) in i.parts.items()}
+
+        def forward(x, weights, **adapters):
+            gate_up, down = ((weights64[n], adapters[f"A_{n}"], adapters[f"B_{n}"], 2.0) for n in shapes)
+            return {"y": ref.moe_experts_reference(x, i.index, weights, gate_up, down)}
+
+        return _reference_of(forward, leaves(i), {"y": i.dy})
+
+    # lora_mlp's counts (two projections and SwiGLU between them) plus the routing weight's product and the sum
+    # over a token's k experts (2); d weights: <h, dh> as dx's count (one GEMM through down, h rounded)
+    mlp = _lora_tolerances(["y"], shapes, 0.0, max(H, inter), max(H, 2 * inter), rows)
+    mlp["dweights"] = mlp["dx"][0], inter
+    tol = {name: (2 * r + 3, terms) for name, (r, terms) in mlp.items()}
+    return Case("moe_experts", "moe_experts", f"{E} NF4 experts, top-{k}, expert {MOE_IDLE_EXPERT} without tokens, "
+                f"LoRA r={s.rank} on gate_up and down", f"x [{rows}, {H}], expert intermediate {inter}",
+                make, run, reference, tol)
+
+
 # ---- Attention -------------------------------------------------------------------------------
 
 # out: P (fp32) rounded to the dtype for the P @ V tensor-core dot on a GPU, the result rounded (2); gradients:
@@ -660,6 +720,7 @@ def build_cases(s: Sizes) -> list[Case]:
         _lora_mlp_case(s, 0.0, activation="gelu_tanh"),
         _lora_mlp_gate_up_case(s, 0.0),
         _lora_mlp_gate_up_case(s, 0.1),
+        _moe_experts_case(s),
         _attention_case(s, None),
         _attention_case(s, s.window),
         _attention_case(gemma_attention_sizes(s), None, softcap=SCORE_SOFTCAP),

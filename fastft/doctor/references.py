@@ -205,6 +205,23 @@ def lora_mlp_gate_up_reference(x, gate_up, down):
     return lora_projection_reference(gated_activation(g) * u, *down)
 
 
+def moe_experts_reference(x, index, weights, gate_up, down):
+    """The routed experts' MLPs with LoRA on float64 tensors: every (token, slot) through its expert's
+    ``down(silu(gate_up(x)))``, weighted by its routing weight and summed per token. ``gate_up`` / ``down``: ``(W [E,
+    out, in], A [E, r, in], B [E, out, r], scaling)``; ``index`` / ``weights``: ``[T, k]``. One expert at a time (no
+    ``[T, k, out, in]`` gather of the weights)."""
+    out = torch.zeros_like(x)
+    for e in range(gate_up[0].shape[0]):
+        tokens, slots = (index == e).nonzero(as_tuple=True)
+        if tokens.numel():
+            (W, A, B, s), h = gate_up, x[tokens]
+            g, u = lora_projection_reference(h, W[e], None, A[e], B[e], s).chunk(2, dim=-1)
+            (W, A, B, s), h = down, gated_activation(g) * u
+            y = lora_projection_reference(h, W[e], None, A[e], B[e], s)
+            out = out.index_add(0, tokens, weights[tokens, slots, None] * y)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention
 
