@@ -33,7 +33,8 @@ transformers 5 keeps a layer's experts as two 3-D parameters, ``experts.gate_up_
   fp32, as llama.cpp's stacked tensors; :func:`checkpoint_expert_tensors` writes them per expert, as transformers'
   checkpoints have them.
 
-Not yet here (later steps): a Triton grouped-GEMM expert kernel, FSDP of 4-bit experts (and its memory accounting).
+Not yet here (later steps): FSDP of 4-bit experts (and its memory accounting). The expert op's engines (a Triton
+grouped GEMM on GPU and under the interpreter, a PyTorch loop otherwise) are in ``kernels/moe_experts.py``.
 """
 from __future__ import annotations
 
