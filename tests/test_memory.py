@@ -469,7 +469,7 @@ def test_the_headroom_figures_live_in_one_place(monkeypatch):
     readme = " ".join((repo / "README.md").read_text().split())
     assert f"headroom of {context} for the CUDA context and {fraction} of the card" in readme
     assert readme.count("headroom of ") == readme.count(f"headroom of {context} for the CUDA context and {fraction}")
-    table_cards = (8, 12, 16, 24)  # the max-context table's, with the usable memory stated beside it
+    table_cards = (8, 12, 16, 24, 40, 48, 80)  # the max-context table's, with the usable memory stated beside it
     assert (" / ".join(f"{headroom.usable_gib(c):.2f}" for c in table_cards) + " GiB usable on "
             + " / ".join(map(str, table_cards)) + " GiB") in readme
     for card in (24, 80):
