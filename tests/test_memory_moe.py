@@ -44,11 +44,12 @@ TINY = {
 def only_the_expert_kernels(monkeypatch):
     """fastft's kernels of the dense parts (attention, norms, RoPE, LoRA projections, loss) on their PyTorch engine,
     in the accounting and the real step alike: their accounting is validated by tests/test_memory.py, and interpreted
-    they take most of a minute per step. The expert op keeps its GPU path (the NF4 dequantization kernel, interpreted
-    on the CPU)."""
+    they take most of a minute per step. The expert op keeps its GPU path (the grouped GEMM engine with the NF4
+    dequantization, interpreted on the CPU), the path the accounting of a real model follows."""
     from fastft.kernels import KERNEL_NAMES
 
-    monkeypatch.setenv("FASTFT_DISABLE_KERNELS", ",".join(name for name in KERNEL_NAMES if name != "nf4"))
+    kept = ("nf4", "moe_experts")
+    monkeypatch.setenv("FASTFT_DISABLE_KERNELS", ",".join(name for name in KERNEL_NAMES if name not in kept))
 
 
 @pytest.mark.usefixtures("only_the_expert_kernels")
