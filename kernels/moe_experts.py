@@ -50,8 +50,10 @@ Engines: on a GPU (and under ``TRITON_INTERPRET=1``) each projection is one laun
 get no tile), NF4 dequantized inside its tile loads, LoRA as ``s * (X @ A.T) @ B.T`` per group: three launches
 forward (gate_up with the token gather, down), three backward (the gate_up recompute keeping ``x @ A_gu.T``, ``dh``
 through ``W_d`` keeping ``dy @ B_d``, ``dx`` through ``W_gu`` keeping ``dgu @ B_gu``); the SwiGLU gradient runs over
-all rows at once, and ``dA`` / ``dB`` are per hit expert torch matmuls over its contiguous slice of the sorted rows
-(``r``-wide: a few percent of the GEMM work; a grouped kernel for them is a later step). The PyTorch loop over the
+all rows at once; ``h @ A_d.T`` is one more grouped GEMM (``A_d`` as the weights), and each of ``dA_gu``, ``dB_gu``,
+``dA_d``, ``dB_d`` is one launch of the grouped gradient kernel of ``moe_grouped_gemm.py`` over all experts
+(``G[e] = s * L_e.T @ diag(w_e) @ R_e`` over expert e's rows, ``x`` read through the token gather; ``r``-wide: a few
+percent of the GEMM work), written in the compute dtype; an expert without tokens gets zeros. The PyTorch loop over the
 hit experts (one GEMM per expert and projection, the dequantization kernel of ``nf4.py`` on GPU) is the CPU engine
 and the reference the grouped engine is tested against; ``FASTFT_DISABLE_KERNELS=moe_experts`` selects it on any
 device (with every kernel inside it on its PyTorch engine, as the fused LoRA ops do).
@@ -74,7 +76,7 @@ from ._common import (
     use_triton,
 )
 from .lora_projection import autocast_off, dequant_workspace
-from .moe_grouped_gemm import grouped_matmul
+from .moe_grouped_gemm import grouped_lora_grad, grouped_matmul
 from .nf4 import NF4Weight, dequantize_nf4
 
 
@@ -243,9 +245,11 @@ def _add_lora_grads(grads, name: str, e: int, c, z, dz, za, s: float) -> None:
     grads["B_" + name][e] += s * (dz.float().t() @ za.float())
 
 
-def _zero_grads(A_gu, B_gu, A_d, B_d) -> dict:
-    return {name: None if t is None else torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-            for name, t in (("A_gu", A_gu), ("B_gu", B_gu), ("A_d", A_d), ("B_d", B_d))}
+def _zero_grads(lora_gu: ExpertLora | None, lora_d: ExpertLora | None) -> dict:
+    """fp32 zeros for the LoRA gradients the loop engine sums into (None where a projection has no LoRA)."""
+    return {f"{factor}_{name}": None if lora is None else torch.zeros(getattr(lora, factor).shape,
+                                                                      dtype=torch.float32, device=lora.A.device)
+            for name, lora in (("gu", lora_gu), ("d", lora_d)) for factor in "AB"}
 
 
 class _MoEExperts(torch.autograd.Function):
@@ -267,14 +271,13 @@ class _MoEExperts(torch.autograd.Function):
         s_gu, s_d = ctx.scalings
         lora_gu = None if A_gu is None else ExpertLora(A_gu, B_gu, s_gu)
         lora_d = None if A_d is None else ExpertLora(A_d, B_d, s_d)
-        grads = _zero_grads(A_gu, B_gu, A_d, B_d)
         engine = _grouped_backward if ctx.grouped else _loop_backward
         with disabled_scope(ctx.disabled):
-            dx, dw = engine(x, dout.to(x.dtype), top_k_weights.reshape(-1), lora_gu, lora_d, ctx.routing,
-                            ctx.gate_up, ctx.down, grads)
+            dx, dw, grads = engine(x, dout.to(x.dtype), top_k_weights.reshape(-1), lora_gu, lora_d, ctx.routing,
+                                   ctx.gate_up, ctx.down)
 
         def cast(name, like):
-            return None if grads[name] is None else grads[name].to(like.dtype)
+            return None if grads.get(name) is None else grads[name].to(like.dtype)
 
         return (dx.to(x.dtype), dw.view(top_k_weights.shape).to(top_k_weights.dtype),
                 cast("A_gu", A_gu), cast("B_gu", B_gu), cast("A_d", A_d), cast("B_d", B_d),
@@ -299,9 +302,10 @@ def _loop_forward(x, flat_weights, lora_gu, lora_d, routing, gate_up, down, out_
     return out
 
 
-def _loop_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, down, grads):
-    """``(dx, dw)`` in fp32; the LoRA gradients are summed into ``grads``."""
+def _loop_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, down):
+    """``(dx, dw, LoRA gradients)``, all in fp32."""
     dtype = x.dtype
+    grads = _zero_grads(lora_gu, lora_d)
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dw = torch.zeros(flat_weights.shape, dtype=torch.float32, device=x.device)
     gate_up_buffer = None  # W_gu of one expert, used twice: recompute and dx
@@ -334,7 +338,7 @@ def _loop_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, dow
             dx_e.addmm_(c, lora_gu.A[e])
             _add_lora_grads(grads, "gu", e, c, x_e, dgu, x_e @ lora_gu.A[e].t(), lora_gu.scaling)
         dx.index_add_(0, tokens, dx_e.float())
-    return dx, dw
+    return dx, dw, grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,10 +372,10 @@ def _grouped_forward(x, flat_weights, lora_gu, lora_d, routing, gate_up, down, o
     return out
 
 
-def _grouped_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, down, grads):
+def _grouped_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, down):
     """:func:`_loop_backward` over all rows at once: three grouped GEMMs (the gate_up recompute, ``dh`` through
-    down, ``dx`` through gate_up), the SwiGLU gradient over all rows, and the LoRA gradients per hit expert as
-    ``r``-wide torch matmuls over its slice of the sorted rows (no gather)."""
+    down, ``dx`` through gate_up), the SwiGLU gradient over all rows, ``h @ A_d.T`` (a grouped GEMM) and one grouped
+    gradient launch per LoRA factor (module doc); the LoRA gradients come back in the compute dtype."""
     dtype, order, bounds = x.dtype, routing.order, routing.bounds
     tokens = order // routing.k
     gu, h, xa_gu = _grouped_gate_up(x, tokens, routing, gate_up, lora_gu, keep_lora_product=True)
@@ -389,19 +393,17 @@ def _grouped_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, 
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dx.index_add_(0, tokens, dx_rows.float())
     del dx_rows
-    x_rows = x[tokens] if lora_gu is not None else None
-    for e in range(len(bounds) - 1):
-        rows = slice(bounds[e], bounds[e + 1])
-        if bounds[e] == bounds[e + 1]:
-            continue
-        if lora_d is not None:
-            s, w_e, h_e = lora_d.scaling, w[rows], h[rows]
-            _add_lora_grads(grads, "d", e, w_e * (s * dyB_d[rows].float()), h_e, w_e * dy[rows].float(),
-                            h_e @ lora_d.A[e].t(), s)
-        if lora_gu is not None:
-            s = lora_gu.scaling
-            _add_lora_grads(grads, "gu", e, s * dgB_gu[rows].float(), x_rows[rows], dgu[rows], xa_gu[rows], s)
-    return dx, dw
+    grads = {}
+    if lora_d is not None:  # dA_d = s (w dy B_d).T @ h, dB_d = s (w dy).T @ (h @ A_d.T)
+        s, w = lora_d.scaling, w.view(-1)
+        hA_d, _ = grouped_matmul(h, lora_d.A, bounds)
+        grads["A_d"] = grouped_lora_grad(dyB_d, h, bounds, row_weights=w, scaling=s)
+        grads["B_d"] = grouped_lora_grad(dy, hA_d, bounds, row_weights=w, scaling=s)
+    if lora_gu is not None:  # dA_gu = s (dgu B_gu).T @ x, dB_gu = s dgu.T @ (x @ A_gu.T)
+        s = lora_gu.scaling
+        grads["A_gu"] = grouped_lora_grad(dgB_gu, x, bounds, rows=tokens, scaling=s)
+        grads["B_gu"] = grouped_lora_grad(dgu, xa_gu, bounds, scaling=s)
+    return dx, dw, grads
 
 
 def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,

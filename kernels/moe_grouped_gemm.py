@@ -16,9 +16,12 @@ Both are ``Out_e = X_e @ op(W[e]) + s * (X_e @ P[e]) @ Q[e]`` with ``(op(W), P, 
 col`` of bitsandbytes' layout), so the transposed product needs no transposed copy. LoRA is never folded into the
 weight: ``X_e @ P[e]`` (``[n_e, r]``) is accumulated beside the main product in the same K loop, rounded to the
 compute dtype (as the PyTorch engine's ``x @ A.T``) and multiplied by ``Q[e]`` once at the end; on request it is
-also written out (``[R, r]``: ``x @ A.T`` for ``dB``, ``dy @ B`` for ``dA``). The gradients of the LoRA factors,
-``dA[e] = s * (dY_e @ B[e]).T @ X_e`` and ``dB[e] = s * dY_e.T @ (X_e @ A[e].T)``, are ``r``-wide reductions over an
-expert's rows; the caller computes them from the rows this op returns. The frozen weights get no gradient.
+also written out (``[R, r]``: ``x @ A.T`` for ``dB``, ``dy @ B`` for ``dA``). The frozen weights get no gradient.
+
+LoRA gradients (:func:`grouped_lora_grad`): ``dA[e] = s * (dY_e @ B[e]).T @ X_e`` and ``dB[e] = s * dY_e.T @ (X_e @
+A[e].T)`` are both reductions over an expert's rows of the form ``G[e] = s * L_e.T @ diag(w_e) @ R_e`` (``L``
+``[R, M]``, ``R`` ``[R, N]`` in expert order, ``R`` optionally read through the gather index ``rows``; ``w`` the
+routing weights of the rows, or 1), one launch per gradient over all experts, from the rows the GEMMs above return.
 
 NF4 (per expert exactly as ``moe_experts.NF4Experts`` stores it; math of ``nf4.py``): element ``f = row * in + col``
 of expert ``e`` is ``code[nibble] * scale[f // blocksize]``, the nibble the high half of byte ``f // 2`` when ``f``
@@ -26,9 +29,15 @@ is even, ``scale`` the block's fp32 ``absmax`` or, double-quantized, ``nested_co
 nested_blocksize] + offset[e]`` (multiply and add rounded separately: the compiled kernel turns FMA contraction off
 as ``nf4.py`` does), rounded once to the compute dtype: the same operand the dequantize-then-matmul path multiplies.
 
-Kernel: grid (row tiles of hit experts, column tiles). A row tile never spans two experts (tiles are cut at the
-group bounds on the host, which knows them: ``route`` copies the group sizes once), so experts without rows cost
-nothing. fp32 accumulation; fp32 inputs use IEEE fp32 ``tl.dot`` (no tf32), as torch's matmul does by default.
+Kernels: the GEMM's grid is (row tiles of hit experts, column tiles). A row tile never spans two experts (tiles are
+cut at the group bounds on the host, which knows them: ``route`` copies the group sizes once), so experts without
+rows cost nothing. The gradient's grid is (hit expert, ``[M, N]`` output tile), each program looping over its expert's
+rows in blocks; an expert without rows gets no program and keeps the zeros its gradient starts from (as in the
+PyTorch engine). fp32
+accumulation; fp32 inputs use IEEE fp32 ``tl.dot`` (no tf32), as torch's matmul does by default. With routing
+weights, 16-bit ``L`` rows are multiplied by their weight in fp32 and rounded to the compute dtype before the
+tensor-core ``tl.dot`` (one rounding, ``EPS / 2`` relative, where the PyTorch engine keeps ``w * L`` in fp32); the
+scaling multiplies the fp32 sum; the result is rounded once to the compute dtype (the gradients' dtype).
 """
 from __future__ import annotations
 
@@ -216,3 +225,84 @@ def grouped_matmul(x: torch.Tensor, weights, bounds: list[int], *, rows: torch.T
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return out, xp
+
+
+@triton.jit
+def _grouped_lora_grad_kernel(
+    L, R, ROWS, ROW_WEIGHTS, OUT,  # L [R, M], R [*, N], ROWS [R] int64, ROW_WEIGHTS [R] fp32, OUT [E, M, N]
+    HIT, BOUNDS,  # int32: the experts with rows; group bounds [E + 1]
+    M, N, stride_l, stride_r, stride_oe, stride_om, scaling,
+    GATHER: tl.constexpr, WEIGHTED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    e, tile = tl.load(HIT + tl.program_id(0)).to(tl.int64), tl.program_id(1)
+    tiles_n = tl.cdiv(N, BN)
+    ms = (tile // tiles_n) * BM + tl.arange(0, BM)
+    ns = (tile % tiles_n) * BN + tl.arange(0, BN)
+    m_mask, n_mask = ms < M, ns < N
+    start, end = tl.load(BOUNDS + e), tl.load(BOUNDS + e + 1)
+    dtype = L.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(start, end, BK):  # the expert's rows
+        ks = k0 + tl.arange(0, BK)
+        k_mask = ks < end
+        ks = ks.to(tl.int64)
+        left = tl.load(L + ks[:, None] * stride_l + ms[None, :], mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        if WEIGHTED:
+            w = tl.load(ROW_WEIGHTS + ks, mask=k_mask, other=0.0)
+            left = _to_compute(left.to(tl.float32) * w[:, None], dtype, ROUND_BF16)
+        if GATHER:
+            src = tl.load(ROWS + ks, mask=k_mask, other=0)
+        else:
+            src = ks
+        right = tl.load(R + src[:, None] * stride_r + ns[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(mma_operand(left, INTERPRET)), mma_operand(right, INTERPRET), acc,
+                     input_precision=DOT_PRECISION)
+    tl.store(OUT + e * stride_oe + ms[:, None] * stride_om + ns[None, :], _to_compute(acc * scaling, dtype, ROUND_BF16),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def grouped_lora_grad(left: torch.Tensor, right: torch.Tensor, bounds: list[int], *,
+                      rows: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
+                      scaling: float = 1.0) -> torch.Tensor:
+    """``G[e] = scaling * L_e.T @ diag(w_e) @ R_e`` for every expert in one launch (module doc): ``dA`` or ``dB``.
+
+    Args:
+        left: ``[R, M]`` rows in expert order, in the compute dtype (the result's dtype), contiguous rows.
+        right: ``[R or T, N]`` in ``left.dtype``, contiguous rows; row ``i`` of the groups is ``right[rows[i]]``.
+        bounds: ``E + 1`` row offsets of the groups (``moe_experts.Routing.bounds``).
+        rows: int64 ``[R]`` gather index into ``right``, or None (``right`` is already in group order).
+        row_weights: ``[R]`` fp32 weight of each row (the routing weights in expert order), or None.
+        scaling: multiplies the sum.
+
+    Returns:
+        ``[E, M, N]`` in ``left.dtype``; an expert without rows gets zeros (and no program).
+    """
+    R, M = left.shape
+    N = right.shape[1]
+    device, dtype = left.device, left.dtype
+    if right.dtype != dtype or left.stride(-1) != 1 or right.stride(-1) != 1 or R != bounds[-1]:
+        raise ValueError(f"grouped_lora_grad: left {tuple(left.shape)} {left.dtype} and right {tuple(right.shape)} "
+                         f"{right.dtype} must share a dtype and have contiguous rows, left {bounds[-1]} of them")
+    if row_weights is not None and (row_weights.dtype != torch.float32 or tuple(row_weights.shape) != (R,)):
+        raise ValueError(f"grouped_lora_grad: row_weights must be fp32 [{R}], got {tuple(row_weights.shape)} "
+                         f"{row_weights.dtype}")
+    E = len(bounds) - 1
+    out = torch.zeros((E, M, N), dtype=dtype, device=device)
+    hit = [e for e in range(E) if bounds[e + 1] > bounds[e]]
+    if not hit:
+        return out
+    BM, BN, BK, num_warps, num_stages = _tiles(device, dtype)
+    BM, BN = (min(block, max(16, triton.next_power_of_2(size))) for block, size in ((BM, M), (BN, N)))  # r-wide side
+    hit_and_bounds = torch.tensor(hit + bounds, dtype=torch.int32).to(device, non_blocking=True)
+    hit_t, bounds_t = hit_and_bounds[:len(hit)], hit_and_bounds[len(hit):]
+    grid = (len(hit), triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    _grouped_lora_grad_kernel[grid](
+        left, right, rows if rows is not None else bounds_t, row_weights if row_weights is not None else left, out,
+        hit_t, bounds_t, M, N, left.stride(0), right.stride(0), out.stride(0), out.stride(1), float(scaling),
+        GATHER=rows is not None, WEIGHTED=row_weights is not None, BM=BM, BN=BN, BK=BK,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        ROUND_BF16=INTERPRET and dtype == torch.bfloat16 and not on_gpu(left), INTERPRET=INTERPRET,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

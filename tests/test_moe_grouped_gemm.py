@@ -11,6 +11,7 @@ half an ulp (``EPS / 2`` relative) of the value rounded; an expert's output pass
 largest expected magnitude bound them with margin (the same bounds as ``test_moe.py``'s loop engine). Engine against
 engine: each is within that bound of float64, so they are within twice it of each other.
 The NF4 tile loads are checked bit for bit against ``dequantize_nf4`` (a product with identity rows is exact).
+The grouped LoRA-gradient kernel alone has an elementwise bound of its own (see its test).
 """
 import pytest
 import torch
@@ -20,7 +21,7 @@ from moe_references import decode_nf4, random_lora, reference_moe
 from fastft.kernels import use_engine
 from fastft.kernels._common import poison_outputs
 from fastft.kernels.moe_experts import ExpertLora, NF4Experts, moe_experts, route
-from fastft.kernels.moe_grouped_gemm import _row_tiles, grouped_matmul
+from fastft.kernels.moe_grouped_gemm import _row_tiles, grouped_lora_grad, grouped_matmul
 from fastft.kernels.nf4 import dequantize_nf4
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -198,3 +199,52 @@ def test_row_tiles_are_cut_at_the_group_bounds_and_skip_empty_experts():
 def test_grouped_matmul_rejects_rows_of_the_wrong_width():
     with pytest.raises(ValueError, match=r"x must be \[rows, 24\]"):
         grouped_matmul(torch.randn(3, 23), torch.randn(2, 8, 24), [0, 1, 3])
+
+
+# (rows per expert, M, N): 70 rows, two row blocks of the interpreter's 64, beside an expert without rows; M = 37,
+# three output tiles of 16; r = 5 and N = 40, not powers of two; all rows to one expert; E = 128 with the group
+# sizes of a top-8 routing of 5 tokens (most experts without rows); no rows at all
+GRAD_CASES = {
+    "expert_without_rows": ([3, 0, 70, 1, 5], 37, 5),
+    "all_rows_to_one_expert": ([0, 0, 9], 5, 40),
+    "many_experts": (torch.bincount(torch.stack([torch.randperm(128, generator=torch.Generator().manual_seed(6))[:8]
+                                                 for _ in range(5)]).flatten(), minlength=128).tolist(), 3, 24),
+    "no_rows": ([0, 0, 0], 4, 16),
+}
+GRAD_GRID = [(case, dtype, True, True) for case in GRAD_CASES for dtype in (F32, BF16, F16)]
+GRAD_GRID += [("expert_without_rows", F32, gather, weighted) for gather, weighted in ((False, False), (True, False),
+                                                                                        (False, True))]
+
+
+@pytest.mark.parametrize("case,dtype,gather,weighted", GRAD_GRID,
+                         ids=[f"{c}-{str(d)[6:]}-{'gather' if g else 'rows'}-{'w' if w else 'no_w'}"
+                              for c, d, g, w in GRAD_GRID])
+def test_grouped_lora_grad_matches_float64(case, dtype, gather, weighted):
+    """``G[e] = s * L_e.T @ diag(w_e) @ R_e`` per expert against float64. Bound per element, from the operations:
+    16-bit ``w * L`` rounded (``EPS / 2`` of each term), fp32 accumulation of ``n`` terms (Higham's ``n * EPS32`` of
+    the sum of their magnitudes), the scaling's product and the rounding of the result (``EPS / 2`` of ``|G|``): at
+    most ``(EPS + (n + 2) * EPS32) * s * sum |w L R|``. A row missed or taken from another expert, a weight or the
+    scaling left out moves an element by a whole term, far beyond that."""
+    sizes, M, N = GRAD_CASES[case]
+    gen = torch.Generator().manual_seed(7)
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    R, T, s = bounds[-1], 11, 0.75
+    left = torch.randn(R, M, generator=gen).to(dtype)
+    right = torch.randn(T if gather else R, N, generator=gen).to(dtype)
+    rows = torch.randint(0, T, (R,), generator=gen) if gather else None
+    w = torch.rand(R, generator=gen) + 0.1 if weighted else None
+    with use_engine("triton"):
+        got = grouped_lora_grad(left, right, bounds, rows=rows, row_weights=w, scaling=s)
+    assert got.dtype == dtype and got.shape == (len(sizes), M, N)
+
+    L, Rr = left.double(), (right[rows] if gather else right).double()
+    W = w.double()[:, None] if weighted else torch.ones(R, 1, dtype=torch.float64)
+    for e, n in enumerate(sizes):
+        if not n:
+            assert (got[e] == 0).all(), f"expert {e} has no rows: its gradient is zero"
+            continue
+        part = slice(bounds[e], bounds[e + 1])
+        expected = s * (W[part] * L[part]).t() @ Rr[part]
+        magnitude = s * (W[part] * L[part]).abs().t() @ Rr[part].abs()
+        bound = (EPS[dtype] + (n + 2) * EPS[torch.float32]) * magnitude.clamp_min(1e-30)
+        assert_close(got[e].double() / bound, expected / bound, atol=1.0, rtol=0, name=f"G of expert {e} / bound")
