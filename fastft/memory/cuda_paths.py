@@ -32,8 +32,9 @@ from .. import reach_ins
 
 aten = torch.ops.aten
 
-CUDA_PATH_OPS = (reach_ins.ATEN_FLASH_ATTENTION_FOR_CPU, reach_ins.ATEN_FLASH_ATTENTION, reach_ins.ATEN_EFFICIENT_ATTENTION,
-                 reach_ins.ATEN_FLASH_ATTENTION_BACKWARD, reach_ins.ATEN_EFFICIENT_ATTENTION_BACKWARD)
+CUDA_PATH_OPS = (reach_ins.ATEN_FLASH_ATTENTION_FOR_CPU, reach_ins.ATEN_FLASH_ATTENTION,
+                 reach_ins.ATEN_EFFICIENT_ATTENTION, reach_ins.ATEN_FLASH_ATTENTION_BACKWARD,
+                 reach_ins.ATEN_EFFICIENT_ATTENTION_BACKWARD)
 GEMM_4BIT_CUSTOM_MAX_ROWS = 1536  # bitsandbytes 0.50 on CUDA: custom kernel up to here, dequant + linear beyond
 
 
