@@ -189,7 +189,7 @@ class _ExpertsQuantizer:
 
 def check_reach_ins() -> None:
     """Verify what 4-bit experts need of torch and transformers (:mod:`fastft.reach_ins`)."""
-    for entry in (reach_ins.MAKE_WRAPPER_SUBCLASS, reach_ins.OP_SCHEMA_MOE,
+    for entry in (reach_ins.MAKE_WRAPPER_SUBCLASS, reach_ins.OP_SCHEMA_MOE, reach_ins.ATEN_TO_COPY_MOE,
                   reach_ins.HF_INITIALIZED, reach_ins.WEIGHT_CONVERTER_OPERATIONS):
         reach_ins.check(entry)
 
