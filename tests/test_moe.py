@@ -283,8 +283,8 @@ def test_loading_host_memory_is_the_model_plus_about_one_shard(tmp_path):
     experts in 16 bits (transformers materialises a converter's tensors together; <= a shard here, one layer's
     experts per shard), plus bitsandbytes' working set quantizing one expert on the CPU (``quantize_4bit``'s default
     kernel holds three fp32 copies of it: 12 bytes per element), plus 4 MiB of Python objects (modules, the loader's
-    bookkeeping; ~2-3 MiB measured as the RSS left after loading beyond the model's tensors). Holding every layer's
-    16-bit experts would exceed it by far.
+    bookkeeping; 1.4-2 MB measured: the anonymous RSS left after loading beyond the model's tensors). Holding
+    every layer's 16-bit experts would exceed it by far.
     With ``mmap`` (transformers' default on Linux), add the pages of every shard: transformers maps all shards
     before loading and unmaps them after the last parameter (``_load_pretrained_model``), so each page it has read
     stays in the RSS until the end: clean file pages, which the kernel reclaims under memory pressure, not memory
