@@ -159,7 +159,7 @@ def _headroom_note(data: dict) -> str:
     """What the max-context table compares the accounted peak with, stated beside it."""
     from fastft.memory import headroom
 
-    if not data.get("headroom", {}).get("applied"):  # older results files: raw
+    if not _with_headroom(data):
         return ("**Raw: the accounted peak against the whole card** (`--raw`; no headroom for the CUDA context or the "
                 "allocator's rounding and fragmentation: a real card fits less).")
     usable = ", ".join(f"{v:g} → {headroom.usable_gib(v):.2f}" for v in data["vram_gb"])
@@ -221,10 +221,27 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_headroom(data: dict) -> bool:
+    return data.get("headroom", {}).get("applied", False)  # older results files: raw
+
+
+def card_lines(data: dict) -> list[tuple[float, str]]:
+    """The plot's line per card: where an accounted peak must stay below, so the card less the headroom when the
+    results apply it (a peak above it does not fit), the whole card for raw results."""
+    from fastft.memory import headroom
+
+    if _with_headroom(data):
+        usable = [(v, headroom.usable_gib(v)) for v in data["vram_gb"]]
+        return [(left, f"{v:g} GiB card: {left:.2f} usable ") for v, left in usable]
+    return [(v, f"{v:g} GiB (whole card) ") for v in data["vram_gb"]]
+
+
 def plot(data: dict, path: str) -> None:
     plt = shared.pyplot("bench/memory.py")
     if plt is None:
         return
+    from fastft.memory import headroom
+
     models = list(dict.fromkeys(r["model"] for r in data["rows"]))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -236,9 +253,9 @@ def plot(data: dict, path: str) -> None:
                 if points:
                     ax.plot(*zip(*points), style, marker="o", color=COLORS[contender],
                             label=f"{contender}, checkpointing {checkpointing}")
-        for vram in data["vram_gb"]:
-            ax.axhline(vram, color="tab:blue", alpha=0.25, linewidth=0.8)
-            ax.text(1.0, vram, f"{vram:g} GiB ", fontsize=7, ha="right", va="bottom", color="tab:blue",
+        for height, label in card_lines(data):
+            ax.axhline(height, color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax.text(1.0, height, label, fontsize=7, ha="right", va="bottom", color="tab:blue",
                     transform=ax.get_yaxis_transform())
         ax.set_xscale("log", base=2)
         ax.set_title(f"{model} (batch 1, r={data['rows'][0]['r']})", fontsize=10)
@@ -246,7 +263,11 @@ def plot(data: dict, path: str) -> None:
         ax.set_ylabel("accounted peak (GiB)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Accounted peak GPU memory of a QLoRA step, not measured on a GPU ({data['date']})", fontsize=11)
+    lines = (f"lines: each card less {headroom.CUDA_CONTEXT_GIB:g} GiB CUDA context and "
+             f"{headroom.FRAGMENTATION_FRACTION:.0%} for the allocator" if _with_headroom(data)
+             else "lines: whole cards (raw)")
+    fig.suptitle(f"Accounted peak GPU memory of a QLoRA step, not measured on a GPU ({data['date']}; {lines})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,8 +15,9 @@ transformers 5 keeps a layer's experts as two 3-D parameters, ``experts.gate_up_
   expert entries of transformers' checkpoint conversion mapping (``MergeModulelist`` + ``Concatenate`` of the
   per-expert checkpoint tensors) for one that runs the same operations one expert at a time and quantizes each
   expert as it is assembled. The 16-bit ``[E, 2I, H]`` tensor is never formed: the GPU holds the 4-bit model
-  plus, while a parameter loads, its per-expert 16-bit checkpoint tensors (read from the mmapped shards one at a
-  time on the host).
+  plus, while a parameter loads, its per-expert 16-bit checkpoint tensors. Host memory: about one shard beyond
+  the model (when it loads onto the CPU), plus the pages of the shards, which transformers keeps memory-mapped
+  until loading ends (reclaimable file pages in the RSS); ``tests/test_moe.py`` measures both.
 * **The MoE block** (:func:`moe_block_forward`, bound on each sparse block instance by ``patch.py``): the router
   module itself routes (so transformers records its logits for the auxiliary loss), ``kernels/moe_experts.py``
   applies the experts with their LoRA, the shared expert (Qwen2-MoE) is fastft's fused MLP.
@@ -189,7 +190,7 @@ class _ExpertsQuantizer:
 
 def check_reach_ins() -> None:
     """Verify what 4-bit experts need of torch and transformers (:mod:`fastft.reach_ins`)."""
-    for entry in (reach_ins.MAKE_WRAPPER_SUBCLASS, reach_ins.OP_SCHEMA_MOE,
+    for entry in (reach_ins.MAKE_WRAPPER_SUBCLASS, reach_ins.OP_SCHEMA_MOE, reach_ins.ATEN_TO_COPY_MOE,
                   reach_ins.HF_INITIALIZED, reach_ins.WEIGHT_CONVERTER_OPERATIONS):
         reach_ins.check(entry)
 

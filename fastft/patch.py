@@ -243,6 +243,8 @@ def patch_decoder(backbone: nn.Module, spec: ArchitectureSpec, disabled: frozens
     where the kernel names ``disabled`` leave transformers' own (see the module docstring)."""
     for entry in (reach_ins.ATTN_IMPLEMENTATION, reach_ins.TENSOR_VERSION):  # read at every forward
         reach_ins.check(entry)
+    # the kernels' sync-free input checks on a GPU; without it they check on the host (one warning, here)
+    reach_ins.available(reach_ins.ASSERT_ASYNC)
     norm_forward = unit_offset_rms_norm_forward if spec.norm_unit_offset else rms_norm_forward
     norms = [backbone.norm]
     for layer in backbone.layers:

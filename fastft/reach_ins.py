@@ -27,7 +27,15 @@ Kinds of use (``use``): ``"replace"``: fastft's function takes the attribute's p
 ``"read"``: fastft reads or calls it (``parameters``: those fastft passes by name, at least these, or a
 ``**kwargs``); a ``"wrap"``'s ``parameters`` are those its wrapper reads from the call (named); ``"flag"``: an
 attribute of the library's *instances* that fastft reads or sets, verified in the source of the owner that
-defines or reads it (no class attribute to look up).
+defines or reads it (no class attribute to look up); ``"op"``: an operator looked up by its schema name in a
+``torch.ops`` namespace (the owner, ``torch.ops.aten``), called, overridden or recognised in a dispatch mode:
+``signature_of`` names the overload (``"default"``), ``parameters`` are the leading arguments of its schema, in
+order, up to the last one fastft passes or reads (by position or by name; a release that renames or reorders
+them fails the check, one that appends an argument does not), and :func:`get` returns the overload.
+
+fastft's kernel library (``kernels/``, installed as ``fastft.kernels``) imports only torch and triton, so it
+cannot call this module: its reach-ins are listed here too and verified where fastft patches a model
+(``fastft.patch.patch_decoder``); the kernels themselves fall back where the attribute is missing.
 """
 from __future__ import annotations
 
@@ -44,7 +52,7 @@ from .versions import PYTHON, REQUIREMENTS
 
 logger = logging.getLogger("fastft")
 
-USES = ("replace", "wrap", "read", "flag")
+USES = ("replace", "wrap", "read", "flag", "op")
 
 MEMORY = "the memory accounting (estimate_memory, max_context, fastft-memory, use_gradient_checkpointing='auto')"
 MEMORY_FSDP = "the FSDP memory accounting (fsdp_world_size > 1)"
@@ -57,6 +65,8 @@ CHECKPOINTING = "fastft's gradient checkpointing plan (use_gradient_checkpointin
 CPU_LAYOUT = "keeping bitsandbytes' standard 4-bit layout on CPU (no AVX512-bf16 repacking)"
 DOCTOR = "the doctor's environment report (native library and build details)"
 MOE_BENCH = "bench/moe_experts.py's transformers contenders (grouped_mm / eager expert paths on one experts module)"
+DEVICE_CHECKS = ("the sync-free checks of labels and cu_seqlens on a GPU (device-side asserts; without them each "
+                 "check reads back to the host: one sync)")
 
 
 class ReachInError(ImportError):
@@ -72,12 +82,16 @@ class ReachIn:
     use: str  # one of USES (see the module doc)
     parameters: tuple[str, ...] | None = None  # None: not checked (a builtin has no signature to read)
     required: bool = True  # False: the feature is disabled with one warning when the attribute is unusable
-    signature_of: str | None = None  # the parameters are those of this attribute of it (a class's "forward")
+    signature_of: str | None = None  # the parameters are those of this attribute of it (a class's "forward", an op's
+    # overload)
     fallback: str | None = None  # an older name of the attribute, within the supported range
+    registered_by: str | None = None  # an op's: the module whose import registers it (not torch's own ATen ops)
 
     def __post_init__(self):
         if self.use not in USES:
             raise ValueError(f"use must be one of {USES}, got {self.use!r}")
+        if self.use == "op" and (self.signature_of is None or self.parameters is None):
+            raise ValueError(f"an op ({self.name}) needs its overload (signature_of) and its leading parameters")
 
     @property
     def name(self) -> str:
@@ -97,6 +111,12 @@ def _torch(owner, attribute, feature, use, parameters=None, **kwargs) -> ReachIn
 
 
 _FSDP = "torch.distributed.fsdp._fully_shard"
+
+
+def _aten(op, feature, parameters, overload="default", namespace="aten", registered_by=None) -> ReachIn:
+    return ReachIn("torch", f"torch.ops.{namespace}", op, feature, "op", parameters, signature_of=overload,
+                   registered_by=registered_by)
+
 
 # ---------------------------------------------------------------------------------------------
 # The memory accounting (fastft/memory): verified when an accounting starts
@@ -126,6 +146,26 @@ FSDP_VALIDATE_NO_META = _torch(f"{_FSDP}._fsdp_param_group.FSDPParamGroup", "_va
                                "replace", ("self",))
 FAKE_STORE = _torch("torch.testing._internal.distributed.fake_pg", "FakeStore", MEMORY_FSDP, "read")
 MODULE_STATE_DICT = _torch("torch.nn.Module", "state_dict", MEMORY_FSDP, "replace")  # on one model instance
+# ATen ops by schema name, recognised in its dispatch modes or called positionally (memory/simulated_gpu.py: host
+# copies, pinning, mask indexing, .item(); memory/cuda_paths.py: the CUDA attention backends and their backward
+# workspaces, torch._grouped_mm's meta output)
+ATEN_TO_COPY = _aten("_to_copy", MEMORY, ("self", "dtype", "layout", "device", "pin_memory"))
+ATEN_PIN_MEMORY = _aten("_pin_memory", MEMORY, ("self",))
+ATEN_INDEX_PUT_IMPL = _aten("_index_put_impl_", MEMORY, ("self", "indices"))
+ATEN_LOCAL_SCALAR_DENSE = _aten("_local_scalar_dense", MEMORY, ("self",))
+ATEN_FLASH_ATTENTION_FOR_CPU = _aten("_scaled_dot_product_flash_attention_for_cpu", MEMORY, (
+    "query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale"))
+ATEN_FLASH_ATTENTION = _aten("_scaled_dot_product_flash_attention", MEMORY, (
+    "query", "key", "value", "dropout_p", "is_causal", "return_debug_mask", "scale"))
+ATEN_EFFICIENT_ATTENTION = _aten("_scaled_dot_product_efficient_attention", MEMORY, (
+    "query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "scale"))
+ATEN_FLASH_ATTENTION_BACKWARD = _aten("_scaled_dot_product_flash_attention_backward", MEMORY,
+                                      ("grad_out", "query", "key"))
+ATEN_EFFICIENT_ATTENTION_BACKWARD = _aten("_scaled_dot_product_efficient_attention_backward", MEMORY,
+                                          ("grad_out_", "query"))
+ATEN_GROUPED_MM = _aten("_grouped_mm", MEMORY, ("self", "mat2", "offs", "bias", "out_dtype"))  # overridden
+WRAP_TENSOR_AUTOGRAD = _aten("_wrap_tensor_autograd", MEMORY_FSDP, ("input",), namespace="_c10d_functional",
+                             registered_by="torch.distributed._functional_collectives")  # overridden on meta
 TRL_USE_TRITON = ReachIn("trl", "trl.kernels.chunked_logprob", "_use_triton", MEMORY, "replace", ("device",))
 TRL_UTILS_USE_TRITON = ReachIn("trl", "trl.trainer.utils", "_use_triton", MEMORY, "replace", ("device",))
 TRL_ADDMM_FP32 = ReachIn("trl", "trl.kernels.chunked_logprob", "_addmm_fp32", MEMORY, "replace", ("acc", "a", "b"))
@@ -173,6 +213,9 @@ MAKE_WRAPPER_SUBCLASS = _torch("torch.Tensor", "_make_wrapper_subclass", MOE, "r
 OP_SCHEMA_MOE = _torch("torch._ops.OpOverload", "_schema", MOE, "flag")
 TREE_MAP_ONLY = _torch("torch.utils._pytree", "tree_map_only", MOE, "read")
 TENSOR_VERSION = _torch("torch.Tensor", "_version", ATTENTION, "read")
+ATEN_TO_COPY_MOE = _aten("_to_copy", MOE, ("self", "dtype", "layout", "device"))  # NF4ExpertsTensor's .to()
+# kernels/vocab_rows.py (check_labels) and kernels/attention.py (_check_cu_seqlens); builtin: no signature to read
+ASSERT_ASYNC = _torch("torch", "_assert_async", DEVICE_CHECKS, "read", required=False)
 CPU_REPACKING = ReachIn("bitsandbytes", "bitsandbytes.nn.Linear4bit", "support_avx512bf16_for_cpu", CPU_LAYOUT,
                         "flag", required=False)
 CONFIG_NAME_OR_PATH = ReachIn("transformers", "transformers.PretrainedConfig", "_name_or_path",
@@ -234,6 +277,12 @@ def _parameters(value) -> tuple[str, ...] | None:
         return None
 
 
+def _schema_arguments(op) -> tuple[str, ...] | None:
+    """The argument names of an operator overload's schema (``aten::_to_copy(Tensor self, *, ...)``), in order."""
+    schema = getattr(op, "_schema", None)
+    return tuple(argument.name for argument in schema.arguments) if hasattr(schema, "arguments") else None
+
+
 def _source_mentions(owner, attribute: str) -> bool:
     try:
         return attribute in inspect.getsource(owner)
@@ -255,16 +304,19 @@ def _current(entry: ReachIn, owner):
 
 def problem(entry: ReachIn) -> str | None:
     """Why ``entry`` is unusable with the installed library (what the library lacks or has instead), or None."""
-    try:
-        owner = _resolve(entry.owner)
-    except (ImportError, AttributeError):
-        return f"has no {entry.owner}"
+    for path in filter(None, (entry.registered_by, entry.owner)):  # an op's registering module, then its namespace
+        try:
+            owner = _resolve(path)
+        except (ImportError, AttributeError):
+            return f"has no {path}"
     if entry.use == "flag":
         return None if _source_mentions(owner, entry.attribute) else \
             f"no longer defines or reads {entry.attribute} in {entry.owner}"
     name, value = _current(entry, owner)
     if name is None:
         return f"has no {entry.name}"
+    if entry.use == "op":
+        return _op_problem(entry, getattr(value, entry.signature_of, None))
     if entry.parameters is None:
         return None
     if entry.signature_of is not None:
@@ -280,6 +332,19 @@ def problem(entry: ReachIn) -> str | None:
         where = f"{entry.owner}.{name}" + (f".{entry.signature_of}" if entry.signature_of else "")
         return (f"has {where} with parameters ({', '.join(found)}), not "
                 f"{'' if exact else 'including '}({', '.join(entry.parameters)})")
+    return None
+
+
+def _op_problem(entry: ReachIn, overload) -> str | None:
+    """What is wrong with an ``"op"`` entry's overload: missing, or its schema's leading arguments are others."""
+    where = f"{entry.name}.{entry.signature_of}"
+    if overload is None:
+        return f"has no {where}"
+    found = _schema_arguments(overload) or _parameters(overload)  # a Python stand-in has a signature, no schema
+    if found is None:
+        return f"has {where} without a readable schema"
+    if found[:len(entry.parameters)] != entry.parameters:
+        return f"has {where} with parameters ({', '.join(found)}), not starting with ({', '.join(entry.parameters)})"
     return None
 
 
@@ -311,11 +376,12 @@ def available(entry: ReachIn) -> bool:
 
 
 def get(entry: ReachIn):
-    """The attribute's current value (its fallback's on an older library), verified first (:func:`check`); None for
-    an optional entry that is unusable."""
+    """The attribute's current value (its fallback's on an older library; an ``"op"``'s overload), verified first
+    (:func:`check`); None for an optional entry that is unusable."""
     if not check(entry):
         return None
-    return _current(entry, _resolve(entry.owner))[1]
+    value = _current(entry, _resolve(entry.owner))[1]
+    return getattr(value, entry.signature_of) if entry.use == "op" else value
 
 
 def read(entry: ReachIn, obj):

@@ -188,6 +188,13 @@ def on_gpu(tensor: torch.Tensor) -> bool:
     return gpu_device(tensor.device)
 
 
+def device_assert():
+    """``torch._assert_async(condition, message)``: a device-side assert, no host sync; None where torch lacks it (a
+    private function: fastft's registry of reach-ins lists it, ``ASSERT_ASYNC``), and the callers check on the host
+    (one sync). Looked up at each call."""
+    return getattr(torch, "_assert_async", None)
+
+
 def gpu_device(device: torch.device) -> bool:
     """Whether ``device`` is a GPU (or a device :func:`gpu_simulation` makes one)."""
     return device.type == "cuda" or device.type in _simulation.device_types

@@ -59,6 +59,7 @@ from ._common import (
     check_same_device,
     check_tensor,
     compute_capability,
+    device_assert,
     empty,
     on_gpu,
     tanh_and_slope,
@@ -758,8 +759,9 @@ def _check_qkv(q, k, v, varlen: bool, causal, scale, sliding_window, softcap=Non
 
 def _check_cu_seqlens(cu_seqlens, max_seqlen, q, need_offsets: bool) -> list[int] | None:
     """Validate the packing once per cu_seqlens tensor (same version and q length: every layer shares it). On a
-    GPU, unless the offsets are needed on the host, a device-side assert (no sync, as ``check_labels``); else the
-    offsets are read back (one sync), checked with a clear error and returned as a list."""
+    GPU, unless the offsets are needed on the host (or torch lacks ``torch._assert_async``), a device-side assert
+    (no sync, as ``check_labels``); else the offsets are read back (one sync), checked with a clear error and returned
+    as a list."""
     check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1)
     check_same_device(q=q, cu_seqlens=cu_seqlens)
     if cu_seqlens.numel() < 2:
@@ -770,10 +772,11 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q, need_offsets: bool) -> list[int
     cached = getattr(cu_seqlens, "_fastft_attention_checked", None)
     if cached is not None and cached[0] == key and (cached[1] is not None or not need_offsets):
         return cached[1]
-    if on_gpu(cu_seqlens) and not need_offsets:
+    assert_async = device_assert() if on_gpu(cu_seqlens) and not need_offsets else None
+    if assert_async is not None:
         d, ends_ok = cu_seqlens.diff(), (cu_seqlens[0] == 0) & (cu_seqlens[-1] == q.shape[0])
-        torch._assert_async(ends_ok & (d.min() >= 0) & (d.max() <= max_seqlen), "cu_seqlens: not from 0 to q's "
-                            "token count, decreasing, or a sequence over max_seqlen")
+        assert_async(ends_ok & (d.min() >= 0) & (d.max() <= max_seqlen), "cu_seqlens: not from 0 to q's "
+                     "token count, decreasing, or a sequence over max_seqlen")
         cu_seqlens._fastft_attention_checked = (key, None)
         return None
     offsets, total = cu_seqlens.tolist(), q.shape[0]

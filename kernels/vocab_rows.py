@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensor, on_gpu, tanh_and_slope
+from ._common import check_tensor, device_assert, on_gpu, tanh_and_slope
 
 _LABEL_DTYPES = (torch.int64, torch.int32)
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -381,8 +381,8 @@ def check_labels(labels, n_rows: int, vocab: int, ignore_index: int, *, rows_nam
     Nothing is read back to the host on a GPU (no sync: the loss is queued right behind the forward). There an
     out-of-range label, which the kernels would read out of bounds, fails a device-side assert
     (``torch._assert_async``): the error surfaces at the next sync as "device-side assert triggered"; rerun
-    on CPU (or with ``CUDA_LAUNCH_BLOCKING=1``) to see it at its source. On CPU the check is immediate: a
-    ValueError naming the first bad label."""
+    on CPU (or with ``CUDA_LAUNCH_BLOCKING=1``) to see it at its source. On CPU (and on a GPU with a torch
+    that lacks ``torch._assert_async``) the check is immediate: a ValueError naming the first bad label."""
     check_tensor("labels", labels, dtypes=_LABEL_DTYPES, ndim=1)
     if labels.shape[0] != n_rows:
         raise ValueError(f"labels has {labels.shape[0]} elements but {rows_name} has {n_rows} rows")
@@ -390,8 +390,9 @@ def check_labels(labels, n_rows: int, vocab: int, ignore_index: int, *, rows_nam
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
-    if on_gpu(labels):
-        torch._assert_async(~bad.any(), f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+    assert_async = device_assert() if on_gpu(labels) else None
+    if assert_async is not None:
+        assert_async(~bad.any(), f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
     elif bad.any():
         first = int(bad.nonzero()[0, 0])
         raise ValueError(

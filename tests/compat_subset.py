@@ -65,8 +65,10 @@ AS_WRITTEN = {
     "tests/test_memory_fsdp.py::test_accounting_on_a_torch_without_meta_collectives_is_a_clear_error",
     # the supported ranges, and the installed versions inside them
     "tests/test_versions.py",
-    # every registered reach-in into another library (fastft/reach_ins.py) present with its parameters
-    "tests/test_reach_ins.py::test_every_registered_reach_in_is_usable_with_the_installed_libraries",
+    # every registered reach-in into another library (fastft/reach_ins.py) present with its parameters; the refusal
+    # of a changed one as the oldest libraries name it (transformers 5.17's checkpointing entry point is the
+    # fallback name; torch 2.10's op schemas); the scan for bypasses (seconds, all of them)
+    "tests/test_reach_ins.py",
 }
 
 CASES = ON_TORCH_ENGINE | AS_WRITTEN

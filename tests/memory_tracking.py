@@ -1,5 +1,5 @@
 """Live tensor bytes, measured the way ``torch.cuda.max_memory_allocated`` counts them on a GPU, for the exports'
-peak-memory tests."""
+and loading's peak-memory tests; the bytes a model holds."""
 import weakref
 
 import torch
@@ -13,6 +13,14 @@ def _plain(x):
     if not is_traceable_wrapper_subclass(x):
         return [x]
     return [held for name in x.__tensor_flatten__()[0] for held in _plain(getattr(x, name))]
+
+
+def held_bytes(model) -> int:
+    """Bytes of the storages holding a model's parameters and buffers (a wrapper subclass's inner tensors), each
+    storage counted once."""
+    storages = {held.untyped_storage().data_ptr(): held.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()] for held in _plain(t)}
+    return sum(storages.values())
 
 
 def _storage_ptrs(tree):

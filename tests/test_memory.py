@@ -616,3 +616,8 @@ def test_bench_memory_markdown_says_which_figure_its_table_shows():
     assert "| m | 32 | fastft | 1,024 |" in with_headroom and "Peak per setting" not in with_headroom  # no rows
     raw = bench.markdown({**data, "headroom": headroom.as_dict(applied=False)})
     assert "**Raw: the accounted peak against the whole card**" in raw and "usable" not in raw
+    # the plot's lines: what each card leaves for the peak, or the whole card for raw (and older) results
+    assert bench.card_lines({**data, "headroom": headroom.as_dict(applied=True)}) == [
+        (headroom.usable_gib(24), f"24 GiB card: {headroom.usable_gib(24):.2f} usable ")]
+    assert bench.card_lines({**data, "headroom": headroom.as_dict(applied=False)}) == bench.card_lines(data) == [
+        (24, "24 GiB (whole card) ")]

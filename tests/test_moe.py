@@ -16,6 +16,8 @@ them with margin while a wrong term (LoRA scaled ~30% of the base here) is far o
 """
 import json
 import os
+import subprocess
+import sys
 
 import bitsandbytes as bnb
 import peft
@@ -23,7 +25,7 @@ import pytest
 import torch
 import transformers
 from kernel_testing import EPS, assert_close, greedy_generate
-from memory_tracking import LiveTensorBytes
+from memory_tracking import LiveTensorBytes, held_bytes
 from moe_references import decode_nf4, random_lora, reference_moe
 from test_model_parity import packed_batch
 from test_trl import arithmetic_chats, assert_curves_match, losses, train_sft
@@ -246,19 +248,6 @@ def test_experts_are_bitsandbytes_nf4_per_expert():
 # Loading
 
 
-def _model_bytes(model) -> int:
-    """Bytes of the model's parameters and buffers (the inner tensors of 4-bit experts)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        for held in ([getattr(t, name) for name in t.__tensor_flatten__()[0]] if isinstance(t, NF4ExpertsTensor)
-                     else [t]):
-            storage = held.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
-
-
 def test_loading_quantizes_each_expert_as_it_is_assembled(tmp_path):
     """The checkpoint in several shards, bf16, loaded in fp32: every tensor transformers materialises is a new
     (counted) tensor, as on a GPU. The peak of live tensor bytes stays under the 4-bit model plus one layer's
@@ -271,7 +260,7 @@ def test_loading_quantizes_each_expert_as_it_is_assembled(tmp_path):
         model, _ = FastModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32)
     config = model.config
     one_layer = 3 * config.num_experts * config.moe_intermediate_size * config.hidden_size * 4  # fp32
-    model_bytes = _model_bytes(model)
+    model_bytes = held_bytes(model)
     assert all(isinstance(getattr(block.experts, name), NF4ExpertsTensor)
                for block in sparse_blocks(model) for name in EXPERT_PARAMETERS)
     assert tracker.peak <= model_bytes + one_layer, (tracker.peak, model_bytes, one_layer)
@@ -282,6 +271,46 @@ def test_loading_quantizes_each_expert_as_it_is_assembled(tmp_path):
                                                                quantization_config=_bnb_config())
     assert not isinstance(sparse_blocks(hf)[0].experts.gate_up_proj, NF4ExpertsTensor)  # the registry is restored
     assert tracker.peak > model_bytes + config.num_hidden_layers * one_layer
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
+                    reason="measures the kernel's peak RSS of a process, reset through Linux's /proc/self/clear_refs")
+def test_loading_host_memory_is_the_model_plus_about_one_shard(tmp_path):
+    """Host memory of a 4-bit load (bf16 checkpoint in shards of one layer each, loaded in bf16), measured by the
+    kernel (peak RSS) in a process of its own (``host_memory_probe.py``), for both ways transformers 5.23 reads shards.
+
+    What the loader allocates (``pread``: no file pages in the RSS): the model, plus one parameter of one layer's
+    experts in 16 bits (transformers materialises a converter's tensors together; <= a shard here, one layer's
+    experts per shard), plus bitsandbytes' working set quantizing one expert on the CPU (``quantize_4bit``'s default
+    kernel holds three fp32 copies of it: 12 bytes per element), plus 4 MiB of Python objects (modules, the loader's
+    bookkeeping; 1.4-2 MB measured: the anonymous RSS left after loading beyond the model's tensors). Holding
+    every layer's 16-bit experts would exceed it by far.
+    With ``mmap`` (transformers' default on Linux), add the pages of every shard: transformers maps all shards
+    before loading and unmaps them after the last parameter (``_load_pretrained_model``), so each page it has read
+    stays in the RSS until the end: clean file pages, which the kernel reclaims under memory pressure, not memory
+    the process needs."""
+    layers, dims = 3, dict(hidden_size=512, num_experts=8, moe_intermediate_size=512, mlp_only_layers=[])
+    path = save_tiny_moe("qwen3_moe", tmp_path / "model", dtype=BF16, max_shard_size="13MB",
+                         num_hidden_layers=layers, **dims)
+    warmup = save_tiny_moe("qwen3_moe", tmp_path / "warmup", dtype=BF16, num_hidden_layers=1, num_experts=2)
+    shards = [os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")]
+    probe = os.path.join(os.path.dirname(__file__), "host_memory_probe.py")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # every tensor its own mapping: freed at once
+    run = subprocess.run([sys.executable, probe, path, warmup, "bfloat16"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+
+    config = moe_config("qwen3_moe", **dims)
+    expert_elements = 2 * config.moe_intermediate_size * config.hidden_size  # one expert's gate_up_proj
+    every_layers_experts = layers * 3 * config.num_experts * config.moe_intermediate_size * config.hidden_size * 2
+    model_bytes = measured["pread"]["model"]
+    assert len(shards) >= 3 and 2 * expert_elements * config.num_experts <= max(shards)
+    bound = model_bytes + max(shards) + 12 * expert_elements + 4 * 2**20
+    assert model_bytes + every_layers_experts > bound  # the bound excludes a load holding 16-bit experts
+    assert measured["pread"]["peak_growth"] <= bound, (measured, bound)
+    assert measured["mmap"]["peak_growth"] <= bound + sum(shards), (measured, bound, sum(shards))
+    # the file pages are there: if this fails, transformers no longer keeps every shard mapped; tighten the bound
+    assert measured["mmap"]["peak_growth"] > bound, (measured, bound)
 
 
 def test_conversion_registry_is_restored_after_a_failed_load(tmp_path):

@@ -32,6 +32,9 @@ from .. import reach_ins
 
 aten = torch.ops.aten
 
+CUDA_PATH_OPS = (reach_ins.ATEN_FLASH_ATTENTION_FOR_CPU, reach_ins.ATEN_FLASH_ATTENTION,
+                 reach_ins.ATEN_EFFICIENT_ATTENTION, reach_ins.ATEN_FLASH_ATTENTION_BACKWARD,
+                 reach_ins.ATEN_EFFICIENT_ATTENTION_BACKWARD)
 GEMM_4BIT_CUSTOM_MAX_ROWS = 1536  # bitsandbytes 0.50 on CUDA: custom kernel up to here, dequant + linear beyond
 
 
@@ -103,7 +106,7 @@ def grouped_mm_output(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
 
 def meta_op_overrides() -> dict:
     """``{op: python function}`` for the accounting's meta tensors only (see :func:`grouped_mm_output`)."""
-    return {aten._grouped_mm.default: grouped_mm_output}
+    return {reach_ins.get(reach_ins.ATEN_GROUPED_MM): grouped_mm_output}
 
 
 def cuda_op_overrides() -> dict:
@@ -130,6 +133,8 @@ def _use_triton_on_gpus(device) -> bool:
 def cuda_code_paths():
     """Route SDPA through the backend CUDA picks and TRL's fused lm head through its GPU branches (its
     Triton kernels, interpreted on CPU tensors; fp32-output GEMMs), for the duration of the block."""
+    for entry in CUDA_PATH_OPS:  # called (positionally) and recognised below by their schema names
+        reach_ins.check(entry)
     patches = [(reach_ins.SDPA, cuda_sdpa)]
     if importlib.util.find_spec("trl") is not None:  # without TRL there is nothing of it to route
         patches += [(reach_ins.TRL_USE_TRITON, _use_triton_on_gpus),

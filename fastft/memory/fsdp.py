@@ -87,7 +87,7 @@ def fsdp_on_meta():
 
 def meta_overrides() -> dict:
     """``{op: function}`` for the simulated GPU: collectives' ops whose meta kernel allocates what they do not."""
-    return {torch.ops._c10d_functional._wrap_tensor_autograd.default: lambda input: input.view_as(input)}
+    return {reach_ins.get(reach_ins.WRAP_TENSOR_AUTOGRAD): lambda input: input.view_as(input)}
 
 
 def mixed_precision(dtype: torch.dtype) -> str:

@@ -50,10 +50,12 @@ tree_flatten, tree_map = reach_ins.get(reach_ins.TREE_FLATTEN), reach_ins.get(re
 
 aten = torch.ops.aten
 
+_TO_COPY, _LOCAL_SCALAR_DENSE = reach_ins.get(reach_ins.ATEN_TO_COPY), reach_ins.get(reach_ins.ATEN_LOCAL_SCALAR_DENSE)
 # Ops that create host-side (CPU) copies of their input: offloading, .cpu(), pinning.
-_COPY_OPS = (aten._to_copy.default, aten.copy_.default)
-_PIN_OPS = (aten._pin_memory.default, aten.pin_memory.default)
-_INDEX_OPS = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default)
+_COPY_OPS = (_TO_COPY, aten.copy_.default)
+_PIN_OPS = (reach_ins.get(reach_ins.ATEN_PIN_MEMORY), aten.pin_memory.default)
+_INDEX_OPS = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+              reach_ins.get(reach_ins.ATEN_INDEX_PUT_IMPL))
 
 
 class UnknownValueError(RuntimeError):
@@ -314,7 +316,7 @@ class SimulatedGPU(LiveTensorBytes):
         real_out = None
         if all(self.has_value(t) for t in inputs) and (out is None or self._keeps_values(out)):
             real_out = self._run_on_values(func, args, kwargs)
-        if func is aten._local_scalar_dense.default and real_out is not None:
+        if func is _LOCAL_SCALAR_DENSE and real_out is not None:
             return real_out
         if real_out is not None and not self._keeps_values(real_out):  # e.g. a data-dependent float op
             real_out = None
@@ -380,14 +382,14 @@ class SimulatedGPU(LiveTensorBytes):
 
     @staticmethod
     def _copies_to_host(func, args, kwargs) -> bool:
-        if func is aten._to_copy.default:
+        if func is _TO_COPY:
             device = kwargs.get("device")
             return _is_meta(args[0]) and device is not None and torch.device(device).type == "cpu"
         return args[0].device.type == "cpu" and _is_meta(args[1])
 
     def _copy_to_host(self, func, args, kwargs):
         """A device-to-host copy: the values when known, else a host buffer that is never written."""
-        if func is aten._to_copy.default:
+        if func is _TO_COPY:
             src = args[0]
             out = torch.empty(src.shape, dtype=kwargs.get("dtype") or src.dtype)
         else:
