@@ -266,8 +266,8 @@ def plot(data: dict, path: str) -> None:
     lines = (f"lines: each card less {headroom.CUDA_CONTEXT_GIB:g} GiB CUDA context and "
              f"{headroom.FRAGMENTATION_FRACTION:.0%} for the allocator" if _with_headroom(data)
              else "lines: whole cards (raw)")
-    fig.suptitle(f"Accounted peak GPU memory of a QLoRA step, not measured on a GPU ({data['date']}; {lines})",
-                 fontsize=10)
+    fig.suptitle(f"Accounted peak memory of a QLoRA step, not measured on a GPU, {data['date']}\n{lines}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
