@@ -76,7 +76,7 @@ from ._common import (
     use_triton,
 )
 from .lora_projection import autocast_off, dequant_workspace
-from .moe_grouped_gemm import grouped_lora_grad, grouped_matmul
+from .moe_grouped_gemm import expert_groups, grouped_lora_grad, grouped_matmul
 from .nf4 import NF4Weight, dequantize_nf4
 
 
@@ -394,15 +394,17 @@ def _grouped_backward(x, dout, flat_weights, lora_gu, lora_d, routing, gate_up, 
     dx.index_add_(0, tokens, dx_rows.float())
     del dx_rows
     grads = {}
+    has_lora = lora_d is not None or lora_gu is not None
+    groups = expert_groups(bounds, x.device) if has_lora else None  # one copy for the four gradient launches
     if lora_d is not None:  # dA_d = s (w dy B_d).T @ h, dB_d = s (w dy).T @ (h @ A_d.T)
         s, w = lora_d.scaling, w.view(-1)
         hA_d, _ = grouped_matmul(h, lora_d.A, bounds)
-        grads["A_d"] = grouped_lora_grad(dyB_d, h, bounds, row_weights=w, scaling=s)
-        grads["B_d"] = grouped_lora_grad(dy, hA_d, bounds, row_weights=w, scaling=s)
+        grads["A_d"] = grouped_lora_grad(dyB_d, h, groups, row_weights=w, scaling=s)
+        grads["B_d"] = grouped_lora_grad(dy, hA_d, groups, row_weights=w, scaling=s)
     if lora_gu is not None:  # dA_gu = s (dgu B_gu).T @ x, dB_gu = s dgu.T @ (x @ A_gu.T)
         s = lora_gu.scaling
-        grads["A_gu"] = grouped_lora_grad(dgB_gu, x, bounds, rows=tokens, scaling=s)
-        grads["B_gu"] = grouped_lora_grad(dgu, xa_gu, bounds, scaling=s)
+        grads["A_gu"] = grouped_lora_grad(dgB_gu, x, groups, rows=tokens, scaling=s)
+        grads["B_gu"] = grouped_lora_grad(dgu, xa_gu, groups, scaling=s)
     return dx, dw, grads
 
 

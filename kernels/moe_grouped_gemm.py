@@ -41,6 +41,8 @@ scaling multiplies the fp32 sum; the result is rounded once to the compute dtype
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -262,7 +264,23 @@ def _grouped_lora_grad_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def grouped_lora_grad(left: torch.Tensor, right: torch.Tensor, bounds: list[int], *,
+class ExpertGroups(NamedTuple):
+    """The expert groups as :func:`grouped_lora_grad` reads them: ``bounds`` on the host (``E + 1`` row offsets,
+    ``moe_experts.Routing.bounds``), and on the device (int32) the experts with rows (its grid) and the bounds."""
+
+    bounds: list[int]
+    hit: torch.Tensor
+    device_bounds: torch.Tensor
+
+
+def expert_groups(bounds: list[int], device) -> ExpertGroups:
+    """One host-to-device copy of the groups, shared by every gradient launch of a backward."""
+    hit = [e for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
+    hit_and_bounds = torch.tensor(hit + bounds, dtype=torch.int32).to(device, non_blocking=True)
+    return ExpertGroups(bounds, hit_and_bounds[:len(hit)], hit_and_bounds[len(hit):])
+
+
+def grouped_lora_grad(left: torch.Tensor, right: torch.Tensor, groups: ExpertGroups, *,
                       rows: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
                       scaling: float = 1.0) -> torch.Tensor:
     """``G[e] = scaling * L_e.T @ diag(w_e) @ R_e`` for every expert in one launch (module doc): ``dA`` or ``dB``.
@@ -270,7 +288,7 @@ def grouped_lora_grad(left: torch.Tensor, right: torch.Tensor, bounds: list[int]
     Args:
         left: ``[R, M]`` rows in expert order, in the compute dtype (the result's dtype), contiguous rows.
         right: ``[R or T, N]`` in ``left.dtype``, contiguous rows; row ``i`` of the groups is ``right[rows[i]]``.
-        bounds: ``E + 1`` row offsets of the groups (``moe_experts.Routing.bounds``).
+        groups: the expert groups (:func:`expert_groups`), on ``left``'s device.
         rows: int64 ``[R]`` gather index into ``right``, or None (``right`` is already in group order).
         row_weights: ``[R]`` fp32 weight of each row (the routing weights in expert order), or None.
         scaling: multiplies the sum.
@@ -280,7 +298,7 @@ def grouped_lora_grad(left: torch.Tensor, right: torch.Tensor, bounds: list[int]
     """
     R, M = left.shape
     N = right.shape[1]
-    device, dtype = left.device, left.dtype
+    device, dtype, bounds = left.device, left.dtype, groups.bounds
     if right.dtype != dtype or left.stride(-1) != 1 or right.stride(-1) != 1 or R != bounds[-1]:
         raise ValueError(f"grouped_lora_grad: left {tuple(left.shape)} {left.dtype} and right {tuple(right.shape)} "
                          f"{right.dtype} must share a dtype and have contiguous rows, left {bounds[-1]} of them")
@@ -289,17 +307,16 @@ def grouped_lora_grad(left: torch.Tensor, right: torch.Tensor, bounds: list[int]
                          f"{row_weights.dtype}")
     E = len(bounds) - 1
     out = torch.zeros((E, M, N), dtype=dtype, device=device)
-    hit = [e for e in range(E) if bounds[e + 1] > bounds[e]]
-    if not hit:
+    if not groups.hit.numel():
         return out
     BM, BN, BK, num_warps, num_stages = _tiles(device, dtype)
     BM, BN = (min(block, max(16, triton.next_power_of_2(size))) for block, size in ((BM, M), (BN, N)))  # r-wide side
-    hit_and_bounds = torch.tensor(hit + bounds, dtype=torch.int32).to(device, non_blocking=True)
-    hit_t, bounds_t = hit_and_bounds[:len(hit)], hit_and_bounds[len(hit):]
-    grid = (len(hit), triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    grid = (groups.hit.numel(), triton.cdiv(M, BM) * triton.cdiv(N, BN))
     _grouped_lora_grad_kernel[grid](
-        left, right, rows if rows is not None else bounds_t, row_weights if row_weights is not None else left, out,
-        hit_t, bounds_t, M, N, left.stride(0), right.stride(0), out.stride(0), out.stride(1), float(scaling),
+        left, right, rows if rows is not None else groups.device_bounds,
+        row_weights if row_weights is not None else left, out,
+        groups.hit, groups.device_bounds, M, N, left.stride(0), right.stride(0), out.stride(0), out.stride(1),
+        float(scaling),
         GATHER=rows is not None, WEIGHTED=row_weights is not None, BM=BM, BN=BN, BK=BK,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         ROUND_BF16=INTERPRET and dtype == torch.bfloat16 and not on_gpu(left), INTERPRET=INTERPRET,

@@ -21,7 +21,7 @@ from moe_references import decode_nf4, random_lora, reference_moe
 from fastft.kernels import use_engine
 from fastft.kernels._common import poison_outputs
 from fastft.kernels.moe_experts import ExpertLora, NF4Experts, moe_experts, route
-from fastft.kernels.moe_grouped_gemm import _row_tiles, grouped_lora_grad, grouped_matmul
+from fastft.kernels.moe_grouped_gemm import _row_tiles, expert_groups, grouped_lora_grad, grouped_matmul
 from fastft.kernels.nf4 import dequantize_nf4
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -234,7 +234,8 @@ def test_grouped_lora_grad_matches_float64(case, dtype, gather, weighted):
     rows = torch.randint(0, T, (R,), generator=gen) if gather else None
     w = torch.rand(R, generator=gen) + 0.1 if weighted else None
     with use_engine("triton"):
-        got = grouped_lora_grad(left, right, bounds, rows=rows, row_weights=w, scaling=s)
+        got = grouped_lora_grad(left, right, expert_groups(bounds, left.device), rows=rows, row_weights=w,
+                                scaling=s)
     assert got.dtype == dtype and got.shape == (len(sizes), M, N)
 
     L, Rr = left.double(), (right[rows] if gather else right).double()
